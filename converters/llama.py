@@ -1,0 +1,206 @@
+"""``model_type: llama``: dense Llama checkpoints -> GGUF arch ``llama``.
+
+Owns what every Llama-family converter shares: hyperparameters read from
+config.json (:class:`Hparams`), the attention / norm / embedding rows of the
+name table, llama.cpp's rotary permutation of q/k rows, rope scaling
+(linear, yarn, llama3 via a generated ``rope_freqs`` tensor) and the GGUF
+metadata block.  ``mistral`` and ``mixtral`` extend it.
+
+Not for: tokenizer metadata (``quantkit.vocab``) or type choice (``quantkit.plan``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+import numpy as np
+
+from quantkit.errors import CheckpointError
+from quantkit.gguf_write import MetaValue
+from quantkit.mapping import OutTensor, Role, Rule, Transform
+
+MODEL_TYPE = "llama"
+ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"
+T = gguf.MODEL_TENSOR
+N = gguf.TENSOR_NAMES
+
+
+def _get(config: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+    if key not in config or config[key] is None:
+        if default is ...:
+            raise CheckpointError(f"config.json: key {key!r} is missing; fix: add it (the {kind.__name__} value from the model's original config)")
+        return default
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CheckpointError(f"config.json: key {key!r} = {value!r}, expected a {kind.__name__}; fix: restore the original value")
+    if kind in (int, float) and value <= 0:
+        raise CheckpointError(f"config.json: key {key!r} = {value!r}, expected a positive number; fix: restore the original value")
+    return value
+
+
+@dataclass(frozen=True)
+class Hparams:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    norm_eps: float
+    rope_theta: float
+    rope: dict[str, Any] = field(default_factory=dict)
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    n_expert: int = 0
+    n_expert_used: int = 0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Hparams:
+        n_embd = _get(config, "hidden_size", int)
+        n_head = _get(config, "num_attention_heads", int)
+        n_head_kv = _get(config, "num_key_value_heads", int, n_head)
+        if n_head % n_head_kv:
+            raise CheckpointError(f"config.json: num_attention_heads = {n_head} is not a multiple of num_key_value_heads = {n_head_kv}; fix: restore the original values")
+        head_dim = _get(config, "head_dim", int, n_embd // n_head)
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        window = config.get("sliding_window")
+        return cls(
+            n_vocab=_get(config, "vocab_size", int),
+            n_embd=n_embd,
+            n_ff=_get(config, "intermediate_size", int),
+            n_layer=_get(config, "num_hidden_layers", int),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_ctx=_get(config, "max_position_embeddings", int, 4096),
+            norm_eps=_get(config, "rms_norm_eps", float, 1e-6),
+            rope_theta=float(theta),
+            rope=rope,
+            sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            n_expert=int(config.get("num_local_experts") or 0),
+            n_expert_used=int(config.get("num_experts_per_tok") or 0),
+        )
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope.get("rope_type", self.rope.get("type", "default")))
+
+
+def _p(hf: str, tensor: gguf.MODEL_TENSOR, role: Role, shape, transform: Transform = Transform.NONE, optional: bool = False) -> Rule:
+    gguf_name = N[tensor].format(bid="{bid}") + ".weight"
+    return Rule(hf, gguf_name, role, shape, transform, optional)
+
+
+# Rows every Llama-family model has.  Shapes are HF (out, in) for one source tensor.
+BASE_RULES: tuple[Rule, ...] = (
+    _p("model.embed_tokens.weight", T.TOKEN_EMBD, Role.EMBEDDINGS, lambda h: (h.n_vocab, h.n_embd)),
+    _p("model.layers.{bid}.input_layernorm.weight", T.ATTN_NORM, Role.NORM, lambda h: (h.n_embd,)),
+    _p("model.layers.{bid}.self_attn.q_proj.weight", T.ATTN_Q, Role.ATTENTION, lambda h: (h.n_head * h.head_dim, h.n_embd), Transform.PERMUTE_Q),
+    _p("model.layers.{bid}.self_attn.k_proj.weight", T.ATTN_K, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd), Transform.PERMUTE_K),
+    _p("model.layers.{bid}.self_attn.v_proj.weight", T.ATTN_V, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
+    _p("model.layers.{bid}.self_attn.o_proj.weight", T.ATTN_OUT, Role.ATTENTION, lambda h: (h.n_embd, h.n_head * h.head_dim)),
+    _p("model.layers.{bid}.post_attention_layernorm.weight", T.FFN_NORM, Role.NORM, lambda h: (h.n_embd,)),
+)
+DENSE_FFN_RULES: tuple[Rule, ...] = (
+    _p("model.layers.{bid}.mlp.gate_proj.weight", T.FFN_GATE, Role.FFN, lambda h: (h.n_ff, h.n_embd)),
+    _p("model.layers.{bid}.mlp.up_proj.weight", T.FFN_UP, Role.FFN, lambda h: (h.n_ff, h.n_embd)),
+    _p("model.layers.{bid}.mlp.down_proj.weight", T.FFN_DOWN, Role.FFN, lambda h: (h.n_embd, h.n_ff)),
+)
+HEAD_RULES: tuple[Rule, ...] = (
+    _p("model.norm.weight", T.OUTPUT_NORM, Role.NORM, lambda h: (h.n_embd,)),
+    _p("lm_head.weight", T.OUTPUT, Role.OUTPUT, lambda h: (h.n_vocab, h.n_embd), optional=True),
+)
+#: Buffers some checkpoints store that carry no weights.
+IGNORE: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+
+
+def rules(names: list[str]) -> tuple[Rule, ...]:
+    return BASE_RULES + DENSE_FFN_RULES + HEAD_RULES
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k row order -> llama.cpp's interleaved pairs (per head)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def transform_heads(h: Hparams, transform: Transform) -> int:
+    return h.n_head if transform is Transform.PERMUTE_Q else h.n_head_kv
+
+
+def check_hparams(h: Hparams, tensors: list[OutTensor]) -> None:
+    if not any(t.name == "output.weight" for t in tensors) and not h.tie_embeddings:
+        raise CheckpointError("checkpoint: tensor 'lm_head.weight' is missing and config.json tie_word_embeddings is false; fix: re-download the shard holding lm_head.weight")
+    if h.rope_type not in ("default", "linear", "yarn", "llama3"):
+        raise CheckpointError(f"config.json: rope scaling type {h.rope_type!r} is not supported (supported: default, linear, yarn, llama3); fix: use a model with a supported rope scaling")
+
+
+def rope_freqs(h: Hparams) -> np.ndarray:
+    """llama3 rope scaling as per-dimension frequency factors (llama.cpp's ``rope_freqs``)."""
+    r = h.rope
+    factor = float(r.get("factor", 8.0))
+    low, high = float(r.get("low_freq_factor", 1.0)), float(r.get("high_freq_factor", 4.0))
+    old_ctx = float(r.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (h.rope_theta ** (np.arange(0, h.head_dim, 2, dtype=np.float32) / h.head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def generated_tensors(h: Hparams) -> list[OutTensor]:
+    if h.rope_type == "llama3":
+        name = N[T.ROPE_FREQS] + ".weight"
+        return [OutTensor(name, (h.head_dim // 2,), Role.OTHER, (), data=lambda: rope_freqs(h))]
+    return []
+
+
+def metadata(h: Hparams) -> dict[str, MetaValue]:
+    """The ``llama.*`` hyperparameter block."""
+    K, V = gguf.Keys, gguf.GGUFValueType
+    a = ARCH
+    u32 = lambda v: MetaValue(int(v), V.UINT32)  # noqa: E731
+    f32 = lambda v: MetaValue(float(v), V.FLOAT32)  # noqa: E731
+    md = {
+        K.LLM.CONTEXT_LENGTH.format(arch=a): u32(h.n_ctx),
+        K.LLM.EMBEDDING_LENGTH.format(arch=a): u32(h.n_embd),
+        K.LLM.BLOCK_COUNT.format(arch=a): u32(h.n_layer),
+        K.LLM.FEED_FORWARD_LENGTH.format(arch=a): u32(h.n_ff),
+        K.LLM.VOCAB_SIZE.format(arch=a): u32(h.n_vocab),
+        K.Attention.HEAD_COUNT.format(arch=a): u32(h.n_head),
+        K.Attention.HEAD_COUNT_KV.format(arch=a): u32(h.n_head_kv),
+        K.Attention.KEY_LENGTH.format(arch=a): u32(h.head_dim),
+        K.Attention.VALUE_LENGTH.format(arch=a): u32(h.head_dim),
+        K.Attention.LAYERNORM_RMS_EPS.format(arch=a): f32(h.norm_eps),
+        K.Rope.DIMENSION_COUNT.format(arch=a): u32(h.head_dim),
+        K.Rope.FREQ_BASE.format(arch=a): f32(h.rope_theta),
+    }
+    if h.rope_type == "linear":
+        md[K.Rope.SCALING_TYPE.format(arch=a)] = MetaValue("linear", V.STRING)
+        md[K.Rope.SCALING_FACTOR.format(arch=a)] = f32(h.rope.get("factor", 1.0))
+    elif h.rope_type == "yarn":
+        md[K.Rope.SCALING_TYPE.format(arch=a)] = MetaValue("yarn", V.STRING)
+        md[K.Rope.SCALING_FACTOR.format(arch=a)] = f32(h.rope.get("factor", 1.0))
+        md[K.Rope.SCALING_ORIG_CTX_LEN.format(arch=a)] = u32(h.rope.get("original_max_position_embeddings", h.n_ctx))
+    if h.sliding_window:
+        md[K.Attention.SLIDING_WINDOW.format(arch=a)] = u32(h.sliding_window)
+    if h.n_expert:
+        md[K.LLM.EXPERT_COUNT.format(arch=a)] = u32(h.n_expert)
+        md[K.LLM.EXPERT_USED_COUNT.format(arch=a)] = u32(h.n_expert_used)
+    return md

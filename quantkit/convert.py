@@ -1,0 +1,205 @@
+"""``quantkit convert``: a Hugging Face checkpoint -> one GGUF file, streamed.
+
+Reads tensors lazily from memory-mapped shards, transforms and encodes one
+piece at a time (a stacked expert tensor is written expert by expert, large
+matrices in row chunks) and drops the source pages it has read, so the peak
+resident set does not grow with model size.  Output is atomic
+(``quantkit.output``).  The same function is the Python API and the CLI's body.
+
+Not for: argument parsing or terminal output (``quantkit.cli``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gguf
+import numpy as np
+
+from quantkit import __version__
+from quantkit.checkpoint import TensorRef, open_checkpoint
+from quantkit.converters import for_model_type
+from quantkit.converters.llama import Hparams, permute_rows, transform_heads
+from quantkit.encode import encode
+from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter
+from quantkit.mapping import OutTensor, Role, Transform, map_tensors
+from quantkit.output import atomic_file, check_free_space, check_target
+from quantkit.plan import Plan, TensorPlan, make_plan
+from quantkit.vocab import load_vocab, vocab_metadata
+
+log = logging.getLogger(__name__)
+V = gguf.GGUFValueType
+CHUNK_BYTES = 64 * 1024 * 1024  # rows encoded per piece: bounds transient float32 copies
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: str
+    model_type: str
+    outtype: str
+    n_tensors: int
+    n_params: int
+    nbytes: int
+    seconds: float
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "model_type": self.model_type,
+            "type": self.outtype,
+            "tensors": self.n_tensors,
+            "params": self.n_params,
+            "bytes": self.nbytes,
+            "bits_per_weight": round(8 * self.nbytes / max(1, self.n_params), 4),
+            "seconds": round(self.seconds, 3),
+            "groups": self.groups,
+        }
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything known before a byte of tensor data is written."""
+
+    model_type: str
+    hparams: Hparams
+    tensors: list[OutTensor]
+    plan: Plan
+    metadata: dict[str, MetaValue]
+
+
+def group_totals(plan: Plan) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for t in plan.tensors:
+        g = out.setdefault(t.role.value, {"params": 0, "bytes": 0})
+        g["params"] += t.n_elements
+        g["bytes"] += t.nbytes
+    for g in out.values():
+        g["bits_per_weight"] = round(8 * g["bytes"] / max(1, g["params"]), 4)
+    return out
+
+
+def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Hparams) -> dict[str, MetaValue]:
+    K = gguf.Keys.General
+    name = str(config.get("_name_or_path") or src.resolve().name).rstrip("/").split("/")[-1]
+    expert = sum(t.n_elements for t in tensors if t.role is Role.EXPERTS)
+    total = sum(t.n_elements for t in tensors)
+    md = {
+        K.TYPE: MetaValue("model", V.STRING),
+        K.NAME: MetaValue(name, V.STRING),
+        K.QUANTIZED_BY: MetaValue(f"quantkit {__version__}", V.STRING),
+        K.FILE_TYPE: MetaValue(int(plan.file_type), V.UINT32),
+        K.SIZE_LABEL: MetaValue(gguf.size_label(total, total - expert, expert // max(1, hp.n_expert), hp.n_expert), V.STRING),
+    }
+    if plan.is_quantized:
+        md[K.QUANTIZATION_VERSION] = MetaValue(gguf.GGML_QUANT_VERSION, V.UINT32)
+    return md
+
+
+def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False):
+    """Validate a checkpoint and build its tensor map, type plan and metadata (reads no weights)."""
+    src = Path(src)
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    try:
+        conv = for_model_type(ckpt.model_type, where=str(src / "config.json"))
+        hp = conv.Hparams.from_config(ckpt.config)
+        rules = conv.rules(list(ckpt.tensors))
+        n_experts = hp.n_expert if any(r.stacked or r.role is Role.EXPERTS for r in rules) else 0
+        tensors = map_tensors(ckpt.tensors, rules, hp, hp.n_layer, n_experts, conv.IGNORE, where=str(src))
+        tensors += conv.generated_tensors(hp)
+        conv.check_hparams(hp, tensors)
+        vocab, tcfg = load_vocab(src, hp.n_vocab)
+        plan = make_plan(tensors, outtype)
+        md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md)
+
+
+def _rows(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType) -> Iterator[Any]:
+    """Encode a 2-D matrix in row chunks so no full float32 copy of a large matrix exists."""
+    rows = a.shape[0] if a.ndim > 1 else 1
+    step = max(1, CHUNK_BYTES // max(1, a.nbytes // rows * 2))
+    if rows <= step:
+        yield encode(a, dtype, qtype)
+        return
+    for r in range(0, rows, step):
+        yield encode(a[r : r + step], dtype, qtype)
+
+
+def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
+    """Bytes of one output tensor, piece by piece, releasing source pages as it goes."""
+    if t.data is not None:
+        yield encode(np.asarray(t.data(), dtype=np.float32), "F32", tp.qtype)
+        return
+    for ref in t.sources:
+        a = ref.array()
+        if t.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
+            a = permute_rows(a, transform_heads(hp, t.transform))
+        if t.transform in (Transform.FIRST_HALF, Transform.SECOND_HALF):
+            half = a.shape[1] // 2
+            sl = slice(0, half) if t.transform is Transform.FIRST_HALF else slice(half, None)
+            for e in range(a.shape[0]):
+                yield from _rows(a[e, sl], ref.dtype, tp.qtype)
+        else:
+            yield from _rows(a, ref.dtype, tp.qtype)
+        del a
+        _release(ref)
+
+
+def _release(ref: TensorRef) -> None:
+    try:
+        ref.release()
+    except (ValueError, OSError):  # best effort: the mapping may already be gone
+        pass
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    outtype: str = "f16",
+    force: bool = False,
+    allow_pickle: bool = False,
+    on_start: Callable[[Plan], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert an HF model directory to a GGUF file at ``out`` (atomically)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_target(out, force)
+    ckpt, prep = prepare(src, outtype, allow_pickle)
+    with ckpt:
+        plan = prep.plan
+        header_guess = (1 << 20) + sum(len(t.name) + 64 + ALIGN for t in plan.tensors)
+        check_free_space(out, plan.nbytes + header_guess)
+        if on_start is not None:
+            on_start(plan)
+        log.info("converting %s (%s) -> %s as %s: %d tensors, %.2f GiB", src, prep.model_type, out, outtype, len(plan.tensors), plan.nbytes / 2**30)
+        with atomic_file(out, force=force) as tmp:
+            writer = StreamingGGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], prep.metadata)
+            try:
+                for tp in plan.tensors:
+                    writer.declare(tp.name, tp.shape, tp.qtype)
+                writer.begin()
+                for t, tp in zip(prep.tensors, plan.tensors):
+                    if on_tensor is not None:
+                        on_tensor(tp.name)
+                    writer.write_tensor(tp.name, tensor_pieces(t, tp, prep.hparams), on_bytes)
+            finally:
+                writer.close()
+    return ConvertResult(
+        output=str(out),
+        model_type=prep.model_type,
+        outtype=plan.outtype,
+        n_tensors=len(plan.tensors),
+        n_params=plan.n_elements,
+        nbytes=out.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        groups=group_totals(plan),
+    )

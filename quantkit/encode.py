@@ -1,0 +1,52 @@
+"""Source dtype -> GGUF tensor bytes: exact widenings, llama.cpp's rounding, quantisation.
+
+Sources arrive as stored (F32, F16, or BF16 viewed as uint16).  Same dtype in
+and out is passed through untouched (bit-exact, zero-copy); widening BF16/F16
+to F32 is exact; F32 -> BF16 rounds to nearest even like ``ggml_fp32_to_bf16``;
+quantised types go through llama.cpp's own kernels (``quantkit.ggml``).
+
+Not for: choosing the type (``quantkit.plan``).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from quantkit import ggml
+
+Q = gguf.GGMLQuantizationType
+SAME = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits (uint16), nearest-even, NaN kept quiet."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+    return rounded
+
+
+def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_to_f32(a)
+    return np.asarray(a, dtype=np.float32)
+
+
+def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None):
+    """Bytes of ``a`` (stored as ``dtype``) encoded as ``qtype``; may return a view of ``a``."""
+    if SAME.get(dtype) == qtype:
+        return np.ascontiguousarray(a)
+    if qtype == Q.F32:
+        return to_f32(a, dtype)
+    if qtype == Q.F16:
+        return to_f32(a, dtype).astype(np.float16)
+    if qtype == Q.BF16:
+        return f32_to_bf16(to_f32(a, dtype))
+    return ggml.quantize(to_f32(a, dtype).reshape(-1, a.shape[-1]), qtype, imatrix)

@@ -1,0 +1,103 @@
+"""Streaming GGUF writer: header and tensor table first, then tensor data piece by piece.
+
+The ``gguf`` package encodes the header, metadata and tensor infos; tensor data
+is written here in pieces (an expert at a time, say) so no stacked tensor has
+to exist in memory.  Pieces of one tensor are concatenated in order; the
+writer checks that each tensor gets exactly the bytes its info declared.
+
+Not for: choosing tensor types or names (see ``quantkit.plan`` and the converters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import gguf
+import numpy as np
+
+ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
+
+
+def type_nbytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``shape`` (numpy order, row length last) stored as ``qtype``."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    if shape[-1] % block:
+        raise ValueError(f"row length {shape[-1]} is not a multiple of {qtype.name}'s block size {block}")
+    return n // block * size
+
+
+def pad(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class MetaValue:
+    """One metadata entry: value plus its GGUF value type (and array element type)."""
+
+    value: Any
+    vtype: gguf.GGUFValueType
+    sub_type: gguf.GGUFValueType | None = None
+
+
+class StreamingGGUFWriter:
+    """Write a GGUF file whose tensors are declared up front and streamed afterwards."""
+
+    def __init__(self, path: Path, arch: str, metadata: dict[str, MetaValue]) -> None:
+        self._w = gguf.GGUFWriter(path, arch)
+        for key, mv in metadata.items():
+            if key == gguf.Keys.General.ARCHITECTURE:
+                continue
+            self._w.add_key_value(key, mv.value, mv.vtype, sub_type=mv.sub_type)
+        self._declared: list[tuple[str, int]] = []
+        self._next = 0
+        self._written = 0
+        self.path = path
+
+    def declare(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+        nbytes = type_nbytes(qtype, shape)
+        self._w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        self._declared.append((name, nbytes))
+        return nbytes
+
+    def begin(self) -> None:
+        """Write header, metadata and tensor infos; tensor data follows."""
+        self._w.write_header_to_file()
+        self._w.write_kv_data_to_file()
+        self._w.write_ti_data_to_file()
+        self._f = self._w.fout[0]
+        self._pad_to_alignment()
+
+    def _pad_to_alignment(self) -> None:
+        pos = self._f.tell()
+        if pos % ALIGN:
+            self._f.write(b"\0" * (pad(pos) - pos))
+
+    def write_tensor(self, name: str, pieces: Iterable[Any], on_bytes: Callable[[int], None] | None = None) -> None:
+        """Write the next declared tensor from an iterable of bytes-like pieces."""
+        want_name, want = self._declared[self._next]
+        if name != want_name:
+            raise RuntimeError(f"tensor {name!r} written out of order (expected {want_name!r})")
+        done = 0
+        for piece in pieces:
+            mv = memoryview(piece).cast("B")
+            self._f.write(mv)
+            done += mv.nbytes
+            if on_bytes is not None:
+                on_bytes(mv.nbytes)
+        if done != want:
+            raise RuntimeError(f"tensor {name!r}: wrote {done} bytes, declared {want}")
+        self._next += 1
+        self._written += done
+        self._pad_to_alignment()
+
+    def close(self) -> None:
+        if self._next != len(self._declared) and self._w.fout is not None:
+            missing = self._declared[self._next][0]
+            self._w.close()
+            raise RuntimeError(f"GGUF closed before tensor {missing!r} was written")
+        self._w.close()

@@ -1,0 +1,96 @@
+"""Per-tensor type plan: which GGML type every output tensor gets, and why.
+
+The single place that decides precision.  Routers (``ffn_gate_inp``), norms,
+other 1-D tensors and generated tensors stay F32 whatever the requested type;
+a tensor whose row length the type's block does not divide falls back the way
+llama.cpp's converter does (to F16), and the plan says so.  ``convert``,
+``inspect``-style reports and ``plan`` all read the same :class:`Plan`.
+
+Not for: encoding bytes (``quantkit.encode``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+from quantkit.errors import QuantkitError
+from quantkit.gguf_write import type_nbytes
+from quantkit.mapping import OutTensor, Role
+
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+
+#: --type name -> (type for weight matrices, general.file_type).
+OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, FT.ALL_F32),
+    "f16": (Q.F16, FT.MOSTLY_F16),
+    "bf16": (Q.BF16, FT.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
+}
+KEEP_F32_ROLES = (Role.ROUTER, Role.NORM)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    role: Role
+    qtype: gguf.GGMLQuantizationType
+    nbytes: int
+    reason: str
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.nbytes / max(1, self.n_elements)
+
+
+@dataclass(frozen=True)
+class Plan:
+    outtype: str
+    file_type: gguf.LlamaFileType
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(t.qtype not in (Q.F32, Q.F16, Q.BF16) for t in self.tensors)
+
+
+def choose(t: OutTensor, want: gguf.GGMLQuantizationType) -> tuple[gguf.GGMLQuantizationType, str]:
+    """The type of one tensor and the reason, for a requested weight type."""
+    if t.role in KEEP_F32_ROLES:
+        return Q.F32, f"{t.role.value} stay F32"
+    if len(t.shape) == 1 or t.data is not None:
+        return Q.F32, "1-D tensors stay F32"
+    block = gguf.GGML_QUANT_SIZES[want][0]
+    if t.shape[-1] % block:
+        return Q.F16, f"row length {t.shape[-1]} not a multiple of {want.name} block {block}: F16 fallback"
+    return want, f"--type {want.name.lower()}"
+
+
+def make_plan(tensors: list[OutTensor], outtype: str) -> Plan:
+    key = outtype.lower()
+    if key not in OUTTYPES:
+        raise QuantkitError(f"--type {outtype!r} is not supported (supported: {', '.join(OUTTYPES)}); fix: pick one of those")
+    want, ftype = OUTTYPES[key]
+    plans = []
+    for t in tensors:
+        qtype, reason = choose(t, want)
+        plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
+    return Plan(key, ftype, tuple(plans))
