@@ -1,0 +1,140 @@
+"""The ``quantkit`` command line: thin typer wrappers around library functions.
+
+Each command parses arguments, calls one library function, and renders its
+result (rich tables / progress bars on a terminal, ``--json`` for scripts).
+Errors from the library are :class:`QuantkitError`: printed as one line, exit
+code 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from quantkit.errors import QuantkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run and check quantised Mixture-of-Experts models.")
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+class OutType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call library code; turn its errors into one line and an exit code."""
+    try:
+        return fn()
+    except QuantkitError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: nothing was written at the output path")
+        raise typer.Exit(130) from None
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file."),
+    outtype: OutType = typer.Option(OutType.f16, "--type", "-t", help="Type of weight matrices; routers and norms always stay F32."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF."""
+    from quantkit.convert import convert as do_convert
+
+    show = progress and err.is_terminal and not as_json
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
+    task = bar.add_task("convert", total=None)
+    with bar:
+        result = _run(
+            lambda: do_convert(
+                src, output, outtype.value, force=force, allow_pickle=allow_pickle,
+                on_start=lambda plan: bar.update(task, total=plan.nbytes),
+                on_bytes=lambda n: bar.advance(task, n),
+                on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
+            )
+        )
+    if as_json:
+        _print_json(result.to_json())
+        return
+    j = result.to_json()
+    out.print(f"wrote [bold]{j['output']}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help="A .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Show the tensor table."),
+) -> None:
+    """Show a GGUF file's metadata, tensors and bits per weight per tensor group (safe on untrusted files)."""
+    from quantkit.gguf_read import read_gguf, to_json
+
+    j = to_json(_run(lambda: read_gguf(file)))
+    if as_json:
+        _print_json(j)
+        return
+    meta = Table(title=f"{file} (GGUF v{j['version']}, {j['file_bytes']:,} bytes)", show_lines=False)
+    meta.add_column("key")
+    meta.add_column("value", overflow="fold")
+    for k, v in j["metadata"].items():
+        if isinstance(v, dict) and "array" in v:
+            v = f"[{v['array']} x {v['count']}] {v['head'][:6]}…"
+        elif isinstance(v, str) and len(v) > 120:
+            v = v[:117] + "…"
+        meta.add_row(k, str(v))
+    out.print(meta)
+    if tensors:
+        tt = Table(title="tensors")
+        for c in ("name", "shape", "type", "bytes", "group"):
+            tt.add_column(c, justify="right" if c == "bytes" else "left")
+        for t in j["tensors"]:
+            tt.add_row(t["name"], "x".join(map(str, t["shape"])), t["type"], f"{t['bytes']:,}", t["group"])
+        out.print(tt)
+    gt = Table(title="groups")
+    for c in ("group", "tensors", "params", "bytes", "bits/weight"):
+        gt.add_column(c, justify="left" if c == "group" else "right")
+    for name, g in j["groups"].items():
+        gt.add_row(name, str(g["tensors"]), f"{g['params']:,}", f"{g['bytes']:,}", f"{g['bits_per_weight']:.3f}")
+    tot = j["totals"]
+    gt.add_row("[bold]total", str(tot["tensors"]), f"{tot['params']:,}", f"{tot['bytes']:,}", f"{tot['bits_per_weight']:.3f}")
+    out.print(gt)
+
+
+if __name__ == "__main__":
+    app()
