@@ -1,0 +1,110 @@
+"""Shared test helpers: the bundled fixture, random HF models, and the two reference runtimes.
+
+References: transformers (float32) for logits, llama.cpp through
+llama-cpp-python for running GGUF, sentencepiece / tokenizers for tokenisation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny-mixtral"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def convert(src: Path, out: Path, outtype: str = "f32") -> Path:
+    from quantkit.convert import convert as do_convert
+
+    do_convert(src, out, outtype, force=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixture_gguf(tmp_path_factory):
+    """The bundled fixture converted once per type for the whole session."""
+    cache: dict[str, Path] = {}
+    base = tmp_path_factory.mktemp("fixture-gguf")
+
+    def get(outtype: str) -> Path:
+        if outtype not in cache:
+            cache[outtype] = convert(FIXTURE, base / f"tiny-mixtral-{outtype}.gguf", outtype)
+        return cache[outtype]
+
+    return get
+
+
+def llama_logits(path: Path, ids: list[int], n_ctx: int = 512) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, n_batch=n_ctx)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def random_model(
+    path: Path,
+    model_type: str,
+    tokenizer_dir: Path = FIXTURE,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: str = "bfloat16",
+    **overrides,
+) -> Path:
+    """A randomly initialised HF model (every weight perturbed, norms too) with a copied tokenizer."""
+    import torch
+    import transformers
+
+    cls = {"mixtral": "Mixtral", "mistral": "Mistral", "llama": "Llama"}[model_type]
+    cfg = dict(
+        vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    if model_type == "mixtral":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    cfg.update(overrides)
+    config = getattr(transformers, f"{cls}Config")(**cfg)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.6 / p.shape[-1] ** 0.5 if "embed" not in name else 1.0))
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    for f in TOKENIZER_FILES:
+        if (tokenizer_dir / f).exists():
+            shutil.copy(tokenizer_dir / f, path / f)
+    return path
+
+
+def sp_ids(model_dir: Path, text: str) -> list[int]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    return [sp.bos_id()] + sp.encode(text)
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())

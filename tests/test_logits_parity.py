@@ -1,0 +1,83 @@
+"""The F32 GGUF run by llama.cpp gives transformers' float32 logits.
+
+A wrong q/k permutation, a swapped gate/up, a mis-stacked expert, a wrong
+norm epsilon or rope base all break this: it is the converter's main proof.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURE, convert, hf_logits, llama_logits, random_model, sp_ids
+
+PROMPTS = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+    "KING. Now, good my lord, what say you to this?\n\n  HAMLET. My lord, 1234 ducats!",
+    "   Enter three Witches.\nFIRST WITCH. When shall we three meet again",
+]
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray, rel: float = 5e-4) -> None:
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(got - ref).max())
+    assert err <= rel * max(1.0, scale), f"max |llama.cpp - transformers| = {err:.3g} at logit scale {scale:.3g}"
+    same = (got.argmax(-1) == ref.argmax(-1)).mean()
+    assert same == 1.0, f"argmax differs at {(1 - same) * 100:.1f}% of positions"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fixture_f32_matches_transformers(fixture_gguf, prompt):
+    ids = sp_ids(FIXTURE, prompt)
+    assert_close(llama_logits(fixture_gguf("f32"), ids), hf_logits(FIXTURE, ids))
+
+
+# Each case changes something a converter can get wrong.
+RANDOM_CASES = {
+    # GQA 4:1, odd vocabulary (tokenizer padded), sharded checkpoint
+    "mixtral-gqa4-oddvocab-sharded": dict(model_type="mixtral", num_key_value_heads=1, vocab_size=3001, max_shard_size="400KB"),
+    # top-1 routing over 3 experts, no GQA, head_dim != hidden/heads
+    "mixtral-top1-mha-headdim": dict(model_type="mixtral", num_local_experts=3, num_experts_per_tok=1, num_key_value_heads=4, head_dim=48),
+    # dense Mistral, tied embeddings, sliding window, 3 heads
+    "mistral-tied-window": dict(model_type="mistral", hidden_size=96, num_attention_heads=3, num_key_value_heads=1, vocab_size=3007, tie_word_embeddings=True, sliding_window=4096),
+    # dense Llama with linear rope scaling and a large rope base, f32 checkpoint
+    "llama-linear-rope-f32": dict(model_type="llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}, dtype="float32"),
+    # Llama 3 style rope (generated rope_freqs tensor)
+    "llama-llama3-rope": dict(model_type="llama", max_position_embeddings=2048, rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(RANDOM_CASES))
+def test_random_models_match_transformers(tmp_path, case):
+    spec = dict(RANDOM_CASES[case])
+    src = random_model(tmp_path / "hf", spec.pop("model_type"), **spec)
+    out = convert(src, tmp_path / "m.gguf", "f32")
+    rng = np.random.default_rng(1)
+    ids = [1] + rng.integers(3, 2999, size=150).tolist()
+    assert_close(llama_logits(out, ids), hf_logits(src, ids))
+
+
+def test_fused_expert_layout_gives_identical_file(tmp_path):
+    """transformers 5's in-memory fused layout (gate_up_proj) converts to the same tensors as per-expert keys."""
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralForCausalLM
+
+    src = random_model(tmp_path / "hf", "mixtral")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    model = MixtralForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(fused / "model.safetensors"))
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            (fused / f.name).write_bytes(f.read_bytes())
+    a = gguf.GGUFReader(convert(src, tmp_path / "a.gguf", "bf16"))
+    b = gguf.GGUFReader(convert(fused, tmp_path / "b.gguf", "bf16"))
+    ta = {t.name: t for t in a.tensors}
+    tb = {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert np.array_equal(ta[name].data, tb[name].data), name
