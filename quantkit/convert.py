@@ -25,6 +25,7 @@ from quantkit.checkpoint import TensorRef, open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import encode
+from quantkit.errors import OutputError
 from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter
 from quantkit.mapping import OutTensor, Role, Transform, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
@@ -159,6 +160,22 @@ def _release(ref: TensorRef) -> None:
         pass
 
 
+def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
+    writer = StreamingGGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], prep.metadata)
+    try:
+        for tp in prep.plan.tensors:
+            writer.declare(tp.name, tp.shape, tp.qtype)
+        writer.begin()
+        for t, tp in zip(prep.tensors, prep.plan.tensors):
+            if on_tensor is not None:
+                on_tensor(tp.name)
+            writer.write_tensor(tp.name, tensor_pieces(t, tp, prep.hparams), on_bytes)
+    except BaseException:
+        writer.close()
+        raise
+    writer.finish()
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -181,18 +198,11 @@ def convert(
         if on_start is not None:
             on_start(plan)
         log.info("converting %s (%s) -> %s as %s: %d tensors, %.2f GiB", src, prep.model_type, out, outtype, len(plan.tensors), plan.nbytes / 2**30)
-        with atomic_file(out, force=force) as tmp:
-            writer = StreamingGGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], prep.metadata)
-            try:
-                for tp in plan.tensors:
-                    writer.declare(tp.name, tp.shape, tp.qtype)
-                writer.begin()
-                for t, tp in zip(prep.tensors, plan.tensors):
-                    if on_tensor is not None:
-                        on_tensor(tp.name)
-                    writer.write_tensor(tp.name, tensor_pieces(t, tp, prep.hparams), on_bytes)
-            finally:
-                writer.close()
+        try:
+            with atomic_file(out, force=force) as tmp:
+                _write(tmp, prep, on_bytes, on_tensor)
+        except OSError as e:
+            raise OutputError(f"{out}: writing failed ({e.strerror or e}); nothing was left at the path; fix: free disk space or write elsewhere") from e
     return ConvertResult(
         output=str(out),
         model_type=prep.model_type,

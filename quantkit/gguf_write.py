@@ -95,9 +95,12 @@ class StreamingGGUFWriter:
         self._written += done
         self._pad_to_alignment()
 
+    def finish(self) -> None:
+        """Close after checking every declared tensor was written."""
+        if self._next != len(self._declared):
+            self.close()
+            raise RuntimeError(f"GGUF finished before tensor {self._declared[self._next][0]!r} was written")
+        self.close()
+
     def close(self) -> None:
-        if self._next != len(self._declared) and self._w.fout is not None:
-            missing = self._declared[self._next][0]
-            self._w.close()
-            raise RuntimeError(f"GGUF closed before tensor {missing!r} was written")
         self._w.close()

@@ -1,0 +1,287 @@
+"""Converter benchmark: quantkit vs. llama.cpp's convert_hf_to_gguf.py vs. a plain copy.
+
+Builds (once, cached under ``bench/work/``) a synthetic sharded bf16 Mixtral
+checkpoint of >= 2 GB, extracts llama.cpp's reference converter from the
+llama-cpp-python sdist, then times each variant in its own subprocess:
+
+  copy        ``cat`` of all shards into one file (same byte count)
+  qk-bf16     quantkit convert --type bf16
+  qk-f16      quantkit convert --type f16
+  llama-bf16  convert_hf_to_gguf.py --outtype bf16
+  llama-f16   convert_hf_to_gguf.py --outtype f16
+
+Wall time includes an fsync of the output (quantkit fsyncs itself; the others
+do not); peak RSS is the child's maximum resident set from GNU /usr/bin/time.  The source is read
+once before timing so every variant starts from a warm page cache; variants
+alternate order across repeats and the median is reported.  Results are
+appended to ``bench/RESULTS.md``.
+
+Usage: python bench/bench_convert.py [--layers N] [--repeats N] [--keep] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+SHARD_BYTES = 512 * 2**20
+CHUNK = 8 * 2**20  # elements generated per numpy call
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TARGETS = {"copy": 2.0, "speed": 4.0, "rss": 1 / 3}
+TIME = "/usr/bin/time"  # GNU time, for the child's peak RSS
+
+
+def mixtral_config(layers: int) -> dict[str, Any]:
+    return {
+        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 2048,
+        "intermediate_size": 4096, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 4, "head_dim": 128, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def tensor_shapes(c: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    """HF tensor names and shapes of a per-expert Mixtral checkpoint, in file order."""
+    H, F, V, E = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_local_experts"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    out: list[tuple[str, list[int]]] = [("model.embed_tokens.weight", [V, H])]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.input_layernorm.weight", [H]), (f"{p}.self_attn.q_proj.weight", [q, H]),
+                (f"{p}.self_attn.k_proj.weight", [kv, H]), (f"{p}.self_attn.v_proj.weight", [kv, H]),
+                (f"{p}.self_attn.o_proj.weight", [H, q]), (f"{p}.post_attention_layernorm.weight", [H]),
+                (f"{p}.block_sparse_moe.gate.weight", [E, H])]
+        for e in range(E):
+            x = f"{p}.block_sparse_moe.experts.{e}"
+            out += [(f"{x}.w1.weight", [F, H]), (f"{x}.w2.weight", [H, F]), (f"{x}.w3.weight", [F, H])]
+    return out + [("model.norm.weight", [H]), ("lm_head.weight", [V, H])]
+
+
+def write_bf16(path: Path, tensors: list[tuple[str, list[int]]], rng: np.random.Generator) -> None:
+    """A safetensors file of random bf16 tensors (normal * 0.02, truncated float32), written in chunks."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape in tensors:
+        n = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for _, shape in tensors:
+            left = int(np.prod(shape))
+            while left:
+                n = min(left, CHUNK)
+                x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+                f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+                left -= n
+
+
+def make_checkpoint(layers: int) -> Path:
+    """Generate (or reuse) the sharded synthetic checkpoint; return its directory."""
+    src = BENCH / "work" / f"mixtral-synth-L{layers}"
+    marker = src / ".complete"
+    config = mixtral_config(layers)
+    if marker.exists() and json.loads(marker.read_text()) == config:
+        return src
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    shards: list[list[tuple[str, list[int]]]] = [[]]
+    size = 0
+    for name, shape in tensor_shapes(config):
+        n = 2 * int(np.prod(shape))
+        if shards[-1] and size + n > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    rng = np.random.default_rng(0)
+    weight_map: dict[str, str] = {}
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        print(f"  generating {fname} ({len(tensors)} tensors)", file=sys.stderr)
+        write_bf16(src / fname, tensors, rng)
+        weight_map.update({name: fname for name, _ in tensors})
+    total = sum(2 * int(np.prod(s)) for t in shards for _, s in t)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    fixture = ROOT / "tests" / "fixtures" / "tiny-mixtral"
+    tok_dir = fixture if (fixture / "tokenizer.model").exists() else Path("/tmp/fx-test")
+    for name in TOKENIZER_FILES:
+        shutil.copy(tok_dir / name, src / name)
+    marker.write_text(json.dumps(config))
+    return src
+
+
+def get_llama_converter() -> Path:
+    """Extract convert_hf_to_gguf.py, gguf-py/ and conversion/ from the llama-cpp-python sdist."""
+    dest = BENCH / "work" / "llama.cpp"
+    script = dest / "convert_hf_to_gguf.py"
+    if script.exists():
+        return script
+    ver = metadata.version("llama_cpp_python")
+    sdist = Path(f"/tmp/sdist/llama_cpp_python-{ver}.tar.gz")
+    if not sdist.exists():
+        sdist = BENCH / "work" / "sdist" / sdist.name
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={ver}", "-d", str(sdist.parent)], check=True)
+    prefix = f"llama_cpp_python-{ver}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else ""
+            if rel == "convert_hf_to_gguf.py" or rel.startswith(("gguf-py/", "conversion/")):
+                m.name = rel
+                members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+    return script
+
+
+def measure(cmd: list[str], out: Path, log: Path) -> tuple[float, float]:
+    """Run cmd, fsync its output; return (wall seconds, child peak RSS MiB).
+
+    Peak RSS comes from /usr/bin/time (%M): os.wait4 of a direct child would
+    report at least this process's own high-water mark, which Linux carries
+    across the child's fork/exec.
+    """
+    os.sync()  # flush earlier writes so they are not billed to this run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    rss_file = log.with_suffix(".rss")
+    with open(log, "ab") as err, open(out if cmd[0] == "cat" else os.devnull, "wb") as so:
+        t0 = time.perf_counter()
+        rc = subprocess.run([TIME, "-f", "%M", "-o", str(rss_file), *cmd], stdout=so, stderr=err, env=env).returncode
+        if rc == 0:
+            with open(out, "rb+") as f:
+                os.fsync(f.fileno())
+        wall = time.perf_counter() - t0
+    if rc != 0:
+        sys.exit(f"{cmd[0]} failed (rc {rc}); see {log}:\n" + log.read_text()[-3000:])
+    return wall, int(rss_file.read_text().split()[-1]) / 1024
+
+
+def compare_gguf(a: Path, b: Path) -> list[str]:
+    """Differences between two GGUF files' tensor tables and tensor bytes (empty when identical)."""
+    from gguf import GGUFReader
+    ta = {t.name: t for t in GGUFReader(a).tensors}
+    tb = {t.name: t for t in GGUFReader(b).tensors}
+    problems = [f"only in {p.name}: {sorted(s)[:5]}" for p, s in ((a, ta.keys() - tb), (b, tb.keys() - ta)) if s]
+    for name in sorted(ta.keys() & tb.keys()):
+        x, y = ta[name], tb[name]
+        if x.tensor_type != y.tensor_type or list(x.shape) != list(y.shape):
+            problems.append(f"{name}: {x.tensor_type.name}{list(x.shape)} vs {y.tensor_type.name}{list(y.shape)}")
+        elif not np.array_equal(x.data.view(np.uint8), y.data.view(np.uint8)):
+            problems.append(f"{name}: tensor bytes differ")
+    return problems
+
+
+def machine_info() -> dict[str, str]:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    vers = {p: metadata.version(p) for p in ("quantkit", "llama_cpp_python", "gguf", "torch", "transformers")}
+    return {"date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
+            "nproc": str(len(os.sched_getaffinity(0))), "cpu": cpu, "ram": f"{mem / 2**20:.1f} GiB",
+            "kernel": platform.release(), "versions": ", ".join(f"{k} {v}" for k, v in vers.items())}
+
+
+def render(info: dict[str, Any], rows: dict[str, dict[str, float]], checks: dict[str, Any]) -> str:
+    lines = [f"## Converter benchmark, {info['date']}", "",
+             f"- machine: {info['nproc']} cores, {info['cpu']}, {info['ram']} RAM, kernel {info['kernel']}",
+             f"- versions: {info['versions']}",
+             f"- model: synthetic Mixtral, {info['layers']} layers, {info['shards']} bf16 shards, "
+             f"{info['model_bytes']} bytes; median of {info['repeats']} runs (alternating order, warm cache, "
+             "wall time includes fsync of the output)", "",
+             "| variant | median wall s | runs s | peak RSS MiB |", "|---|---:|---|---:|"]
+    for name, r in rows.items():
+        runs = ", ".join(f"{t:.1f}" for t in r["runs"])
+        lines.append(f"| {name} | {r['wall']:.2f} | {runs} | {r['rss']:.0f} |")
+    lines += ["", "| check | value | target | result |", "|---|---:|---:|---|"]
+    for name, c in checks.items():
+        if name == "bf16 output identical":
+            lines.append(f"| {name} | {'; '.join(c['diff'][:5]) or 'all tensors equal'} | identical | {c['result']} |")
+        else:
+            lines.append(f"| {name} | {c['value']:.3f} | {c['op']} {c['target']:.3f} | {c['result']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=5, help="decoder layers of the synthetic model (5 -> ~2.4 GB)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (median reported)")
+    ap.add_argument("--keep", action="store_true", help="keep the GGUF outputs of the last repeat in bench/work/out")
+    ap.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
+    args = ap.parse_args()
+
+    src = make_checkpoint(args.layers)
+    script = get_llama_converter()
+    shards = sorted(src.glob("*.safetensors"))
+    model_bytes = sum(p.stat().st_size for p in shards)
+    out_dir, log_dir = BENCH / "work" / "out", BENCH / "work" / "logs"
+    out_dir.mkdir(exist_ok=True)
+    log_dir.mkdir(exist_ok=True)
+    qk = shutil.which("quantkit", path=str(Path(sys.executable).parent)) or "quantkit"
+    variants = {
+        "copy": ["cat", *map(str, shards)],
+        "qk-bf16": [qk, "convert", str(src), "-o", "{out}", "--type", "bf16", "--force"],
+        "qk-f16": [qk, "convert", str(src), "-o", "{out}", "--type", "f16", "--force"],
+        "llama-bf16": [sys.executable, str(script), str(src), "--outfile", "{out}", "--outtype", "bf16"],
+        "llama-f16": [sys.executable, str(script), str(src), "--outfile", "{out}", "--outtype", "f16"],
+    }
+    keep = {"qk-bf16", "llama-bf16"}  # compared after the timings
+    subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # warm-up read
+    runs: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            out = out_dir / f"{name}.gguf"
+            cmd = [a.replace("{out}", str(out)) for a in variants[name]]
+            runs[name].append(measure(cmd, out, log_dir / f"{name}.log"))
+            print(f"  run {r + 1} {name:<10} {runs[name][-1][0]:7.2f} s {runs[name][-1][1]:7.0f} MiB", file=sys.stderr)
+            if not (args.keep or (name in keep and r == args.repeats - 1)):
+                out.unlink()
+    rows = {n: {"wall": statistics.median(t for t, _ in v), "rss": max(m for _, m in v), "runs": [t for t, _ in v]}
+            for n, v in runs.items()}
+    diff = compare_gguf(out_dir / "qk-bf16.gguf", out_dir / "llama-bf16.gguf")
+    if not args.keep:
+        for name in keep:
+            (out_dir / f"{name}.gguf").unlink()
+
+    def check(value: float, op: str, target: float) -> dict[str, Any]:
+        ok = value <= target if op == "<=" else value >= target
+        return {"value": value, "op": op, "target": target, "result": "PASS" if ok else "FAIL"}
+
+    checks: dict[str, Any] = {"qk-bf16 time / copy time": check(rows["qk-bf16"]["wall"] / rows["copy"]["wall"], "<=", TARGETS["copy"])}
+    for t in ("bf16", "f16"):
+        checks[f"llama-{t} time / qk-{t} time"] = check(rows[f"llama-{t}"]["wall"] / rows[f"qk-{t}"]["wall"], ">=", TARGETS["speed"])
+    for t in ("bf16", "f16"):
+        checks[f"qk-{t} RSS / llama-{t} RSS"] = check(rows[f"qk-{t}"]["rss"] / rows[f"llama-{t}"]["rss"], "<=", TARGETS["rss"])
+    checks["bf16 output identical"] = {"diff": diff, "result": "FAIL" if diff else "PASS"}
+    info = {**machine_info(), "layers": args.layers, "shards": len(shards), "model_bytes": model_bytes, "repeats": args.repeats}
+
+    text = render(info, rows, checks)
+    results = BENCH / "RESULTS.md"
+    with open(results, "a") as f:
+        f.write(("" if results.exists() and results.stat().st_size else "# Converter benchmark results\n") + "\n" + text)
+    print(json.dumps({"info": info, "variants": rows, "checks": checks}, indent=2) if args.json else text)
+
+
+if __name__ == "__main__":
+    main()
