@@ -136,5 +136,43 @@ def inspect(
     out.print(gt)
 
 
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="A .gguf file."),
+    prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (with --chat)."),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 is greedy."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = typer.Option(40, "--top-k"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    ctx: int = typer.Option(2048, "--ctx", help="Context window in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers to offload (default: all when a GPU backend exists)."),
+    as_json: bool = typer.Option(False, "--json", help="Print text, token counts and timings as JSON."),
+) -> None:
+    """Generate once from a prompt and print the text to stdout."""
+    from quantkit.runtime import Sampling, generate, load
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
+    llm = _run(lambda: load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed))
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else stream))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        sys.stdout.write("\n")
+        err.print(f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f}s ({result.to_json()['tokens_per_second']} tok/s)[/]")
+
+
 if __name__ == "__main__":
     app()

