@@ -100,8 +100,12 @@ class TensorRef:
         """A read-only numpy view in the stored dtype (BF16 viewed as uint16)."""
         return np.frombuffer(self.raw(), dtype=DTYPES[self.dtype][0]).reshape(self.shape)
 
-    def release(self) -> None:
-        self.shard.release(self.start, self.stop)
+    def release(self, lo: int = 0, hi: int | None = None) -> None:
+        """Drop bytes [lo, hi) of this tensor from the resident set (best effort)."""
+        try:
+            self.shard.release(self.start + lo, self.start + (self.nbytes if hi is None else hi))
+        except (ValueError, OSError):  # the mapping is already gone
+            pass
 
 
 def _fail(path: Path, what: str, fix: str) -> CheckpointError:

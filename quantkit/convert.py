@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from quantkit import __version__
-from quantkit.checkpoint import TensorRef, open_checkpoint
+from quantkit.checkpoint import open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import encode
@@ -34,7 +34,7 @@ from quantkit.vocab import load_vocab, vocab_metadata
 
 log = logging.getLogger(__name__)
 V = gguf.GGUFValueType
-CHUNK_BYTES = 64 * 1024 * 1024  # rows encoded per piece: bounds transient float32 copies
+CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,7 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
         K.FILE_TYPE: MetaValue(int(plan.file_type), V.UINT32),
         K.SIZE_LABEL: MetaValue(gguf.size_label(total, total - expert, expert // max(1, hp.n_expert), hp.n_expert), V.STRING),
     }
-    if plan.is_quantized:
-        md[K.QUANTIZATION_VERSION] = MetaValue(gguf.GGML_QUANT_VERSION, V.UINT32)
+    md[K.QUANTIZATION_VERSION] = MetaValue(gguf.GGML_QUANT_VERSION, V.UINT32)  # as llama.cpp writes it, always
     return md
 
 
@@ -122,15 +121,24 @@ def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False):
     return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md)
 
 
-def _rows(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType) -> Iterator[Any]:
-    """Encode a 2-D matrix in row chunks so no full float32 copy of a large matrix exists."""
-    rows = a.shape[0] if a.ndim > 1 else 1
-    step = max(1, CHUNK_BYTES // max(1, a.nbytes // rows * 2))
-    if rows <= step:
+def _rows(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, release: Callable[[int, int], None] | None = None) -> Iterator[Any]:
+    """Encode a matrix in row chunks of about CHUNK_BYTES source bytes.
+
+    Bounds the transient float copies, and ``release(lo, hi)`` drops each chunk's
+    source pages once its piece has been written.
+    """
+    if a.ndim == 1:
         yield encode(a, dtype, qtype)
+        if release:
+            release(0, a.nbytes)
         return
+    rows = a.shape[0]
+    row_bytes = a.nbytes // max(1, rows)
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for r in range(0, rows, step):
         yield encode(a[r : r + step], dtype, qtype)
+        if release:
+            release(r * row_bytes, min(rows, r + step) * row_bytes)
 
 
 def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
@@ -141,23 +149,17 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
     for ref in t.sources:
         a = ref.array()
         if t.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
-            a = permute_rows(a, transform_heads(hp, t.transform))
+            a = permute_rows(a, transform_heads(hp, t.transform))  # a copy: the source can go
+            ref.release()
         if t.transform in (Transform.FIRST_HALF, Transform.SECOND_HALF):
             half = a.shape[1] // 2
             sl = slice(0, half) if t.transform is Transform.FIRST_HALF else slice(half, None)
             for e in range(a.shape[0]):
                 yield from _rows(a[e, sl], ref.dtype, tp.qtype)
+            ref.release()
         else:
-            yield from _rows(a, ref.dtype, tp.qtype)
+            yield from _rows(a, ref.dtype, tp.qtype, ref.release)
         del a
-        _release(ref)
-
-
-def _release(ref: TensorRef) -> None:
-    try:
-        ref.release()
-    except (ValueError, OSError):  # best effort: the mapping may already be gone
-        pass
 
 
 def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:

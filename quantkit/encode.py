@@ -20,7 +20,7 @@ SAME = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    return (u16.astype(np.uint32) << 16).view(np.float32)
+    return ggml.convert(u16, "bf16", "f32")
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -36,6 +36,8 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return bf16_to_f32(a)
+    if dtype == "F16":
+        return ggml.convert(a, "f16", "f32")
     return np.asarray(a, dtype=np.float32)
 
 
@@ -46,7 +48,7 @@ def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix:
     if qtype == Q.F32:
         return to_f32(a, dtype)
     if qtype == Q.F16:
-        return to_f32(a, dtype).astype(np.float16)
+        return ggml.convert(to_f32(a, dtype), "f32", "f16")
     if qtype == Q.BF16:
         return f32_to_bf16(to_f32(a, dtype))
     return ggml.quantize(to_f32(a, dtype).reshape(-1, a.shape[-1]), qtype, imatrix)

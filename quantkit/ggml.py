@@ -22,21 +22,39 @@ import numpy as np
 
 from quantkit.errors import QuantkitError
 
-_LIBNAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+_SUFFIX = {"linux": ".so", "darwin": ".dylib", "win32": ".dll"}
 
 
-@functools.lru_cache(maxsize=1)
-def lib() -> ctypes.CDLL:
+def _load(stem: str) -> ctypes.CDLL:
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         raise QuantkitError("llama-cpp-python is not installed; fix: pip install llama-cpp-python")
-    libdir = Path(spec.origin).parent / "lib"
-    path = libdir / _LIBNAMES.get(sys.platform, "libggml-base.so")
+    prefix = "" if sys.platform == "win32" else "lib"
+    path = Path(spec.origin).parent / "lib" / f"{prefix}{stem}{_SUFFIX.get(sys.platform, '.so')}"
     if not path.exists():
-        raise QuantkitError(f"{path}: llama.cpp's ggml-base library is missing; fix: reinstall llama-cpp-python")
-    so = ctypes.CDLL(str(path))
+        raise QuantkitError(f"{path}: llama.cpp's {stem} library is missing; fix: reinstall llama-cpp-python")
+    return ctypes.CDLL(str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_lib() -> ctypes.CDLL:
+    """ggml-cpu: SIMD row conversions (bit-identical to the scalar ones, 10x faster than numpy)."""
+    so = _load("ggml-cpu")
+    for name in ("ggml_cpu_bf16_to_fp32", "ggml_cpu_fp32_to_fp16", "ggml_cpu_fp16_to_fp32"):
+        fn = getattr(so, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+    so.ggml_cpu_init.argtypes = []
+    so.ggml_cpu_init.restype = None
+    so.ggml_cpu_init()
+    return so
+
+
+@functools.lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    so = _load("ggml-base")
     so.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     so.ggml_quantize_chunk.restype = ctypes.c_size_t
     so.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
@@ -59,6 +77,36 @@ def requires_imatrix(qtype: gguf.GGMLQuantizationType) -> bool:
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qk-quant")
+
+
+_CONVERT = {
+    ("bf16", "f32"): ("ggml_cpu_bf16_to_fp32", np.uint16, np.float32),
+    ("f16", "f32"): ("ggml_cpu_fp16_to_fp32", np.float16, np.float32),
+    ("f32", "f16"): ("ggml_cpu_fp32_to_fp16", np.float32, np.float16),
+}
+_SPLIT = 1 << 20  # elements per thread task
+
+
+def convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Element-wise float conversion with ggml's SIMD kernels, split across threads."""
+    name, in_dtype, out_dtype = _CONVERT[(src, dst)]
+    x = np.ascontiguousarray(x)
+    if x.dtype != in_dtype:
+        raise TypeError(f"{name} expects {np.dtype(in_dtype)}, got {x.dtype}")
+    out = np.empty(x.shape, dtype=out_dtype)
+    fn = getattr(cpu_lib(), name)
+    n = x.size
+    src_p, dst_p = x.ctypes.data, out.ctypes.data
+    isz, osz = x.itemsize, out.itemsize
+
+    def run(first: int) -> None:
+        fn(src_p + first * isz, dst_p + first * osz, min(_SPLIT, n - first))
+
+    if n <= _SPLIT:
+        run(0)
+    else:
+        list(_pool().map(run, range(0, n, _SPLIT)))
+    return out
 
 
 def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
