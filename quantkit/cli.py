@@ -8,6 +8,7 @@ code 1; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -27,6 +28,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run
 out = Console()
 err = Console(stderr=True)
 _state = {"debug": False}
+
+from quantkit.cli_eval import register as _register_eval  # noqa: E402
+
+_register_eval(app)
 
 
 class OutType(str, Enum):
@@ -136,43 +141,164 @@ def inspect(
     out.print(gt)
 
 
+# Options shared by `run` and `chat`: one definition each, so the two cannot drift apart.
+TEMPERATURE = typer.Option(0.8, "--temperature", help="0 is greedy.")
+TOP_P = typer.Option(0.95, "--top-p")
+TOP_K = typer.Option(40, "--top-k")
+MIN_P = typer.Option(0.05, "--min-p")
+REPEAT_PENALTY = typer.Option(1.1, "--repeat-penalty")
+SEED = typer.Option(None, "--seed")
+MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", help="Most tokens per answer.")
+IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence (benchmarks, tests).")
+CTX = typer.Option(2048, "--ctx", help="Context window in tokens.")
+THREADS = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", help="Layers to offload (default: all when a GPU backend exists).")
+CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep MoE expert tensors in CPU memory while the rest is offloaded to the GPU.")
+MODEL = typer.Argument(..., help="A .gguf file.")
+
+
+def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool) -> tuple[Any, Any]:
+    """Plan (memory check, backend) and open the model; notes about ignored options go to stderr."""
+    from quantkit.runtime import open_model, plan_load
+
+    plan = _run(lambda: plan_load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, cpu_moe=cpu_moe))
+    for note in plan.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    return plan, _run(lambda: open_model(plan))
+
+
+def _stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="A .gguf file."),
+    model: Path = MODEL,
     prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (with --chat)."),
-    temperature: float = typer.Option(0.8, "--temperature", help="0 is greedy."),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    top_k: int = typer.Option(40, "--top-k"),
-    min_p: float = typer.Option(0.05, "--min-p"),
-    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
-    ctx: int = typer.Option(2048, "--ctx", help="Context window in tokens."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers to offload (default: all when a GPU backend exists)."),
-    as_json: bool = typer.Option(False, "--json", help="Print text, token counts and timings as JSON."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY,
+    seed: Optional[int] = SEED,
+    max_tokens: int = MAX_TOKENS,
+    ignore_eos: bool = IGNORE_EOS,
+    ctx: int = CTX,
+    threads: Optional[int] = THREADS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    cpu_moe: bool = CPU_MOE,
+    as_json: bool = typer.Option(False, "--json", help="Print text, prompt, token counts, timings and placement as JSON."),
 ) -> None:
     """Generate once from a prompt and print the text to stdout."""
-    from quantkit.runtime import Sampling, generate, load
+    from quantkit.runtime import Sampling, generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
-    llm = _run(lambda: load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed))
-
-    def stream(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else stream))
+    sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos)
+    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
+    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream))
     if as_json:
-        _print_json(result.to_json())
+        _print_json({**result.to_json(), "load": plan.to_json()})
     else:
         sys.stdout.write("\n")
-        err.print(f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f}s ({result.to_json()['tokens_per_second']} tok/s)[/]")
+        err.print(f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f}s ({result.tokens_per_second} tok/s)[/]")
+
+
+@app.command()
+def chat(
+    model: Path = MODEL,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY,
+    seed: Optional[int] = SEED,
+    max_tokens: int = MAX_TOKENS,
+    ignore_eos: bool = IGNORE_EOS,
+    ctx: int = CTX,
+    threads: Optional[int] = THREADS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    cpu_moe: bool = CPU_MOE,
+) -> None:
+    """Chat with a model in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
+    from quantkit.chat import History, check_reserve
+    from quantkit.runtime import Sampling, chat_template_for
+
+    sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos)
+    _run(lambda: check_reserve(ctx, max_tokens))
+    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
+    template = _run(lambda: chat_template_for(llm))
+    err.print(f"[dim]{model.name}: {plan.describe()}; chat template: {template.name}[/]", highlight=False, soft_wrap=True)
+    err.print("[dim]Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits.[/]", highlight=False)
+    _chat_loop(llm, template, History(system=system), sampling, ctx)
+
+
+def _chat_loop(llm: Any, template: Any, history: Any, sampling: Any, n_ctx: int) -> None:
+    """Read messages and commands until /exit or Ctrl-D."""
+    from quantkit.chat import parse_command, read_message, unescape
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    while True:
+        try:
+            text = read_message(input)
+            command = parse_command(text)
+            if command is None and text.strip():
+                history = _chat_turn(llm, template, history, unescape(text), sampling, n_ctx)
+            elif command is not None:
+                if command.name == "exit":
+                    return
+                history = _chat_command(command, history)
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            err.print("[dim](/exit or Ctrl-D quits)[/]")
+        except QuantkitError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+
+
+def _chat_command(command: Any, history: Any) -> Any:
+    """Apply /help, /reset, /save or /load; returns the new history."""
+    from quantkit.chat import help_text, load_history, save_history
+
+    if command.name == "help":
+        err.print(help_text(), highlight=False, markup=False)
+    elif command.name == "reset":
+        history = history.reset()
+        err.print("[dim]conversation cleared[/]")
+    elif command.name == "save":
+        path = save_history(history, command.arg)
+        err.print(f"[dim]saved {len(history.turns)} turns to {path}[/]", highlight=False)
+    elif command.name == "load":
+        history = load_history(command.arg)
+        err.print(f"[dim]loaded {len(history.turns)} turns from {command.arg}[/]", highlight=False)
+    return history
+
+
+def _chat_turn(llm: Any, template: Any, history: Any, user: str, sampling: Any, n_ctx: int) -> Any:
+    """Fit the history into the context, stream one answer, and return the history with it."""
+    from quantkit.chat import prepare_turn
+    from quantkit.runtime import chat_tokens, complete
+
+    prep = prepare_turn(history, user, template.render, lambda p: chat_tokens(llm, p), n_ctx, sampling.max_tokens)
+    if prep.dropped:
+        err.print(
+            f"[yellow]context full:[/] dropped the {prep.dropped} oldest turn(s) to fit --ctx {n_ctx}; {len(prep.history.turns)} kept",
+            highlight=False, soft_wrap=True,
+        )
+    result = complete(llm, list(prep.tokens), sampling, stop=template.stop, on_text=_stream, interruptible=True)
+    sys.stdout.write("\n")
+    if result.finish_reason == "interrupted":
+        err.print("[yellow]stopped[/]")
+    err.print(f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f}s ({result.tokens_per_second} tok/s)[/]", highlight=False)
+    return prep.history.add(user, result.text) if result.text or result.finish_reason != "interrupted" else prep.history
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="quantkit")

@@ -1,0 +1,193 @@
+"""KL-divergence, token statistics and routing fidelity of a candidate against a base model.
+
+The base is evaluated once per (model file, text, ctx, chunks) and its
+log-probabilities and router logits are cached on disk; every candidate is then
+compared on exactly the same tokens and positions (llama-perplexity's chunking:
+BOS-led chunks, second half scored).  Statistics follow
+``llama-perplexity --kl-divergence``: mean KLD with its standard error,
+percentiles, same-top-token rate, Δp = p_cand(target) - p_base(target), and
+PPL(cand)/PPL(base) with the error of its logarithm.
+
+Not for: the pass/fail decision (``quantkit.evals.gate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.evals.perplexity import iter_chunks, llama_cpp_version, plan_chunks, sha256_file, sha256_text
+from quantkit.evals.routing import RoutingStats
+from quantkit.evals.session import EvalSession
+
+log = logging.getLogger(__name__)
+PERCENTILES = {"max": 100.0, "p99_9": 99.9, "p99": 99.0, "p95": 95.0, "p90": 90.0, "median": 50.0, "p10": 10.0, "p5": 5.0, "p1": 1.0, "min": 0.0}
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "base-logprobs"
+
+
+@dataclass(frozen=True)
+class BaseLogprobs:
+    """A cached base evaluation: log-probs (N, vocab), targets (N,), router logits (layers, N, experts)."""
+
+    dir: Path
+    meta: dict[str, Any]
+
+    @property
+    def logprobs(self) -> np.ndarray:
+        return np.load(self.dir / "logprobs.npy", mmap_mode="r")
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.load(self.dir / "targets.npy")
+
+    @property
+    def router(self) -> np.ndarray | None:
+        p = self.dir / "router.npy"
+        return np.load(p, mmap_mode="r") if p.exists() else None
+
+
+def _key(model_sha: str, text_sha: str, n_ctx: int, n_chunks: int | None) -> str:
+    return hashlib.sha256(f"v{CACHE_VERSION}:{model_sha}:{text_sha}:{n_ctx}:{n_chunks}".encode()).hexdigest()[:24]
+
+
+def base_logprobs(
+    base: str | Path, text: str, n_ctx: int, n_chunks: int | None, threads: int | None = None,
+    cache_dir: Path | None = None, on_chunk: Callable[[int, int], None] | None = None,
+) -> BaseLogprobs:
+    """Evaluate the base GGUF once and cache the result; later calls read the cache."""
+    base = Path(base)
+    if base.is_dir():
+        raise QuantkitError(f"{base}: a Hugging Face directory as base needs the transformers path, not supported yet; fix: convert it first (quantkit convert {base} -o base.gguf --type f32) and pass the GGUF")
+    model_sha, text_sha = sha256_file(base), sha256_text(text)
+    root = (cache_dir or default_cache_dir()) / _key(model_sha, text_sha, n_ctx, n_chunks)
+    if (root / "meta.json").exists():
+        log.info("base log-probs from cache %s", root)
+        return BaseLogprobs(root, json.loads((root / "meta.json").read_text()))
+    session = EvalSession(base, n_ctx, threads, capture_router=True)
+    try:
+        tokens = session.tokenize(text)
+        n = plan_chunks(len(tokens), n_ctx, n_chunks)
+        per = n_ctx // 2 - 1
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float32, shape=(n * per, session.n_vocab))
+        targets = np.empty(n * per, dtype=np.int32)
+        router = None
+        for chunk in iter_chunks(session, tokens, n):
+            sl = slice(chunk.index * per, (chunk.index + 1) * per)
+            lp[sl] = chunk.logprobs
+            targets[sl] = chunk.targets
+            if chunk.router:
+                if router is None:
+                    n_exp = next(iter(chunk.router.values())).shape[1]
+                    router = np.lib.format.open_memmap(tmp / "router.npy", mode="w+", dtype=np.float32, shape=(len(chunk.router), n * per, n_exp))
+                for layer, r in chunk.router.items():
+                    router[layer, sl] = r
+            if on_chunk:
+                on_chunk(chunk.index + 1, n)
+        lp.flush()
+        del lp
+        if router is not None:
+            router.flush()
+            del router
+        np.save(tmp / "targets.npy", targets)
+        meta = {
+            "model": str(base), "model_sha256": model_sha, "text_sha256": text_sha, "n_ctx": n_ctx, "n_chunks": n,
+            "n_tokens": len(tokens), "n_vocab": session.n_vocab, "vocab": session.vocab_fingerprint(),
+            "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest(), "llama_cpp": llama_cpp_version(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        session.close()
+    return BaseLogprobs(root, meta)
+
+
+def _dist(x: np.ndarray) -> dict[str, float]:
+    return {k: float(np.percentile(x, q)) for k, q in PERCENTILES.items()}
+
+
+def compare(
+    base: BaseLogprobs, model: str | Path, text: str, threads: int | None = None, label: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the base's exact tokens and compare distributions and routing."""
+    t0 = time.perf_counter()
+    meta = base.meta
+    session = EvalSession(model, meta["n_ctx"], threads, capture_router=base.router is not None)
+    try:
+        if session.n_vocab != meta["n_vocab"] or session.vocab_fingerprint() != meta["vocab"]:
+            raise QuantkitError(f"{model}: its vocabulary differs from the base's ({session.n_vocab} vs {meta['n_vocab']} tokens or different token texts); fix: compare models that share one tokenizer")
+        tokens = session.tokenize(text)
+        if hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest() != meta["tokens_sha256"]:
+            raise QuantkitError(f"{model}: tokenises the text differently from the base; fix: compare models that share one tokenizer")
+        lp_base, targets, router_base = base.logprobs, base.targets, base.router
+        per = meta["n_ctx"] // 2 - 1
+        kld, same, dp, nll_b, nll_q = [], [], [], [], []
+        routing = RoutingStats.empty(router_base.shape[0], router_base.shape[2], session.experts_used) if router_base is not None else None
+        for chunk in iter_chunks(session, tokens, meta["n_chunks"]):
+            sl = slice(chunk.index * per, (chunk.index + 1) * per)
+            lb = np.asarray(lp_base[sl], dtype=np.float64)
+            lq = chunk.logprobs.astype(np.float64)
+            pb = np.exp(lb)
+            kld.append((pb * (lb - lq)).sum(-1))
+            same.append(lb.argmax(-1) == lq.argmax(-1))
+            idx = np.arange(per)
+            t = targets[sl]
+            dp.append(np.exp(lq[idx, t]) - pb[idx, t])
+            nll_b.append(-lb[idx, t])
+            nll_q.append(-lq[idx, t])
+            if routing is not None:
+                routing.add(np.asarray(router_base[:, sl]), chunk.router)
+            if on_chunk:
+                on_chunk(chunk.index + 1, meta["n_chunks"])
+    finally:
+        session.close()
+    kld_a, same_a, dp_a = np.concatenate(kld), np.concatenate(same), np.concatenate(dp)
+    nb, nq = np.concatenate(nll_b), np.concatenate(nll_q)
+    n = kld_a.size
+    diff = nq - nb
+    st = same_a.mean()
+    report: dict[str, Any] = {
+        "kind": "quantkit.kld",
+        "setup": {
+            "base": meta["model"], "base_sha256": meta["model_sha256"], "model": str(model), "model_sha256": sha256_file(model),
+            "label": label or Path(model).stem, "text_sha256": meta["text_sha256"], "n_ctx": meta["n_ctx"], "n_chunks": meta["n_chunks"],
+            "n_positions": int(n), "vocab": meta["vocab"], "llama_cpp": llama_cpp_version(),
+        },
+        "kld_mean": float(kld_a.mean()),
+        "kld_mean_stderr": float(kld_a.std(ddof=1) / math.sqrt(n)),
+        **{f"kld_{k}": v for k, v in _dist(kld_a).items()},
+        "same_top": float(st),
+        "same_top_stderr": float(math.sqrt(st * (1 - st) / (n - 1))),
+        "dp_mean": float(dp_a.mean()),
+        "dp_mean_stderr": float(dp_a.std(ddof=1) / math.sqrt(n)),
+        "dp_rms": float(np.sqrt((dp_a**2).mean())),
+        **{f"dp_{k}": v for k, v in _dist(dp_a).items()},
+        "ppl_base": float(math.exp(nb.mean())),
+        "ppl": float(math.exp(nq.mean())),
+        "ln_ppl_ratio": float(diff.mean()),
+        "ln_ppl_ratio_stderr": float(diff.std(ddof=1) / math.sqrt(n)),
+        "ppl_ratio": float(math.exp(diff.mean())),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if routing is not None:
+        report["routing"] = routing.summary()
+    return report

@@ -1,0 +1,157 @@
+"""Perplexity the way llama-perplexity computes it, through llama-cpp-python.
+
+The rule (llama.cpp ``tools/perplexity``): the text is tokenised once (BOS
+first when the vocabulary adds one); it is cut into chunks of ``n_ctx``
+tokens; the first token of every chunk is replaced by BOS; each chunk is
+evaluated from an empty KV cache; only the second half is scored (positions
+``n_ctx/2 .. n_ctx-2`` predicting the next token); at least ``2*n_ctx``
+tokens are required.  The standard error is llama.cpp's:
+``sqrt((E[nll^2] - E[nll]^2) / (N - 1)) * ppl``.
+
+Not for: comparing two models (``quantkit.evals.kld``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.evals.session import EvalSession
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return f"llama-cpp-python {llama_cpp.__version__}"
+
+
+@dataclass(frozen=True)
+class PplResult:
+    ppl: float
+    ppl_stderr: float
+    nll_mean: float
+    n_ctx: int
+    n_chunks: int
+    n_tokens: int  # tokens in the whole text
+    n_scored: int
+    text_sha256: str
+    model_sha256: str
+    model: str
+    llama_cpp: str
+    seconds: float
+    tokens_per_second: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One evaluated chunk: the scored positions' log-probabilities and their targets."""
+
+    index: int
+    logprobs: np.ndarray  # (n_ctx/2 - 1, n_vocab) float32 log-softmax
+    targets: np.ndarray  # (n_ctx/2 - 1,) next-token ids
+    router: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (positions, n_expert) router logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x.astype(np.float32)
+
+
+def plan_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
+    if n_ctx < 8 or n_ctx % 2:
+        raise QuantkitError(f"--ctx {n_ctx}: expected an even number >= 8; fix: use e.g. --ctx 512")
+    if n_tokens < 2 * n_ctx:
+        raise QuantkitError(f"the text has {n_tokens} tokens, perplexity at --ctx {n_ctx} needs at least {2 * n_ctx}; fix: use a longer text or a smaller --ctx")
+    most = n_tokens // n_ctx
+    return most if n_chunks is None or n_chunks <= 0 else min(n_chunks, most)
+
+
+def iter_chunks(session: EvalSession, tokens: list[int], n_chunks: int) -> Iterator[Chunk]:
+    """Evaluate chunk after chunk from an empty cache; yield the scored half."""
+    n_ctx = session.n_ctx
+    first = n_ctx // 2
+    bos = session.bos
+    for i in range(n_chunks):
+        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
+        if bos is not None:
+            chunk[0] = bos
+        logits = session.eval_chunk(chunk)[first : n_ctx - 1]
+        targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx], dtype=np.int64)
+        yield Chunk(i, log_softmax(logits), targets, {k: v[first : n_ctx - 1] for k, v in session.router.items()})
+
+
+class NllAccumulator:
+    """Running sums for llama.cpp's perplexity and its standard error."""
+
+    def __init__(self) -> None:
+        self.sum = 0.0
+        self.sum2 = 0.0
+        self.count = 0
+
+    def add(self, nll: np.ndarray) -> None:
+        nll = nll.astype(np.float64)
+        self.sum += float(nll.sum())
+        self.sum2 += float((nll * nll).sum())
+        self.count += nll.size
+
+    def result(self) -> tuple[float, float, float]:
+        mean = self.sum / self.count
+        var = self.sum2 / self.count - mean * mean
+        ppl = math.exp(mean)
+        err = math.sqrt(var / (self.count - 1)) * ppl if var > 0 and self.count > 1 else 0.0
+        return ppl, err, mean
+
+
+def perplexity(
+    model: str | Path,
+    text: str,
+    n_ctx: int = 512,
+    n_chunks: int | None = None,
+    threads: int | None = None,
+    on_chunk: Callable[[int, int, float], None] | None = None,
+) -> PplResult:
+    """llama-perplexity's number for ``model`` on ``text``; ``on_chunk(i, n, running_ppl)`` reports progress."""
+    t0 = time.perf_counter()
+    session = EvalSession(model, n_ctx, threads)
+    tokens = session.tokenize(text)
+    n = plan_chunks(len(tokens), n_ctx, n_chunks)
+    acc = NllAccumulator()
+    for chunk in iter_chunks(session, tokens, n):
+        acc.add(-chunk.logprobs[np.arange(chunk.targets.size), chunk.targets])
+        if on_chunk is not None:
+            on_chunk(chunk.index + 1, n, math.exp(acc.sum / acc.count))
+    session.close()
+    ppl, err, mean = acc.result()
+    seconds = time.perf_counter() - t0
+    return PplResult(
+        ppl=ppl, ppl_stderr=err, nll_mean=mean, n_ctx=n_ctx, n_chunks=n, n_tokens=len(tokens), n_scored=acc.count,
+        text_sha256=sha256_text(text), model_sha256=sha256_file(model), model=str(model), llama_cpp=llama_cpp_version(),
+        seconds=seconds, tokens_per_second=n * n_ctx / seconds,
+    )
