@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -29,7 +29,7 @@ from quantkit.errors import OutputError
 from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter
 from quantkit.mapping import OutTensor, Role, Transform, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
-from quantkit.plan import Plan, TensorPlan, make_plan
+from quantkit.plan import Override, Plan, TensorPlan, make_plan
 from quantkit.vocab import load_vocab, vocab_metadata
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
     return md
 
 
-def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False):
+def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = ()):
     """Validate a checkpoint and build its tensor map, type plan and metadata (reads no weights)."""
     src = Path(src)
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
@@ -113,7 +113,7 @@ def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False):
         tensors += conv.generated_tensors(hp)
         conv.check_hparams(hp, tensors)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
-        plan = make_plan(tensors, outtype)
+        plan = make_plan(tensors, outtype, overrides)
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
     except BaseException:
         ckpt.close()
@@ -184,6 +184,7 @@ def convert(
     outtype: str = "f16",
     force: bool = False,
     allow_pickle: bool = False,
+    overrides: Sequence[Override] = (),
     on_start: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
@@ -192,7 +193,7 @@ def convert(
     t0 = time.perf_counter()
     out = Path(out)
     check_target(out, force)
-    ckpt, prep = prepare(src, outtype, allow_pickle)
+    ckpt, prep = prepare(src, outtype, allow_pickle, overrides)
     with ckpt:
         plan = prep.plan
         header_guess = (1 << 20) + sum(len(t.name) + 64 + ALIGN for t in plan.tensors)

@@ -11,7 +11,10 @@ Not for: encoding bytes (``quantkit.encode``).
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import gguf
 
@@ -19,6 +22,7 @@ from quantkit.errors import QuantkitError
 from quantkit.gguf_write import type_nbytes
 from quantkit.mapping import OutTensor, Role
 
+log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 
@@ -84,13 +88,53 @@ def choose(t: OutTensor, want: gguf.GGMLQuantizationType) -> tuple[gguf.GGMLQuan
     return want, f"--type {want.name.lower()}"
 
 
-def make_plan(tensors: list[OutTensor], outtype: str) -> Plan:
+@dataclass(frozen=True)
+class Override:
+    """A user rule: tensors whose GGUF name matches ``pattern`` (regex search) get ``qtype``."""
+
+    pattern: str
+    qtype: gguf.GGMLQuantizationType
+    source: str = "override"
+
+    @classmethod
+    def parse(cls, pattern: str, type_name: str, source: str = "override") -> Override:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise QuantkitError(f"{source}: pattern {pattern!r} is not a valid regex ({e}); fix: correct it") from None
+        try:
+            qtype = Q[type_name.upper()]
+        except KeyError:
+            raise QuantkitError(f"{source}: unknown type {type_name!r} (known: {', '.join(q.name for q in Q)}); fix: use one of those") from None
+        return cls(pattern, qtype, source)
+
+
+def _apply_override(t: OutTensor, o: Override) -> tuple[gguf.GGMLQuantizationType, str]:
+    if t.role in KEEP_F32_ROLES or len(t.shape) == 1:
+        log.warning("%s: %s overrides the F32 rule for %s (%s -> %s); quality may drop", o.source, o.pattern, t.name, t.role.value, o.qtype.name)
+    block = gguf.GGML_QUANT_SIZES[o.qtype][0]
+    if t.shape[-1] % block:
+        return Q.F16, f"{o.source} {o.pattern!r} asked {o.qtype.name}, row length {t.shape[-1]} not a multiple of {block}: F16 fallback"
+    return o.qtype, f"{o.source} {o.pattern!r}"
+
+
+def make_plan(tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = ()) -> Plan:
+    """Types for every tensor: first matching override, else the --type rule."""
     key = outtype.lower()
     if key not in OUTTYPES:
         raise QuantkitError(f"--type {outtype!r} is not supported (supported: {', '.join(OUTTYPES)}); fix: pick one of those")
     want, ftype = OUTTYPES[key]
     plans = []
+    used = set()
     for t in tensors:
-        qtype, reason = choose(t, want)
+        hit = next((o for o in overrides if re.search(o.pattern, t.name)), None)
+        if hit is not None:
+            used.add(hit)
+            qtype, reason = _apply_override(t, hit)
+        else:
+            qtype, reason = choose(t, want)
         plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
+    for o in overrides:
+        if o not in used:
+            log.warning("%s: pattern %r matched no tensor", o.source, o.pattern)
     return Plan(key, ftype, tuple(plans))
