@@ -71,14 +71,12 @@ def base_logprobs(
 ) -> BaseLogprobs:
     """Evaluate the base GGUF once and cache the result; later calls read the cache."""
     base = Path(base)
-    if base.is_dir():
-        raise QuantkitError(f"{base}: a Hugging Face directory as base needs the transformers path, not supported yet; fix: convert it first (quantkit convert {base} -o base.gguf --type f32) and pass the GGUF")
-    model_sha, text_sha = sha256_file(base), sha256_text(text)
+    model_sha, text_sha = model_identity(base), sha256_text(text)
     root = (cache_dir or default_cache_dir()) / _key(model_sha, text_sha, n_ctx, n_chunks)
     if (root / "meta.json").exists():
         log.info("base log-probs from cache %s", root)
         return BaseLogprobs(root, json.loads((root / "meta.json").read_text()))
-    session = EvalSession(base, n_ctx, threads, capture_router=True)
+    session = open_session(base, n_ctx, threads, capture_router=True)
     try:
         tokens = session.tokenize(text)
         n = plan_chunks(len(tokens), n_ctx, n_chunks)
@@ -88,7 +86,7 @@ def base_logprobs(
         lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float32, shape=(n * per, session.n_vocab))
         targets = np.empty(n * per, dtype=np.int32)
         router = None
-        for chunk in iter_chunks(session, tokens, n):
+        for chunk in iter_chunks(session, tokens, n):  # type: ignore[arg-type]
             sl = slice(chunk.index * per, (chunk.index + 1) * per)
             lp[sl] = chunk.logprobs
             targets[sl] = chunk.targets
@@ -120,6 +118,28 @@ def base_logprobs(
     return BaseLogprobs(root, meta)
 
 
+def model_identity(path: Path) -> str:
+    """SHA-256 of a GGUF file, or of an HF directory's config and weight files."""
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".model")):
+        h.update(f.name.encode() + bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
+
+
+def open_session(path: Path, n_ctx: int, threads: int | None, capture_router: bool):
+    """llama.cpp for GGUF files, transformers for HF directories; bitsandbytes dirs are refused."""
+    if path.is_dir():
+        cfg = path / "config.json"
+        if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
+            raise QuantkitError(f"{path}: bitsandbytes 4-bit directories are not supported by eval yet; fix: evaluate a GGUF")
+        from quantkit.evals.hf import HFSession
+
+        return HFSession(path, n_ctx, threads)
+    return EvalSession(path, n_ctx, threads, capture_router=capture_router)
+
+
 def _dist(x: np.ndarray) -> dict[str, float]:
     return {k: float(np.percentile(x, q)) for k, q in PERCENTILES.items()}
 
@@ -131,7 +151,8 @@ def compare(
     """Evaluate ``model`` on the base's exact tokens and compare distributions and routing."""
     t0 = time.perf_counter()
     meta = base.meta
-    session = EvalSession(model, meta["n_ctx"], threads, capture_router=base.router is not None)
+    model = Path(model)
+    session = open_session(model, meta["n_ctx"], threads, capture_router=base.router is not None)
     try:
         if session.n_vocab != meta["n_vocab"] or session.vocab_fingerprint() != meta["vocab"]:
             raise QuantkitError(f"{model}: its vocabulary differs from the base's ({session.n_vocab} vs {meta['n_vocab']} tokens or different token texts); fix: compare models that share one tokenizer")
@@ -168,7 +189,7 @@ def compare(
     report: dict[str, Any] = {
         "kind": "quantkit.kld",
         "setup": {
-            "base": meta["model"], "base_sha256": meta["model_sha256"], "model": str(model), "model_sha256": sha256_file(model),
+            "base": meta["model"], "base_sha256": meta["model_sha256"], "model": str(model), "model_sha256": model_identity(model),
             "label": label or Path(model).stem, "text_sha256": meta["text_sha256"], "n_ctx": meta["n_ctx"], "n_chunks": meta["n_chunks"],
             "n_positions": int(n), "vocab": meta["vocab"], "llama_cpp": llama_cpp_version(),
         },

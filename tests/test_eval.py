@@ -119,6 +119,16 @@ def test_identical_model_has_zero_divergence(fixture_gguf, text, cache):
     assert r["routing"]["topk_exact"] == 1.0 and r["routing"]["router_kld"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_hf_directory_base_matches_f32_gguf(fixture_gguf, text, cache):
+    """transformers as the base (the reference) vs the F32 GGUF: no divergence beyond float noise."""
+    from quantkit.evals.kld import base_logprobs, compare
+
+    base = base_logprobs(FIXTURE, text, CTX, 2, cache_dir=cache)
+    r = compare(base, fixture_gguf("f32"), text)
+    assert r["kld_mean"] < 1e-6 and r["kld_max"] < 1e-4
+    assert r["same_top"] == 1.0 and r["routing"]["topk_exact"] > 0.999
+
+
 def test_deterministic_and_thread_tolerance(fixture_gguf, text, cache):
     """Same threads: identical numbers. Different thread counts: equal within 1e-6 in mean KLD."""
     from quantkit.evals.kld import base_logprobs, compare

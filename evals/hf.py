@@ -1,0 +1,83 @@
+"""The reference side of an evaluation: a Hugging Face model run by transformers (float32).
+
+Same interface as :class:`quantkit.evals.session.EvalSession` (tokenize,
+eval_chunk, router, vocab_fingerprint, bos), so ``eval kld`` can take an HF
+directory as its base: logits from transformers' own model code and router
+logits from ``output_router_logits``.  Tokenisation uses the model's own
+tokenizer library (sentencepiece for ``tokenizer.model``, tokenizers for
+``tokenizer.json``), which llama.cpp matches (tests/test_tokenizer_parity.py).
+
+Not for: GGUF models (``quantkit.evals.session``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from quantkit.checkpoint import load_config
+from quantkit.errors import QuantkitError
+from quantkit.vocab import load_vocab, vocab_metadata
+
+
+class HFSession:
+    def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise QuantkitError("an HF directory as base needs torch and transformers; fix: pip install 'quantkit[dev]' or convert the base to GGUF first") from None
+        self.path = Path(path)
+        config = load_config(self.path)
+        self.vocab, tcfg = load_vocab(self.path, int(config.get("vocab_size", 0)))
+        md = vocab_metadata(self.vocab, tcfg, config)
+        self._bos = md["tokenizer.ggml.bos_token_id"].value if "tokenizer.ggml.bos_token_id" in md else None
+        self._add_bos = bool(md["tokenizer.ggml.add_bos_token"].value)
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+        self._moe = bool(config.get("num_local_experts"))
+        self.experts_used = int(config.get("num_experts_per_tok") or 0)
+        self.n_ctx = n_ctx
+        self.n_vocab = len(self.vocab.tokens)
+        self.router: dict[int, np.ndarray] = {}
+        if self.vocab.model == "llama":
+            import sentencepiece as spm
+
+            self._encode = spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model")).encode
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+            self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+
+    @property
+    def bos(self) -> int | None:
+        return self._bos if self._add_bos else None
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = list(self._encode(text))
+        return [self._bos, *ids] if self._add_bos and self._bos is not None else ids
+
+    def eval_chunk(self, tokens: list[int]) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            out = self.model(torch.tensor([tokens]), output_router_logits=self._moe)
+        if self._moe:
+            self.router = {i: r.float().numpy().reshape(len(tokens), -1) for i, r in enumerate(out.router_logits)}
+        return out.logits[0].float().numpy()
+
+    def vocab_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in self.vocab.tokens:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+        return h.hexdigest()
+
+    def close(self) -> None:
+        del self.model
