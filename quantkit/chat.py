@@ -137,6 +137,12 @@ class Prepared:
     dropped: int  # oldest turns removed to make room
 
 
+def check_reserve(n_ctx: int, reserve: int) -> None:
+    """The answer's room (``--max-tokens``) must leave part of the window for the prompt."""
+    if not 0 < reserve < n_ctx:
+        raise QuantkitError(f"--max-tokens {reserve} must be between 1 and --ctx {n_ctx} minus the prompt; fix: lower --max-tokens or raise --ctx")
+
+
 def prepare_turn(
     history: History,
     user: str,

@@ -15,7 +15,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +23,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+    from quantkit.chat import ChatTemplate, Command, History
+    from quantkit.runtime import LoadPlan, Sampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run and check quantised Mixture-of-Experts models.")
 out = Console()
@@ -76,11 +82,21 @@ def convert(
     outtype: OutType = typer.Option(OutType.f16, "--type", "-t", help="Type of weight matrices; routers and norms always stay F32."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
     """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF."""
     from quantkit.convert import convert as do_convert
+    from quantkit.plan import Override
+
+    def parse_override(spec: str) -> Override:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern:
+            raise QuantkitError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down_exps=q8_0'")
+        return Override.parse(pattern, type_name, source="--tensor-type")
+
+    overrides = _run(lambda: [parse_override(s) for s in tensor_type])
 
     show = progress and err.is_terminal and not as_json
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
@@ -88,7 +104,7 @@ def convert(
     with bar:
         result = _run(
             lambda: do_convert(
-                src, output, outtype.value, force=force, allow_pickle=allow_pickle,
+                src, output, outtype.value, force=force, allow_pickle=allow_pickle, overrides=overrides,
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
@@ -157,7 +173,7 @@ CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep MoE expert tensors in CPU 
 MODEL = typer.Argument(..., help="A .gguf file.")
 
 
-def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool) -> tuple[Any, Any]:
+def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool) -> tuple[LoadPlan, Llama]:
     """Plan (memory check, backend) and open the model; notes about ignored options go to stderr."""
     from quantkit.runtime import open_model, plan_load
 
@@ -237,7 +253,7 @@ def chat(
     _chat_loop(llm, template, History(system=system), sampling, ctx)
 
 
-def _chat_loop(llm: Any, template: Any, history: Any, sampling: Any, n_ctx: int) -> None:
+def _chat_loop(llm: Llama, template: ChatTemplate, history: History, sampling: Sampling, n_ctx: int) -> None:
     """Read messages and commands until /exit or Ctrl-D."""
     from quantkit.chat import parse_command, read_message, unescape
 
@@ -263,7 +279,7 @@ def _chat_loop(llm: Any, template: Any, history: Any, sampling: Any, n_ctx: int)
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
 
 
-def _chat_command(command: Any, history: Any) -> Any:
+def _chat_command(command: Command, history: History) -> History:
     """Apply /help, /reset, /save or /load; returns the new history."""
     from quantkit.chat import help_text, load_history, save_history
 
@@ -281,7 +297,7 @@ def _chat_command(command: Any, history: Any) -> Any:
     return history
 
 
-def _chat_turn(llm: Any, template: Any, history: Any, user: str, sampling: Any, n_ctx: int) -> Any:
+def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, sampling: Sampling, n_ctx: int) -> History:
     """Fit the history into the context, stream one answer, and return the history with it."""
     from quantkit.chat import prepare_turn
     from quantkit.runtime import chat_tokens, complete

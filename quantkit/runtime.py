@@ -240,14 +240,18 @@ class MemoryEstimate:
     gpu_need: int
     cpu_available: int | None
     gpu_available: int | None
+    n_ctx: int = 0
 
     def problem(self) -> str | None:
-        """Why it cannot fit, or None."""
+        """Why it cannot fit and what would help, as one line; None when it fits."""
         if self.cpu_available is not None and self.cpu_need > self.cpu_available:
-            return f"needs {self.cpu_need / GIB:.2f} GiB of RAM, {self.cpu_available / GIB:.2f} GiB available"
-        if self.gpu_available is not None and self.gpu_need > self.gpu_available:
-            return f"needs {self.gpu_need / GIB:.2f} GiB of GPU memory, {self.gpu_available / GIB:.2f} GiB free"
-        return None
+            where, need, have, fix = "RAM", self.cpu_need, self.cpu_available, "lower --ctx or use a smaller quantisation"
+        elif self.gpu_available is not None and self.gpu_need > self.gpu_available:
+            where, need, have, fix = "GPU memory", self.gpu_need, self.gpu_available, "lower --ctx, pass --cpu-moe or offload fewer --gpu-layers"
+        else:
+            return None
+        sizes = f"weights {self.weights / GIB:.2f} GiB + KV cache {self.kv_cache / GIB:.2f} GiB for --ctx {self.n_ctx}"
+        return f"needs {need / GIB:.2f} GiB of {where}, {have / GIB:.2f} GiB available ({sizes}); fix: {fix}"
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("weights", "kv_cache", "cpu_need", "gpu_need", "cpu_available", "gpu_available")}
@@ -263,7 +267,8 @@ def estimate_memory(
     gpu_blocks = range(max(0, shape.n_layer - gpu_layers), shape.n_layer) if gpu_layers > 0 else range(0)
     kv_total = n_ctx * shape.bytes_per_token()
     kv_gpu = n_ctx * shape.bytes_per_token(gpu_blocks)
-    return MemoryEstimate(weights, kv_total, weights - gpu_w + kv_total - kv_gpu, gpu_w + kv_gpu, cpu_available, gpu_available)
+    cpu_need, gpu_need = weights - gpu_w + kv_total - kv_gpu, gpu_w + kv_gpu
+    return MemoryEstimate(weights, kv_total, cpu_need, gpu_need, cpu_available, gpu_available, n_ctx)
 
 
 # --- loading ----------------------------------------------------------------
@@ -338,10 +343,7 @@ def plan_load(
     memory = estimate_memory(g, n_ctx, resolved, applied, mem_available(), backend.gpu_free if resolved else None)
     problem = memory.problem()
     if problem:
-        raise QuantkitError(
-            f"{path}: {problem} (weights {memory.weights / GIB:.2f} GiB + KV cache {memory.kv_cache / GIB:.2f} GiB for --ctx {n_ctx}); "
-            "fix: lower --ctx, use a smaller quantisation, or offload fewer layers / pass --cpu-moe"
-        )
+        raise QuantkitError(f"{path}: {problem}")
     return LoadPlan(path, n_ctx, resolved, n_layer, threads or physical_cores(), seed, cpu_moe, applied, backend, memory, tuple(notes))
 
 

