@@ -149,6 +149,14 @@ def compare(
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the base's exact tokens and compare distributions and routing."""
+    return compare_values(base, model, text, threads, label, on_chunk)[0]
+
+
+def compare_values(
+    base: BaseLogprobs, model: str | Path, text: str, threads: int | None = None, label: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`compare`, also returning the per-position KL-divergences (for plots)."""
     t0 = time.perf_counter()
     meta = base.meta
     model = Path(model)
@@ -211,4 +219,4 @@ def compare(
     }
     if routing is not None:
         report["routing"] = routing.summary()
-    return report
+    return report, kld_a

@@ -123,6 +123,28 @@ def kld(
     cli.out.print(t)
 
 
+@eval_app.command("matrix")
+def matrix(
+    src: Path = typer.Argument(..., help="Hugging Face model directory."),
+    types: str = typer.Option("q8_0,f16", "--types", help="Comma-separated --type values to compare."),
+    text: Optional[Path] = typer.Option(None, "--text"),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Built-in text instead of --text: heldout."),
+    out_dir: Path = typer.Option(Path("matrix"), "-o", "--out-dir", help="Where GGUFs, matrix.json/md and PNG plots go."),
+    ctx: int = typer.Option(512, "--ctx"),
+    chunks: Optional[int] = typer.Option(None, "--chunks"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Quantise SRC several ways, evaluate each against its BF16 base, write a table and plots."""
+    from quantkit.evals.matrix import run_matrix
+
+    cli = _cli()
+    body = cli._run(lambda: read_text(text, corpus))
+    names = [t.strip() for t in types.split(",") if t.strip()]
+    cli._run(lambda: run_matrix(src, names, body, out_dir, ctx, chunks, threads, on_step=lambda m: cli.err.print(f"[dim]{m}[/]")))
+    cli.out.print((out_dir / "matrix.md").read_text())
+    cli.out.print(f"plots: {out_dir / 'size_vs_kld.png'}, {out_dir / 'kld_distribution.png'}")
+
+
 def gate_command(
     report: Path = typer.Argument(..., help="JSON report from quantkit eval kld --json."),
     baseline: Path = typer.Option(..., "--baseline", help="Committed baseline report."),

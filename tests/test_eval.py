@@ -248,3 +248,23 @@ def test_gate_thresholds_file_errors(baseline, tmp_path):
     bad.write_text('[metrics.kld_mean]\ndirection = "sideways"\n')
     result = CliRunner().invoke(app, ["gate", str(baseline), "--baseline", str(baseline), "--thresholds", str(bad)])
     assert result.exit_code == 1 and "direction" in result.output
+
+
+def test_pareto_front():
+    from quantkit.evals.matrix import pareto_front
+
+    # (size, kld): b is dominated by a (bigger and worse); c and a trade off; d ties a on size but is worse
+    pts = [(10, 0.1), (12, 0.2), (20, 0.01), (10, 0.3)]
+    assert pareto_front(pts) == [0, 2]
+
+
+def test_eval_matrix_writes_table_and_plots(tmp_path):
+    out = tmp_path / "m"
+    result = CliRunner().invoke(app, ["eval", "matrix", str(FIXTURE), "--types", "q8_0,f16", "--corpus", "heldout", "--ctx", str(CTX), "--chunks", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "matrix.json").read_text())["variants"]
+    assert [r["type"] for r in rows] == ["q8_0", "f16"]
+    q8, f16 = rows
+    assert q8["bytes"] < f16["bytes"] and q8["kld_mean"] >= f16["kld_mean"]
+    for png in ("size_vs_kld.png", "kld_distribution.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
