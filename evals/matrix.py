@@ -97,7 +97,7 @@ def plot(rows: list[dict[str, Any]], values: dict[str, np.ndarray], out_dir: Pat
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [r["bytes"] / 2**20 for r in rows]
-    ys = [r["kld_mean"] for r in rows]
+    ys = [max(r["kld_mean"], 1e-9) for r in rows]
     ax.scatter(xs, ys, c=["tab:red" if r["pareto"] else "tab:gray" for r in rows], zorder=3)
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -107,7 +107,7 @@ def plot(rows: list[dict[str, Any]], values: dict[str, np.ndarray], out_dir: Pat
         ax.legend()
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("mean KL-divergence vs base")
-    ax.set_yscale("symlog", linthresh=1e-5)
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "size_vs_kld.png", dpi=120)
