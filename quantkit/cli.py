@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 import traceback
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -40,11 +39,7 @@ from quantkit.cli_eval import register as _register_eval  # noqa: E402
 _register_eval(app)
 
 
-class OutType(str, Enum):
-    f32 = "f32"
-    f16 = "f16"
-    bf16 = "bf16"
-    q8_0 = "q8_0"
+TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
 
 
 @app.callback()
@@ -79,7 +74,7 @@ def _print_json(obj: Any) -> None:
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file."),
-    outtype: OutType = typer.Option(OutType.f16, "--type", "-t", help="Type of weight matrices; routers and norms always stay F32."),
+    outtype: str = typer.Option("f16", "--type", "-t", help=TYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
@@ -88,15 +83,8 @@ def convert(
 ) -> None:
     """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF."""
     from quantkit.convert import convert as do_convert
-    from quantkit.plan import Override
 
-    def parse_override(spec: str) -> Override:
-        pattern, sep, type_name = spec.rpartition("=")
-        if not sep or not pattern:
-            raise QuantkitError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down_exps=q8_0'")
-        return Override.parse(pattern, type_name, source="--tensor-type")
-
-    overrides = _run(lambda: [parse_override(s) for s in tensor_type])
+    overrides = _run(lambda: _overrides(tensor_type))
 
     show = progress and err.is_terminal and not as_json
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
@@ -104,7 +92,7 @@ def convert(
     with bar:
         result = _run(
             lambda: do_convert(
-                src, output, outtype.value, force=force, allow_pickle=allow_pickle, overrides=overrides,
+                src, output, outtype, force=force, allow_pickle=allow_pickle, overrides=overrides,
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
@@ -115,6 +103,47 @@ def convert(
         return
     j = result.to_json()
     out.print(f"wrote [bold]{j['output']}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+
+
+def _overrides(specs: list[str]) -> list[Any]:
+    from quantkit.plan import Override
+
+    out = []
+    for spec in specs:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern:
+            raise QuantkitError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down_exps=q8_0'")
+        out.append(Override.parse(pattern, type_name, source="--tensor-type"))
+    return out
+
+
+@app.command()
+def plan(
+    src: Path = typer.Argument(..., help="Hugging Face model directory."),
+    outtype: str = typer.Option("f16", "--type", "-t", help=TYPE_HELP),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
+    from quantkit.convert import group_totals, prepare
+
+    overrides = _run(lambda: _overrides(tensor_type))
+    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides))
+    ckpt.close()
+    p = prep.plan
+    rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]
+    summary = {"type": p.outtype, "file_type": int(p.file_type), "tensor_bytes": p.nbytes, "params": p.n_elements,
+               "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p)}
+    if as_json:
+        _print_json({**summary, "tensors": rows})
+        return
+    t = Table(title=f"{src} as {p.outtype}")
+    for c in ("tensor", "type", "bytes", "bpw", "why"):
+        t.add_column(c, justify="right" if c in ("bytes", "bpw") else "left", overflow="fold")
+    for r in rows:
+        t.add_row(r["name"], r["type"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.2f}", r["why"])
+    out.print(t)
+    out.print(f"total: {p.nbytes / 2**20:.2f} MiB of tensors, {summary['bits_per_weight']:.3f} bits per weight")
 
 
 @app.command()

@@ -113,7 +113,7 @@ def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, o
         tensors += conv.generated_tensors(hp)
         conv.check_hparams(hp, tensors)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
-        plan = make_plan(tensors, outtype, overrides)
+        plan = make_plan(tensors, outtype, overrides, hp)
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
     except BaseException:
         ckpt.close()

@@ -18,7 +18,9 @@ from typing import Sequence
 
 import gguf
 
+from quantkit import presets
 from quantkit.errors import QuantkitError
+from quantkit.presets import ModelShape
 from quantkit.gguf_write import type_nbytes
 from quantkit.mapping import OutTensor, Role
 
@@ -26,12 +28,12 @@ log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 
-#: --type name -> (type for weight matrices, general.file_type).
+#: Unquantised --type names -> (type of weight matrices, general.file_type), as llama.cpp's
+#: converter writes them.  Every other --type is a llama-quantize preset (quantkit.presets).
 OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f32": (Q.F32, FT.ALL_F32),
     "f16": (Q.F16, FT.MOSTLY_F16),
     "bf16": (Q.BF16, FT.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
 }
 KEEP_F32_ROLES = (Role.ROUTER, Role.NORM)
 
@@ -118,12 +120,27 @@ def _apply_override(t: OutTensor, o: Override) -> tuple[gguf.GGMLQuantizationTyp
     return o.qtype, f"{o.source} {o.pattern!r}"
 
 
-def make_plan(tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = ()) -> Plan:
-    """Types for every tensor: first matching override, else the --type rule."""
+def make_plan(
+    tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = (), hparams: ModelShape | None = None, has_imatrix: bool = False
+) -> Plan:
+    """Types for every tensor: the first matching override, else the --type rule.
+
+    ``f32`` / ``f16`` / ``bf16`` keep every matrix in that type; any other name
+    is a llama-quantize preset and picks, tensor for tensor, what llama.cpp picks.
+    """
     key = outtype.lower()
-    if key not in OUTTYPES:
-        raise QuantkitError(f"--type {outtype!r} is not supported (supported: {', '.join(OUTTYPES)}); fix: pick one of those")
-    want, ftype = OUTTYPES[key]
+    if key in OUTTYPES:
+        want, ftype = OUTTYPES[key]
+        base = {t.name: choose(t, want) for t in tensors}
+        name = key
+    else:
+        if hparams is None:
+            raise ValueError("preset plans need the model's hparams")
+        preset = presets.get_preset(outtype)
+        choices = presets.preset_types(tensors, hparams, preset.name, has_imatrix)
+        presets.check_imatrix(choices, preset.name, has_imatrix)
+        base = {n: (c.qtype, c.reason) for n, c in choices.items()}
+        ftype, name = preset.file_type, preset.name
     plans = []
     used = set()
     for t in tensors:
@@ -132,9 +149,9 @@ def make_plan(tensors: list[OutTensor], outtype: str, overrides: Sequence[Overri
             used.add(hit)
             qtype, reason = _apply_override(t, hit)
         else:
-            qtype, reason = choose(t, want)
+            qtype, reason = base[t.name]
         plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
     for o in overrides:
         if o not in used:
             log.warning("%s: pattern %r matched no tensor", o.source, o.pattern)
-    return Plan(key, ftype, tuple(plans))
+    return Plan(name, ftype, tuple(plans))
