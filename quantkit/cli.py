@@ -74,7 +74,8 @@ def _print_json(obj: Any) -> None:
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file."),
-    outtype: str = typer.Option("f16", "--type", "-t", help=TYPE_HELP),
+    outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name (moe-q3, moe-q4, moe-q5): base preset + rules."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
@@ -84,7 +85,7 @@ def convert(
     """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF."""
     from quantkit.convert import convert as do_convert
 
-    overrides = _run(lambda: _overrides(tensor_type))
+    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
 
     show = progress and err.is_terminal and not as_json
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
@@ -105,6 +106,19 @@ def convert(
     out.print(f"wrote [bold]{j['output']}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
 
 
+def _type_and_rules(outtype: str | None, recipe: str | None, tensor_type: list[str]) -> tuple[str, list[Any]]:
+    """--type / --recipe / --tensor-type -> (preset or type name, ordered rules); --tensor-type rules come first."""
+    rules = _overrides(tensor_type)
+    if recipe is None:
+        return outtype or "f16", rules
+    if outtype is not None:
+        raise QuantkitError("give --type or --recipe, not both (a recipe names its base preset)")
+    from quantkit.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    return r.base, rules + list(r.rules)
+
+
 def _overrides(specs: list[str]) -> list[Any]:
     from quantkit.plan import Override
 
@@ -120,14 +134,15 @@ def _overrides(specs: list[str]) -> list[Any]:
 @app.command()
 def plan(
     src: Path = typer.Argument(..., help="Hugging Face model directory."),
-    outtype: str = typer.Option("f16", "--type", "-t", help=TYPE_HELP),
+    outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
     from quantkit.convert import group_totals, prepare
 
-    overrides = _run(lambda: _overrides(tensor_type))
+    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides))
     ckpt.close()
     p = prep.plan

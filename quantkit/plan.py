@@ -97,6 +97,18 @@ class Override:
     pattern: str
     qtype: gguf.GGMLQuantizationType
     source: str = "override"
+    layers: tuple[int, int] | None = None  # first, last block (negative: from the end)
+
+    def matches(self, name: str, n_layer: int) -> bool:
+        if not re.search(self.pattern, name):
+            return False
+        if self.layers is None:
+            return True
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m is None:
+            return False
+        first, last = (x + n_layer if x < 0 else x for x in self.layers)
+        return first <= int(m.group(1)) <= last
 
     @classmethod
     def parse(cls, pattern: str, type_name: str, source: str = "override") -> Override:
@@ -141,10 +153,11 @@ def make_plan(
         presets.check_imatrix(choices, preset.name, has_imatrix)
         base = {n: (c.qtype, c.reason) for n, c in choices.items()}
         ftype, name = preset.file_type, preset.name
+    n_layer = hparams.n_layer if hparams is not None else 1 + max((int(m.group(1)) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1)
     plans = []
     used = set()
     for t in tensors:
-        hit = next((o for o in overrides if re.search(o.pattern, t.name)), None)
+        hit = next((o for o in overrides if o.matches(t.name, n_layer)), None)
         if hit is not None:
             used.add(hit)
             qtype, reason = _apply_override(t, hit)
@@ -153,5 +166,5 @@ def make_plan(
         plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
     for o in overrides:
         if o not in used:
-            log.warning("%s: pattern %r matched no tensor", o.source, o.pattern)
+            log.warning("%s: pattern %r%s matched no tensor", o.source, o.pattern, f" in layers {list(o.layers)}" if o.layers else "")
     return Plan(name, ftype, tuple(plans))

@@ -1,0 +1,318 @@
+"""``quantkit.presets`` picks, tensor for tensor, the type llama.cpp's quantiser picks.
+
+The reference is ``llama_cpp.llama_model_quantize`` (llama-quantize in process,
+llama-cpp-python 0.3.36) on GGUF files written by ``quantkit convert``: the
+bundled fixture (BF16) and random Mixtral / Mistral / Llama models (F32) whose
+shapes make particular branches fire (each comment in :data:`RANDOM` says
+which).  Every case goes through ``llama_tensor_get_type`` in
+``src/llama-quant.cpp``: ``tensor_allows_quantization``,
+``llama_tensor_get_type_impl`` and ``tensor_type_fallback``; the imatrix cases
+also through ``tensor_requires_imatrix``.
+
+Two ways of reading llama.cpp's choice:
+
+* written file (``test_written_file_matches_plan``): a real run, the output read
+  back with ``gguf.GGUFReader``;
+* dry run (``test_plan_matches_llama_cpp``, the full matrix of models x presets x
+  imatrix): ``params.dry_run``, types read from llama.cpp's per-tensor log.  It
+  is the same ``metadata[i].target_type`` the real run writes, without running
+  the kernels: the i-quant kernels build lookup tables for seconds and take
+  seconds per million weights on 2 cores, too slow for a full matrix of real
+  runs.  ``test_written_file_matches_plan`` also checks that both readings agree.
+
+Presets that need an importance matrix are refused by llama.cpp without one
+(``llama_model_quantize_impl``'s preliminary loop; a warning in dry runs),
+exactly when the plan says so; with ``imatrix=True`` llama.cpp gets a dummy
+all-ones matrix through ``params.imatrix`` and the plan is computed with
+``has_imatrix=True``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import FIXTURE, convert, random_model
+from quantkit import presets
+from quantkit.errors import QuantkitError
+
+Q = gguf.GGMLQuantizationType
+ALL = presets.PRESET_NAMES
+#: Presets whose plan changes when an importance matrix is given (IQ3_XXS attn_v / ffn_down,
+#: IQ4_NL / IQ4_XS ffn_down, Q4_0 / Q5_0 ffn_down in llama_tensor_get_type_impl).
+IMATRIX_SENSITIVE = ("Q4_0", "Q5_0", "IQ3_XXS", "IQ4_NL", "IQ4_XS")
+#: Presets llama.cpp cannot run without an importance matrix on some model below.
+IMATRIX_NEEDED = ("Q2_K_S", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XS")
+#: (preset, imatrix) pairs run on every model.
+CASES = [(p, False) for p in ALL] + [(p, True) for p in ALL if p in IMATRIX_SENSITIVE + IMATRIX_NEEDED]
+#: IQ1_* / IQ2_* kernels build lookup tables for seconds before quantising anything: dry runs only.
+SLOW_KERNELS = frozenset(p for p in ALL if p.startswith(("IQ1_", "IQ2_")))
+#: Real runs with the dummy imatrix: the presets that write an imatrix-only type (Q2_K in Q2_K_S, IQ3_XXS).
+REAL_WITH_IMATRIX = ("Q2_K_S", "IQ3_XXS", "IQ3_XS")
+#: Real runs (the quantised file read back): every other preset on the 8-expert random model, and the
+#: fixture (8.6M weights) for three presets.
+REAL_CASES = [("moe8-L8-ffn256-rows32", p, im) for p, im in CASES if p not in SLOW_KERNELS and (not im or p in REAL_WITH_IMATRIX)]
+REAL_CASES += [("fixture", p, False) for p in ("Q8_0", "Q4_K_M", "Q3_K_M")]
+
+
+# --------------------------------------------------------------------------- llama.cpp as the oracle
+
+
+@dataclass(frozen=True)
+class Reference:
+    ok: bool  # llama_model_quantize returned 0
+    types: dict[str, Q]  # tensor -> type llama.cpp chose
+    wants_imatrix: bool  # llama.cpp refused (or, dry run, warned) for lack of an importance matrix
+    log: str
+
+
+_LOG_TENSOR = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((\w+)\))?")
+
+
+@functools.lru_cache(maxsize=8)
+def _dummy_imatrix(path: Path) -> tuple[object, list]:
+    """A ``llama_model_imatrix_data`` array of all-ones, one entry per matrix (per expert for 3-D), and what keeps it alive."""
+    import llama_cpp
+
+    keep: list = []
+    entries = []
+    for t in gguf.GGUFReader(path).tensors:
+        ne = [int(d) for d in t.shape]  # ggml order: ne0 first
+        if len(ne) >= 2:
+            a = np.ones(ne[0] * (ne[2] if len(ne) > 2 else 1), dtype=np.float32)
+            keep.append(a)
+            entries.append((t.name.encode(), a))
+    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()  # zeroed sentinel at the end
+    for i, (name, a) in enumerate(entries):
+        arr[i].name, arr[i].data, arr[i].size = name, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), keep
+
+
+def llama_quantize(src: Path, out: Path, preset: str, imatrix: bool, dry_run: bool = False) -> Reference:
+    """Run llama.cpp's in-process quantiser; types from the written file (or, dry run, its log)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if preset == 'F32' else 'MOSTLY'}_{preset}")
+    params.nthread = 2
+    params.dry_run = dry_run
+    if imatrix:
+        params.imatrix = _dummy_imatrix(src)[0]
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        chunks.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    log = "".join(chunks)
+    wants = "requires an imatrix" in log or "will require an imatrix" in log
+    if rc != 0:
+        return Reference(False, {}, wants, log)
+    if dry_run:
+        types = {m[1]: Q[(m[3] or m[2]).upper()] for m in _LOG_TENSOR.finditer(log)}
+    else:
+        types = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(out).tensors}
+    return Reference(True, types, wants, log)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Model:
+    gguf: Path
+    tensors: list
+    hparams: object
+
+
+def _load(src: Path, path: Path) -> Model:
+    from quantkit.convert import prepare
+
+    ckpt, prep = prepare(src, "f32")
+    ckpt.close()
+    return Model(path, prep.tensors, prep.hparams)
+
+
+# Each random model makes a different part of llama_tensor_get_type_impl fire.  Row
+# lengths (ne0) are hidden_size for q/k/v/gate/up/embeddings, heads*head_dim for
+# attn_output and intermediate_size for ffn_down.
+RANDOM = {
+    # 8 experts (n_expert == 8 bumps: attn_v/attn_k Q8_0, attn_output Q5_K, IQ3_M ffn_down), 8 layers
+    # so n_layer/8 = 1 and use_more_bits varies per layer; ffn_down rows 256 take k/i-quants, every
+    # other row is 32 long: tensor_type_fallback to Q4_0 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL
+    "moe8-L8-ffn256-rows32": dict(
+        model_type="mixtral", num_local_experts=8, num_hidden_layers=8, hidden_size=32, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+    ),
+    # 4 experts (IQ1/IQ2 attn_v n_expert >= 4 rule), no GQA, tied embeddings (token_embd takes the
+    # output rules), hidden 320 (multiple of 64, not 256), attn_output rows 80 (not a multiple of 32:
+    # F16 fallback), ffn_down rows 64
+    "moe4-tied-h320": dict(
+        model_type="mixtral", num_local_experts=4, num_hidden_layers=2, hidden_size=320, intermediate_size=64,
+        num_attention_heads=5, num_key_value_heads=5, head_dim=16, tie_word_embeddings=True,
+    ),
+    # dense, 12 layers (blk.10 / blk.11 sort after blk.9: llama.cpp's counters follow block numbers),
+    # GQA 4, tied embeddings, rows 256 except ffn_down (64; attn_output 256: the non-8-expert
+    # attn_output arms), llama3 rope (a generated 1-D rope_freqs tensor that must stay F32)
+    "llama-L12-gqa4-tied-rope3": dict(
+        model_type="llama", num_hidden_layers=12, hidden_size=256, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    ),
+    # dense, 16 layers (n_layer/16 = 1: Q3_K_M ffn_down Q5_K; Q4_K_S attn_v first 4), no GQA
+    # (IQ3_XXS attn_v IQ3_S without an imatrix), rows 256 except attn_output (64)
+    "mistral-L16-mha": dict(
+        model_type="mistral", num_hidden_layers=16, hidden_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+    ),
+    # 80 layers with GQA: llama.cpp types it LLM_TYPE_70B and bumps attn_v Q3_K/Q4_K to Q5_K
+    # (visible through the fallback: Q5_K -> Q5_1 instead of Q4_K -> Q5_0)
+    "llama-L80-70b-shape": dict(
+        model_type="llama", num_hidden_layers=80, hidden_size=64, intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, fixture_gguf):
+    """Models built and converted once per module: the fixture (BF16) and the random ones (F32)."""
+    cache: dict[str, Model] = {}
+    base = tmp_path_factory.mktemp("presets")
+
+    def get(name: str) -> Model:
+        if name not in cache:
+            if name == "fixture":
+                cache[name] = _load(FIXTURE, fixture_gguf("bf16"))
+            else:
+                spec = dict(RANDOM[name])
+                src = random_model(base / name, spec.pop("model_type"), **spec)
+                cache[name] = _load(src, convert(src, base / f"{name}.gguf", "f32"))
+        return cache[name]
+
+    return get
+
+
+def plan_or_refusal(m: Model, preset: str, imatrix: bool, ref: Reference) -> dict | None:
+    """The plan, or None when it is refused for a row length llama.cpp cannot handle either."""
+    try:
+        return presets.preset_types(m.tensors, m.hparams, preset, has_imatrix=imatrix)
+    except QuantkitError as e:
+        # tensor_type_fallback defines no fallback for a >32-block type (Q1_0): llama.cpp throws too
+        assert not ref.ok and "no tensor type fallback is defined" in ref.log, f"plan refused ({e}) but llama.cpp did not"
+        return None
+
+
+def assert_same_types(plan: dict, got: dict[str, Q], what: str) -> None:
+    assert set(got) == set(plan), f"{what}: tensor sets differ: {sorted(set(got) ^ set(plan))}"
+    wrong = [f"  {n}: llama.cpp {got[n].name}, plan {c.qtype.name} ({c.reason})" for n, c in plan.items() if got[n] != c.qtype]
+    assert not wrong, f"{what}: {len(wrong)} of {len(plan)} tensors differ\n" + "\n".join(wrong)
+
+
+# --------------------------------------------------------------------------- the comparisons
+
+
+@pytest.mark.parametrize("preset,imatrix", CASES)
+@pytest.mark.parametrize("name", ["fixture", *RANDOM])
+def test_plan_matches_llama_cpp(model, tmp_path, name, preset, imatrix):
+    """Dry run of llama_model_quantize: every model x every preset (x imatrix where it matters)."""
+    m = model(name)
+    ref = llama_quantize(m.gguf, tmp_path / "out.gguf", preset, imatrix, dry_run=True)
+    plan = plan_or_refusal(m, preset, imatrix, ref)
+    if plan is None:
+        return
+    assert ref.ok, f"llama_model_quantize failed for {preset}:\n{ref.log[-2000:]}"
+    if not imatrix:  # tensor_requires_imatrix: llama.cpp warns exactly when the plan needs one
+        assert ref.wants_imatrix == bool(presets.imatrix_required(plan)), f"{preset}: llama.cpp wants an imatrix: {ref.wants_imatrix}, plan: {presets.imatrix_required(plan) or 'no'}"
+    assert_same_types(plan, ref.types, f"{name} {preset} imatrix={imatrix}")
+
+
+@pytest.mark.parametrize("name,preset,imatrix", REAL_CASES)
+def test_written_file_matches_plan(model, tmp_path, name, preset, imatrix):
+    """Real run of llama_model_quantize, the output read with GGUFReader; the dry run's log agrees."""
+    m = model(name)
+    ref = llama_quantize(m.gguf, tmp_path / "out.gguf", preset, imatrix)
+    plan = plan_or_refusal(m, preset, imatrix, ref)
+    if plan is None:
+        return
+    if presets.imatrix_required(plan) and not imatrix:  # llama.cpp refuses before writing anything
+        assert not ref.ok and ref.wants_imatrix, f"{preset}: the plan needs an imatrix, llama.cpp did not refuse"
+        return
+    assert ref.ok, f"llama_model_quantize failed for {preset}:\n{ref.log[-2000:]}"
+    assert_same_types(plan, ref.types, f"{name} {preset} imatrix={imatrix} (written file)")
+    dry = llama_quantize(m.gguf, tmp_path / "dry.gguf", preset, imatrix, dry_run=True)
+    assert dry.types == ref.types
+
+
+@pytest.mark.parametrize("preset", IMATRIX_NEEDED)
+def test_llama_cpp_refuses_without_imatrix_as_planned(model, tmp_path, preset):
+    """llama_model_quantize_impl throws before writing when a tensor needs an imatrix; so does check_imatrix."""
+    m = model("llama-L12-gqa4-tied-rope3")
+    plan = presets.preset_types(m.tensors, m.hparams, preset)
+    assert presets.imatrix_required(plan)
+    ref = llama_quantize(m.gguf, tmp_path / "out.gguf", preset, imatrix=False)
+    assert not ref.ok and "requires an imatrix" in ref.log
+    with pytest.raises(QuantkitError, match="needs an importance matrix"):
+        presets.check_imatrix(plan, preset, has_imatrix=False)
+    presets.check_imatrix(plan, preset, has_imatrix=True)
+
+
+def test_row_length_without_fallback_fails_like_llama_cpp(model, tmp_path):
+    """Q1_0 (block 128) has no entry in tensor_type_fallback: a 320-long row is an error on both sides."""
+    m = model("moe4-tied-h320")
+    with pytest.raises(QuantkitError, match="no fallback for Q1_0"):
+        presets.preset_types(m.tensors, m.hparams, "Q1_0")
+    ref = llama_quantize(m.gguf, tmp_path / "out.gguf", "Q1_0", imatrix=False)
+    assert not ref.ok and "no tensor type fallback is defined for type q1_0" in ref.log
+
+
+# --------------------------------------------------------------------------- tables and API
+
+
+def test_default_types_and_file_types_match_llama_cpp():
+    """PRESETS restates llama_ftype_get_default_type and the LLAMA_FTYPE constants."""
+    import llama_cpp
+
+    from quantkit.ggml import _load
+
+    default_type = _load("llama")._Z28llama_ftype_get_default_type11llama_ftype  # C++ linkage (llama-ext.h)
+    default_type.argtypes, default_type.restype = [ctypes.c_int], ctypes.c_int
+    for name, p in presets.PRESETS.items():
+        const = getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if name == 'F32' else 'MOSTLY'}_{name}")
+        assert int(p.file_type) == const == int(presets.FILE_TYPES[name]), name
+        assert Q(default_type(const)) == p.default, name
+
+
+def test_reasons_name_the_rule(model):
+    m = model("fixture")
+    plan = presets.preset_types(m.tensors, m.hparams, "Q4_K_M")
+    # 8 experts: llama.cpp bumps attn_v to Q8_0 after the use_more_bits choice
+    assert plan["blk.0.attn_v.weight"].qtype == Q.Q8_0 and "8 experts" in plan["blk.0.attn_v.weight"].reason
+    assert plan["blk.3.ffn_down_exps.weight"].qtype == Q.Q6_K and "use_more_bits" in plan["blk.3.ffn_down_exps.weight"].reason
+    assert plan["blk.0.ffn_gate_inp.weight"].qtype == Q.F32 and "router" in plan["blk.0.ffn_gate_inp.weight"].reason
+    assert plan["output.weight"].reason == "Q4_K_M: output gets Q6_K"
+    r = model("moe4-tied-h320")
+    fell = presets.preset_types(r.tensors, r.hparams, "Q4_K_M")["blk.0.attn_q.weight"]
+    assert fell.fallback and fell.qtype == Q.Q5_0 and "row length 320 not a multiple of 256: Q4_K falls back to Q5_0" in fell.reason
+
+
+def test_preset_names_and_aliases():
+    assert presets.get_preset("q4_k").name == "Q4_K_M"
+    assert set(presets.PRESET_NAMES) >= {"Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4_MOE", "F16", "BF16"}
+    with pytest.raises(QuantkitError, match=r"'Q4_K_X' is not a llama.cpp preset"):
+        presets.get_preset("Q4_K_X")
