@@ -33,6 +33,11 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_convert.py
+	evals/reference/make_refs.sh $(BENCH_WORK) >/dev/null
+	$(PY) bench/bench_eval.py --work $(BENCH_WORK)
+
+# Where llama.cpp's own tools (llama-perplexity) are built for comparisons.
+BENCH_WORK ?= /tmp/qk-llama-ref
 
 # Regenerate the bundled fixture model (about 40 minutes on 2 CPU cores).
 fixture: setup

@@ -1,0 +1,84 @@
+"""Perplexity benchmark: `quantkit eval ppl` vs llama.cpp's llama-perplexity, side by side.
+
+Both score the same GGUF (the fixture converted to Q8_0 and BF16) on the same
+held-out text at the same ctx and thread count, each in its own process,
+alternating order; the median wall time of each is reported with their ratio
+(target: quantkit <= 1.15x llama-perplexity) and both PPL values (they must
+agree to 4 significant digits).  llama-perplexity is built by
+``evals/reference/make_refs.sh`` (its WORK dir is the first argument here).
+
+Usage: python bench/bench_eval.py [--work /tmp/qk-llama-ref] [--ctx 512] [--chunks 40] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QK = [sys.executable, "-m", "quantkit.cli"]
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        raise SystemExit(f"{cmd[0]} failed:\n{res.stderr[-2000:]}")
+    return time.perf_counter() - t0, res.stdout + res.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qk-llama-ref"))
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    binary = next(args.work.glob("llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-perplexity"), None)
+    if binary is None:
+        raise SystemExit(f"llama-perplexity not found under {args.work}; build it with evals/reference/make_refs.sh {args.work}")
+    text = args.work / "heldout.txt"
+    subprocess.run([sys.executable, "-c", f"from quantkit.evals.corpora import heldout_text; open({str(text)!r}, 'w', encoding='utf-8').write(heldout_text())"], check=True)
+    rows = []
+    for t in ("q8_0", "bf16"):
+        model = args.work / f"bench-{t}.gguf"
+        subprocess.run(QK + ["convert", "tests/fixtures/tiny-mixtral", "-o", str(model), "--type", t, "--force", "--no-progress"], check=True, cwd=ROOT, capture_output=True)
+        ref_cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(args.ctx), "--chunks", str(args.chunks), "-t", str(args.threads)]
+        qk_cmd = QK + ["eval", "ppl", str(model), "--text", str(text), "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads)]
+        times: dict[str, list[float]] = {"llama-perplexity": [], "quantkit": []}
+        ppl = {}
+        for i in range(args.repeats):
+            order = [("llama-perplexity", ref_cmd), ("quantkit", qk_cmd)]
+            for name, cmd in order if i % 2 == 0 else order[::-1]:
+                secs, out = timed(cmd)
+                times[name].append(secs)
+                m = re.search(r"PPL = ([0-9.]+)", out)
+                ppl[name] = float(m.group(1)) if m else float("nan")
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append((t, med["llama-perplexity"], med["quantkit"], med["quantkit"] / med["llama-perplexity"], ppl["llama-perplexity"], ppl["quantkit"]))
+    lines = [
+        f"## eval ppl benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; threads {args.threads}; ctx {args.ctx}, {args.chunks} chunks, median of {args.repeats} (alternating order, wall time incl. model load)",
+        "",
+        "| model | llama-perplexity s | quantkit eval ppl s | ratio (target <= 1.15) | PPL llama.cpp | PPL quantkit |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for t, a, b, r, pa, pb in rows:
+        lines.append(f"| fixture {t} | {a:.2f} | {b:.2f} | {r:.3f} {'PASS' if r <= 1.15 else 'FAIL'} | {pa:.4f} | {pb:.4f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        f.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()
