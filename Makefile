@@ -33,6 +33,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_convert.py
+	$(PY) bench/bench_bnb.py
 	evals/reference/make_refs.sh $(BENCH_WORK) >/dev/null
 	$(PY) bench/bench_eval.py --work $(BENCH_WORK)
 
@@ -41,7 +42,7 @@ BENCH_WORK ?= /tmp/qk-llama-ref
 
 # Regenerate the bundled fixture model (about 40 minutes on 2 CPU cores).
 fixture: setup
-	$(PY) tests/fixtures/train_fixture.py --steps 1500 --seed 0
+	$(PY) tests/fixtures/train_fixture.py --steps 1200 --seed 0
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info

@@ -73,21 +73,49 @@ def _print_json(obj: Any) -> None:
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb)."),
+    out_format: str = typer.Option("gguf", "--format", help="gguf (one llama.cpp file) or bnb (bitsandbytes 4-bit HF directory, every expert 4-bit)."),
+    bnb_type: str = typer.Option("nf4", "--bnb-type", help="--format bnb: 4-bit data type, nf4 or fp4."),
+    double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="--format bnb: quantise the absmax statistics too (bitsandbytes double quantisation)."),
+    compute_dtype: str = typer.Option("bf16", "--compute-dtype", help="--format bnb: dtype of the 4-bit matmuls, bf16, f16 or f32."),
     outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name (moe-q3, moe-q4, moe-q5): base preset + rules."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file (or, with --format bnb, model directory)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
-    """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF."""
+    """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF, or to a bitsandbytes 4-bit directory (--format bnb)."""
     from quantkit.convert import convert as do_convert
+
+    if out_format not in ("gguf", "bnb"):
+        raise typer.BadParameter(f"{out_format!r} is not supported; use gguf or bnb", param_hint="--format")
+    show = progress and err.is_terminal and not as_json
+    if out_format == "bnb":
+        from quantkit.bnb import export_bnb
+
+        if outtype is not None or recipe is not None or tensor_type:
+            raise typer.BadParameter("--type, --recipe and --tensor-type apply to --format gguf; use --bnb-type, --double-quant and --compute-dtype", param_hint="--format bnb")
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), console=err, disable=not show)
+        task = bar.add_task("bnb", total=None)
+        with bar:
+            result = _run(
+                lambda: export_bnb(
+                    src, output, quant_type=bnb_type, double_quant=double_quant, compute_dtype=compute_dtype, force=force,
+                    allow_pickle=allow_pickle, on_tensor=lambda name: bar.update(task, description=f"{name:<64}"),
+                )
+            )
+        j = result.to_json()
+        if as_json:
+            _print_json(j)
+            return
+        out.print(f"wrote [bold]{j['output']}[/]: {j['weights']} weights in {j['shards']} shard(s), {j['params']:,} params, {100 * j['share_4bit']:.1f}% 4-bit "
+                  f"{j['quant_type']}, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+        return
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
 
-    show = progress and err.is_terminal and not as_json
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
     task = bar.add_task("convert", total=None)
     with bar:
