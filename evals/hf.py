@@ -1,4 +1,4 @@
-"""The reference side of an evaluation: a Hugging Face model run by transformers (float32).
+"""Models run by transformers: an HF directory (float32, the reference) or a bitsandbytes export.
 
 Same interface as :class:`quantkit.evals.session.EvalSession` (tokenize,
 eval_chunk, router, vocab_fingerprint, bos), so ``eval kld`` can take an HF
@@ -41,7 +41,12 @@ class HFSession:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+        if "quantization_config" in config:  # a quantkit bitsandbytes export: experts stay 4-bit
+            from quantkit.bnb import load_bnb
+
+            self.model = load_bnb(self.path).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
         self._moe = bool(config.get("num_local_experts"))
         self.experts_used = int(config.get("num_experts_per_tok") or 0)
         self.n_ctx = n_ctx

@@ -129,11 +129,8 @@ def model_identity(path: Path) -> str:
 
 
 def open_session(path: Path, n_ctx: int, threads: int | None, capture_router: bool):
-    """llama.cpp for GGUF files, transformers for HF directories; bitsandbytes dirs are refused."""
+    """llama.cpp for GGUF files, transformers for HF and bitsandbytes directories."""
     if path.is_dir():
-        cfg = path / "config.json"
-        if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-            raise QuantkitError(f"{path}: bitsandbytes 4-bit directories are not supported by eval yet; fix: evaluate a GGUF")
         from quantkit.evals.hf import HFSession
 
         return HFSession(path, n_ctx, threads)

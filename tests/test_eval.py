@@ -268,3 +268,15 @@ def test_eval_matrix_writes_table_and_plots(tmp_path):
     assert q8["bytes"] < f16["bytes"] and q8["kld_mean"] >= f16["kld_mean"]
     for png in ("size_vs_kld.png", "kld_distribution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bitsandbytes_directory_as_candidate(tmp_path, text, cache):
+    """A `convert --format bnb` export is evaluated through transformers, routing included."""
+    from quantkit.bnb import export_bnb
+    from quantkit.evals.kld import base_logprobs, compare
+
+    export_bnb(FIXTURE, tmp_path / "bnb")
+    base = base_logprobs(FIXTURE, text, CTX, 2, cache_dir=cache)
+    r = compare(base, tmp_path / "bnb", text)
+    assert 0 < r["kld_mean"] < 0.05 and r["same_top"] > 0.8
+    assert r["routing"]["topk_exact"] > 0.8
