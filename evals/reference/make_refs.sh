@@ -37,7 +37,7 @@ done
   echo "  \"made_by\": \"evals/reference/make_refs.sh: llama-perplexity built from llama-cpp-python $VER's vendored llama.cpp, $(date -u +%Y-%m-%d), $(uname -m)\","
   echo "  \"command\": \"llama-perplexity -m MODEL -f heldout.txt -c $CTX --chunks $CHUNKS\","
   echo "  \"results\": ["
-  (IFS=$',\n'; echo "    ${results[*]}" | sed 's/}{/},\n    {/g')
+  (IFS=$',\n'; echo "    ${results[*]}" | sed 's/},{/},\n    {/g')
   echo "  ]"
   echo "}"
 } > evals/reference/llama_perplexity.json
