@@ -27,9 +27,10 @@ test: setup
 
 demo: setup
 	mkdir -p $(OUT)
-	$(QK) convert tests/fixtures/tiny-mixtral -o $(OUT)/tiny-mixtral-q8_0.gguf --type q8_0 --force
-	$(QK) inspect $(OUT)/tiny-mixtral-q8_0.gguf --no-tensors
-	$(QK) run $(OUT)/tiny-mixtral-q8_0.gguf -p "HAMLET. To be, or not to be" --temperature 0 --max-tokens 60
+	$(QK) convert tests/fixtures/tiny-mixtral -o $(OUT)/tiny-mixtral-Q4_K_M.gguf --type Q4_K_M --force
+	$(QK) inspect $(OUT)/tiny-mixtral-Q4_K_M.gguf --no-tensors
+	$(QK) run $(OUT)/tiny-mixtral-Q4_K_M.gguf -p "HAMLET. To be, or not to be" --temperature 0 --max-tokens 60
+	$(QK) eval ppl $(OUT)/tiny-mixtral-Q4_K_M.gguf --corpus heldout --ctx 256 --chunks 8
 
 bench: setup
 	$(PY) bench/bench_convert.py
