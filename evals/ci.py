@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-mixtral"
 BASELINES = ROOT / "evals" / "baselines"
@@ -56,12 +58,13 @@ def main() -> None:
     ap.add_argument("--update", action="store_true", help="record new baselines (deliberately)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-ci-gate"))
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.update:
         ap.error("pass --update to record new baselines; the gate itself runs in tests/test_quality_gate.py")
     BASELINES.mkdir(parents=True, exist_ok=True)
     for label, report in fixture_reports(args.work).items():
         baseline_path(label).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"{baseline_path(label)}: kld_mean {report['kld_mean']:.6f}, same_top {report['same_top']:.4f}, ppl_ratio {report['ppl_ratio']:.4f}")
+        log.info("%s: kld_mean %.6f, same_top %.4f, ppl_ratio %.4f", baseline_path(label), report["kld_mean"], report["same_top"], report["ppl_ratio"])
 
 
 if __name__ == "__main__":
