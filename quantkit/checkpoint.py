@@ -52,6 +52,13 @@ class Shard:
     data_start: int
     size: int
     _mm: mmap.mmap | None = field(default=None, repr=False)
+    _fd: int | None = field(default=None, repr=False)
+
+    def fileno(self) -> int:
+        """A read-only descriptor of the shard (for kernel-side copies)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
 
     def view(self, start: int, stop: int) -> memoryview:
         if self._mm is None:
@@ -69,12 +76,24 @@ class Shard:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mm is not None:
             try:
                 self._mm.close()
             except BufferError:  # a view is still alive somewhere; the OS unmaps at exit
                 pass
             self._mm = None
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """``nbytes`` bytes at ``offset`` of an open file: a tensor piece copied file to file by the kernel."""
+
+    fd: int
+    offset: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,10 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         return self.stop - self.start
+
+    def file_slice(self) -> FileSlice:
+        """Where the stored bytes lie in the shard file, for a copy that never maps them."""
+        return FileSlice(self.shard.fileno(), self.shard.data_start + self.start, self.nbytes)
 
     def raw(self) -> memoryview:
         """The stored bytes, zero-copy from the memory map."""

@@ -24,7 +24,7 @@ from quantkit import __version__
 from quantkit.checkpoint import open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
-from quantkit.encode import encode
+from quantkit.encode import SAME, encode
 from quantkit.errors import OutputError
 from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter
 from quantkit.mapping import OutTensor, Role, Transform, map_tensors
@@ -147,6 +147,9 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
         yield encode(np.asarray(t.data(), dtype=np.float32), "F32", tp.qtype)
         return
     for ref in t.sources:
+        if t.transform is Transform.NONE and SAME.get(ref.dtype) == tp.qtype:
+            yield ref.file_slice()  # stored bytes are the output bytes: copy file to file
+            continue
         a = ref.array()
         if t.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
             a = permute_rows(a, transform_heads(hp, t.transform))  # a copy: the source can go

@@ -10,12 +10,15 @@ Not for: choosing tensor types or names (see ``quantkit.plan`` and the converter
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import gguf
 import numpy as np
+
+from quantkit.checkpoint import FileSlice
 
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 
@@ -84,16 +87,38 @@ class StreamingGGUFWriter:
             raise RuntimeError(f"tensor {name!r} written out of order (expected {want_name!r})")
         done = 0
         for piece in pieces:
-            mv = memoryview(piece).cast("B")
-            self._f.write(mv)
-            done += mv.nbytes
+            if isinstance(piece, FileSlice):
+                n = self._copy_slice(piece)
+            else:
+                mv = memoryview(piece).cast("B")
+                self._f.write(mv)
+                n = mv.nbytes
+            done += n
             if on_bytes is not None:
-                on_bytes(mv.nbytes)
+                on_bytes(n)
         if done != want:
             raise RuntimeError(f"tensor {name!r}: wrote {done} bytes, declared {want}")
         self._next += 1
         self._written += done
         self._pad_to_alignment()
+
+    def _copy_slice(self, piece: FileSlice) -> int:
+        """Copy file bytes to the output in the kernel (copy_file_range), falling back to pread/write."""
+        self._f.flush()
+        pos = self._f.tell()
+        out_fd = self._f.fileno()
+        done = 0
+        while done < piece.nbytes:
+            want = min(piece.nbytes - done, 1 << 30)
+            try:
+                n = os.copy_file_range(piece.fd, out_fd, want, piece.offset + done, pos + done)
+            except (AttributeError, OSError):  # no copy_file_range here, or not across these files
+                n = os.pwrite(out_fd, os.pread(piece.fd, min(want, 1 << 24), piece.offset + done), pos + done)
+            if n <= 0:
+                raise OSError(f"short copy: {done} of {piece.nbytes} bytes")
+            done += n
+        self._f.seek(pos + done)
+        return done
 
     def finish(self) -> None:
         """Close after checking every declared tensor was written."""
