@@ -84,3 +84,17 @@ def test_cli_recipe_and_type_are_exclusive(tmp_path):
     assert result.exit_code == 1 and "not both" in result.output
     result = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(tmp_path / "m.gguf"), "--recipe", "moe-q4", "--json"])
     assert result.exit_code == 0, result.output
+
+
+def test_plan_predicts_the_converted_file(tmp_path):
+    """`plan --json` gives the same types and bytes the conversion then writes."""
+    import json
+
+    runner = CliRunner()
+    planned = json.loads(runner.invoke(app, ["plan", str(FIXTURE), "--recipe", "moe-q4", "--json"]).output)
+    out = tmp_path / "m.gguf"
+    assert runner.invoke(app, ["convert", str(FIXTURE), "-o", str(out), "--recipe", "moe-q4"]).exit_code == 0
+    written = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    assert {t["name"]: t["type"] for t in planned["tensors"]} == {t["name"]: t["type"] for t in written["tensors"]}
+    assert planned["tensor_bytes"] == written["totals"]["bytes"]
+    assert written["metadata"]["general.file_type"] == planned["file_type"]
