@@ -93,18 +93,28 @@ def plan_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
     return most if n_chunks is None or n_chunks <= 0 else min(n_chunks, most)
 
 
-def iter_chunks(session: EvalSession, tokens: list[int], n_chunks: int) -> Iterator[Chunk]:
-    """Evaluate chunk after chunk from an empty cache; yield the scored half."""
+def iter_chunks(session: Any, tokens: list[int], n_chunks: int) -> Iterator[Chunk]:
+    """Evaluate chunk after chunk from an empty cache (``session.n_seq`` at a time); yield the scored half."""
     n_ctx = session.n_ctx
     first = n_ctx // 2
     bos = session.bos
-    for i in range(n_chunks):
-        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
-        if bos is not None:
-            chunk[0] = bos
-        logits = session.eval_chunk(chunk)[first : n_ctx - 1]
-        targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx], dtype=np.int64)
-        yield Chunk(i, log_softmax(logits), targets, {k: v[first : n_ctx - 1] for k, v in session.router.items()})
+    step = getattr(session, "n_seq", 1)
+    for start in range(0, n_chunks, step):
+        group = []
+        for i in range(start, min(n_chunks, start + step)):
+            chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
+            if bos is not None:
+                chunk[0] = bos
+            group.append(chunk)
+        all_logits = session.eval_chunks(group) if len(group) > 1 else [session.eval_chunk(group[0])]
+        for i, logits in zip(range(start, start + len(group)), all_logits):
+            targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx], dtype=np.int64)
+            router = {k: v[first : n_ctx - 1] for k, v in session.router.items()} if len(group) == 1 else {}
+            yield Chunk(i, log_softmax(logits[first : n_ctx - 1]), targets, router)
+
+
+#: llama-perplexity's default batch: n_seq = 2048 / n_ctx chunks are decoded together.
+BATCH_TOKENS = 2048
 
 
 class NllAccumulator:
@@ -139,7 +149,7 @@ def perplexity(
 ) -> PplResult:
     """llama-perplexity's number for ``model`` on ``text``; ``on_chunk(i, n, running_ppl)`` reports progress."""
     t0 = time.perf_counter()
-    session = EvalSession(model, n_ctx, threads)
+    session = EvalSession(model, n_ctx, threads, n_seq=max(1, BATCH_TOKENS // n_ctx))
     tokens = session.tokenize(text)
     n = plan_chunks(len(tokens), n_ctx, n_chunks)
     acc = NllAccumulator()

@@ -47,7 +47,10 @@ def _ggml_fns() -> Any:
 class EvalSession:
     """llama.cpp model + context sized for chunks of ``n_ctx`` tokens."""
 
-    def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, capture_router: bool = False, gpu_layers: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, n_ctx: int, threads: int | None = None, capture_router: bool = False,
+        gpu_layers: int | None = None, n_seq: int = 1,
+    ) -> None:
         import llama_cpp
         from llama_cpp import _internals as internals
 
@@ -66,11 +69,13 @@ class EvalSession:
             self.model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
         except ValueError as e:
             raise QuantkitError(f"{self.path}: llama.cpp could not load the model ({e}); fix: re-convert it") from None
+        if capture_router and n_seq != 1:
+            raise ValueError("router capture needs one sequence per decode")
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_ctx
-        cparams.n_ubatch = n_ctx
-        cparams.n_seq_max = 1
+        cparams.n_ctx = n_ctx * n_seq  # like llama-perplexity: n_seq chunks side by side in one batch
+        cparams.n_batch = n_ctx * n_seq
+        cparams.n_ubatch = n_ctx if n_seq == 1 else min(n_ctx * n_seq, 512)
+        cparams.n_seq_max = n_seq
         cparams.n_threads = cparams.n_threads_batch = threads or physical_cores()
         self.router: dict[int, np.ndarray] = {}
         self._cb = None
@@ -80,8 +85,9 @@ class EvalSession:
             cparams.cb_eval = self._cb
             cparams.cb_eval_user_data = None
         self.ctx = internals.LlamaContext(model=self.model, params=cparams, verbose=False)
-        self.batch = internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
+        self.batch = internals.LlamaBatch(n_tokens=n_ctx * n_seq, embd=0, n_seq_max=n_seq, verbose=False)
         self.n_ctx = n_ctx
+        self.n_seq = n_seq
         self.n_vocab = self.model.n_vocab()
 
     def _on_tensor(self, t: int, ask: bool, _user: Any) -> bool:
@@ -123,6 +129,27 @@ class EvalSession:
         self.ctx.decode(self.batch)
         ptr = llama_cpp.llama_get_logits(self.ctx.ctx)
         return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
+
+    def eval_chunks(self, chunks: list[list[int]]) -> list[np.ndarray]:
+        """Logits of up to ``n_seq`` chunks decoded together, each its own sequence from an empty cache."""
+        import llama_cpp
+
+        if not 1 <= len(chunks) <= self.n_seq or any(len(c) > self.n_ctx for c in chunks):
+            raise ValueError(f"{len(chunks)} chunks for a session of {self.n_seq} x {self.n_ctx}")
+        if len(chunks) == 1:
+            return [self.eval_chunk(chunks[0])]
+        llama_cpp.llama_memory_clear(self.ctx.memory, True)
+        self.batch.reset()
+        for seq, tokens in enumerate(chunks):
+            self.batch.add_sequence(tokens, seq, logits_all=True)
+        self.ctx.decode(self.batch)
+        total = sum(len(c) for c in chunks)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(total, self.n_vocab))
+        out, at = [], 0
+        for c in chunks:
+            out.append(logits[at : at + len(c)].copy())
+            at += len(c)
+        return out
 
     def vocab_fingerprint(self) -> str:
         """Hash of every token's text: equal fingerprints mean the same vocabulary."""
