@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import logging
 import os
 import re
@@ -304,14 +305,30 @@ class LoadPlan:
 
 
 def check_model_path(model: str | Path) -> Path:
-    """A GGUF file; a directory (a bitsandbytes export) is refused until issue 5 lands."""
+    """A GGUF file, or a bitsandbytes export directory (run through transformers)."""
     path = Path(model)
     if path.is_dir():
-        raise QuantkitError(
-            f"{path}: is a directory; bitsandbytes / Hugging Face model directories are not supported by run and chat yet; "
-            f"fix: convert it with `quantkit convert {path} -o model.gguf` and pass the .gguf file"
-        )
+        from quantkit.hf_runtime import check_dir
+
+        check_dir(path)
     return path
+
+
+def plan_load_dir(path: Path, n_ctx: int, threads: int | None, seed: int | None) -> LoadPlan:
+    """A bitsandbytes export runs through transformers on the CPU: weights + KV cache against RAM."""
+    from quantkit.hf_runtime import dir_weights_bytes
+
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    n_layer = int(cfg.get("num_hidden_layers", 1))
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    kv = 2 * n_layer * n_ctx * int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])) * head_dim * 4  # float32 cache
+    weights = dir_weights_bytes(path)
+    memory = MemoryEstimate(weights, kv, weights + kv, 0, mem_available(), None, n_ctx)
+    problem = memory.problem()
+    if problem:
+        raise QuantkitError(f"{path}: {problem}")
+    return LoadPlan(path, n_ctx, 0, n_layer, threads or physical_cores(), seed, False, False, Backend((), False), memory,
+                    ("bitsandbytes directory: running through transformers on the CPU (experts stay 4-bit)",))
 
 
 def plan_load(
@@ -328,6 +345,8 @@ def plan_load(
         raise QuantkitError(f"--ctx {n_ctx}: the context window must hold at least 16 tokens; fix: pass --ctx 2048")
     if threads is not None and threads < 1:
         raise QuantkitError(f"--threads {threads}: must be at least 1; fix: leave it out to use the physical cores")
+    if path.is_dir():
+        return plan_load_dir(path, n_ctx, threads, seed)
     g = read_gguf(path)  # a readable one-line error for bad files before llama.cpp sees them
     n_layer = kv_shape(g).n_layer
     backend = detect_backend()
@@ -404,7 +423,11 @@ def construct(path: Path, kwargs: dict[str, Any], cpu_patterns: Sequence[str] = 
 
 
 def open_model(plan: LoadPlan) -> Llama:
-    """Load a planned model with llama-cpp-python."""
+    """Load a planned model with llama-cpp-python (a bitsandbytes directory with transformers)."""
+    if plan.path.is_dir():
+        from quantkit.hf_runtime import TransformersLlama
+
+        return TransformersLlama(plan.path, plan.n_ctx, plan.threads, plan.seed)  # type: ignore[return-value]
     kwargs: dict[str, Any] = dict(
         n_ctx=plan.n_ctx, n_gpu_layers=plan.gpu_layers, n_threads=plan.threads, n_threads_batch=plan.threads, verbose=False
     )

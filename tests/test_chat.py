@@ -482,3 +482,42 @@ def test_smollm2_answers_a_factual_question_through_its_template():
     assert raw["prompt"] == question and raw["chat_template"] is None
     # <|im_start|>, <|im_end|> are single special tokens: the template adds a fixed, small overhead
     assert raw["prompt_tokens"] + 10 < chat["prompt_tokens"] < raw["prompt_tokens"] + 40
+
+
+# --- (d) a bitsandbytes export through the transformers path ------------------
+
+
+@pytest.fixture(scope="module")
+def bnb_dir(tmp_path_factory):
+    from quantkit.bnb import export_bnb
+
+    out = tmp_path_factory.mktemp("bnb") / "tiny-mixtral-nf4"
+    export_bnb(FIXTURE, out)
+    return out
+
+
+def test_run_on_a_bitsandbytes_directory_is_greedy_like_its_model(bnb_dir):
+    """`run` on a bnb export: the first greedy token is the argmax of the 4-bit model's own logits."""
+    import torch
+
+    from quantkit.bnb import load_bnb
+    from quantkit.hf_runtime import TransformersLlama
+
+    prompt = "HAMLET. To be, or not to be"
+    j = run_json(bnb_dir, "-p", prompt, "-n", "8", "--repeat-penalty", "1")
+    assert j["completion_tokens"] > 0 and j["text"]
+    llm = TransformersLlama(bnb_dir, 256)
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    with torch.no_grad():
+        first = int(load_bnb(bnb_dir)(torch.tensor([ids])).logits[0, -1].argmax())
+    stream = llm.create_completion(ids, temperature=0, max_tokens=1, repeat_penalty=1.0)
+    assert next(iter(stream))["choices"][0]["text"] == llm._decode([first])  # noqa: SLF001
+    assert j["text"].startswith(llm._decode([first]))  # noqa: SLF001
+
+
+def test_chat_on_a_bitsandbytes_directory(bnb_dir, tmp_path):
+    child = spawn_chat(bnb_dir, "--max-tokens", "8", "--temperature", "0", cwd=tmp_path)
+    shown = send(child, "Who art thou?")
+    assert "tok/s" in shown
+    child.sendline("/exit")
+    assert finish(child) == 0
