@@ -304,8 +304,9 @@ def test_plan_on_a_cpu_build_accepts_and_reports_gpu_options(fixture_gguf, monke
     assert any("--gpu-layers 99 has no effect" in n for n in plan.notes)
 
 
-def test_plan_refuses_directories_and_bad_options(tmp_path, fixture_gguf):
-    with pytest.raises(QuantkitError, match="is a directory; bitsandbytes .* not supported by run and chat yet"):
+def test_plan_refuses_plain_hf_directories_and_bad_options(tmp_path, fixture_gguf):
+    """A directory must be a bitsandbytes export; a plain HF checkpoint is told to convert first."""
+    with pytest.raises(QuantkitError, match="not a quantkit bitsandbytes export"):
         runtime.plan_load(FIXTURE)
     with pytest.raises(QuantkitError, match="--ctx 4"):
         runtime.plan_load(fixture_gguf("q8_0"), n_ctx=4)
