@@ -168,7 +168,8 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
-    from quantkit.convert import group_totals, prepare
+    from quantkit.convert import prepare
+    from quantkit.mapping import group_totals
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides))
@@ -176,7 +177,7 @@ def plan(
     p = prep.plan
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]
     summary = {"type": p.outtype, "file_type": int(p.file_type), "tensor_bytes": p.nbytes, "params": p.n_elements,
-               "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p)}
+               "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p.tensors)}
     if as_json:
         _print_json({**summary, "tensors": rows})
         return

@@ -27,7 +27,7 @@ from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import SAME, encode
 from quantkit.errors import OutputError
 from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter
-from quantkit.mapping import OutTensor, Role, Transform, map_tensors
+from quantkit.mapping import OutTensor, Role, Transform, group_totals, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
 from quantkit.plan import Override, Plan, TensorPlan, make_plan
 from quantkit.vocab import load_vocab, vocab_metadata
@@ -71,17 +71,6 @@ class Prepared:
     tensors: list[OutTensor]
     plan: Plan
     metadata: dict[str, MetaValue]
-
-
-def group_totals(plan: Plan) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for t in plan.tensors:
-        g = out.setdefault(t.role.value, {"params": 0, "bytes": 0})
-        g["params"] += t.n_elements
-        g["bytes"] += t.nbytes
-    for g in out.values():
-        g["bits_per_weight"] = round(8 * g["bytes"] / max(1, g["params"]), 4)
-    return out
 
 
 def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Hparams) -> dict[str, MetaValue]:
@@ -217,5 +206,5 @@ def convert(
         n_params=plan.n_elements,
         nbytes=out.stat().st_size,
         seconds=time.perf_counter() - t0,
-        groups=group_totals(plan),
+        groups=group_totals(plan.tensors),
     )

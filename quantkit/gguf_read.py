@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import gguf
 
 from quantkit.errors import GGUFFormatError
-from quantkit.mapping import Role
+from quantkit.mapping import Role, group_totals
 
 VT = gguf.GGUFValueType
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -236,18 +236,6 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if len(set(names)) != len(names):
             raise r.fail("duplicate tensor names")
     return GGUFFile(path, version, md, infos, data_offset, alignment, size)
-
-
-def group_totals(infos: list[TensorInfo]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for t in infos:
-        g = out.setdefault(t.role.value, {"tensors": 0, "params": 0, "bytes": 0})
-        g["tensors"] += 1
-        g["params"] += t.n_elements
-        g["bytes"] += t.nbytes
-    for g in out.values():
-        g["bits_per_weight"] = round(8 * g["bytes"] / max(1, g["params"]), 4)
-    return out
 
 
 def to_json(g: GGUFFile) -> dict[str, Any]:

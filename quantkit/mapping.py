@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from quantkit.checkpoint import FLOAT_DTYPES, TensorRef
 from quantkit.errors import CheckpointError
@@ -83,6 +83,19 @@ class OutTensor:
         for d in self.shape:
             n *= d
         return n
+
+
+def group_totals(tensors: Iterable[Any]) -> dict[str, dict[str, float]]:
+    """Tensors, parameters, bytes and bits per weight per role; items need ``role``, ``n_elements``, ``nbytes``."""
+    out: dict[str, dict[str, float]] = {}
+    for t in tensors:
+        g = out.setdefault(t.role.value, {"tensors": 0, "params": 0, "bytes": 0})
+        g["tensors"] += 1
+        g["params"] += t.n_elements
+        g["bytes"] += t.nbytes
+    for g in out.values():
+        g["bits_per_weight"] = round(8 * g["bytes"] / max(1, g["params"]), 4)
+    return out
 
 
 def _check_source(name: str, ref: TensorRef, rule: Rule, bid: int, xid: int, hparams: object, n_blocks: int, n_experts: int, where: str) -> None:
