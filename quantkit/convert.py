@@ -26,14 +26,15 @@ from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import SAME, encode
 from quantkit.errors import OutputError
-from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter
+from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter, file_nbytes
 from quantkit.mapping import OutTensor, Role, Transform, group_totals, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
-from quantkit.plan import Override, Plan, TensorPlan, make_plan
+from quantkit.plan import Override, Plan, Target, TensorPlan, make_plan
 from quantkit.vocab import load_vocab, vocab_metadata
 
 log = logging.getLogger(__name__)
 V = gguf.GGUFValueType
+ARCH_NAME = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
 
 
@@ -89,7 +90,7 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
     return md
 
 
-def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = ()):
+def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = (), target: Target | None = None):
     """Validate a checkpoint and build its tensor map, type plan and metadata (reads no weights)."""
     src = Path(src)
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
@@ -102,8 +103,14 @@ def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, o
         tensors += conv.generated_tensors(hp)
         conv.check_hparams(hp, tensors)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
-        plan = make_plan(tensors, outtype, overrides, hp)
-        md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
+        other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
+        overhead = 0
+        if target is not None:  # the header's size does not depend on the types: measure it with a stand-in plan
+            stand_in = make_plan(tensors, "f32", (), hp)
+            md = {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}
+            overhead = file_nbytes(ARCH_NAME, md, ((t.name, t.shape, 0) for t in tensors)) + (ALIGN - 1) * len(tensors)
+        plan = make_plan(tensors, outtype, overrides, hp, target=target, overhead=overhead)
+        md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md}
     except BaseException:
         ckpt.close()
         raise
@@ -155,7 +162,7 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
 
 
 def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
-    writer = StreamingGGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], prep.metadata)
+    writer = StreamingGGUFWriter(tmp, ARCH_NAME, prep.metadata)
     try:
         for tp in prep.plan.tensors:
             writer.declare(tp.name, tp.shape, tp.qtype)
@@ -177,6 +184,7 @@ def convert(
     force: bool = False,
     allow_pickle: bool = False,
     overrides: Sequence[Override] = (),
+    target: Target | None = None,
     on_start: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
@@ -185,7 +193,7 @@ def convert(
     t0 = time.perf_counter()
     out = Path(out)
     check_target(out, force)
-    ckpt, prep = prepare(src, outtype, allow_pickle, overrides)
+    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target)
     with ckpt:
         plan = prep.plan
         header_guess = (1 << 20) + sum(len(t.name) + 64 + ALIGN for t in plan.tensors)

@@ -47,6 +47,23 @@ class MetaValue:
     sub_type: gguf.GGUFValueType | None = None
 
 
+def file_nbytes(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], int]]) -> int:
+    """Exact size of the file :class:`StreamingGGUFWriter` writes for ``(name, shape, nbytes)`` tensors."""
+    w = gguf.GGUFWriter(None, arch)
+    for key, mv in metadata.items():
+        if key != gguf.Keys.General.ARCHITECTURE:
+            w.add_key_value(key, mv.value, mv.vtype, sub_type=mv.sub_type)
+    n = 4 + 4 + 8 + 8  # magic, version, tensor count, kv count
+    for key, val in w.kv_data[0].items():
+        n += len(w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+        n += len(w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    data = 0
+    for name, shape, nbytes in tensors:
+        n += 8 + len(name.encode("utf-8")) + 4 + 8 * len(shape) + 4 + 8  # name, n_dims, dims, type, offset
+        data += pad(nbytes)
+    return pad(n) + data
+
+
 class StreamingGGUFWriter:
     """Write a GGUF file whose tensors are declared up front and streamed afterwards."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import gguf
 
@@ -90,6 +90,10 @@ def choose(t: OutTensor, want: gguf.GGMLQuantizationType) -> tuple[gguf.GGMLQuan
     return want, f"--type {want.name.lower()}"
 
 
+def _n_layer(tensors: Sequence[OutTensor]) -> int:
+    return 1 + max((int(m.group(1)) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1)
+
+
 @dataclass(frozen=True)
 class Override:
     """A user rule: tensors whose GGUF name matches ``pattern`` (regex search) get ``qtype``."""
@@ -132,16 +136,103 @@ def _apply_override(t: OutTensor, o: Override) -> tuple[gguf.GGMLQuantizationTyp
     return o.qtype, f"{o.source} {o.pattern!r}"
 
 
+@dataclass(frozen=True)
+class Target:
+    """A bit budget: ``bpw`` bits per weight over all tensors, or a file of at most ``size`` bytes."""
+
+    bpw: float | None = None
+    size: int | None = None
+    #: measured cost per tensor (quantkit.sensitivity): name -> (probe type, mean KLD with that tensor alone at it)
+    measured: Mapping[str, tuple[gguf.GGMLQuantizationType, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bpw is None) == (self.size is None):
+            raise QuantkitError("give one of --target-bpw and --target-size")
+        if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
+            raise QuantkitError(f"--target-bpw {self.bpw}: expected a value between 1 and 16 bits per weight")
+
+    @property
+    def label(self) -> str:
+        return f"target-bpw {self.bpw:g}" if self.bpw is not None else f"target-size {self.size:,} B"
+
+    def weight(self, t: OutTensor, rel: Mapping[gguf.GGMLQuantizationType, float], n_layer: int) -> float:
+        """Cost of a unit of relative error in ``t``: measured KLD per relative error, else the prior."""
+        from quantkit import budget
+
+        if self.measured is not None and t.name in self.measured:
+            qtype, kld = self.measured[t.name]
+            if rel.get(qtype, 0.0) > 0:
+                return max(kld, 0.0) / rel[qtype]
+        return budget.prior_weight(t, n_layer)
+
+    def tensor_bytes(self, n_elements: int, overhead: int) -> int:
+        """Bytes of tensor data the budget allows (``overhead``: header and alignment of the file)."""
+        if self.bpw is not None:
+            return int(self.bpw * n_elements / 8)
+        assert self.size is not None
+        if self.size <= overhead:
+            raise QuantkitError(f"--target-size {self.size:,} B is smaller than the file's header alone ({overhead:,} B); fix: raise the target")
+        return self.size - overhead
+
+
+def _budget_types(
+    tensors: list[OutTensor], target: Target, pinned: dict[str, tuple[gguf.GGMLQuantizationType, str]],
+    importance: "budget.Importance | None", overhead: int, n_layer: int,
+) -> tuple[dict[str, tuple[gguf.GGMLQuantizationType, str]], gguf.LlamaFileType, str]:
+    """Types chosen by the bit budget for every tensor not pinned (kept F32 or named by a user rule)."""
+    from quantkit import budget
+
+    base: dict[str, tuple[gguf.GGMLQuantizationType, str]] = {}
+    options: dict[str, list[budget.Option]] = {}
+    fixed = 0
+    for t in tensors:
+        if t.name in pinned:
+            base[t.name] = pinned[t.name]
+        elif t.role in KEEP_F32_ROLES or len(t.shape) == 1 or t.data is not None:
+            base[t.name] = choose(t, Q.F32)
+        elif not budget.candidates(t):
+            base[t.name] = (Q.F16, f"row length {t.shape[-1]} fits no quantised block: F16 fallback")
+        else:
+            rel = budget.rel_errors(t, importance)
+            options[t.name] = budget.options(t, rel, target.weight(t, rel, n_layer))
+            continue
+        fixed += type_nbytes(base[t.name][0], t.shape)
+    allowed = target.tensor_bytes(sum(t.n_elements for t in tensors), overhead)
+    chosen = budget.solve(options, allowed, fixed)
+    for name, o in chosen.items():
+        base[name] = (o.qtype, budget.explain(o, options[name], target.label))
+    by_type: dict[gguf.GGMLQuantizationType, int] = {}
+    for o in chosen.values():
+        by_type[o.qtype] = by_type.get(o.qtype, 0) + o.nbytes
+    main = max(by_type, key=by_type.__getitem__) if by_type else Q.F32
+    return base, presets.file_type_of(main), target.label.replace(" ", "-")
+
+
 def make_plan(
-    tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = (), hparams: ModelShape | None = None, has_imatrix: bool = False
+    tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = (), hparams: ModelShape | None = None, has_imatrix: bool = False,
+    target: Target | None = None, importance: "budget.Importance | None" = None, overhead: int = 0,
 ) -> Plan:
-    """Types for every tensor: the first matching override, else the --type rule.
+    """Types for every tensor: the first matching override, else the --type rule (or the bit budget).
 
     ``f32`` / ``f16`` / ``bf16`` keep every matrix in that type; any other name
     is a llama-quantize preset and picks, tensor for tensor, what llama.cpp picks.
+    With a ``target``, user rules are pinned first and :mod:`quantkit.budget`
+    chooses the rest from measured sensitivity (``importance``: imatrix weights).
     """
     key = outtype.lower()
-    if key in OUTTYPES:
+    hit_any: set[Override] = set()
+    if target is not None:
+        n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
+        pinned = {}
+        for t in tensors:
+            hit = next((o for o in overrides if o.matches(t.name, n_layer)), None)
+            if hit is not None:
+                pinned[t.name] = _apply_override(t, hit)
+                hit_any.add(hit)
+        _warn_unused(overrides, hit_any)
+        base, ftype, name = _budget_types(tensors, target, pinned, importance, overhead, n_layer)
+        overrides = ()  # applied: they are the pinned entries of base
+    elif key in OUTTYPES:
         want, ftype = OUTTYPES[key]
         base = {t.name: choose(t, want) for t in tensors}
         name = key
@@ -153,7 +244,7 @@ def make_plan(
         presets.check_imatrix(choices, preset.name, has_imatrix)
         base = {n: (c.qtype, c.reason) for n, c in choices.items()}
         ftype, name = preset.file_type, preset.name
-    n_layer = hparams.n_layer if hparams is not None else 1 + max((int(m.group(1)) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1)
+    n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
     plans = []
     used = set()
     for t in tensors:
@@ -164,7 +255,11 @@ def make_plan(
         else:
             qtype, reason = base[t.name]
         plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
+    _warn_unused(overrides, used)
+    return Plan(name, ftype, tuple(plans))
+
+
+def _warn_unused(overrides: Sequence[Override], used: set[Override]) -> None:
     for o in overrides:
         if o not in used:
             log.warning("%s: pattern %r%s matched no tensor", o.source, o.pattern, f" in layers {list(o.layers)}" if o.layers else "")
-    return Plan(name, ftype, tuple(plans))

@@ -126,6 +126,14 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {p.name: p.file_type for p in PRESET
 _UNQUANTISED = (Q.F32, Q.F16, Q.BF16)
 
 
+def file_type_of(qtype: gguf.GGMLQuantizationType) -> gguf.LlamaFileType:
+    """``general.file_type`` for a mixed file whose bulk is ``qtype`` (the _M preset where there is one)."""
+    name = {Q.Q3_K: "Q3_K_M", Q.Q4_K: "Q4_K_M", Q.Q5_K: "Q5_K_M", Q.IQ2_S: "IQ2_M", Q.IQ3_S: "IQ3_S"}.get(qtype)
+    if name is None:
+        name = next((p.name for p in PRESETS.values() if p.default == qtype), "F32")
+    return PRESETS[name].file_type
+
+
 def get_preset(name: str) -> Preset:
     """A preset by llama-quantize's name (case-insensitive, aliases accepted)."""
     key = name.upper()
