@@ -3,7 +3,11 @@
 Built from llama-cpp-python's low-level API rather than ``Llama`` so that the
 context parameters are ours: the chunk is one batch, the KV cache is cleared
 per chunk, and an eval callback (``cb_eval``) can capture the router logits
-llama.cpp computes in each MoE layer (tensors ``ffn_moe_logits-<il>``).
+llama.cpp computes in each MoE layer (tensors ``ffn_moe_logits-<il>``), or
+hand every graph node to a caller's ``on_tensor`` (``quantkit.imatrix``).
+:class:`GGMLTensor` reads the fields of ``struct ggml_tensor`` that libggml
+exports no accessor for (``ne``, ``nb``, ``src``); :func:`check_tensor_layout`
+proves the layout against the accessors it does export.
 
 Not for: generation (``quantkit.runtime``).
 """
@@ -14,7 +18,7 @@ import ctypes
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -40,8 +44,81 @@ def _ggml_fns() -> Any:
         so.ggml_is_contiguous.restype = ctypes.c_bool
         so.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         so.ggml_backend_tensor_get.restype = None
+        so.ggml_op_desc.argtypes = [ctypes.c_void_p]
+        so.ggml_op_desc.restype = ctypes.c_char_p
+        so.ggml_op_name.argtypes = [ctypes.c_int]
+        so.ggml_op_name.restype = ctypes.c_char_p
+        so.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        so.ggml_nbytes.restype = ctypes.c_size_t
+        so.ggml_tensor_overhead.argtypes = []
+        so.ggml_tensor_overhead.restype = ctypes.c_size_t
         so._qk_eval_ready = True
     return so
+
+
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+GGML_OBJECT_SIZE = 32  # struct ggml_object (offs, size, next, type, padding): ggml_tensor_overhead() minus the tensor
+
+
+class GGMLTensor(ctypes.Structure):
+    """``struct ggml_tensor`` as ggml/include/ggml.h (llama-cpp-python 0.3.36) declares it."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),  # elements per dimension, ne[0] = row length
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),  # strides in bytes
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+_GGML_OP_COUNT = 100  # GGML_OP_COUNT in ggml.h (llama-cpp-python 0.3.36): ggml_op_name() reads a table this long
+_NP_TYPES = {0: np.float32, 1: np.float16, 26: np.int32}  # GGML_TYPE_F32, F16, I32
+
+
+def check_tensor_layout(t: int) -> None:
+    """Compare :class:`GGMLTensor` with libggml's own accessors on a live tensor; QuantkitError if they disagree."""
+    so = _ggml_fns()
+    g = GGMLTensor.from_address(t)
+    n = 1
+    for d in g.ne:
+        n *= d
+    problems = []
+    if ctypes.sizeof(GGMLTensor) + GGML_OBJECT_SIZE != so.ggml_tensor_overhead():
+        problems.append(f"size {ctypes.sizeof(GGMLTensor)} + {GGML_OBJECT_SIZE} != ggml_tensor_overhead() {so.ggml_tensor_overhead()}")
+    if g.name != (so.ggml_get_name(t) or b""):
+        problems.append("name")
+    if n != so.ggml_nelements(t) or n // max(1, g.ne[0]) != so.ggml_nrows(t):
+        problems.append("ne")
+    op = so.ggml_op_name(g.op) if 0 <= g.op < _GGML_OP_COUNT else None
+    if op != so.ggml_op_desc(t) and op not in (b"UNARY", b"GLU"):  # ggml_op_desc names the function of those two
+        problems.append("op")
+    if problems:
+        raise QuantkitError(
+            f"llama.cpp's struct ggml_tensor does not have the layout quantkit reads ({', '.join(problems)} differ); fix: install llama-cpp-python==0.3.36"
+        )
+
+
+def tensor_array(t: int) -> np.ndarray:
+    """A graph tensor's data (F32 / F16 / I32) copied to the host, shaped (ne3, ne2, ne1, ne0) with its own strides."""
+    so = _ggml_fns()
+    g = GGMLTensor.from_address(t)
+    dtype = _NP_TYPES.get(g.type)
+    if dtype is None:
+        raise ValueError(f"{g.name.decode(errors='replace')}: ggml type {g.type} is not F32, F16 or I32")
+    nbytes = so.ggml_nbytes(t)
+    buf = np.empty(nbytes, dtype=np.uint8)
+    so.ggml_backend_tensor_get(t, buf.ctypes.data, 0, nbytes)
+    return np.ndarray(tuple(reversed(g.ne[:])), dtype=dtype, buffer=buf, strides=tuple(reversed(g.nb[:])))
 
 
 class EvalSession:
@@ -49,8 +126,9 @@ class EvalSession:
 
     def __init__(
         self, path: str | Path, n_ctx: int, threads: int | None = None, capture_router: bool = False,
-        gpu_layers: int | None = None, n_seq: int = 1,
+        gpu_layers: int | None = None, n_seq: int = 1, on_tensor: Callable[[int, bool], bool] | None = None,
     ) -> None:
+        """``on_tensor(tensor_address, ask)`` is llama.cpp's eval callback without user data (see ``cb_eval``)."""
         import llama_cpp
         from llama_cpp import _internals as internals
 
@@ -71,6 +149,8 @@ class EvalSession:
             raise QuantkitError(f"{self.path}: llama.cpp could not load the model ({e}); fix: re-convert it") from None
         if capture_router and n_seq != 1:
             raise ValueError("router capture needs one sequence per decode")
+        if capture_router and on_tensor is not None:
+            raise ValueError("give capture_router or on_tensor, not both")
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx * n_seq  # like llama-perplexity: n_seq chunks side by side in one batch
         cparams.n_batch = n_ctx * n_seq
@@ -79,9 +159,10 @@ class EvalSession:
         cparams.n_threads = cparams.n_threads_batch = threads or physical_cores()
         self.router: dict[int, np.ndarray] = {}
         self._cb = None
-        if capture_router:
+        if capture_router or on_tensor is not None:
             self._ggml = _ggml_fns()
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+            handler = self._on_tensor if on_tensor is None else (lambda t, ask, _user: on_tensor(t, ask))
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(handler)
             cparams.cb_eval = self._cb
             cparams.cb_eval_user_data = None
         self.ctx = internals.LlamaContext(model=self.model, params=cparams, verbose=False)
