@@ -6,6 +6,12 @@ matrices in row chunks) and drops the source pages it has read, so the peak
 resident set does not grow with model size.  Output is atomic
 (``quantkit.output``).  The same function is the Python API and the CLI's body.
 
+With an importance matrix (``quantkit.imatrix``) every quantised matrix is
+encoded with the weights llama-quantize would give it, expert by expert (rows
+of a stacked expert tensor use their own expert's weights), so the bytes equal
+``llama_model_quantize``'s given the same matrix; the file records it in
+llama-quantize's ``quantize.imatrix.*`` keys.
+
 Not for: argument parsing or terminal output (``quantkit.cli``).
 """
 
@@ -15,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -25,12 +31,15 @@ from quantkit.checkpoint import open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import SAME, encode
-from quantkit.errors import OutputError
+from quantkit.errors import OutputError, QuantkitError
 from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter, file_nbytes
 from quantkit.mapping import OutTensor, Role, Transform, group_totals, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
 from quantkit.plan import Override, Plan, Target, TensorPlan, make_plan
 from quantkit.vocab import load_vocab, vocab_metadata
+
+if TYPE_CHECKING:
+    from quantkit.imatrix import Imatrix
 
 log = logging.getLogger(__name__)
 V = gguf.GGUFValueType
@@ -72,6 +81,7 @@ class Prepared:
     tensors: list[OutTensor]
     plan: Plan
     metadata: dict[str, MetaValue]
+    imatrix: Imatrix | None = None
 
 
 def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Hparams) -> dict[str, MetaValue]:
@@ -90,8 +100,11 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
     return md
 
 
-def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = (), target: Target | None = None):
-    """Validate a checkpoint and build its tensor map, type plan and metadata (reads no weights)."""
+def prepare(
+    src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = (), target: Target | None = None,
+    imatrix: Imatrix | None = None,
+):
+    """Validate a checkpoint (and an importance matrix against it) and build its tensor map, type plan and metadata (reads no weights)."""
     src = Path(src)
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     try:
@@ -109,16 +122,75 @@ def prepare(src: str | Path, outtype: str = "f16", allow_pickle: bool = False, o
             stand_in = make_plan(tensors, "f32", (), hp)
             md = {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}
             overhead = file_nbytes(ARCH_NAME, md, ((t.name, t.shape, 0) for t in tensors)) + (ALIGN - 1) * len(tensors)
-        plan = make_plan(tensors, outtype, overrides, hp, target=target, overhead=overhead)
-        md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md}
+        if imatrix is not None:
+            from quantkit.imatrix import check_matches
+
+            check_matches(imatrix, {t.name: t.shape for t in tensors}, str(src))
+        importance = _importance(imatrix, tensors)
+        plan = make_plan(tensors, outtype, overrides, hp, has_imatrix=imatrix is not None, target=target, importance=importance, overhead=overhead)
+        _check_imatrix_coverage(plan, imatrix, str(src))
+        md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
     except BaseException:
         ckpt.close()
         raise
-    return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md)
+    return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md, imatrix)
 
 
-def _rows(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, release: Callable[[int, int], None] | None = None) -> Iterator[Any]:
-    """Encode a matrix in row chunks of about CHUNK_BYTES source bytes.
+def _importance(imatrix: Imatrix | None, tensors: list[OutTensor]) -> Callable[[str], tuple[np.ndarray | None, np.ndarray | None]] | None:
+    """quantkit.budget's view of an importance matrix: per tensor (weights (E, cols), each expert's share of tokens)."""
+    if imatrix is None:
+        return None
+    from quantkit.imatrix import expert_weights
+
+    shapes = {t.name: t.shape for t in tensors}
+
+    def importance(name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        w = expert_weights(imatrix, name, shapes[name]) if name in shapes else None
+        e = imatrix.entries.get(name)
+        if w is None or e is None or w.shape[0] < 2 or imatrix.legacy or e.counts.sum() <= 0:
+            return w, None
+        return w, (e.counts / e.counts.sum()).astype(np.float64)
+
+    return importance
+
+
+def _check_imatrix_coverage(plan: Plan, imatrix: Imatrix | None, where: str) -> None:
+    """Refuse, as llama-quantize does, a quantised tensor whose type needs importance weights it will not get."""
+    from quantkit import ggml
+    from quantkit.presets import tensor_requires_imatrix
+
+    for tp in plan.tensors:
+        if tp.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+            continue
+        if imatrix is not None and tp.name in imatrix.entries:
+            continue
+        if tensor_requires_imatrix(tp.name, tp.qtype, plan.outtype) or ggml.requires_imatrix(tp.qtype):
+            if imatrix is None:
+                raise QuantkitError(f"{where}: tensor {tp.name!r} gets {tp.qtype.name}, which needs an importance matrix; fix: pass --imatrix FILE or choose another type for it")
+            raise QuantkitError(
+                f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights; "
+                f"fix: collect the imatrix on this model (quantkit imatrix) or choose another type for that tensor"
+            )
+
+
+def imatrix_metadata(imatrix: Imatrix | None) -> dict[str, MetaValue]:
+    """The keys llama-quantize adds when it is given an importance matrix (quantize.cpp)."""
+    if imatrix is None:
+        return {}
+    md = {"quantize.imatrix.file": MetaValue(imatrix.source[:127], V.STRING)}
+    if imatrix.datasets:
+        md["quantize.imatrix.dataset"] = MetaValue(imatrix.datasets[0][:127], V.STRING)
+    md["quantize.imatrix.entries_count"] = MetaValue(len(imatrix.entries), V.UINT32)
+    if imatrix.chunk_count > 0:
+        md["quantize.imatrix.chunks_count"] = MetaValue(imatrix.chunk_count, V.UINT32)
+    return md
+
+
+def _rows(
+    a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, release: Callable[[int, int], None] | None = None,
+    imatrix: np.ndarray | None = None,
+) -> Iterator[Any]:
+    """Encode a matrix in row chunks of about CHUNK_BYTES source bytes (``imatrix``: per-column weights for every row).
 
     Bounds the transient float copies, and ``release(lo, hi)`` drops each chunk's
     source pages once its piece has been written.
@@ -132,17 +204,26 @@ def _rows(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, release: 
     row_bytes = a.nbytes // max(1, rows)
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for r in range(0, rows, step):
-        yield encode(a[r : r + step], dtype, qtype)
+        yield encode(a[r : r + step], dtype, qtype, imatrix)
         if release:
             release(r * row_bytes, min(rows, r + step) * row_bytes)
 
 
-def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
-    """Bytes of one output tensor, piece by piece, releasing source pages as it goes."""
+def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray | None = None) -> Iterator[Any]:
+    """Bytes of one output tensor, piece by piece, releasing source pages as it goes.
+
+    ``weights``: importance weights (n_expert, cols) for a quantised type; expert
+    ``e``'s rows use ``weights[e]``, whether the experts come one source each or
+    stacked in one 3-D source.
+    """
     if t.data is not None:
         yield encode(np.asarray(t.data(), dtype=np.float32), "F32", tp.qtype)
         return
-    for ref in t.sources:
+
+    def w(e: int) -> np.ndarray | None:
+        return None if weights is None else weights[e]
+
+    for i, ref in enumerate(t.sources):  # several sources: one per expert
         if t.transform is Transform.NONE and SAME.get(ref.dtype) == tp.qtype:
             yield ref.file_slice()  # stored bytes are the output bytes: copy file to file
             continue
@@ -154,11 +235,23 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams) -> Iterator[Any]:
             half = a.shape[1] // 2
             sl = slice(0, half) if t.transform is Transform.FIRST_HALF else slice(half, None)
             for e in range(a.shape[0]):
-                yield from _rows(a[e, sl], ref.dtype, tp.qtype)
+                yield from _rows(a[e, sl], ref.dtype, tp.qtype, imatrix=w(e))
             ref.release()
+        elif a.ndim == 3:  # experts stacked in one source [E, rows, cols]
+            per = a.nbytes // max(1, a.shape[0])
+            for e in range(a.shape[0]):
+                yield from _rows(a[e], ref.dtype, tp.qtype, lambda lo, hi, at=e * per: ref.release(at + lo, at + hi), w(e))
         else:
-            yield from _rows(a, ref.dtype, tp.qtype, ref.release)
+            yield from _rows(a, ref.dtype, tp.qtype, ref.release, w(i))
         del a
+
+
+def _weights_for(prep: Prepared, t: OutTensor, tp: TensorPlan) -> np.ndarray | None:
+    if prep.imatrix is None or tp.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+        return None  # unquantised types ignore importance weights
+    from quantkit.imatrix import expert_weights
+
+    return expert_weights(prep.imatrix, t.name, t.shape)
 
 
 def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
@@ -170,7 +263,7 @@ def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on
         for t, tp in zip(prep.tensors, prep.plan.tensors):
             if on_tensor is not None:
                 on_tensor(tp.name)
-            writer.write_tensor(tp.name, tensor_pieces(t, tp, prep.hparams), on_bytes)
+            writer.write_tensor(tp.name, tensor_pieces(t, tp, prep.hparams, _weights_for(prep, t, tp)), on_bytes)
     except BaseException:
         writer.close()
         raise
@@ -185,15 +278,16 @@ def convert(
     allow_pickle: bool = False,
     overrides: Sequence[Override] = (),
     target: Target | None = None,
+    imatrix: Imatrix | None = None,
     on_start: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> ConvertResult:
-    """Convert an HF model directory to a GGUF file at ``out`` (atomically)."""
+    """Convert an HF model directory to a GGUF file at ``out`` (atomically); ``imatrix`` weights the quantisation."""
     t0 = time.perf_counter()
     out = Path(out)
     check_target(out, force)
-    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target)
+    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix)
     with ckpt:
         plan = prep.plan
         header_guess = (1 << 20) + sum(len(t.name) + 64 + ALIGN for t in plan.tensors)
