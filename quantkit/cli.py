@@ -83,6 +83,7 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file (or, with --format bnb, model directory)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix or quantkit imatrix GGUF, or legacy .dat) weighting the quantisation, as llama-quantize --imatrix."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
@@ -95,6 +96,8 @@ def convert(
     if out_format == "bnb":
         from quantkit.bnb import export_bnb
 
+        if imatrix is not None:
+            raise typer.BadParameter("--imatrix applies to --format gguf (llama.cpp quantisation)", param_hint="--format bnb")
         if outtype is not None or recipe is not None or tensor_type:
             raise typer.BadParameter("--type, --recipe and --tensor-type apply to --format gguf; use --bnb-type, --double-quant and --compute-dtype", param_hint="--format bnb")
         bar = Progress(TextColumn("{task.description}"), BarColumn(), console=err, disable=not show)
@@ -116,6 +119,7 @@ def convert(
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
 
+    imat = _load_imatrix(imatrix)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
     task = bar.add_task("convert", total=None)
     with bar:
@@ -125,6 +129,7 @@ def convert(
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
+                imatrix=imat,
             )
         )
     if as_json:
@@ -165,6 +170,7 @@ def plan(
     outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix, as for convert (checked against the model; some presets choose differently with one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
@@ -172,7 +178,8 @@ def plan(
     from quantkit.mapping import group_totals
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
-    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides))
+    imat = _load_imatrix(imatrix)
+    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, imatrix=imat))
     ckpt.close()
     p = prep.plan
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]
@@ -188,6 +195,75 @@ def plan(
         t.add_row(r["name"], r["type"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.2f}", r["why"])
     out.print(t)
     out.print(f"total: {p.nbytes / 2**20:.2f} MiB of tensors, {summary['bits_per_weight']:.3f} bits per weight")
+
+
+def _load_imatrix(path: Path | None) -> Any:
+    from quantkit.imatrix import read_imatrix
+
+    return None if path is None else _run(lambda: read_imatrix(path))
+
+
+@app.command("imatrix")
+def imatrix_command(
+    src: Path = typer.Argument(..., help="A GGUF model (F32/F16/BF16 or quantised), or a Hugging Face directory (converted to a temporary BF16 GGUF first)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 calibration text."),
+    output: Path = typer.Option(..., "-o", "--output", help="The importance matrix to write (.gguf, llama-imatrix's format)."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate only the first N chunks (default: the whole text)."),
+    all_experts: bool = typer.Option(False, "--all-experts", help="Send calibration tokens through all experts (statistics only, outputs still gated by the router), so rare experts are covered."),
+    min_tokens: int = typer.Option(16, "--min-tokens", help="Report experts that saw fewer calibration tokens than this."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report (with the coverage) instead of text."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
+    from rich.progress import MofNCompleteColumn
+
+    from quantkit.cli_eval import read_text
+    from quantkit.imatrix import collect_from_source, summary, write_imatrix
+    from quantkit.output import check_target
+
+    _run(lambda: check_target(output, force))
+    body = _run(lambda: read_text(text, None))
+    body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
+    show = progress and err.is_terminal and not as_json
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, disable=not show)
+    task = bar.add_task("imatrix", total=None, info="")
+    last: list[Any] = []
+
+    def tick(p: Any) -> None:
+        last[:] = [p]
+        bar.update(task, description="imatrix", total=p.n_chunks, completed=p.chunk, info=f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s")
+
+    with bar:
+        im = _run(lambda: collect_from_source(
+            src, body, workdir=output.parent, on_convert=lambda: bar.update(task, description="convert to BF16"),
+            n_ctx=ctx, n_chunks=chunks, all_experts=all_experts, threads=threads, on_chunk=tick, dataset=str(text),
+        ))
+    _run(lambda: write_imatrix(im, output, force=force))
+    seconds = last[0].seconds if last else 0.0
+    j = {"output": str(output), **summary(im, min_tokens), "all_experts": all_experts, "seconds": round(seconds, 3),
+         "tokens_per_second": round(last[0].tokens / max(seconds, 1e-9), 1) if last else 0.0}
+    if as_json:
+        _print_json(j)
+        return
+    out.print(f"wrote [bold]{output}[/]: {j['entries']} tensors, {j['chunks']} chunks of {j['chunk_size']} tokens "
+              f"({j['tokens']:,} tokens, {j['tokens_per_second']:,.0f} tok/s)", highlight=False)
+    cov = j["coverage"]
+    if not cov["below"]:
+        out.print("no expert tensors (dense model)" if not cov["expert_matrices"] else f"every expert saw at least {min_tokens} tokens ({cov['expert_matrices']} expert matrices)")
+        return
+    out.print(f"[yellow]{len(cov['below'])} of {cov['expert_matrices']} expert matrices saw fewer than {min_tokens} tokens[/] "
+              "(quantised with weaker or, at 0 tokens, no importance weights; --all-experts covers them)", highlight=False)
+    t = Table()
+    for c in ("layer", "tensor", "expert", "tokens"):
+        t.add_column(c, justify="left" if c == "tensor" else "right")
+    for r in cov["below"][:40]:
+        t.add_row(str(r["layer"]), r["tensor"], str(r["expert"]), str(r["tokens"]))
+    out.print(t)
+    if len(cov["below"]) > 40:
+        out.print(f"… and {len(cov['below']) - 40} more (--json lists them all)")
 
 
 @app.command()

@@ -669,3 +669,20 @@ def entries_for_llama(imatrix: Imatrix, names: Iterable[str] | None = None) -> l
     """(name, flat float32 weights) pairs, as llama-quantize hands them to ``llama_model_quantize`` (``params.imatrix``)."""
     chosen = imatrix.entries if names is None else [n for n in names if n in imatrix.entries]
     return [(n, np.ascontiguousarray(imatrix.weights(n), dtype=np.float32).reshape(-1)) for n in chosen]
+
+
+def summary(imatrix: Imatrix, min_tokens: int) -> dict[str, Any]:
+    """A JSON-ready report: size, chunks, tokens, and the experts under ``min_tokens`` (:func:`coverage`)."""
+    below = coverage(imatrix, min_tokens)
+    return {
+        "entries": len(imatrix.entries),
+        "chunks": imatrix.chunk_count,
+        "chunk_size": imatrix.chunk_size,
+        "tokens": imatrix.n_tokens,
+        "datasets": list(imatrix.datasets),
+        "coverage": {
+            "min_tokens": min_tokens,
+            "expert_matrices": sum(e.n_expert for e in imatrix.entries.values() if e.n_expert > 1),
+            "below": [c.to_json() for c in below],
+        },
+    }
