@@ -17,19 +17,16 @@ output noise enters the residual stream once per token, so the damage of a
 plan is the sum over tensors, with one extra factor for ``output.weight``
 (:data:`ROLE_WEIGHT`: its noise lands on the logits directly).
 
-Choosing types is a multiple-choice knapsack: each tensor's candidates are
-reduced to their lower convex hull in (bytes, damage), then the cheapest plan
-is upgraded greedily, best damage saved per byte first, while it fits the
-budget; a final pass spends what is left on any upgrade that still fits.  The
-result never exceeds the budget and lands within :data:`TOLERANCE` of it, or
-the plan is refused with the reachable range.
+Choosing types is a multiple-choice knapsack, solved exactly by dynamic
+programming over the budget in small byte units (:func:`solve`).  The result
+never exceeds the budget and lands within :data:`TOLERANCE` of it, or the plan
+is refused with the reachable range.
 
 Not for: applying user rules or presets (``quantkit.plan``), writing bytes (``quantkit.convert``).
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import re
 from dataclasses import dataclass
@@ -59,6 +56,7 @@ ROLE_WEIGHT: dict[Role, float] = {Role.OUTPUT: 30.0, Role.EMBEDDINGS: 10.0}
 FIRST_BLOCK_WEIGHT = 2.0
 FFN_DOWN_WEIGHT = 2.0
 TOLERANCE = 0.01  # land in [budget * (1 - TOLERANCE), budget]
+MAX_STATES = 200_000  # byte units of the knapsack: rounding wastes at most n_tensors / MAX_STATES of the budget
 MAX_ROWS = 256  # rows sampled per matrix (per expert): enough for a stable ratio, cheap on big models
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -78,6 +76,14 @@ def parse_size(text: str) -> int:
     return n
 
 
+class OutOfReach(QuantkitError):
+    """The budget is outside [lo, hi]: every plan's tensor bytes lie in that range."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        super().__init__(f"the budget is outside the reachable {lo:,}..{hi:,} bytes of tensor data")
+        self.lo, self.hi = lo, hi
+
+
 @dataclass(frozen=True)
 class Option:
     qtype: gguf.GGMLQuantizationType
@@ -92,7 +98,12 @@ class Choice:
 
 
 def candidates(t: OutTensor) -> tuple[gguf.GGMLQuantizationType, ...]:
-    """Candidate types for a matrix: k-quants when rows are multiples of 256, else 32-block types."""
+    """Candidate types for a matrix: k-quants when rows are multiples of 256, else 32-block types.
+
+    None for what always stays F32: routers, norms, 1-D and generated tensors.
+    """
+    if len(t.shape) < 2 or t.role in (Role.ROUTER, Role.NORM) or t.data is not None:
+        return ()
     cols = t.shape[-1]
     if cols % 256 == 0:
         return CANDIDATES_256
@@ -172,55 +183,45 @@ def options(t: OutTensor, rel: Mapping[gguf.GGMLQuantizationType, float], weight
     return [Option(q, type_nbytes(q, t.shape), weight * r) for q, r in rel.items()]
 
 
-def hull(options: Sequence[Option]) -> list[Option]:
-    """Lower convex hull of (bytes, damage), cheapest first: the options worth buying in order."""
-    pts: list[Option] = []
-    for o in sorted(options, key=lambda o: (o.nbytes, o.damage)):
-        if pts and o.damage >= pts[-1].damage:
-            continue  # costs more, no better
-        while len(pts) >= 2:
-            a, b = pts[-2], pts[-1]
-            # b is above the segment a-o: drop it
-            if (b.damage - a.damage) * (o.nbytes - a.nbytes) >= (o.damage - a.damage) * (b.nbytes - a.nbytes):
-                pts.pop()
-            else:
-                break
-        pts.append(o)
-    return pts
-
-
 def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0) -> dict[str, Option]:
-    """Choose one option per tensor: total bytes (plus ``fixed``) at most ``budget``, least total damage."""
-    hulls = {n: hull(o) for n, o in options.items()}
-    pick = {n: 0 for n in hulls}
-    lo = fixed + sum(h[0].nbytes for h in hulls.values())
-    hi = fixed + sum(max(o.nbytes for o in opts) for opts in options.values())
-    if lo > budget:
-        raise QuantkitError(f"budget of {budget:,} bytes is below the smallest plan ({lo:,} bytes, every matrix at its cheapest type); fix: raise the target")
-    if hi < budget * (1 - TOLERANCE):
-        raise QuantkitError(f"budget of {budget:,} bytes is above the largest plan ({hi:,} bytes, every matrix at Q8_0); fix: lower the target or use --type f16/bf16")
-    used = lo
-    heap: list[tuple[float, str]] = []
+    """Choose one option per tensor: total bytes (plus ``fixed``) at most ``budget``, least total damage.
 
-    def push(n: int | str) -> None:
-        h, i = hulls[n], pick[n]
-        if i + 1 < len(h):
-            gain = (h[i].damage - h[i + 1].damage) / max(1, h[i + 1].nbytes - h[i].nbytes)
-            heapq.heappush(heap, (-gain, n))
-
-    for n in hulls:
-        push(n)
-    while heap:
-        _, n = heapq.heappop(heap)
-        h, i = hulls[n], pick[n]
-        extra = h[i + 1].nbytes - h[i].nbytes
-        if used + extra <= budget:
-            pick[n] = i + 1
-            used += extra
-            push(n)
-    chosen = {n: hulls[n][i] for n, i in pick.items()}
-    # fill: any option (hull or not) that lowers damage and still fits, best damage saved per byte first
-    while True:
+    Exact dynamic programme over bytes counted in units of ``(budget - fixed) / STATES``
+    (sizes rounded up, so the result never exceeds the budget; rounding wastes at
+    most one unit per tensor), then leftover bytes buy any upgrade that still fits.
+    """
+    names = list(options)
+    lo = fixed + sum(min(o.nbytes for o in options[n]) for n in names)
+    hi = fixed + sum(max(o.nbytes for o in options[n]) for n in names)
+    if lo > budget or hi < budget * (1 - TOLERANCE):
+        raise OutOfReach(lo, hi)
+    states = min(MAX_STATES, max(10_000, 1000 * len(names)))
+    unit = (budget - fixed) / states
+    dp = np.full(states + 1, np.inf)
+    dp[0] = 0.0
+    arg = np.zeros((len(names), states + 1), dtype=np.int8)
+    weights = [[int(np.ceil(o.nbytes / unit)) for o in options[n]] for n in names]
+    for i, n in enumerate(names):
+        new = np.full(states + 1, np.inf)
+        for j, (o, w) in enumerate(zip(options[n], weights[i])):
+            if w > states:
+                continue
+            cand = np.full(states + 1, np.inf)
+            cand[w:] = dp[: states + 1 - w] + o.damage
+            better = cand < new
+            new[better] = cand[better]
+            arg[i, better] = j
+        dp = new
+    b = int(np.argmin(dp))
+    if not np.isfinite(dp[b]):
+        raise OutOfReach(lo, hi)
+    chosen: dict[str, Option] = {}
+    for i in range(len(names) - 1, -1, -1):
+        j = int(arg[i, b])
+        chosen[names[i]] = options[names[i]][j]
+        b -= weights[i][j]
+    used = fixed + sum(o.nbytes for o in chosen.values())
+    while True:  # leftover from rounding: best damage saved per byte first
         best = None
         for n, opts in options.items():
             cur = chosen[n]
@@ -235,7 +236,7 @@ def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0) 
         _, n, o = best
         used += o.nbytes - chosen[n].nbytes
         chosen[n] = o
-    return chosen
+    return {n: chosen[n] for n in names}
 
 
 def explain(o: Option, opts: Sequence[Option], what: str) -> str:

@@ -84,6 +84,11 @@ def convert(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix or quantkit imatrix GGUF, or legacy .dat) weighting the quantisation, as llama-quantize --imatrix."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Bit budget: choose per-tensor types for this many bits per weight (instead of --type)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Bit budget: the largest file, e.g. 12GiB or 800MB (instead of --type)."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors."),
+    calib_ctx: int = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk."),
+    calib_chunks: int = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
@@ -117,7 +122,8 @@ def convert(
                   f"{j['quant_type']}, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
         return
 
-    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
+    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show)
 
     imat = _load_imatrix(imatrix)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
@@ -125,7 +131,7 @@ def convert(
     with bar:
         result = _run(
             lambda: do_convert(
-                src, output, outtype, force=force, allow_pickle=allow_pickle, overrides=overrides,
+                src, output, outtype, force=force, allow_pickle=allow_pickle, overrides=overrides, target=target,
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
@@ -139,8 +145,16 @@ def convert(
     out.print(f"wrote [bold]{j['output']}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
 
 
-def _type_and_rules(outtype: str | None, recipe: str | None, tensor_type: list[str]) -> tuple[str, list[Any]]:
+def _type_and_rules(
+    outtype: str | None, recipe: str | None, tensor_type: list[str], target_bpw: float | None = None, target_size: str | None = None
+) -> tuple[str, list[Any]]:
     """--type / --recipe / --tensor-type -> (preset or type name, ordered rules); --tensor-type rules come first."""
+    if target_bpw is not None or target_size is not None:
+        if outtype is not None or recipe is not None:
+            raise QuantkitError("give --type/--recipe or a bit budget (--target-bpw/--target-size), not both; --tensor-type rules still apply to a budget")
+        if target_bpw is not None and target_size is not None:
+            raise QuantkitError("give one of --target-bpw and --target-size")
+        return "budget", _overrides(tensor_type)
     rules = _overrides(tensor_type)
     if recipe is None:
         return outtype or "f16", rules
@@ -150,6 +164,43 @@ def _type_and_rules(outtype: str | None, recipe: str | None, tensor_type: list[s
 
     r = load_recipe(recipe)
     return r.base, rules + list(r.rules)
+
+
+def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool) -> Any:
+    """The bit budget of --target-bpw/--target-size, measured on --calib-text when given (None without a budget)."""
+    if bpw is None and size is None:
+        if calib is not None:
+            raise typer.BadParameter("--calib-text measures sensitivity for a bit budget; add --target-bpw or --target-size", param_hint="--calib-text")
+        return None
+    from quantkit.budget import parse_size
+    from quantkit.plan import Target
+
+    nbytes = _run(lambda: parse_size(size)) if size is not None else None
+    _run(lambda: Target(bpw=bpw, size=nbytes))  # validate before the slow part
+    measured = None
+    if calib is not None:
+        from quantkit import sensitivity
+        from quantkit.convert import prepare
+
+        text = _run(lambda: _read_text(calib, "--calib-text"))
+        ckpt, prep = _run(lambda: prepare(src, "f32"))
+        ckpt.close()
+        n = sum(1 for t in prep.tensors if sensitivity.probe_type(t) is not None)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err, disable=not show)
+        task = bar.add_task("sensitivity", total=n)
+        with bar:
+            measured = _run(lambda: sensitivity.measure_checkpoint(
+                src, text, ctx, chunks, on_tensor=lambda name: bar.update(task, advance=1, description=f"probe {name:<28}")))
+    return Target(bpw=bpw, size=nbytes, measured=measured)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuantkitError(f"{what} {path}: no such file; fix: give a UTF-8 text file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"{what} {path}: cannot read it as UTF-8 text ({e}); fix: give a UTF-8 text file") from None
 
 
 def _overrides(specs: list[str]) -> list[Any]:
@@ -171,15 +222,21 @@ def plan(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix, as for convert (checked against the model; some presets choose differently with one)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Bit budget in bits per weight, as for convert."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Bit budget as a file size, as for convert."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Measure sensitivity on this text, as for convert."),
+    calib_ctx: int = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk."),
+    calib_chunks: int = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
     from quantkit.convert import prepare
     from quantkit.mapping import group_totals
 
-    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type))
+    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json)
     imat = _load_imatrix(imatrix)
-    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, imatrix=imat))
+    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat))
     ckpt.close()
     p = prep.plan
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]

@@ -153,7 +153,18 @@ class Target:
 
     @property
     def label(self) -> str:
-        return f"target-bpw {self.bpw:g}" if self.bpw is not None else f"target-size {self.size:,} B"
+        return f"target-bpw {self.bpw:g}" if self.bpw is not None else f"target-size {self.size}B"
+
+    def out_of_reach(self, lo: int, hi: int, n_elements: int, overhead: int) -> QuantkitError:
+        """The error for a budget no plan meets, in the units the user gave."""
+        if self.bpw is not None:
+            a, b, unit, want = 8 * lo / n_elements, 8 * hi / n_elements, " bits per weight", f"--target-bpw {self.bpw:g}"
+            fmt = "{:.3f}"
+        else:
+            a, b, unit, want = lo + overhead, hi + overhead, " bytes", f"--target-size {self.size:,} B"
+            fmt = "{:,}"
+        rng = f"{fmt.format(a)}..{fmt.format(b)}{unit} (every matrix at its cheapest type .. every matrix at Q8_0)"
+        return QuantkitError(f"{want} is out of reach: plans of this model span {rng}; fix: choose a target in that range, or --type f16/bf16 for more")
 
     def weight(self, t: OutTensor, rel: Mapping[gguf.GGMLQuantizationType, float], n_layer: int) -> float:
         """Cost of a unit of relative error in ``t``: measured KLD per relative error, else the prior."""
@@ -197,15 +208,19 @@ def _budget_types(
             options[t.name] = budget.options(t, rel, target.weight(t, rel, n_layer))
             continue
         fixed += type_nbytes(base[t.name][0], t.shape)
-    allowed = target.tensor_bytes(sum(t.n_elements for t in tensors), overhead)
-    chosen = budget.solve(options, allowed, fixed)
+    n_elements = sum(t.n_elements for t in tensors)
+    allowed = target.tensor_bytes(n_elements, overhead)
+    try:
+        chosen = budget.solve(options, allowed, fixed)
+    except budget.OutOfReach as e:
+        raise target.out_of_reach(e.lo, e.hi, n_elements, overhead) from None
     for name, o in chosen.items():
         base[name] = (o.qtype, budget.explain(o, options[name], target.label))
     by_type: dict[gguf.GGMLQuantizationType, int] = {}
     for o in chosen.values():
         by_type[o.qtype] = by_type.get(o.qtype, 0) + o.nbytes
     main = max(by_type, key=by_type.__getitem__) if by_type else Q.F32
-    return base, presets.file_type_of(main), target.label.replace(" ", "-")
+    return base, presets.file_type_of(main), "budget-" + (f"{target.bpw:g}bpw" if target.bpw is not None else f"{target.size}B")
 
 
 def make_plan(
