@@ -81,7 +81,7 @@ class GGMLTensor(ctypes.Structure):
     ]
 
 
-_GGML_OP_COUNT = 100  # GGML_OP_COUNT in ggml.h (llama-cpp-python 0.3.36): ggml_op_name() reads a table this long
+_GGML_OP_COUNT = 101  # GGML_OP_COUNT in ggml.h (llama-cpp-python 0.3.36; GGML_OP_GLU = 100 is the last): ggml_op_name() reads a table this long
 _NP_TYPES = {0: np.float32, 1: np.float16, 26: np.int32}  # GGML_TYPE_F32, F16, I32
 
 

@@ -659,9 +659,9 @@ def expert_weights(imatrix: Imatrix | None, name: str, shape: Sequence[int]) -> 
     if imatrix is None:
         return None
     w = imatrix.weights(name)
-    if w is None:
-        return None
     n_expert = shape[0] if len(shape) > 2 else 1
+    if w is None or w.size != n_expert * shape[-1]:
+        return None  # no entry, or token_embd's mismatch that check_matches let through (llama-quantize skips it)
     return w.reshape(n_expert, shape[-1])
 
 

@@ -1,0 +1,473 @@
+"""Importance matrices: llama.cpp's file format, collection as llama-imatrix does it, quantisation as llama-quantize does it.
+
+References: ``evals/reference/imatrix-fixture.gguf``, written by llama-imatrix
+itself on the BF16 fixture (``evals/reference/make_refs.sh``; command and
+SHA-256 of model and text in the ``.json`` beside it), and
+``llama_cpp.llama_model_quantize`` (llama-quantize in process) handed the same
+weights through ``params.imatrix`` as quantize.cpp's ``load_imatrix`` computes
+them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import struct
+
+import gguf
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import FIXTURE, ROOT, read_config
+from quantkit.cli import app
+from quantkit.errors import QuantkitError
+from quantkit.imatrix import Entry, Imatrix, check_matches, collect_imatrix, coverage, expert_weights, read_imatrix, write_imatrix
+
+Q = gguf.GGMLQuantizationType
+REF = ROOT / "evals" / "reference" / "imatrix-fixture.gguf"
+REF_META = json.loads((ROOT / "evals" / "reference" / "imatrix-fixture.json").read_text())
+CTX, CHUNKS = 64, 3  # our own collections (the reference uses REF_META's)
+
+
+@pytest.fixture(scope="module")
+def text():
+    from quantkit.evals.corpora import heldout_text
+
+    return heldout_text()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return read_imatrix(REF)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(text[:20000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def routed(fixture_gguf, text):
+    return collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2)
+
+
+@pytest.fixture(scope="module")
+def every(fixture_gguf, text):
+    return collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, all_experts=True)
+
+
+def _one_line_error(e: pytest.ExceptionInfo, *needles: str) -> None:
+    msg = str(e.value)
+    assert "\n" not in msg and "fix:" in msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+
+
+# --------------------------------------------------------------------------- the file format
+
+
+def test_reference_file_round_trips_byte_for_byte(ref, tmp_path):
+    """Read llama-imatrix's file and write it back: the same bytes (keys, names, shapes, order, padding)."""
+    out = write_imatrix(ref, tmp_path / "again.gguf")
+    assert out.read_bytes() == REF.read_bytes()
+    assert ref.chunk_count == REF_META["n_chunks"] and ref.chunk_size == REF_META["n_ctx"] and ref.datasets == ("heldout.txt",)
+
+
+def test_written_file_has_the_names_and_shapes_llama_cpp_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    im = Imatrix(
+        {
+            "blk.0.attn_q.weight": Entry(rng.random((1, 32), dtype=np.float32), np.array([40], dtype=np.float32)),
+            "blk.0.ffn_down_exps.weight": Entry(rng.random((4, 64), dtype=np.float32), np.array([3, 0, 20, 17], dtype=np.float32)),
+        },
+        datasets=("a.txt", "b.txt"), chunk_count=2, chunk_size=20,
+    )
+    path = write_imatrix(im, tmp_path / "im.gguf")
+    r = gguf.GGUFReader(path)
+    assert r.fields["general.type"].contents() == "imatrix"
+    assert r.fields["imatrix.datasets"].contents() == ["a.txt", "b.txt"]
+    assert r.fields["imatrix.chunk_count"].contents() == 2 and r.fields["imatrix.chunk_size"].contents() == 20
+    assert "general.architecture" not in r.fields  # llama-imatrix writes none
+    shapes = {t.name: ([int(d) for d in t.shape], t.tensor_type) for t in r.tensors}
+    assert shapes == {  # ggml order, ne0 first; one matrix drops the trailing 1 as ggml_n_dims does
+        "blk.0.attn_q.weight.in_sum2": ([32], Q.F32),
+        "blk.0.attn_q.weight.counts": ([1], Q.F32),
+        "blk.0.ffn_down_exps.weight.in_sum2": ([64, 4], Q.F32),
+        "blk.0.ffn_down_exps.weight.counts": ([1, 4], Q.F32),
+    }
+    back = read_imatrix(path)
+    for name, e in im.entries.items():
+        np.testing.assert_array_equal(back.entries[name].in_sum2, e.in_sum2)
+        np.testing.assert_array_equal(back.entries[name].counts, e.counts)
+    with pytest.raises(QuantkitError, match="already exists"):
+        write_imatrix(im, path)
+
+
+def test_weights_are_what_llama_quantize_computes():
+    """quantize.cpp load_imatrix: sums / lround(count) per expert, 1.0 for an expert that saw nothing."""
+    sums = np.arange(1, 13, dtype=np.float32).reshape(4, 3) * np.float32(1.7)
+    im = Imatrix({"w": Entry(sums, np.array([0, 2.4, 2.5, 7], dtype=np.float32))})
+    got = im.weights("w")
+    want = np.stack([np.ones(3, np.float32), sums[1] / np.float32(2), sums[2] / np.float32(3), sums[3] / np.float32(7)])
+    np.testing.assert_array_equal(got, want)  # 2.5 rounds away from zero, as std::lround does
+    assert got.dtype == np.float32 and im.weights("missing") is None
+
+
+def _legacy_bytes(entries: list[tuple[str, int, np.ndarray]], trailer: tuple[int, str] | None = (5, "calib.txt")) -> bytes:
+    b = struct.pack("<i", len(entries))
+    for name, ncall, vals in entries:
+        b += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, vals.size) + vals.astype("<f4").tobytes()
+    if trailer:
+        b += struct.pack("<ii", trailer[0], len(trailer[1])) + trailer[1].encode()
+    return b
+
+
+def test_legacy_dat_file(tmp_path):
+    """The pre-GGUF format: values already divided by the counts and times ncall; llama-quantize divides by ncall."""
+    vals = np.linspace(1, 2, 8, dtype=np.float32)
+    path = tmp_path / "imatrix.dat"
+    path.write_bytes(_legacy_bytes([("blk.0.attn_q.weight", 4, vals), ("blk.0.attn_k.weight", 0, vals)]))
+    im = read_imatrix(path)
+    assert im.legacy and im.chunk_count == 5 and im.datasets == ("calib.txt",)
+    np.testing.assert_array_equal(im.weights("blk.0.attn_q.weight"), (vals / np.float32(4)).reshape(1, -1))
+    np.testing.assert_array_equal(im.weights("blk.0.attn_k.weight"), vals.reshape(1, -1))  # ncall 0: kept as is
+    assert coverage(im, 100) == []
+    check_matches(im, {"blk.0.attn_q.weight": (2, 5, 4), "blk.0.attn_k.weight": (8, 8)}, "model")  # sizes only: 2 experts x 4 = 8
+    np.testing.assert_array_equal(expert_weights(im, "blk.0.attn_q.weight", (2, 5, 4)), (vals / np.float32(4)).reshape(2, 4))
+    with pytest.raises(QuantkitError, match="legacy"):
+        write_imatrix(im, tmp_path / "x.gguf")
+    path.write_bytes(_legacy_bytes([("blk.0.attn_q.weight", 4, vals)])[:-3])
+    with pytest.raises(QuantkitError) as e:
+        read_imatrix(path)
+    _one_line_error(e, str(path), "neither a GGUF importance matrix nor a legacy .dat one")
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "empty", "truncated", "model gguf", "no metadata"])
+def test_unreadable_imatrix_is_one_line(fixture_gguf, tmp_path, case):
+    path = tmp_path / "im.gguf"
+    if case == "garbage":
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        path.write_bytes(REF.read_bytes()[: REF.stat().st_size // 2])
+    elif case == "model gguf":
+        path = fixture_gguf("bf16")
+    elif case == "no metadata":
+        w = gguf.GGUFWriter(path, arch="")
+        w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones(8, np.float32))
+        w.add_tensor("blk.0.attn_q.weight.counts", np.ones(1, np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(QuantkitError) as e:
+        read_imatrix(path)
+    _one_line_error(e, str(path))
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def test_collection_matches_llama_imatrix(fixture_gguf, text, ref):
+    """The same GGUF bytes and text, llama-imatrix's settings: every sum and count as llama-imatrix wrote them."""
+    from quantkit.evals.perplexity import sha256_file, sha256_text
+
+    model = fixture_gguf("bf16")
+    if sha256_file(model) != REF_META["model_sha256"]:
+        pytest.skip("the converter's BF16 output changed since the reference was made; regenerate it: evals/reference/make_refs.sh WORK imatrix")
+    assert sha256_text(text) == REF_META["text_sha256"]
+    ours = collect_imatrix(model, text.removesuffix("\n"), n_ctx=REF_META["n_ctx"], n_chunks=REF_META["n_chunks"], threads=2, dataset="heldout.txt")
+    assert sorted(ours.entries) == sorted(ref.entries)
+    assert (ours.chunk_count, ours.chunk_size, ours.datasets) == (ref.chunk_count, ref.chunk_size, ref.datasets)
+    for name, e in ref.entries.items():
+        np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_allclose(ours.entries[name].in_sum2, e.in_sum2, rtol=1e-5, atol=0, err_msg=name)
+
+
+def test_ggml_tensor_layout_against_the_gguf(fixture_gguf):
+    """GGMLTensor's ne / type / src agree with libggml's accessors and with the weights' shapes in the file."""
+    from quantkit.evals.session import GGMLTensor, EvalSession, _ggml_fns, check_tensor_layout
+    from quantkit.gguf_read import read_gguf
+
+    path = fixture_gguf("bf16")
+    seen: dict[str, tuple] = {}
+    so = _ggml_fns()
+
+    def on_tensor(t: int, ask: bool) -> bool:
+        op = so.ggml_op_desc(t)
+        if ask:
+            return op in (b"MUL_MAT", b"MUL_MAT_ID")
+        node = GGMLTensor.from_address(t)
+        for p in (t, node.src[0], node.src[1]):
+            check_tensor_layout(p)
+        w = GGMLTensor.from_address(node.src[0])
+        ids = GGMLTensor.from_address(node.src[2]) if op == b"MUL_MAT_ID" else None
+        seen[w.name.decode()] = (tuple(w.ne), w.type, None if ids is None else (ids.type, ids.ne[0]))
+        return True
+
+    s = EvalSession(path, 32, threads=2, on_tensor=on_tensor)
+    s.eval_chunk(s.tokenize("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer")[:32])
+    s.close()
+    infos = {t.name: t for t in read_gguf(path).tensors}
+    weights = {n: v for n, v in seen.items() if n in infos}
+    assert {"blk.0.attn_q.weight", "blk.3.ffn_down_exps.weight", "blk.2.ffn_gate_inp.weight"} <= set(weights)
+    for name, (ne, ttype, ids) in weights.items():
+        assert ne[: len(infos[name].ne)] == infos[name].ne and ttype == infos[name].qtype, name
+        if "_exps" in name:
+            assert ids == (26, read_config(FIXTURE)["num_experts_per_tok"]), name  # I32 ids, top-k per token
+
+
+def test_counts_follow_the_router(routed):
+    top_k = read_config(FIXTURE)["num_experts_per_tok"]
+    n_tokens = CTX * CHUNKS
+    assert routed.chunk_count == CHUNKS and routed.n_tokens == n_tokens
+    for name, e in routed.entries.items():
+        if "_exps" in name:
+            assert e.counts.sum() == n_tokens * top_k, name
+            np.testing.assert_array_equal(e.counts, routed.entries[name.replace(name.split(".")[2], "ffn_up_exps")].counts)
+        else:
+            assert e.counts.tolist() == [n_tokens], name
+
+
+def test_all_experts_covers_every_expert(routed, every):
+    n_tokens = CTX * CHUNKS
+    for name, e in every.entries.items():
+        if "_exps" in name:
+            assert (e.counts == n_tokens).all(), name
+            assert (e.in_sum2.sum(axis=1) > 0).all(), name
+        else:  # dense tensors: the same computation, the same bits
+            np.testing.assert_array_equal(e.in_sum2, routed.entries[name].in_sum2, err_msg=name)
+    for layer in range(read_config(FIXTURE)["num_hidden_layers"]):
+        # gate/up see the router's input, ffn_norm(x), for every token: every expert's row is the router's sums
+        router = every.entries[f"blk.{layer}.ffn_gate_inp.weight"].in_sum2[0]
+        for kind in ("gate", "up"):
+            np.testing.assert_allclose(every.entries[f"blk.{layer}.ffn_{kind}_exps.weight"].in_sum2, np.broadcast_to(router, (8, router.size)), rtol=1e-5)
+    assert coverage(every, n_tokens) == [] and coverage(routed, n_tokens) != []
+
+
+def test_all_experts_down_inputs_are_llama_cpps(fixture_gguf, text):
+    """For the tokens the router did send to an expert, the numpy ffn_down input equals llama.cpp's (to activation rounding)."""
+    from quantkit.evals.session import EvalSession, tensor_array
+    from quantkit.imatrix import _Collector, _ExpertWeights
+
+    path = fixture_gguf("bf16")
+    captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    class Capture(_Collector):
+        def _mul_mat_id(self, name, node, src0):
+            captured[name] = (tensor_array(node.src[1])[0].copy(), tensor_array(node.src[2])[0, 0].copy())
+            super()._mul_mat_id(name, node, src0)
+
+    s = EvalSession(path, CTX, threads=2, on_tensor=Capture())
+    s.eval_chunk(s.tokenize(text[:2000])[:CTX])
+    s.close()
+    experts = _ExpertWeights(path)
+    for layer in range(read_config(FIXTURE)["num_hidden_layers"]):
+        x, _ = captured[f"blk.{layer}.ffn_gate_exps.weight"]
+        down, ids = captured[f"blk.{layer}.ffn_down_exps.weight"]
+        for e in range(8):
+            g = x[:, 0] @ experts.matrix(f"blk.{layer}.ffn_gate_exps.weight", e).T
+            u = x[:, 0] @ experts.matrix(f"blk.{layer}.ffn_up_exps.weight", e).T
+            rows, slots = np.nonzero(ids == e)
+            want = down[rows, slots]
+            got = (g / (1 + np.exp(-g)) * u)[rows]
+            assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max(), (layer, e)
+
+
+def test_collection_needs_enough_text(fixture_gguf):
+    with pytest.raises(QuantkitError, match=r"needs at least 1024 \(2 x --ctx 512\)"):
+        collect_imatrix(fixture_gguf("bf16"), "too short", n_ctx=512)
+
+
+# --------------------------------------------------------------------------- quantising with it, against llama-quantize
+
+
+def llama_quantize(src, out, preset: str, im: Imatrix | None) -> None:
+    import llama_cpp
+    from llama_cpp import _logger
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    params.nthread = 2
+    keep: list = []
+    if im is not None:  # as quantize.cpp builds it from load_imatrix's vectors
+        arr = (llama_cpp.llama_model_imatrix_data * (len(im.entries) + 1))()  # zeroed terminator
+        for i, name in enumerate(im.entries):
+            w = np.ascontiguousarray(im.weights(name), dtype=np.float32).reshape(-1)
+            keep += [w, name.encode()]
+            arr[i].name, arr[i].data, arr[i].size = keep[-1], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), w.size
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    assert rc == 0, f"llama_model_quantize {preset} failed"
+
+
+def tensors_of(path) -> dict[str, tuple[Q, bytes]]:
+    return {t.name: (Q(t.tensor_type), t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K_S", pytest.param("IQ3_XXS", marks=pytest.mark.slow)])
+def test_quantised_bytes_equal_llama_quantize_with_the_same_imatrix(fixture_gguf, ref, tmp_path, preset):
+    """Q2_K_S and IQ3_XXS cannot be written without an imatrix; Q4_K_M can, and the imatrix changes its bytes."""
+    from quantkit.convert import convert
+
+    ours = convert(FIXTURE, tmp_path / "ours.gguf", preset, imatrix=ref).output
+    llama_quantize(fixture_gguf("bf16"), tmp_path / "llama.gguf", preset, ref)
+    a, b = tensors_of(ours), tensors_of(tmp_path / "llama.gguf")
+    assert a.keys() == b.keys()
+    differ = [n for n in a if a[n] != b[n]]
+    assert not differ, f"{len(differ)} tensors differ from llama-quantize's, e.g. {differ[0]} ({a[differ[0]][0].name} vs {b[differ[0]][0].name})"
+    md = gguf.GGUFReader(ours).fields
+    assert md["quantize.imatrix.entries_count"].contents() == len(ref.entries) and md["quantize.imatrix.file"].contents() == str(REF)
+    if preset == "Q4_K_M":
+        plain = tensors_of(convert(FIXTURE, tmp_path / "plain.gguf", preset).output)
+        changed = {n for n in a if a[n] != plain[n]}
+        weighted = {n for n in ref.entries if a[n][0] not in (Q.F32, Q.Q8_0)}  # ggml's Q8_0 kernel takes no weights
+        assert "blk.0.ffn_down_exps.weight" in weighted and weighted <= changed
+        assert "output.weight" not in changed and "token_embd.weight" not in changed  # no entries: as without
+
+
+def _fused_copy(src, dst):
+    """The fixture's experts in transformers 5's fused layout: gate_up_proj [E, 2F, H] and down_proj [E, H, F], one source each."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = read_config(src)
+    state = load_file(str(src / "model.safetensors"))
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        ex = [{w: state.pop(f"{p}block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(config["num_local_experts"])]
+        state[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in ex])
+        state[p + "mlp.experts.down_proj"] = torch.stack([x["w2"] for x in ex])
+        state[p + "mlp.gate.weight"] = state.pop(p + "block_sparse_moe.gate.weight")
+    dst.mkdir()
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_fused_expert_sources_use_each_experts_own_weights(ref, tmp_path):
+    """A fused 3-D source is split per expert: the bytes equal those from one source per expert."""
+    from quantkit.convert import convert
+
+    fused = _fused_copy(FIXTURE, tmp_path / "fused")
+    a = tensors_of(convert(FIXTURE, tmp_path / "per-expert.gguf", "Q4_K_M", imatrix=ref).output)
+    b = tensors_of(convert(fused, tmp_path / "fused.gguf", "Q4_K_M", imatrix=ref).output)
+    assert a == b
+
+
+# --------------------------------------------------------------------------- the wrong imatrix
+
+
+def _variant(ref: Imatrix, rename: dict[str, str] | None = None, drop: str | None = None, cols: str | None = None) -> Imatrix:
+    entries = {}
+    for name, e in ref.entries.items():
+        if name == drop:
+            continue
+        if name == cols:
+            e = Entry(e.in_sum2[:, :128].copy(), e.counts)
+        entries[(rename or {}).get(name, name)] = e
+    return Imatrix(entries, ref.datasets, ref.chunk_count, ref.chunk_size, "other.gguf")
+
+
+@pytest.mark.parametrize("how", ["names", "columns"])
+def test_imatrix_of_another_model_is_refused_and_nothing_written(ref, tmp_path, how):
+    from quantkit.convert import convert
+
+    if how == "names":  # a model with more layers
+        im, needle = _variant(ref, rename={"blk.3.attn_q.weight": "blk.31.attn_q.weight"}), "'blk.31.attn_q.weight' names no tensor"
+    else:  # a model with narrower layers
+        im, needle = _variant(ref, cols="blk.1.ffn_up_exps.weight"), "'blk.1.ffn_up_exps.weight' has 8 x 128 (experts x columns), the tensor in"
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(QuantkitError) as e:
+        convert(FIXTURE, out / "m.gguf", "Q4_K_M", imatrix=im)
+    _one_line_error(e, "other.gguf", needle, "another model")
+    assert list(out.iterdir()) == []
+
+
+def test_partial_imatrix_warns_and_refuses_types_that_need_weights(ref, caplog):
+    from quantkit.convert import prepare
+    from quantkit.plan import Override
+
+    partial = _variant(ref, drop="blk.0.attn_q.weight")
+    ckpt, prep = prepare(FIXTURE, "Q4_K_M", imatrix=partial)
+    ckpt.close()
+    assert "no entry for 2 weight matrices" in caplog.text and "blk.0.attn_q.weight" in caplog.text  # + output.weight
+    with pytest.raises(QuantkitError) as e:
+        prepare(FIXTURE, "Q4_K_M", overrides=[Override.parse(r"blk\.0\.attn_q", "iq3_xxs")], imatrix=partial)
+    _one_line_error(e, "other.gguf", "no entry for 'blk.0.attn_q.weight', which gets IQ3_XXS")
+    with pytest.raises(QuantkitError) as e:  # IQ2_XXS's kernel would abort the process without weights
+        prepare(FIXTURE, "f16", overrides=[Override.parse(r"blk\.0\.attn_q", "iq2_xxs")])
+    _one_line_error(e, "'blk.0.attn_q.weight' gets IQ2_XXS, which needs an importance matrix")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_imatrix_writes_a_file_and_reports_coverage(fixture_gguf, text_file, tmp_path):
+    out = tmp_path / "im.gguf"
+    args = ["imatrix", str(fixture_gguf("bf16")), "--text", str(text_file), "-o", str(out), "--ctx", str(CTX), "--chunks", "2", "--min-tokens", "40", "--threads", "2"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    j = json.loads(result.stdout)
+    assert j["chunks"] == 2 and j["chunk_size"] == CTX and j["tokens"] == 2 * CTX and j["entries"] == 32
+    assert j["coverage"]["min_tokens"] == 40 and j["coverage"]["expert_matrices"] == 4 * 3 * 8
+    below = j["coverage"]["below"]
+    assert below and all(r["tokens"] < 40 and r["tensor"].startswith(f"blk.{r['layer']}.") for r in below)
+    im = read_imatrix(out)
+    assert len(coverage(im, 40)) == len(below) and im.datasets == (str(text_file),)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "already exists" in again.output and "--force" in again.output
+    text_run = CliRunner().invoke(app, [*args, "--force"], terminal_width=200)
+    assert text_run.exit_code == 0 and "expert matrices saw fewer than 40 tokens" in text_run.output
+
+
+def test_cli_imatrix_from_a_hugging_face_directory(fixture_gguf, text_file, tmp_path):
+    """An HF directory is converted to a temporary BF16 GGUF (removed afterwards): the same statistics as from that GGUF."""
+    out = tmp_path / "hf.gguf"
+    result = CliRunner().invoke(app, ["imatrix", str(FIXTURE), "--text", str(text_file), "-o", str(out), "--ctx", str(CTX), "--chunks", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.gguf"]
+    body = text_file.read_text(encoding="utf-8").removesuffix("\n")
+    direct = collect_imatrix(fixture_gguf("bf16"), body, n_ctx=CTX, n_chunks=2, threads=2)
+    got = read_imatrix(out)
+    for name, e in direct.entries.items():
+        np.testing.assert_array_equal(got.entries[name].in_sum2, e.in_sum2, err_msg=name)
+
+
+def test_cli_convert_and_plan_with_imatrix(fixture_gguf, tmp_path):
+    out = tmp_path / "q.gguf"
+    refused = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(out), "--type", "Q2_K_S"])
+    assert refused.exit_code == 1 and "needs an importance matrix" in refused.output and not out.exists()
+    result = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(out), "--type", "Q2_K_S", "--imatrix", str(REF), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["output"] == str(out) and out.exists()
+    plan = CliRunner().invoke(app, ["plan", str(FIXTURE), "--type", "IQ3_XXS", "--imatrix", str(REF), "--json"])
+    assert plan.exit_code == 0, plan.output
+    rows = {r["name"]: r for r in json.loads(plan.stdout)["tensors"]}
+    assert "attn_v gets IQ3_XXS (imatrix)" in rows["blk.0.attn_v.weight"]["why"]  # then the 8-expert bump to Q8_0
+    assert rows["blk.0.ffn_down_exps.weight"]["type"] == "IQ3_XXS"  # Q3_K without an imatrix
+
+
+@pytest.mark.parametrize("content", [b"not an imatrix at all", None])
+def test_cli_bad_imatrix_is_one_line_and_writes_nothing(tmp_path, content):
+    bad = tmp_path / "bad.imatrix"
+    if content is not None:
+        bad.write_bytes(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(out / "m.gguf"), "--type", "Q4_K_M", "--imatrix", str(bad)])
+    assert result.exit_code == 1, result.output
+    msg = result.output.strip()
+    assert msg.startswith("error:") and len(msg.splitlines()) == 1 and str(bad) in " ".join(msg.split()) and "fix:" in msg, msg
+    assert list(out.iterdir()) == []
