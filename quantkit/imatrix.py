@@ -33,9 +33,12 @@ output requested; for every ``MUL_MAT`` whose weight is ``blk.*`` (at least
 the tensor's sums, for every ``MUL_MAT_ID`` (experts) it adds each token's
 input only to the experts the router chose for it (``src[2]`` holds the
 chosen ids), counting tokens per expert; sums run token after token in
-float32, in llama-imatrix's order.  Differences from llama-imatrix: one chunk
-per decode (llama-imatrix packs ``n_batch / n_ctx`` chunks into one; run it
-with ``-b`` equal to ``-c`` for the same batches), and no perplexity printout.
+float32, in llama-imatrix's order (on the fixture the file is bit-identical to
+llama-imatrix's).  Not reproduced: several chunks per decode (llama-imatrix
+packs ``n_batch / n_ctx`` chunks into one batch; run it with ``-b`` equal to
+``-c`` for the same batches), its perplexity printout, periodic saves,
+``--process-output`` (``output.weight``) and merging of earlier files
+(``--in-file``).
 
 ``all_experts=True`` sends every calibration token through every expert for
 the statistics while the model's outputs stay gated by the router, so rare
@@ -44,7 +47,9 @@ same normed hidden state for every expert, so each expert's gate/up sums are
 the sums over all tokens; the input of ``ffn_down_exps`` differs per expert,
 so it is computed in numpy, ``silu(W_gate_e x) * (W_up_e x)`` in float32 from
 the model's own expert weights (read and dequantised from the GGUF) for every
-token and expert.  Every expert's count is then the number of tokens.  The
+token and expert, a batch of chunks at a time (each flush dequantises every
+expert once: the price is about ``n_expert / n_expert_used`` times the FFN
+work of a normal run).  Every expert's count is then the number of tokens.  The
 numpy hidden activations differ from llama.cpp's at the rounding level of its
 matmuls (which round activations to the weight's dot-product type); only
 llama-architecture files (SiLU-gated experts, what quantkit writes) are
@@ -61,7 +66,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -77,6 +82,7 @@ KEY_CHUNK_SIZE = "imatrix.chunk_size"
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
 MIN_TOKENS_PER_MATMUL = 16  # llama-imatrix ignores MUL_MAT calls with fewer tokens
+FLUSH_BYTES = 1 << 30  # all_experts: hidden states buffered before the experts are dequantised and run on them
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 _EXPERT_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 
@@ -438,7 +444,6 @@ class _Collector:
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_mat,) int64
     pending: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer -> inputs of ffn_gate_exps (all_experts)
     pending_bytes: int = 0
-    flush_bytes: int = 256 << 20
     error: BaseException | None = None
     checked: bool = False
 
@@ -537,7 +542,7 @@ class _Collector:
     def _queue(self, layer: int, x: np.ndarray) -> None:
         self.pending.setdefault(layer, []).append(x)
         self.pending_bytes += x.nbytes
-        if self.pending_bytes >= self.flush_bytes:
+        if self.pending_bytes >= FLUSH_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -663,12 +668,6 @@ def expert_weights(imatrix: Imatrix | None, name: str, shape: Sequence[int]) -> 
     if w is None or w.size != n_expert * shape[-1]:
         return None  # no entry, or token_embd's mismatch that check_matches let through (llama-quantize skips it)
     return w.reshape(n_expert, shape[-1])
-
-
-def entries_for_llama(imatrix: Imatrix, names: Iterable[str] | None = None) -> list[tuple[str, np.ndarray]]:
-    """(name, flat float32 weights) pairs, as llama-quantize hands them to ``llama_model_quantize`` (``params.imatrix``)."""
-    chosen = imatrix.entries if names is None else [n for n in names if n in imatrix.entries]
-    return [(n, np.ascontiguousarray(imatrix.weights(n), dtype=np.float32).reshape(-1)) for n in chosen]
 
 
 def summary(imatrix: Imatrix, min_tokens: int) -> dict[str, Any]:
