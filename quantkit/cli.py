@@ -123,9 +123,9 @@ def convert(
         return
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show)
-
     imat = _load_imatrix(imatrix)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat)
+
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
     task = bar.add_task("convert", total=None)
     with bar:
@@ -166,7 +166,7 @@ def _type_and_rules(
     return r.base, rules + list(r.rules)
 
 
-def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool) -> Any:
+def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None) -> Any:
     """The bit budget of --target-bpw/--target-size, measured on --calib-text when given (None without a budget)."""
     if bpw is None and size is None:
         if calib is not None:
@@ -180,7 +180,7 @@ def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, 
     measured = None
     if calib is not None:
         from quantkit import sensitivity
-        from quantkit.convert import prepare
+        from quantkit.convert import _importance, prepare
 
         text = _run(lambda: _read_text(calib, "--calib-text"))
         ckpt, prep = _run(lambda: prepare(src, "f32"))
@@ -190,7 +190,7 @@ def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, 
         task = bar.add_task("sensitivity", total=n)
         with bar:
             measured = _run(lambda: sensitivity.measure_checkpoint(
-                src, text, ctx, chunks, on_tensor=lambda name: bar.update(task, advance=1, description=f"probe {name:<28}")))
+                src, text, ctx, chunks, importance=_importance(imat, prep.tensors), on_tensor=lambda name: bar.update(task, advance=1, description=f"probe {name:<28}")))
     return Target(bpw=bpw, size=nbytes, measured=measured)
 
 
@@ -234,8 +234,8 @@ def plan(
     from quantkit.mapping import group_totals
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json)
     imat = _load_imatrix(imatrix)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat)
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat))
     ckpt.close()
     p = prep.plan
