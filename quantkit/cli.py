@@ -72,7 +72,7 @@ def _print_json(obj: Any) -> None:
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or a GGUF file to requantise."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb)."),
     out_format: str = typer.Option("gguf", "--format", help="gguf (one llama.cpp file) or bnb (bitsandbytes 4-bit HF directory, every expert 4-bit)."),
     bnb_type: str = typer.Option("nf4", "--bnb-type", help="--format bnb: 4-bit data type, nf4 or fp4."),
@@ -89,6 +89,7 @@ def convert(
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors."),
     calib_ctx: int = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk."),
     calib_chunks: int = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
@@ -131,7 +132,7 @@ def convert(
     with bar:
         result = _run(
             lambda: do_convert(
-                src, output, outtype, force=force, allow_pickle=allow_pickle, overrides=overrides, target=target,
+                src, output, outtype, force=force, allow_pickle=allow_pickle, overrides=overrides, target=target, allow_requantize=allow_requantize,
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
@@ -217,9 +218,10 @@ def _overrides(specs: list[str]) -> list[Any]:
 
 @app.command()
 def plan(
-    src: Path = typer.Argument(..., help="Hugging Face model directory."),
+    src: Path = typer.Argument(..., help="Hugging Face model directory, or a GGUF file to requantise."),
     outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: plan already-quantised tensors to be quantised again."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix, as for convert (checked against the model; some presets choose differently with one)."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Bit budget in bits per weight, as for convert."),
@@ -236,7 +238,7 @@ def plan(
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
     target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat)
-    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat))
+    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize))
     ckpt.close()
     p = prep.plan
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]

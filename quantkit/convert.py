@@ -102,10 +102,17 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
 
 def prepare(
     src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = (), target: Target | None = None,
-    imatrix: Imatrix | None = None,
+    imatrix: Imatrix | None = None, allow_requantize: bool = False,
 ):
-    """Validate a checkpoint (and an importance matrix against it) and build its tensor map, type plan and metadata (reads no weights)."""
+    """Validate a checkpoint (and an importance matrix against it) and build its tensor map, type plan and metadata (reads no weights).
+
+    ``src`` is a Hugging Face directory, or a GGUF file to requantise (``quantkit.gguf_source``).
+    """
     src = Path(src)
+    from quantkit import gguf_source
+
+    if gguf_source.is_gguf(src):
+        return _prepare_gguf(src, outtype, overrides, target, imatrix, allow_requantize)
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     try:
         conv = for_model_type(ckpt.model_type, where=str(src / "config.json"))
@@ -117,23 +124,57 @@ def prepare(
         conv.check_hparams(hp, tensors)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
         other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
-        overhead = 0
-        if target is not None:  # the header's size does not depend on the types: measure it with a stand-in plan
-            stand_in = make_plan(tensors, "f32", (), hp)
-            md = {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}
-            overhead = file_nbytes(ARCH_NAME, md, ((t.name, t.shape, 0) for t in tensors)) + (ALIGN - 1) * len(tensors)
-        if imatrix is not None:
-            from quantkit.imatrix import check_matches
-
-            check_matches(imatrix, {t.name: t.shape for t in tensors}, str(src))
-        importance = _importance(imatrix, tensors)
-        plan = make_plan(tensors, outtype, overrides, hp, has_imatrix=imatrix is not None, target=target, importance=importance, overhead=overhead)
-        _check_imatrix_coverage(plan, imatrix, str(src))
+        stand_in = Plan("f32", gguf.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
+        plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md})
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
     except BaseException:
         ckpt.close()
         raise
     return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md, imatrix)
+
+
+def _plan_and_check(
+    tensors: list[OutTensor], outtype: str, overrides: Sequence[Override], hp: Any, target: Target | None, imatrix: Imatrix | None,
+    where: str, header_md: dict[str, MetaValue],
+) -> Plan:
+    """The plan of either kind of source, with its importance-matrix checks."""
+    overhead = 0
+    if target is not None:  # the header's size does not depend on the types
+        overhead = file_nbytes(ARCH_NAME, header_md, ((t.name, t.shape, 0) for t in tensors)) + (ALIGN - 1) * len(tensors)
+    if imatrix is not None:
+        from quantkit.imatrix import check_matches
+
+        check_matches(imatrix, {t.name: t.shape for t in tensors}, where)
+    importance = _importance(imatrix, tensors)
+    plan = make_plan(tensors, outtype, overrides, hp, has_imatrix=imatrix is not None, target=target, importance=importance, overhead=overhead)
+    _check_imatrix_coverage(plan, imatrix, where)
+    return plan
+
+
+def _prepare_gguf(
+    src: Path, outtype: str, overrides: Sequence[Override], target: Target | None, imatrix: Imatrix | None, allow_requantize: bool,
+):
+    from quantkit import gguf_source
+
+    gs = gguf_source.open_gguf(src)
+    try:
+        K = gguf.Keys.General
+
+        def md_for(plan_ft: int) -> dict[str, MetaValue]:
+            return {
+                **gs.metadata,
+                K.QUANTIZED_BY: MetaValue(f"quantkit {__version__}", V.STRING),
+                K.FILE_TYPE: MetaValue(plan_ft, V.UINT32),
+                K.QUANTIZATION_VERSION: MetaValue(gguf.GGML_QUANT_VERSION, V.UINT32),
+            }
+
+        plan = _plan_and_check(gs.tensors, outtype, overrides, gs.hparams, target, imatrix, str(src), md_for(0))
+        gguf_source.check_requantize(gs, {tp.name: tp.qtype for tp in plan.tensors}, allow_requantize)
+        md = {**md_for(int(plan.file_type)), **imatrix_metadata(imatrix)}
+    except BaseException:
+        gs.close()
+        raise
+    return gs, Prepared(gs.model_type, gs.hparams, gs.tensors, plan, md, imatrix)  # type: ignore[arg-type]
 
 
 def _importance(imatrix: Imatrix | None, tensors: list[OutTensor]) -> Callable[[str], tuple[np.ndarray | None, np.ndarray | None]] | None:
@@ -224,7 +265,7 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray
         return None if weights is None else weights[e]
 
     for i, ref in enumerate(t.sources):  # several sources: one per expert
-        if t.transform is Transform.NONE and SAME.get(ref.dtype) == tp.qtype:
+        if t.transform is Transform.NONE and getattr(ref, "qtype", SAME.get(ref.dtype)) == tp.qtype:
             yield ref.file_slice()  # stored bytes are the output bytes: copy file to file
             continue
         a = ref.array()
@@ -279,15 +320,19 @@ def convert(
     overrides: Sequence[Override] = (),
     target: Target | None = None,
     imatrix: Imatrix | None = None,
+    allow_requantize: bool = False,
     on_start: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> ConvertResult:
-    """Convert an HF model directory to a GGUF file at ``out`` (atomically); ``imatrix`` weights the quantisation."""
+    """Convert an HF model directory (or requantise a GGUF file) to a GGUF file at ``out`` (atomically).
+
+    ``imatrix`` weights the quantisation; ``allow_requantize`` lets already-quantised GGUF tensors be quantised again.
+    """
     t0 = time.perf_counter()
     out = Path(out)
     check_target(out, force)
-    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix)
+    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize)
     with ckpt:
         plan = prep.plan
         header_guess = (1 << 20) + sum(len(t.name) + 64 + ALIGN for t in plan.tensors)
