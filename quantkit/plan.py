@@ -36,6 +36,7 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "bf16": (Q.BF16, FT.MOSTLY_BF16),
 }
 KEEP_F32_ROLES = (Role.ROUTER, Role.NORM)
+ROUTER_KEY = "ffn_gate_inp"
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,20 @@ class Override:
         first, last = (x + n_layer if x < 0 else x for x in self.layers)
         return first <= int(m.group(1)) <= last
 
+    def applies_to(self, t: OutTensor) -> bool:
+        """Whether this matching rule may change ``t``.
+
+        1-D tensors (norms) are never quantised: llama.cpp cannot run them so.  A
+        router changes only for a rule that names it -- a match covering the whole
+        ``ffn_gate_inp`` -- so ``ffn_gate`` or ``attn_|ffn_`` leave it F32.
+        """
+        if len(t.shape) == 1 or t.data is not None:
+            return False
+        if t.role is Role.ROUTER:
+            at = t.name.find(ROUTER_KEY)
+            return at >= 0 and any(m.start() <= at and m.end() >= at + len(ROUTER_KEY) for m in re.finditer(self.pattern, t.name))
+        return True
+
     @classmethod
     def parse(cls, pattern: str, type_name: str, source: str = "override") -> Override:
         try:
@@ -127,8 +142,13 @@ class Override:
         return cls(pattern, qtype, source)
 
 
+def _rule_for(t: OutTensor, overrides: Sequence[Override], n_layer: int) -> Override | None:
+    """The first rule that matches ``t`` and may change it."""
+    return next((o for o in overrides if o.matches(t.name, n_layer) and o.applies_to(t)), None)
+
+
 def _apply_override(t: OutTensor, o: Override) -> tuple[gguf.GGMLQuantizationType, str]:
-    if t.role in KEEP_F32_ROLES or len(t.shape) == 1:
+    if t.role in KEEP_F32_ROLES:
         log.warning("%s: %s overrides the F32 rule for %s (%s -> %s); quality may drop", o.source, o.pattern, t.name, t.role.value, o.qtype.name)
     block = gguf.GGML_QUANT_SIZES[o.qtype][0]
     if t.shape[-1] % block:
@@ -240,7 +260,7 @@ def make_plan(
         n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
         pinned = {}
         for t in tensors:
-            hit = next((o for o in overrides if o.matches(t.name, n_layer)), None)
+            hit = _rule_for(t, overrides, n_layer)
             if hit is not None:
                 pinned[t.name] = _apply_override(t, hit)
                 hit_any.add(hit)
@@ -263,7 +283,7 @@ def make_plan(
     plans = []
     used = set()
     for t in tensors:
-        hit = next((o for o in overrides if o.matches(t.name, n_layer)), None)
+        hit = _rule_for(t, overrides, n_layer)
         if hit is not None:
             used.add(hit)
             qtype, reason = _apply_override(t, hit)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from conftest import FIXTURE
 from quantkit.cli import app
 from quantkit.errors import QuantkitError
+from quantkit.plan import Override
 from quantkit.recipe import builtin_names, load_recipe, parse
 
 
@@ -46,6 +47,23 @@ def test_moe_q4_spends_bits_on_attention_and_down_projections():
     assert ours["blk.1.attn_q.weight"].bpw > stock["blk.1.attn_q.weight"].bpw
     assert ours["blk.1.ffn_down_exps.weight"].bpw >= stock["blk.1.ffn_down_exps.weight"].bpw
     assert ours["blk.1.ffn_gate_exps.weight"].qtype.name == "Q4_K"
+
+
+@pytest.mark.parametrize(
+    "pattern,router_changes",
+    [
+        ("ffn_gate_inp", True),  # names it
+        (r"blk\.\d+\.ffn_gate_inp\.weight", True),
+        ("ffn_gate", False),  # meant for ffn_gate_exps: covers only part of the router's name
+        ("attn_|ffn_", False),
+        ("weight", False),
+    ],
+)
+def test_only_a_rule_naming_the_router_changes_it_and_norms_never(pattern, router_changes):
+    rule = Override.parse(pattern, "q2_k", source="--tensor-type")
+    plan = _plan("Q4_K_M", [rule])
+    assert (plan["blk.0.ffn_gate_inp.weight"].qtype.name == "Q2_K") is router_changes
+    assert plan["blk.0.attn_norm.weight"].qtype.name == "F32" and plan["output_norm.weight"].qtype.name == "F32"
 
 
 def test_rule_naming_the_router_changes_it_with_a_warning(caplog):
