@@ -50,6 +50,7 @@ class HFSession:
         self._moe = bool(config.get("num_local_experts"))
         self.experts_used = int(config.get("num_experts_per_tok") or 0)
         self.n_ctx = n_ctx
+        self.capture_router = self._moe  # router logits of every position, every chunk
         self.n_vocab = len(self.vocab.tokens)
         self.router: dict[int, np.ndarray] = {}
         if self.vocab.model == "llama":
@@ -77,6 +78,10 @@ class HFSession:
         if self._moe:
             self.router = {i: r.float().numpy().reshape(len(tokens), -1) for i, r in enumerate(out.router_logits)}
         return out.logits[0].float().numpy()
+
+    def eval_chunks(self, chunks: list[list[int]], first_output: int = 0) -> list[np.ndarray]:
+        """One chunk at a time (``n_seq`` is 1 here); logits from ``first_output`` on."""
+        return [self.eval_chunk(c)[first_output:] for c in chunks]
 
     def vocab_fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -72,9 +72,10 @@ class Chunk:
     """One evaluated chunk: the scored positions' log-probabilities and their targets."""
 
     index: int
-    logprobs: np.ndarray  # (n_ctx/2 - 1, n_vocab) float32 log-softmax
+    logprobs: np.ndarray | None  # (n_ctx/2 - 1, n_vocab) float32 log-softmax; None when only the NLL was asked for
     targets: np.ndarray  # (n_ctx/2 - 1,) next-token ids
     router: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (positions, n_expert) router logits
+    nll: np.ndarray | None = None  # (n_ctx/2 - 1,) float64 negative log-likelihood of each target
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -82,6 +83,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     x -= x.max(axis=-1, keepdims=True)
     x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
     return x.astype(np.float32)
+
+
+def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, as llama-perplexity computes it (exp in float, sums in double)."""
+    m = logits.max(axis=-1)
+    s = np.exp(logits - m[:, None]).sum(axis=-1, dtype=np.float64)
+    return np.log(s) + m - logits[np.arange(targets.size), targets]
 
 
 def plan_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
@@ -93,8 +101,11 @@ def plan_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
     return most if n_chunks is None or n_chunks <= 0 else min(n_chunks, most)
 
 
-def iter_chunks(session: Any, tokens: list[int], n_chunks: int) -> Iterator[Chunk]:
-    """Evaluate chunk after chunk from an empty cache (``session.n_seq`` at a time); yield the scored half."""
+def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool = False) -> Iterator[Chunk]:
+    """Evaluate chunk after chunk from an empty cache (``session.n_seq`` at a time); yield the scored half.
+
+    ``nll_only``: yield only each target's NLL (perplexity), not the whole log-softmax (KL-divergence).
+    """
     n_ctx = session.n_ctx
     first = n_ctx // 2
     bos = session.bos
@@ -106,11 +117,18 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int) -> Iterator[Chun
             if bos is not None:
                 chunk[0] = bos
             group.append(chunk)
-        all_logits = session.eval_chunks(group) if len(group) > 1 else [session.eval_chunk(group[0])]
+        # only the scored half is output (as llama-perplexity asks), unless routers are captured: llama.cpp then
+        # computes the last block's router for the output rows only, and routing compares every position
+        skip = 0 if getattr(session, "capture_router", False) else first
+        all_logits = session.eval_chunks(group, skip)
         for i, logits in zip(range(start, start + len(group)), all_logits):
             targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx], dtype=np.int64)
             router = {k: v[first : n_ctx - 1] for k, v in session.router.items()} if len(group) == 1 else {}
-            yield Chunk(i, log_softmax(logits[first : n_ctx - 1]), targets, router)
+            scored = logits[first - skip : n_ctx - 1 - skip]
+            if nll_only:
+                yield Chunk(i, None, targets, router, target_nll(scored, targets))
+            else:
+                yield Chunk(i, log_softmax(scored), targets, router)
 
 
 #: llama-perplexity's default batch: n_seq = 2048 / n_ctx chunks are decoded together.
@@ -153,8 +171,9 @@ def perplexity(
     tokens = session.tokenize(text)
     n = plan_chunks(len(tokens), n_ctx, n_chunks)
     acc = NllAccumulator()
-    for chunk in iter_chunks(session, tokens, n):
-        acc.add(-chunk.logprobs[np.arange(chunk.targets.size), chunk.targets])
+    for chunk in iter_chunks(session, tokens, n, nll_only=True):
+        assert chunk.nll is not None
+        acc.add(chunk.nll)
         if on_chunk is not None:
             on_chunk(chunk.index + 1, n, math.exp(acc.sum / acc.count))
     session.close()

@@ -169,6 +169,7 @@ class EvalSession:
         self.batch = internals.LlamaBatch(n_tokens=n_ctx * n_seq, embd=0, n_seq_max=n_seq, verbose=False)
         self.n_ctx = n_ctx
         self.n_seq = n_seq
+        self.capture_router = capture_router
         self.n_vocab = self.model.n_vocab()
 
     def _on_tensor(self, t: int, ask: bool, _user: Any) -> bool:
@@ -192,44 +193,59 @@ class EvalSession:
         return int(md.get(f"{arch}.expert_used_count", 0))
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        """llama.cpp's tokens for ``text`` (BOS first when the model adds one), straight into an int32 buffer."""
+        import llama_cpp
+
+        raw = text.encode("utf-8")
+        buf = np.empty(len(raw) + 2, dtype=np.int32)
+        ptr = buf.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        n = llama_cpp.llama_tokenize(self.model.vocab, raw, len(raw), ptr, buf.size, True, False)
+        if n < 0:  # cannot happen (a token covers at least one byte), but never trust a size
+            buf = np.empty(-n, dtype=np.int32)
+            n = llama_cpp.llama_tokenize(self.model.vocab, raw, len(raw), buf.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)), buf.size, True, False)
+        return buf[:n].tolist()
 
     @property
     def bos(self) -> int | None:
         return self.model.token_bos() if self.model.add_bos_token() else None
 
-    def eval_chunk(self, tokens: list[int]) -> np.ndarray:
-        """Logits of every position of ``tokens`` from an empty cache: (len, n_vocab) float32."""
-        import llama_cpp
+    def eval_chunk(self, tokens: list[int], first_output: int = 0) -> np.ndarray:
+        """Logits of positions ``first_output..`` of ``tokens`` from an empty cache: (len - first_output, n_vocab) float32.
 
-        if len(tokens) > self.n_ctx:
-            raise ValueError(f"chunk of {len(tokens)} tokens exceeds n_ctx {self.n_ctx}")
-        llama_cpp.llama_memory_clear(self.ctx.memory, True)
-        self.router = {}
-        self.batch.set_batch(tokens, n_past=0, logits_all=True)
-        self.ctx.decode(self.batch)
-        ptr = llama_cpp.llama_get_logits(self.ctx.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
+        Asking for fewer outputs lets llama.cpp skip the output projection (and, in
+        the last block, everything after attention) for the other positions, as
+        llama-perplexity does; the last block's router then sees only those rows.
+        """
+        return self.eval_chunks([tokens], first_output)[0]
 
-    def eval_chunks(self, chunks: list[list[int]]) -> list[np.ndarray]:
-        """Logits of up to ``n_seq`` chunks decoded together, each its own sequence from an empty cache."""
+    def eval_chunks(self, chunks: list[list[int]], first_output: int = 0) -> list[np.ndarray]:
+        """Logits (from ``first_output`` on) of up to ``n_seq`` chunks decoded together, each its own sequence from an empty cache."""
         import llama_cpp
 
         if not 1 <= len(chunks) <= self.n_seq or any(len(c) > self.n_ctx for c in chunks):
             raise ValueError(f"{len(chunks)} chunks for a session of {self.n_seq} x {self.n_ctx}")
-        if len(chunks) == 1:
-            return [self.eval_chunk(chunks[0])]
+        if not 0 <= first_output < min(len(c) for c in chunks):
+            raise ValueError(f"first_output {first_output} outside the chunks")
         llama_cpp.llama_memory_clear(self.ctx.memory, True)
-        self.batch.reset()
+        self.router = {}
+        b = self.batch.batch
+        n = 0
         for seq, tokens in enumerate(chunks):
-            self.batch.add_sequence(tokens, seq, logits_all=True)
+            for pos, tok in enumerate(tokens):
+                b.token[n] = tok
+                b.pos[n] = pos
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = pos >= first_output
+                n += 1
+        b.n_tokens = n
         self.ctx.decode(self.batch)
-        total = sum(len(c) for c in chunks)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(total, self.n_vocab))
+        rows = [len(c) - first_output for c in chunks]
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(sum(rows), self.n_vocab))
         out, at = [], 0
-        for c in chunks:
-            out.append(logits[at : at + len(c)].copy())
-            at += len(c)
+        for r in rows:
+            out.append(logits[at : at + r].copy())
+            at += r
         return out
 
     def vocab_fingerprint(self) -> str:
