@@ -144,6 +144,8 @@ def convert(
         return
     j = result.to_json()
     out.print(f"wrote [bold]{j['output']}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+    if target is not None or overrides:  # a mixed plan: say what was chosen (quantkit plan shows it tensor by tensor)
+        out.print("types: " + ", ".join(f"{k} x{v['tensors']} ({8 * v['bytes'] / max(1, v['params']):.2f} bpw, {v['bytes'] / 2**20:.1f} MiB)" for k, v in j["types"].items()))
 
 
 def _type_and_rules(

@@ -57,6 +57,7 @@ class ConvertResult:
     nbytes: int
     seconds: float
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    types: dict[str, dict[str, int]] = field(default_factory=dict)  # GGML type -> tensors, params, bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class ConvertResult:
             "bits_per_weight": round(8 * self.nbytes / max(1, self.n_params), 4),
             "seconds": round(self.seconds, 3),
             "groups": self.groups,
+            "types": self.types,
         }
 
 
@@ -354,4 +356,16 @@ def convert(
         nbytes=out.stat().st_size,
         seconds=time.perf_counter() - t0,
         groups=group_totals(plan.tensors),
+        types=type_totals(plan),
     )
+
+
+def type_totals(plan: Plan) -> dict[str, dict[str, int]]:
+    """Tensors, parameters and bytes per GGML type, largest share first."""
+    out: dict[str, dict[str, int]] = {}
+    for t in plan.tensors:
+        g = out.setdefault(t.qtype.name, {"tensors": 0, "params": 0, "bytes": 0})
+        g["tensors"] += 1
+        g["params"] += t.n_elements
+        g["bytes"] += t.nbytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
