@@ -18,6 +18,7 @@ Not for: argument parsing or terminal output (``quantkit.cli``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import gguf
 import numpy as np
 
-from quantkit import __version__
+from quantkit import __version__, ggml
 from quantkit.checkpoint import open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 V = gguf.GGUFValueType
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+_LOCAL = threading.local()  # per thread: reused float32 / quantised buffers of the pieces (ggml.Scratch)
 CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
 
 
@@ -229,6 +231,12 @@ def imatrix_metadata(imatrix: Imatrix | None) -> dict[str, MetaValue]:
     return md
 
 
+def _scratch() -> ggml.Scratch:
+    if not hasattr(_LOCAL, "scratch"):
+        _LOCAL.scratch = ggml.Scratch()
+    return _LOCAL.scratch
+
+
 def _rows(
     a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, release: Callable[[int, int], None] | None = None,
     imatrix: np.ndarray | None = None,
@@ -247,7 +255,7 @@ def _rows(
     row_bytes = a.nbytes // max(1, rows)
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for r in range(0, rows, step):
-        yield encode(a[r : r + step], dtype, qtype, imatrix)
+        yield encode(a[r : r + step], dtype, qtype, imatrix, _scratch())  # written before the next piece is made
         if release:
             release(r * row_bytes, min(rows, r + step) * row_bytes)
 

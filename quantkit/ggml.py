@@ -87,13 +87,37 @@ _CONVERT = {
 _SPLIT = 1 << 20  # elements per thread task
 
 
-def convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Element-wise float conversion with ggml's SIMD kernels, split across threads."""
+class Scratch:
+    """Grow-only buffers reused from call to call.
+
+    A fresh 30 MB numpy array per piece is a fresh mmap from the allocator and
+    thousands of page faults; reusing one buffer per role keeps a long
+    conversion's working set warm.  A result that lives in a scratch buffer is
+    only valid until the next call that uses the same buffer.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        buf = self._bufs.get(role)
+        if buf is None or buf.nbytes < n:
+            buf = self._bufs[role] = np.empty(max(n, 1), dtype=np.uint8)
+        return buf[:n].view(dt).reshape(shape)
+
+
+def convert(x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Element-wise float conversion with ggml's SIMD kernels, split across threads (into ``out`` when given)."""
     name, in_dtype, out_dtype = _CONVERT[(src, dst)]
     x = np.ascontiguousarray(x)
     if x.dtype != in_dtype:
         raise TypeError(f"{name} expects {np.dtype(in_dtype)}, got {x.dtype}")
-    out = np.empty(x.shape, dtype=out_dtype)
+    if out is None:
+        out = np.empty(x.shape, dtype=out_dtype)
+    elif out.shape != x.shape or out.dtype != out_dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous {np.dtype(out_dtype)} array of shape {x.shape}")
     fn = getattr(cpu_lib(), name)
     n = x.size
     src_p, dst_p = x.ctypes.data, out.ctypes.data
@@ -109,14 +133,14 @@ def convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
     return out
 
 
-def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """Quantise a float32 matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8)."""
+def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
+    """Quantise a float32 matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = x.shape[-1]
     nrows = x.size // n_per_row
     so = lib()
     rs = row_size(qtype, n_per_row)
-    out = np.empty(nrows * rs, dtype=np.uint8)
+    out = np.empty(nrows * rs, dtype=np.uint8) if scratch is None else scratch.get("quantized", (nrows * rs,), np.uint8)
     qm = None
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
