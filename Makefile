@@ -31,6 +31,8 @@ demo: setup
 	$(QK) inspect $(OUT)/tiny-mixtral-Q4_K_M.gguf --no-tensors
 	$(QK) run $(OUT)/tiny-mixtral-Q4_K_M.gguf -p "HAMLET. To be, or not to be" --temperature 0 --max-tokens 60
 	$(QK) eval ppl $(OUT)/tiny-mixtral-Q4_K_M.gguf --corpus heldout --ctx 256 --chunks 8
+	$(QK) convert tests/fixtures/tiny-mixtral -o $(OUT)/tiny-mixtral-4bpw.gguf --target-bpw 4.0 --force
+	$(QK) eval ppl $(OUT)/tiny-mixtral-4bpw.gguf --corpus heldout --ctx 256 --chunks 8
 
 bench: setup
 	$(PY) bench/bench_convert.py
