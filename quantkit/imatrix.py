@@ -656,7 +656,10 @@ def collect_from_source(
             on_convert()
         gguf_path = Path(tmp) / "model-bf16.gguf"
         convert(src, gguf_path, "bf16")
-        return collect_imatrix(gguf_path, text, **kwargs)
+        im = collect_imatrix(gguf_path, text, **kwargs)
+    import dataclasses
+
+    return dataclasses.replace(im, source=str(src))  # not the temporary file, which is gone
 
 
 def expert_weights(imatrix: Imatrix | None, name: str, shape: Sequence[int]) -> np.ndarray | None:

@@ -45,6 +45,12 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it onto ``path``.
@@ -57,6 +63,7 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode, as open() would give
         os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:

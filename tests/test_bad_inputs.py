@@ -181,3 +181,18 @@ def test_not_enough_free_space_is_refused_before_writing(model, tmp_path, monkey
 def test_output_directory_missing(model, tmp_path):
     result = CliRunner().invoke(app, ["convert", str(model), "-o", str(tmp_path / "nope" / "m.gguf")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_output_file_gets_the_usual_mode(tmp_path):
+    """Atomic output is created 0600 by mkstemp; the finished file must be readable as open() would make it."""
+    import os
+
+    from conftest import FIXTURE
+    from quantkit.convert import convert
+
+    old = os.umask(0o022)
+    try:
+        convert(FIXTURE, tmp_path / "m.gguf", "q8_0")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
