@@ -41,15 +41,6 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _f32_scratch(a: np.ndarray, dtype: str, scratch: ggml.Scratch) -> np.ndarray:
-    """``to_f32`` into a reused buffer (BF16/F16 sources; F32 is used as it is)."""
-    if dtype == "BF16":
-        return ggml.convert(a, "bf16", "f32", out=scratch.get("f32", a.shape, np.float32))
-    if dtype == "F16":
-        return ggml.convert(a, "f16", "f32", out=scratch.get("f32", a.shape, np.float32))
-    return np.asarray(a, dtype=np.float32)
-
-
 def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: ggml.Scratch | None = None):
     """Bytes of ``a`` (stored as ``dtype``) encoded as ``qtype``; may return a view of ``a``.
 
@@ -64,7 +55,8 @@ def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix:
         return ggml.convert(to_f32(a, dtype), "f32", "f16")
     if qtype == Q.BF16:
         return f32_to_bf16(to_f32(a, dtype))
-    if scratch is not None:
-        x = _f32_scratch(np.ascontiguousarray(a), dtype, scratch)
+    if scratch is not None:  # widened row range by row range inside the quantising threads
+        x = np.ascontiguousarray(a)
+        x = x.view(np.uint16) if dtype == "BF16" else x.view(np.float16) if dtype == "F16" else np.asarray(x, dtype=np.float32)
         return ggml.quantize(x.reshape(-1, a.shape[-1]), qtype, imatrix, scratch)
     return ggml.quantize(to_f32(a, dtype).reshape(-1, a.shape[-1]), qtype, imatrix)

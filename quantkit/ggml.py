@@ -133,9 +133,22 @@ def convert(x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) ->
     return out
 
 
+_WIDEN = {np.dtype(np.uint16): "ggml_cpu_bf16_to_fp32", np.dtype(np.float16): "ggml_cpu_fp16_to_fp32"}
+
+
 def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
-    """Quantise a float32 matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """Quantise a matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given).
+
+    ``x`` is float32, or -- with ``scratch`` -- BF16 bits (uint16) or float16: each
+    thread then widens its own rows into the scratch float32 buffer just before
+    quantising them (no separate pass, no barrier between the two, rows still in cache).
+    """
+    widen = _WIDEN.get(np.asarray(x).dtype) if scratch is not None else None
+    if widen is not None:
+        x = np.ascontiguousarray(x)
+        f32 = scratch.get("f32", x.shape, np.float32)  # type: ignore[union-attr]
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = x.shape[-1]
     nrows = x.size // n_per_row
     so = lib()
@@ -150,10 +163,16 @@ def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarra
     so.ggml_quantize_init(int(qtype))
     workers = os.cpu_count() or 1
     rows_per = max(1, -(-nrows // (workers * 4)))
-    src, dst = x.ctypes.data, out.ctypes.data
+    dst = out.ctypes.data
+    if widen is not None:
+        fn, raw, src, isz = getattr(cpu_lib(), widen), x.ctypes.data, f32.ctypes.data, x.itemsize
+    else:
+        src = x.ctypes.data
 
     def run(first: int) -> int:
         n = min(rows_per, nrows - first)
+        if widen is not None:
+            fn(raw + first * n_per_row * isz, src + first * n_per_row * 4, n * n_per_row)
         return int(so.ggml_quantize_chunk(int(qtype), src, dst, first * n_per_row, n, n_per_row, qm))
 
     done = sum(_pool().map(run, range(0, nrows, rows_per))) if nrows > rows_per else run(0)
