@@ -108,3 +108,24 @@ def sp_ids(model_dir: Path, text: str) -> list[int]:
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def fused_copy(src: Path, dst: Path) -> Path:
+    """The same Mixtral weights in transformers 5's fused layout: mlp.experts.gate_up_proj [E, 2F, H], down_proj [E, H, F]."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = read_config(src)
+    state = load_file(str(src / "model.safetensors"))
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        ex = [{w: state.pop(f"{p}block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(config["num_local_experts"])]
+        state[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in ex])
+        state[p + "mlp.experts.down_proj"] = torch.stack([x["w2"] for x in ex])
+        state[p + "mlp.gate.weight"] = state.pop(p + "block_sparse_moe.gate.weight")
+    dst.mkdir()
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    return dst

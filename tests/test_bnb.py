@@ -24,7 +24,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, random_model, read_config, sp_ids
+from conftest import FIXTURE, fused_copy, random_model, read_config, sp_ids
 from quantkit import export_bnb, load_bnb
 from quantkit.bnb import QUANT_AUX_KEY
 from quantkit.checkpoint import open_checkpoint
@@ -240,33 +240,12 @@ def test_kl_check_fails_when_experts_are_miswired(fixture_bnb, base_logprobs, he
 # --------------------------------------------------------------------------- fused layout, 95% on a realistic model
 
 
-def _fused_copy(src: Path, dst: Path) -> Path:
-    """The same weights in transformers 5's fused layout: mlp.experts.gate_up_proj [E, 2F, H], down_proj [E, H, F]."""
-    from safetensors.torch import load_file, save_file
-
-    config = read_config(src)
-    state = load_file(str(src / "model.safetensors"))
-    E = config["num_local_experts"]
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        ex = [{w: state.pop(f"{p}block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(E)]
-        state[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in ex])
-        state[p + "mlp.experts.down_proj"] = torch.stack([x["w2"] for x in ex])
-        state[p + "mlp.gate.weight"] = state.pop(p + "block_sparse_moe.gate.weight")
-    dst.mkdir()
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def random_pair(tmp_path_factory):
     """A random Mixtral with a 512-token vocabulary and 1024-wide experts, per-expert and fused."""
     base = tmp_path_factory.mktemp("rnd")
     per_expert = random_model(base / "per-expert", "mixtral", seed=3, vocab_size=512, hidden_size=256, intermediate_size=1024)
-    return per_expert, _fused_copy(per_expert, base / "fused")
+    return per_expert, fused_copy(per_expert, base / "fused")
 
 
 def test_random_fused_model_exports_same_files_95pct_4bit_and_stays_close(random_pair, tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 import struct
 
 import gguf
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, ROOT, read_config
+from conftest import FIXTURE, ROOT, fused_copy, read_config
 from quantkit.cli import app
 from quantkit.errors import QuantkitError
 from quantkit.imatrix import Entry, Imatrix, check_matches, collect_imatrix, coverage, expert_weights, read_imatrix, write_imatrix
@@ -176,7 +175,7 @@ def test_collection_matches_llama_imatrix(fixture_gguf, text, ref):
 
     model = fixture_gguf("bf16")
     if sha256_file(model) != REF_META["model_sha256"]:
-        pytest.skip("the converter's BF16 output changed since the reference was made; regenerate it: evals/reference/make_refs.sh WORK imatrix")
+        pytest.fail("the converter's BF16 output changed since the reference was made; regenerate it: evals/reference/make_refs.sh WORK imatrix")
     assert sha256_text(text) == REF_META["text_sha256"]
     ours = collect_imatrix(model, text.removesuffix("\n"), n_ctx=REF_META["n_ctx"], n_chunks=REF_META["n_chunks"], threads=2, dataset="heldout.txt")
     assert sorted(ours.entries) == sorted(ref.entries)
@@ -353,32 +352,11 @@ def test_quantised_bytes_equal_llama_quantize_with_the_same_imatrix(fixture_gguf
         assert "output.weight" not in changed and "token_embd.weight" not in changed  # no entries: as without
 
 
-def _fused_copy(src, dst):
-    """The fixture's experts in transformers 5's fused layout: gate_up_proj [E, 2F, H] and down_proj [E, H, F], one source each."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    config = read_config(src)
-    state = load_file(str(src / "model.safetensors"))
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        ex = [{w: state.pop(f"{p}block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(config["num_local_experts"])]
-        state[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in ex])
-        state[p + "mlp.experts.down_proj"] = torch.stack([x["w2"] for x in ex])
-        state[p + "mlp.gate.weight"] = state.pop(p + "block_sparse_moe.gate.weight")
-    dst.mkdir()
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    return dst
-
-
 def test_fused_expert_sources_use_each_experts_own_weights(ref, tmp_path):
     """A fused 3-D source is split per expert: the bytes equal those from one source per expert."""
     from quantkit.convert import convert
 
-    fused = _fused_copy(FIXTURE, tmp_path / "fused")
+    fused = fused_copy(FIXTURE, tmp_path / "fused")
     a = tensors_of(convert(FIXTURE, tmp_path / "per-expert.gguf", "Q4_K_M", imatrix=ref).output)
     b = tensors_of(convert(fused, tmp_path / "fused.gguf", "Q4_K_M", imatrix=ref).output)
     assert a == b
