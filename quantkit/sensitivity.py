@@ -50,12 +50,6 @@ def probe_type(t: OutTensor) -> gguf.GGMLQuantizationType | None:
     return PROBE_256 if c is budget.CANDIDATES_256 else PROBE_32
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def simulate(raw: bytes, stored: gguf.GGMLQuantizationType, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, weights: np.ndarray | None) -> bytes:
     """Stored bytes of a tensor -> the same tensor quantised to ``qtype`` and back, in the stored type."""
     dtype = _STORED[stored]
@@ -87,6 +81,7 @@ def measure(
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[gguf.GGMLQuantizationType, float]]:
     """Mean KLD per quantisable tensor of ``model`` (an unquantised GGUF that may be modified and restored)."""
+    from quantkit.evals.perplexity import log_softmax
     from quantkit.evals.session import EvalSession
     from quantkit.gguf_read import read_gguf
 
@@ -103,7 +98,7 @@ def measure(
         half = n_ctx // 2
 
         def logp() -> list[np.ndarray]:
-            return [_log_softmax(session.eval_chunk(c)[half:]) for c in chunks]
+            return [log_softmax(session.eval_chunk(c, half)).astype(np.float64) for c in chunks]
 
         base = logp()
         out: dict[str, tuple[gguf.GGMLQuantizationType, float]] = {}
