@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 V = gguf.GGUFValueType
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
-_LOCAL = threading.local()  # per thread: reused float32 / quantised buffers of the pieces (ggml.Scratch)
+_LOCAL = threading.local()  # per thread: the reused buffer of the quantised pieces (ggml.Scratch)
 CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
 
 

@@ -44,8 +44,8 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
 def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: ggml.Scratch | None = None):
     """Bytes of ``a`` (stored as ``dtype``) encoded as ``qtype``; may return a view of ``a``.
 
-    With ``scratch``, a quantised result (and its float32 intermediate) lives in
-    reused buffers: write it out before the next call.
+    With ``scratch``, a quantised result lives in a reused buffer: write it out
+    before the next call.
     """
     if SAME.get(dtype) == qtype:
         return np.ascontiguousarray(a)
@@ -55,8 +55,6 @@ def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix:
         return ggml.convert(to_f32(a, dtype), "f32", "f16")
     if qtype == Q.BF16:
         return f32_to_bf16(to_f32(a, dtype))
-    if scratch is not None:  # widened row range by row range inside the quantising threads
-        x = np.ascontiguousarray(a)
-        x = x.view(np.uint16) if dtype == "BF16" else x.view(np.float16) if dtype == "F16" else np.asarray(x, dtype=np.float32)
-        return ggml.quantize(x.reshape(-1, a.shape[-1]), qtype, imatrix, scratch)
-    return ggml.quantize(to_f32(a, dtype).reshape(-1, a.shape[-1]), qtype, imatrix)
+    x = np.ascontiguousarray(a)  # BF16/F16 rows are widened block by block inside the quantising threads
+    x = x.view(np.uint16) if dtype == "BF16" else x.view(np.float16) if dtype == "F16" else to_f32(x, dtype)
+    return ggml.quantize(x.reshape(-1, a.shape[-1]), qtype, imatrix, scratch)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -134,21 +136,29 @@ def convert(x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) ->
 
 
 _WIDEN = {np.dtype(np.uint16): "ggml_cpu_bf16_to_fp32", np.dtype(np.float16): "ggml_cpu_fp16_to_fp32"}
+BLOCK_ELEMS = 1 << 16  # elements per quantising step: 256 KiB of float32, stays in a core's L2
+_LOCAL_F32 = threading.local()  # per pool thread: the float32 block a BF16/F16 block is widened into
+
+
+def _block_buffer(n: int) -> np.ndarray:
+    buf = getattr(_LOCAL_F32, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _LOCAL_F32.buf = np.empty(n, dtype=np.float32)
+    return buf
 
 
 def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
     """Quantise a matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given).
 
-    ``x`` is float32, or -- with ``scratch`` -- BF16 bits (uint16) or float16: each
-    thread then widens its own rows into the scratch float32 buffer just before
-    quantising them (no separate pass, no barrier between the two, rows still in cache).
+    ``x`` is float32, BF16 bits (uint16) or float16.  Rows go out in blocks of about
+    BLOCK_ELEMS elements, handed to the pool's threads as they come free (as
+    llama-quantize hands out its chunks, so a slow core does not hold the rest up);
+    a BF16/F16 block is widened into the thread's own cache-sized float32 buffer just
+    before it is quantised, so no float32 copy of the matrix is ever made.
     """
-    widen = _WIDEN.get(np.asarray(x).dtype) if scratch is not None else None
-    if widen is not None:
-        x = np.ascontiguousarray(x)
-        f32 = scratch.get("f32", x.shape, np.float32)  # type: ignore[union-attr]
-    else:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x)
+    widen = _WIDEN.get(x.dtype)
+    x = np.ascontiguousarray(x) if widen is not None else np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = x.shape[-1]
     nrows = x.size // n_per_row
     so = lib()
@@ -161,21 +171,25 @@ def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarra
             raise ValueError(f"imatrix has {imatrix.size} values, rows have {n_per_row}")
         qm = imatrix.ctypes.data
     so.ggml_quantize_init(int(qtype))
-    workers = os.cpu_count() or 1
-    rows_per = max(1, -(-nrows // (workers * 4)))
-    dst = out.ctypes.data
-    if widen is not None:
-        fn, raw, src, isz = getattr(cpu_lib(), widen), x.ctypes.data, f32.ctypes.data, x.itemsize
-    else:
-        src = x.ctypes.data
+    step = max(1, BLOCK_ELEMS // n_per_row)  # rows per block
+    src, dst, isz, q = x.ctypes.data, out.ctypes.data, x.itemsize, int(qtype)
+    fn = getattr(cpu_lib(), widen) if widen is not None else None
+    blocks = itertools.count(0, step)  # next() on a count is atomic under the GIL
 
-    def run(first: int) -> int:
-        n = min(rows_per, nrows - first)
-        if widen is not None:
-            fn(raw + first * n_per_row * isz, src + first * n_per_row * 4, n * n_per_row)
-        return int(so.ggml_quantize_chunk(int(qtype), src, dst, first * n_per_row, n, n_per_row, qm))
+    def work(_: int = 0) -> int:
+        done = 0
+        buf = _block_buffer(step * n_per_row).ctypes.data if fn is not None else 0
+        while (first := next(blocks)) < nrows:
+            n = min(step, nrows - first)
+            if fn is None:
+                done += so.ggml_quantize_chunk(q, src, dst, first * n_per_row, n, n_per_row, qm)
+            else:
+                fn(src + first * n_per_row * isz, buf, n * n_per_row)
+                done += so.ggml_quantize_chunk(q, buf, dst + first * rs, 0, n, n_per_row, qm)
+        return done
 
-    done = sum(_pool().map(run, range(0, nrows, rows_per))) if nrows > rows_per else run(0)
+    workers = min(os.cpu_count() or 1, -(-nrows // step))
+    done = work() if workers == 1 else sum(_pool().map(work, range(workers)))
     if done != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes, expected {out.nbytes}")
     return out
