@@ -87,6 +87,7 @@ _CONVERT = {
     ("f32", "f16"): ("ggml_cpu_fp32_to_fp16", np.float32, np.float16),
 }
 _SPLIT = 1 << 20  # elements per thread task
+_CPUS = os.cpu_count() or 1
 
 
 class Scratch:
@@ -137,6 +138,7 @@ def convert(x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) ->
 
 _WIDEN = {np.dtype(np.uint16): "ggml_cpu_bf16_to_fp32", np.dtype(np.float16): "ggml_cpu_fp16_to_fp32"}
 BLOCK_ELEMS = 1 << 16  # elements per quantising step: 256 KiB of float32, stays in a core's L2
+MIN_BLOCK_ELEMS = 16384  # smaller matrices still use every core, in blocks no smaller than llama-quantize's chunks
 _LOCAL_F32 = threading.local()  # per pool thread: the float32 block a BF16/F16 block is widened into
 
 
@@ -151,7 +153,7 @@ def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarra
     """Quantise a matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given).
 
     ``x`` is float32, BF16 bits (uint16) or float16.  Rows go out in blocks of about
-    BLOCK_ELEMS elements, handed to the pool's threads as they come free (as
+    BLOCK_ELEMS elements (fewer for a small matrix, so that every core gets some), handed to the pool's threads as they come free (as
     llama-quantize hands out its chunks, so a slow core does not hold the rest up);
     a BF16/F16 block is widened into the thread's own cache-sized float32 buffer just
     before it is quantised, so no float32 copy of the matrix is ever made.
@@ -171,7 +173,9 @@ def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarra
             raise ValueError(f"imatrix has {imatrix.size} values, rows have {n_per_row}")
         qm = imatrix.ctypes.data
     so.ggml_quantize_init(int(qtype))
-    step = max(1, BLOCK_ELEMS // n_per_row)  # rows per block
+    workers = _CPUS
+    block = min(BLOCK_ELEMS, max(MIN_BLOCK_ELEMS, x.size // (2 * workers)))
+    step = max(1, block // n_per_row)  # rows per block
     src, dst, isz, q = x.ctypes.data, out.ctypes.data, x.itemsize, int(qtype)
     fn = getattr(cpu_lib(), widen) if widen is not None else None
     blocks = itertools.count(0, step)  # next() on a count is atomic under the GIL
@@ -188,8 +192,9 @@ def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarra
                 done += so.ggml_quantize_chunk(q, buf, dst + first * rs, 0, n, n_per_row, qm)
         return done
 
-    workers = min(os.cpu_count() or 1, -(-nrows // step))
-    done = work() if workers == 1 else sum(_pool().map(work, range(workers)))
+    workers = min(workers, -(-nrows // step))
+    helpers = [_pool().submit(work) for _ in range(workers - 1)]  # the calling thread is a worker too
+    done = work() + sum(h.result() for h in helpers)
     if done != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes, expected {out.nbytes}")
     return out

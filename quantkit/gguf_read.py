@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import gguf
+import numpy as np
 
 from quantkit.errors import GGUFFormatError
 from quantkit.mapping import Role, group_totals
 
 VT = gguf.GGUFValueType
-_SCALARS: dict[int, tuple[str, int]] = {
+SCALARS: dict[int, tuple[str, int]] = {
     VT.UINT8: ("<B", 1), VT.INT8: ("<b", 1), VT.UINT16: ("<H", 2), VT.INT16: ("<h", 2),
     VT.UINT32: ("<I", 4), VT.INT32: ("<i", 4), VT.FLOAT32: ("<f", 4), VT.BOOL: ("<?", 1),
     VT.UINT64: ("<Q", 8), VT.INT64: ("<q", 8), VT.FLOAT64: ("<d", 8),
@@ -94,11 +95,13 @@ class GGUFFile:
     alignment: int
     file_size: int = 0
     warnings: list[str] = field(default_factory=list)
+    types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (value type, array item type)
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, size: int, path: Path) -> None:
-        self.f, self.size, self.path, self.pos = f, size, path, 0
+    def __init__(self, f: BinaryIO, size: int, path: Path, full: bool = False) -> None:
+        self.f, self.size, self.path, self.pos, self.full = f, size, path, 0, full
+        self.item_type: int | None = None  # item type of the last array read
 
     def fail(self, what: str) -> GGUFFormatError:
         return GGUFFormatError(f"{self.path}: {what} (at byte {self.pos}); fix: re-download or re-convert the file")
@@ -119,7 +122,7 @@ class _Reader:
         self.pos += n
 
     def scalar(self, vtype: int, what: str) -> Any:
-        fmt, n = _SCALARS[vtype]
+        fmt, n = SCALARS[vtype]
         return struct.unpack(fmt, self.read(n, what))[0]
 
     def u32(self, what: str) -> int:
@@ -135,10 +138,11 @@ class _Reader:
         if not keep:
             self.skip(n, what)
             return ""
-        return self.read(n, what).decode("utf-8", errors="replace")
+        # full reads keep undecodable bytes (surrogateescape) so that writing the value back gives the same bytes
+        return self.read(n, what).decode("utf-8", errors="surrogateescape" if self.full else "replace")
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
-        if vtype in _SCALARS:
+        if vtype in SCALARS:
             return self.scalar(vtype, what)
         if vtype == VT.STRING:
             return self.string(what)
@@ -146,16 +150,22 @@ class _Reader:
             if depth >= MAX_DEPTH:
                 raise self.fail(f"{what}: arrays nested deeper than {MAX_DEPTH}")
             itype = self.u32(f"{what} item type")
+            if depth == 0:
+                self.item_type = itype
             count = self.u64(f"{what} count")
-            if itype in _SCALARS:
-                size = _SCALARS[itype][1]
+            if itype in SCALARS:
+                size = SCALARS[itype][1]
                 if count > (self.size - self.pos) // size:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
+                if self.full and depth == 0:
+                    return np.frombuffer(self.read(count * size, what), dtype=SCALARS[itype][0].replace("<?", "?"))
                 head = [self.scalar(itype, what) for _ in range(min(count, ARRAY_HEAD))]
                 self.skip((count - len(head)) * size, what)
             elif itype in (VT.STRING, VT.ARRAY):
                 if count > (self.size - self.pos) // 8:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
+                if self.full and depth == 0 and itype == VT.STRING:
+                    return [self.string(what) for _ in range(count)]
                 head = []
                 for i in range(count):
                     if itype == VT.STRING:
@@ -174,14 +184,18 @@ class _Reader:
         raise self.fail(f"{what}: unknown value type {vtype}")
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF header, metadata and tensor table with every size checked."""
+def read_gguf(path: str | Path, full: bool = False) -> GGUFFile:
+    """Parse a GGUF header, metadata and tensor table with every size checked.
+
+    ``full``: keep whole arrays (numeric ones as read-only numpy arrays, strings as
+    lists) instead of summaries, e.g. to copy the metadata into a new file.
+    """
     path = Path(path)
     if not path.is_file():
         raise GGUFFormatError(f"{path}: no such file; fix: check the path")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        r = _Reader(f, size, path)
+        r = _Reader(f, size, path, full)
         magic = r.read(4, "magic") if size >= 4 else b""
         if magic != b"GGUF":
             raise GGUFFormatError(f"{path}: not a GGUF file (magic {magic[:4]!r}, expected b'GGUF'); fix: pass a .gguf file")
@@ -195,10 +209,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if n_tensors > (size - r.pos) // 24:
             raise r.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file")
         md: dict[str, Any] = {}
+        types: dict[str, tuple[int, int | None]] = {}
         for _ in range(n_kv):
             key = r.string("metadata key")
             vtype = r.u32(f"type of {key!r}")
             md[key] = r.value(vtype, repr(key))
+            types[key] = (vtype, r.item_type if vtype == VT.ARRAY else None)
         alignment = md.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise r.fail(f"general.alignment = {alignment!r}, expected a power of two")
@@ -235,7 +251,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         names = [t.name for t in infos]
         if len(set(names)) != len(names):
             raise r.fail("duplicate tensor names")
-    return GGUFFile(path, version, md, infos, data_offset, alignment, size)
+    return GGUFFile(path, version, md, infos, data_offset, alignment, size, types=types)
 
 
 def to_json(g: GGUFFile) -> dict[str, Any]:

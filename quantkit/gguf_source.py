@@ -29,7 +29,7 @@ from gguf import quants
 
 from quantkit.checkpoint import Shard, TensorRef
 from quantkit.errors import CheckpointError
-from quantkit.gguf_read import read_gguf, role_of
+from quantkit.gguf_read import GGUFFile, read_gguf, role_of
 from quantkit.gguf_write import MetaValue
 from quantkit.mapping import OutTensor
 
@@ -94,39 +94,33 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _metadata(path: Path) -> tuple[dict[str, MetaValue], dict[str, Any]]:
-    r = gguf.GGUFReader(path)
+def _metadata(g: GGUFFile) -> dict[str, MetaValue]:
+    """The metadata to copy into the new file, with its value types (``g`` read with ``full=True``)."""
     md: dict[str, MetaValue] = {}
-    plain: dict[str, Any] = {}
-    for key, f in r.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = f.contents()
-        plain[key] = value
+    for key, value in g.metadata.items():
         if key in REDEFINED or key.startswith("quantize.imatrix."):
             continue
-        vtype = f.types[0]
-        sub = f.types[1] if vtype == V.ARRAY and len(f.types) > 1 else None
+        vtype, sub = g.types[key]
         if vtype == V.ARRAY and sub == V.ARRAY:
-            raise CheckpointError(f"{path}: metadata {key!r} is a nested array, which quantkit does not copy; fix: remove the key")
-        md[key] = MetaValue(value, vtype, sub)
-    return md, plain
+            raise CheckpointError(f"{g.path}: metadata {key!r} is a nested array, which quantkit does not copy; fix: remove the key")
+        md[key] = MetaValue(value, V(vtype), None if sub is None else V(sub))
+    return md
 
 
 def open_gguf(path: str | Path, allow_requantize: bool = False) -> GGUFSource:
     """Validate a GGUF and describe its tensors as conversion sources (reads no tensor data)."""
     path = Path(path)
-    g = read_gguf(path)
+    g = read_gguf(path, full=True)
     arch = g.metadata.get("general.architecture")
     if arch not in ARCHES:
         raise CheckpointError(f"{path}: general.architecture is {arch!r}; quantkit requantises {', '.join(ARCHES)} files (Mixtral, Mistral, Llama); fix: use llama-quantize for other architectures")
-    md, plain = _metadata(path)
+    md = _metadata(g)
 
     def num(key: str, default: int | None = None) -> int:
-        v = plain.get(f"{arch}.{key}", default)
+        v = g.metadata.get(f"{arch}.{key}", default)
         if v is None:
             raise CheckpointError(f"{path}: metadata key {arch}.{key} is missing; fix: re-convert the model with quantkit convert")
-        return int(v[0] if isinstance(v, list) else v)
+        return int(v[0] if isinstance(v, (list, np.ndarray)) else v)
 
     hp = GGUFShape(num("block_count"), num("attention.head_count"), num("attention.head_count_kv", num("attention.head_count")),
                    num("expert_count", 0), num("expert_used_count", 0))

@@ -1,0 +1,143 @@
+"""quantkit's own GGUF header/metadata encoder and full-array reader against the gguf package (gguf-py).
+
+gguf-py is llama.cpp's reference Python implementation of the format: the bytes
+quantkit encodes must equal what its ``GGUFWriter`` writes for the same
+metadata and tensor table, and quantkit's full read must give back what its
+``GGUFReader`` reads.  Undecodable string bytes (some vocabularies have them)
+must survive a read and a write unchanged.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from quantkit.gguf_read import read_gguf
+from quantkit.gguf_source import open_gguf
+from quantkit.gguf_write import MetaValue, StreamingGGUFWriter, encode_header, file_nbytes
+
+V = gguf.GGUFValueType
+Q = gguf.GGMLQuantizationType
+
+METADATA = {
+    "general.name": MetaValue("tïny — ünïcode", V.STRING),
+    "llama.block_count": MetaValue(2, V.UINT32),
+    "llama.expert_count": MetaValue(4, V.UINT32),
+    "llama.attention.head_count": MetaValue(2, V.UINT32),
+    "t.u8": MetaValue(255, V.UINT8),
+    "t.i8": MetaValue(-128, V.INT8),
+    "t.u16": MetaValue(65535, V.UINT16),
+    "t.i16": MetaValue(-3, V.INT16),
+    "t.i32": MetaValue(-(2**31), V.INT32),
+    "t.u64": MetaValue(2**63 + 5, V.UINT64),
+    "t.i64": MetaValue(-(2**62), V.INT64),
+    "t.f32": MetaValue(0.1, V.FLOAT32),
+    "t.f64": MetaValue(1e-300, V.FLOAT64),
+    "t.bool": MetaValue(True, V.BOOL),
+    "tokenizer.ggml.tokens": MetaValue(["<s>", "</s>", "▁the", "日本", "", "a" * 300], V.ARRAY, V.STRING),
+    "tokenizer.ggml.scores": MetaValue([0.0, -1.5, 3.25e-8, -0.0, 7.0, 1e30], V.ARRAY, V.FLOAT32),
+    "tokenizer.ggml.token_type": MetaValue([3, 3, 1, 1, 6, 1], V.ARRAY, V.INT32),
+    "t.u8s": MetaValue([0, 1, 255], V.ARRAY, V.UINT8),
+    "t.bools": MetaValue([True, False, True], V.ARRAY, V.BOOL),
+    "t.f64s": MetaValue([0.5, -2.0], V.ARRAY, V.FLOAT64),
+    "t.u64s": MetaValue([2**64 - 1, 0], V.ARRAY, V.UINT64),
+}
+TENSORS = [("token_embd.weight", (6, 256), Q.Q4_K), ("blk.0.ffn_gate_inp.weight", (4, 256), Q.F32),
+           ("blk.0.ffn_down_exps.weight", (4, 256, 512), Q.Q6_K), ("output_norm.weight", (256,), Q.F32)]
+
+
+def nbytes(shape: tuple[int, ...], qtype: Q) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def gguf_py_file(path, metadata=METADATA, tensors=TENSORS) -> None:
+    w = gguf.GGUFWriter(path, "llama")
+    for key, mv in metadata.items():
+        w.add_key_value(key, mv.value, mv.vtype, sub_type=mv.sub_type)
+    for name, shape, qtype in tensors:
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, shape, qtype in tensors:
+        w.write_padding(w.fout[0], w.fout[0].tell())
+        w.fout[0].write(bytes(nbytes(shape, qtype)))
+    w.write_padding(w.fout[0], w.fout[0].tell())
+    w.close()
+
+
+def test_header_equals_gguf_py(tmp_path):
+    ref = tmp_path / "ref.gguf"
+    gguf_py_file(ref)
+    head = encode_header("llama", METADATA, [(n, s, q, nbytes(s, q)) for n, s, q in TENSORS])
+    data = ref.read_bytes()
+    assert len(head) % gguf.GGUF_DEFAULT_ALIGNMENT == 0
+    assert data[: len(head)] == head
+    assert file_nbytes("llama", METADATA, [(n, s, nbytes(s, q)) for n, s, q in TENSORS]) == len(data)
+
+
+def test_streaming_writer_equals_gguf_py(tmp_path):
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    gguf_py_file(ref)
+    w = StreamingGGUFWriter(ours, "llama", METADATA)
+    for name, shape, qtype in TENSORS:
+        w.declare(name, shape, qtype)
+    w.begin()
+    for name, shape, qtype in TENSORS:
+        half = nbytes(shape, qtype) // 2
+        w.write_tensor(name, [bytes(half), np.zeros(nbytes(shape, qtype) - half, np.uint8)])
+    w.finish()
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_full_read_equals_gguf_py_reader(tmp_path):
+    ref = tmp_path / "ref.gguf"
+    gguf_py_file(ref)
+    g = read_gguf(ref, full=True)
+    r = gguf.GGUFReader(ref)
+    assert list(g.metadata) == [k for k in r.fields if not k.startswith("GGUF.")]
+    for key, value in g.metadata.items():
+        f = r.fields[key]
+        assert g.types[key][0] == f.types[0], key
+        if f.types[0] == V.ARRAY:
+            assert g.types[key][1] == f.types[1], key
+            assert list(value) == f.contents(), key
+        else:
+            assert value == f.contents(), key
+    summary = read_gguf(ref)  # the bounded default keeps a head of long arrays only
+    assert summary.metadata["tokenizer.ggml.tokens"] == METADATA["tokenizer.ggml.tokens"].value
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe", b"ab\x80", b"\xed\xa0\x80"])
+def test_undecodable_token_bytes_survive_requantisation(tmp_path, bad):
+    md = dict(METADATA)
+    md["tokenizer.ggml.tokens"] = MetaValue(["<s>", bad, "x"], V.ARRAY, V.STRING)
+    src = tmp_path / "src.gguf"
+    gguf_py_file(src, md, [("output_norm.weight", (256,), Q.F32)])
+    with open_gguf(src) as gs:
+        tokens = gs.metadata["tokenizer.ggml.tokens"]
+        out = tmp_path / "out.gguf"
+        w = StreamingGGUFWriter(out, "llama", gs.metadata)
+        w.declare("output_norm.weight", (256,), Q.F32)
+        w.begin()
+        w.write_tensor("output_norm.weight", [bytes(1024)])
+        w.finish()
+    assert len(tokens.value) == 3
+    r = gguf.GGUFReader(out)
+    f = r.fields["tokenizer.ggml.tokens"]
+    assert bytes(f.parts[f.data[1]]) == bad
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_empty_arrays_round_trip(tmp_path):
+    """gguf-py's writer refuses empty arrays; the format allows them and llama.cpp reads them."""
+    md = {"t.none": MetaValue([], V.ARRAY, V.STRING), "t.zero": MetaValue([], V.ARRAY, V.INT32), "t.after": MetaValue(7, V.UINT32)}
+    out = tmp_path / "empty.gguf"
+    w = StreamingGGUFWriter(out, "llama", md)
+    w.begin()
+    w.finish()
+    g = read_gguf(out, full=True)
+    assert g.metadata["t.none"] == [] and g.metadata["t.zero"].size == 0 and g.metadata["t.after"] == 7
+    assert gguf.GGUFReader(out).fields["t.after"].contents() == 7
