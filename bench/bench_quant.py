@@ -190,8 +190,9 @@ def gguf_input(src_gguf: Path) -> str | None:
 
 
 def part_speed(args: argparse.Namespace) -> dict[str, Any]:
-    synth = make_checkpoint(args.layers)
-    sources = {"fixture": FIXTURE, f"synthetic-L{args.layers}": synth}
+    sources = {"fixture": FIXTURE} if args.only != "synthetic" else {}
+    if args.only != "fixture":
+        sources[f"synthetic-L{args.layers}"] = make_checkpoint(args.layers)
     result: dict[str, Any] = {"threads": os.cpu_count(), "repeats": args.repeats, "sources": {}}
     for label, src in sources.items():
         bf16 = bf16_gguf(src, label)
@@ -437,6 +438,7 @@ def main() -> None:
     ap.add_argument("--two-step", action="store_true", help="part 2: one pass vs convert_hf_to_gguf.py + llama_model_quantize (synthetic)")
     ap.add_argument("--quality", action="store_true", help="part 3: KLD at equal size, presets vs recipes vs budgets (fixture)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    ap.add_argument("--only", choices=("fixture", "synthetic"), help="--speed: time one source only")
     ap.add_argument("--layers", type=int, default=5, help="decoder layers of the synthetic model (5 -> ~2.4 GB)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS_quant.md")
     args = ap.parse_args()
