@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.evals.perplexity import iter_chunks, llama_cpp_version, plan_chunks, sha256_file, sha256_text
+from quantkit.evals.perplexity import Background, cache_root, iter_chunks, llama_cpp_version, plan_chunks, sha256_file, sha256_text
 from quantkit.evals.routing import RoutingStats
 from quantkit.evals.session import EvalSession
 
@@ -37,7 +37,7 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "base-logprobs"
+    return cache_root() / "base-logprobs"
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ def compare_values(
     meta = base.meta
     model = Path(model)
     session = open_session(model, meta["n_ctx"], threads, capture_router=base.router is not None)
+    model_sha = Background(model_identity, model)
     try:
         if session.n_vocab != meta["n_vocab"] or session.vocab_fingerprint() != meta["vocab"]:
             raise QuantkitError(f"{model}: its vocabulary differs from the base's ({session.n_vocab} vs {meta['n_vocab']} tokens or different token texts); fix: compare models that share one tokenizer")
@@ -194,7 +195,7 @@ def compare_values(
     report: dict[str, Any] = {
         "kind": "quantkit.kld",
         "setup": {
-            "base": meta["model"], "base_sha256": meta["model_sha256"], "model": str(model), "model_sha256": model_identity(model),
+            "base": meta["model"], "base_sha256": meta["model_sha256"], "model": str(model), "model_sha256": model_sha.result(),
             "label": label or Path(model).stem, "text_sha256": meta["text_sha256"], "n_ctx": meta["n_ctx"], "n_chunks": meta["n_chunks"],
             "n_positions": int(n), "vocab": meta["vocab"], "llama_cpp": llama_cpp_version(),
         },

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +31,67 @@ from quantkit.evals.session import EvalSession
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+#: files this large have their SHA-256 remembered (keyed by path, inode, size and times): a 90 GB checkpoint is not re-read per run
+HASH_CACHE_MIN = 64 << 20
+
+
+def cache_root() -> Path:
+    """quantkit's cache directory: $QUANTKIT_CACHE, else ~/.cache/quantkit."""
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22, cache: bool = True) -> str:
+    """SHA-256 of a file; for large files, remembered until the file's inode, size, mtime or ctime changes."""
+    st = os.stat(path)
+    entry = None
+    if cache and st.st_size >= HASH_CACHE_MIN:
+        ident = f"{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        entry = cache_root() / "sha256" / hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        try:
+            known = entry.read_text().strip()
+            if len(known) == 64:
+                return known
+        except OSError:
+            pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if entry is not None:
+        try:  # best effort: a read-only cache only costs the next run a re-hash
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(digest)
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return digest
+
+
+class Background:
+    """``fn(*args)`` on a daemon thread (a file's SHA-256 while the model is evaluated: reads and hashlib release the GIL).
+
+    Daemon, so that an error in the evaluation exits at once instead of waiting for a 50 GB hash.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="qk-background")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def sha256_text(text: str) -> str:
@@ -168,6 +225,7 @@ def perplexity(
     """llama-perplexity's number for ``model`` on ``text``; ``on_chunk(i, n, running_ppl)`` reports progress."""
     t0 = time.perf_counter()
     session = EvalSession(model, n_ctx, threads, n_seq=max(1, BATCH_TOKENS // n_ctx))
+    model_sha = Background(sha256_file, model)  # started once the file is known to be a loadable GGUF
     tokens = session.tokenize(text)
     n = plan_chunks(len(tokens), n_ctx, n_chunks)
     acc = NllAccumulator()
@@ -181,6 +239,6 @@ def perplexity(
     seconds = time.perf_counter() - t0
     return PplResult(
         ppl=ppl, ppl_stderr=err, nll_mean=mean, n_ctx=n_ctx, n_chunks=n, n_tokens=len(tokens), n_scored=acc.count,
-        text_sha256=sha256_text(text), model_sha256=sha256_file(model), model=str(model), llama_cpp=llama_cpp_version(),
+        text_sha256=sha256_text(text), model_sha256=model_sha.result(), model=str(model), llama_cpp=llama_cpp_version(),
         seconds=seconds, tokens_per_second=n * n_ctx / seconds,
     )

@@ -280,3 +280,38 @@ def test_bitsandbytes_directory_as_candidate(tmp_path, text, cache):
     r = compare(base, tmp_path / "bnb", text)
     assert 0 < r["kld_mean"] < 0.05 and r["same_top"] > 0.8
     assert r["routing"]["topk_exact"] > 0.8
+
+
+def test_large_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    from quantkit.evals import perplexity as p
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(p, "HASH_CACHE_MIN", 1000)
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"x" * 5000)
+    first = p.sha256_file(f)
+    assert first == hashlib.sha256(b"x" * 5000).hexdigest()
+    (entry,) = (tmp_path / "cache" / "sha256").iterdir()
+    entry.write_text("0" * 64)  # the next call must answer from the cache
+    assert p.sha256_file(f) == "0" * 64
+    assert p.sha256_file(f, cache=False) == first
+    with open(f, "ab") as fh:  # a change of size / mtime / ctime is a new key
+        fh.write(b"y")
+    assert p.sha256_file(f) == hashlib.sha256(b"x" * 5000 + b"y").hexdigest()
+    small = tmp_path / "small.gguf"
+    small.write_bytes(b"z" * 10)
+    p.sha256_file(small)
+    assert len(list((tmp_path / "cache" / "sha256").iterdir())) == 2  # small files are never cached
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "not-a-dir"))  # a cache that cannot be written only costs a re-hash
+    assert p.sha256_file(f) == hashlib.sha256(b"x" * 5000 + b"y").hexdigest()
+
+
+def test_background_result_and_error():
+    from quantkit.evals.perplexity import Background
+
+    assert Background(sum, [1, 2, 3]).result() == 6
+    with pytest.raises(ZeroDivisionError):
+        Background(lambda: 1 / 0).result()
