@@ -158,6 +158,7 @@ class EvalSession:
         cparams.n_seq_max = n_seq
         cparams.n_threads = cparams.n_threads_batch = threads or physical_cores()
         self.router: dict[int, np.ndarray] = {}
+        self._layout: tuple[tuple[int, ...], int] | None = None  # chunk sizes and first output the batch is laid out for
         self._cb = None
         if capture_router or on_tensor is not None:
             self._ggml = _ggml_fns()
@@ -229,15 +230,19 @@ class EvalSession:
         llama_cpp.llama_memory_clear(self.ctx.memory, True)
         self.router = {}
         b = self.batch.batch
-        n = 0
-        for seq, tokens in enumerate(chunks):
-            for pos, tok in enumerate(tokens):
-                b.token[n] = tok
-                b.pos[n] = pos
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq
-                b.logits[n] = pos >= first_output
-                n += 1
+        layout = (tuple(len(c) for c in chunks), first_output)
+        n = sum(layout[0])
+        if layout != self._layout:  # positions, sequences and output flags: only when the shape changes
+            at = 0
+            for seq, size in enumerate(layout[0]):
+                for pos in range(size):
+                    b.pos[at] = pos
+                    b.n_seq_id[at] = 1
+                    b.seq_id[at][0] = seq
+                    b.logits[at] = pos >= first_output
+                    at += 1
+            self._layout = layout
+        np.ctypeslib.as_array(b.token, shape=(n,))[:] = np.concatenate([np.asarray(c, dtype=np.int32) for c in chunks])
         b.n_tokens = n
         self.ctx.decode(self.batch)
         rows = [len(c) - first_output for c in chunks]
