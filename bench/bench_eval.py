@@ -7,7 +7,11 @@ alternating order; the median wall time of each is reported with their ratio
 agree to 4 significant digits).  llama-perplexity is built by
 ``evals/reference/make_refs.sh`` (its WORK dir is the first argument here).
 
-Usage: python bench/bench_eval.py [--work /tmp/qk-llama-ref] [--ctx 512] [--chunks 40] [--repeats 3]
+``--model PATH[:CHUNKS]`` (repeatable) times a further GGUF as well, e.g. the synthetic
+2.4 GB MoE converted by bench_quant.py: the fixture's ~3 s job shows mostly the fixed
+cost of a Python process (interpreter, imports, teardown), a larger model the cost per token.
+
+Usage: python bench/bench_eval.py [--work /tmp/qk-llama-ref] [--ctx 512] [--chunks 40] [--repeats 3] [--model PATH[:CHUNKS]]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", action="append", default=[], help="also time this GGUF (PATH or PATH:CHUNKS)")
     args = ap.parse_args()
     binary = next(args.work.glob("llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-perplexity"), None)
     if binary is None:
@@ -48,11 +53,17 @@ def main() -> None:
     text = args.work / "heldout.txt"
     subprocess.run([sys.executable, "-c", f"from quantkit.evals.corpora import heldout_text; open({str(text)!r}, 'w', encoding='utf-8').write(heldout_text())"], check=True)
     rows = []
+    jobs = []
     for t in ("q8_0", "bf16"):
         model = args.work / f"bench-{t}.gguf"
         subprocess.run(QK + ["convert", "tests/fixtures/tiny-mixtral", "-o", str(model), "--type", t, "--force", "--no-progress"], check=True, cwd=ROOT, capture_output=True)
-        ref_cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(args.ctx), "--chunks", str(args.chunks), "-t", str(args.threads)]
-        qk_cmd = QK + ["eval", "ppl", str(model), "--text", str(text), "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads)]
+        jobs.append((f"fixture {t}", model, args.chunks))
+    for spec in args.model:
+        path, _, chunks = spec.partition(":")
+        jobs.append((Path(path).name, Path(path), int(chunks or args.chunks)))
+    for t, model, n_chunks in jobs:
+        ref_cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(args.ctx), "--chunks", str(n_chunks), "-t", str(args.threads)]
+        qk_cmd = QK + ["eval", "ppl", str(model), "--text", str(text), "--ctx", str(args.ctx), "--chunks", str(n_chunks), "--threads", str(args.threads)]
         times: dict[str, list[float]] = {"llama-perplexity": [], "quantkit": []}
         ppl = {}
         for i in range(args.repeats):
@@ -63,17 +74,17 @@ def main() -> None:
                 m = re.search(r"PPL = ([0-9.]+)", out)
                 ppl[name] = float(m.group(1)) if m else float("nan")
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((t, med["llama-perplexity"], med["quantkit"], med["quantkit"] / med["llama-perplexity"], ppl["llama-perplexity"], ppl["quantkit"]))
+        rows.append((f"{t}, {n_chunks} chunks", med["llama-perplexity"], med["quantkit"], med["quantkit"] / med["llama-perplexity"], ppl["llama-perplexity"], ppl["quantkit"]))
     lines = [
         f"## eval ppl benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        f"- machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; threads {args.threads}; ctx {args.ctx}, {args.chunks} chunks, median of {args.repeats} (alternating order, wall time incl. model load)",
+        f"- machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; threads {args.threads}; ctx {args.ctx}, median of {args.repeats} (alternating order, wall time incl. process start, model load and exit)",
         "",
         "| model | llama-perplexity s | quantkit eval ppl s | ratio (target <= 1.15) | PPL llama.cpp | PPL quantkit |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for t, a, b, r, pa, pb in rows:
-        lines.append(f"| fixture {t} | {a:.2f} | {b:.2f} | {r:.3f} {'PASS' if r <= 1.15 else 'FAIL'} | {pa:.4f} | {pb:.4f} |")
+        lines.append(f"| {t} | {a:.2f} | {b:.2f} | {r:.3f} {'PASS' if r <= 1.15 else 'FAIL'} | {pa:.4f} | {pb:.4f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     with open(ROOT / "bench" / "RESULTS.md", "a") as f:
