@@ -85,10 +85,8 @@ def choose(t: OutTensor, want: gguf.GGMLQuantizationType) -> tuple[gguf.GGMLQuan
         return Q.F32, f"{t.role.value} stay F32"
     if len(t.shape) == 1 or t.data is not None:
         return Q.F32, "1-D tensors stay F32"
-    block = gguf.GGML_QUANT_SIZES[want][0]
-    if t.shape[-1] % block:
-        return Q.F16, f"row length {t.shape[-1]} not a multiple of {want.name} block {block}: F16 fallback"
-    return want, f"--type {want.name.lower()}"
+    qtype, fell = presets.fallback(want, t.shape[-1], t.name)  # llama.cpp's tensor_type_fallback
+    return qtype, f"--type {want.name.lower()}" + (f"; {fell}" if fell else "")
 
 
 def _n_layer(tensors: Sequence[OutTensor]) -> int:
@@ -150,10 +148,8 @@ def _rule_for(t: OutTensor, overrides: Sequence[Override], n_layer: int) -> Over
 def _apply_override(t: OutTensor, o: Override) -> tuple[gguf.GGMLQuantizationType, str]:
     if t.role in KEEP_F32_ROLES:
         log.warning("%s: %s overrides the F32 rule for %s (%s -> %s); quality may drop", o.source, o.pattern, t.name, t.role.value, o.qtype.name)
-    block = gguf.GGML_QUANT_SIZES[o.qtype][0]
-    if t.shape[-1] % block:
-        return Q.F16, f"{o.source} {o.pattern!r} asked {o.qtype.name}, row length {t.shape[-1]} not a multiple of {block}: F16 fallback"
-    return o.qtype, f"{o.source} {o.pattern!r}"
+    qtype, fell = presets.fallback(o.qtype, t.shape[-1], t.name)  # as llama.cpp does after a --tensor-type override
+    return qtype, f"{o.source} {o.pattern!r}" + (f"; {fell}" if fell else "")
 
 
 @dataclass(frozen=True)

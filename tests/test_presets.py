@@ -96,8 +96,13 @@ def _dummy_imatrix(path: Path) -> tuple[object, list]:
     return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), keep
 
 
-def llama_quantize(src: Path, out: Path, preset: str, imatrix: bool, dry_run: bool = False) -> Reference:
-    """Run llama.cpp's in-process quantiser; types from the written file (or, dry run, its log)."""
+def llama_quantize(
+    src: Path, out: Path, preset: str, imatrix: bool, dry_run: bool = False, overrides: tuple[tuple[str, Q], ...] = (),
+) -> Reference:
+    """Run llama.cpp's in-process quantiser; types from the written file (or, dry run, its log).
+
+    ``overrides``: llama-quantize's ``--tensor-type PATTERN=TYPE`` list (``tt_overrides``), first match wins.
+    """
     import llama_cpp
     from llama_cpp import _logger
 
@@ -107,6 +112,11 @@ def llama_quantize(src: Path, out: Path, preset: str, imatrix: bool, dry_run: bo
     params.dry_run = dry_run
     if imatrix:
         params.imatrix = _dummy_imatrix(src)[0]
+    if overrides:
+        tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()  # zeroed sentinel at the end
+        for i, (pattern, qtype) in enumerate(overrides):
+            tt[i].pattern, tt[i].type = pattern.encode(), int(qtype)
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     chunks: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -240,6 +250,30 @@ def test_plan_matches_llama_cpp(model, tmp_path, name, preset, imatrix):
     if not imatrix:  # tensor_requires_imatrix: llama.cpp warns exactly when the plan needs one
         assert ref.wants_imatrix == bool(presets.imatrix_required(plan)), f"{preset}: llama.cpp wants an imatrix: {ref.wants_imatrix}, plan: {presets.imatrix_required(plan) or 'no'}"
     assert_same_types(plan, ref.types, f"{name} {preset} imatrix={imatrix}")
+
+
+#: llama-quantize --tensor-type rules, several asking for a 256-block type on rows it does not divide
+#: (moe4-tied-h320: ffn_down rows 64, attn_output rows 80, everything else 320 = 64 x 5)
+TENSOR_TYPE_RULES = (
+    ("blk\\.0\\.ffn_down", Q.Q6_K), ("ffn_down", Q.Q5_K), ("attn_output", Q.Q4_K), ("attn_q", Q.Q3_K),
+    ("ffn_up", Q.IQ4_XS), ("attn_k", Q.Q8_0), ("token_embd", Q.Q2_K),
+)
+
+
+@pytest.mark.parametrize("name", ["moe4-tied-h320", "moe8-L8-ffn256-rows32"])
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q3_K_S"])
+def test_rules_fall_back_like_llama_cpp(model, tmp_path, name, preset):
+    """A rule's type goes through tensor_type_fallback exactly as llama-quantize's --tensor-type does."""
+    from quantkit.plan import Override, make_plan
+
+    m = model(name)
+    ref = llama_quantize(m.gguf, tmp_path / "out.gguf", preset, False, dry_run=True, overrides=TENSOR_TYPE_RULES)
+    assert ref.ok, ref.log[-2000:]
+    rules = [Override.parse(p, q.name, source=f"--tensor-type {i}") for i, (p, q) in enumerate(TENSOR_TYPE_RULES)]
+    plan = {t.name: t for t in make_plan(m.tensors, preset, rules, m.hparams).tensors}
+    assert_same_types(plan, ref.types, f"{name} {preset} with --tensor-type rules")
+    fell = [t for t in plan.values() if "falls back" in t.reason]
+    assert fell or name != "moe4-tied-h320", "the rules were meant to hit rows a 256 block does not divide"
 
 
 @pytest.mark.parametrize("name,preset,imatrix", REAL_CASES)
