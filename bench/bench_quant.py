@@ -316,23 +316,25 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
     from quantkit.plan import Target
     from quantkit.recipe import load_recipe
 
-    qdir = WORK / "quality"
+    src = args.model
+    name = "fixture" if src.resolve() == FIXTURE.resolve() else src.name
+    qdir = WORK / ("quality" if name == "fixture" else f"quality-{name}")
     qdir.mkdir(parents=True, exist_ok=True)
     corpus = corpora.shakespeare()
     heldout, train = corpus.heldout_text, corpus.train_text
     assert not set(corpus.heldout_files) & set(corpus.train_files)
-    base = bf16_gguf(FIXTURE, "fixture")
+    base = bf16_gguf(src, name)
     t0 = time.perf_counter()
     print("quality: base log-probs", file=sys.stderr)
     b = base_logprobs(base, heldout, KLD_CTX, None, cache_dir=qdir / "cache")
     print(f"quality: importance matrix on the training plays ({IMATRIX_CHUNKS} x {IMATRIX_CTX} tokens)", file=sys.stderr)
-    imat = collect_from_source(FIXTURE, train, workdir=qdir, n_ctx=IMATRIX_CTX, n_chunks=IMATRIX_CHUNKS, dataset="shakespeare train plays")
-    write_imatrix(imat, qdir / "fixture-train.imatrix.gguf", force=True)
-    ckpt, prep = prepare(FIXTURE, "f32")
+    imat = collect_from_source(src, train, workdir=qdir, n_ctx=IMATRIX_CTX, n_chunks=IMATRIX_CHUNKS, dataset="shakespeare train plays")
+    write_imatrix(imat, qdir / f"{name}-train.imatrix.gguf", force=True)
+    ckpt, prep = prepare(src, "f32")
     ckpt.close()
     print("quality: measured sensitivity on the training plays (without / with the imatrix)", file=sys.stderr)
-    measured = sensitivity.measure_checkpoint(FIXTURE, train, n_ctx=KLD_CTX, n_chunks=CALIB_CHUNKS, work_dir=qdir)
-    measured_im = sensitivity.measure_checkpoint(FIXTURE, train, n_ctx=KLD_CTX, n_chunks=CALIB_CHUNKS, importance=_importance(imat, prep.tensors), work_dir=qdir)
+    measured = sensitivity.measure_checkpoint(src, train, n_ctx=KLD_CTX, n_chunks=CALIB_CHUNKS, work_dir=qdir)
+    measured_im = sensitivity.measure_checkpoint(src, train, n_ctx=KLD_CTX, n_chunks=CALIB_CHUNKS, importance=_importance(imat, prep.tensors), work_dir=qdir)
     setup_s = time.perf_counter() - t0
 
     rows: list[dict[str, Any]] = []
@@ -340,7 +342,7 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
     def variant(level: str, group: str, label: str, outtype: str, **kw: Any) -> dict[str, Any]:
         path = qdir / f"{label}.gguf"
         try:
-            r = convert(FIXTURE, path, outtype, force=True, **kw)
+            r = convert(src, path, outtype, force=True, **kw)
         except Exception as e:  # a budget out of reach, a refused plan: recorded, not fatal
             row = {"level": level, "group": group, "label": label, "error": f"{type(e).__name__}: {e}"}
             print(f"  {label:<34} FAILED {row['error'][:200]}", file=sys.stderr)
@@ -387,7 +389,7 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
             r["wins"] = r is best
             # Within one standard error of the winner: not a significant loss (errors of means, positions shared).
             r["tie"] = r is not best and r["kld"] - best["kld"] <= (r["kld_err"] ** 2 + best["kld_err"] ** 2) ** 0.5
-    return {"rows": rows, "n_chunks": b.meta["n_chunks"], "n_tokens": b.meta["n_tokens"], "ctx": KLD_CTX, "setup_s": setup_s,
+    return {"model": name, "rows": rows, "n_chunks": b.meta["n_chunks"], "n_tokens": b.meta["n_tokens"], "ctx": KLD_CTX, "setup_s": setup_s,
             "imatrix": {"ctx": IMATRIX_CTX, "chunks": imat.chunk_count, "tokens": imat.n_tokens, "entries": len(imat.entries)},
             "calib": {"ctx": KLD_CTX, "chunks": CALIB_CHUNKS, "probed": len(measured)}, "heldout": list(corpus.heldout_files),
             "train_files": len(corpus.train_files)}
@@ -395,7 +397,7 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
 
 def render_quality(info: dict[str, Any], res: dict[str, Any]) -> str:
     im, cal = res["imatrix"], res["calib"]
-    lines = [f"## 3. Quality at equal size (fixture, mean KLD vs its BF16 GGUF), {info['date']}", "", *machine_lines(info),
+    lines = [f"## 3. Quality at equal size ({res.get('model', 'fixture')}, mean KLD vs its BF16 GGUF), {info['date']}", "", *machine_lines(info),
              f"- eval text: held-out plays {', '.join(res['heldout'])} ({res['n_tokens']:,} tokens), ctx {res['ctx']}, all {res['n_chunks']} chunks "
              "(second half of each scored, llama-perplexity's KLD statistics; ± is the standard error of the mean)",
              f"- measured sensitivity: `sensitivity.measure_checkpoint(FIXTURE, train_text, n_ctx={cal['ctx']}, n_chunks={cal['chunks']})` "
@@ -438,6 +440,8 @@ def main() -> None:
     ap.add_argument("--two-step", action="store_true", help="part 2: one pass vs convert_hf_to_gguf.py + llama_model_quantize (synthetic)")
     ap.add_argument("--quality", action="store_true", help="part 3: KLD at equal size, presets vs recipes vs budgets (fixture)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    ap.add_argument("--model", type=Path, default=FIXTURE, help="--quality: the HF checkpoint to study (trained on the Shakespeare plays, "
+                    "e.g. by tests/fixtures/train_fixture.py --experts 16 --top-k 4 --ffn 128 --out bench/work/moe16-top4)")
     ap.add_argument("--only", choices=("fixture", "synthetic"), help="--speed: time one source only")
     ap.add_argument("--layers", type=int, default=5, help="decoder layers of the synthetic model (5 -> ~2.4 GB)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS_quant.md")
@@ -449,7 +453,8 @@ def main() -> None:
     for part in parts:
         measure, render = run[part]
         res = measure(args)
-        (WORK / f"{part}.json").write_text(json.dumps({"info": info, **res}, indent=1, default=str))
+        stem = part if res.get("model", "fixture") == "fixture" else f"{part}-{res['model']}"
+        (WORK / f"{stem}.json").write_text(json.dumps({"info": info, **res}, indent=1, default=str))
         text = render(info, res)
         print(text)
         if not args.no_record:
