@@ -400,7 +400,7 @@ def render_quality(info: dict[str, Any], res: dict[str, Any]) -> str:
     lines = [f"## 3. Quality at equal size ({res.get('model', 'fixture')}, mean KLD vs its BF16 GGUF), {info['date']}", "", *machine_lines(info),
              f"- eval text: held-out plays {', '.join(res['heldout'])} ({res['n_tokens']:,} tokens), ctx {res['ctx']}, all {res['n_chunks']} chunks "
              "(second half of each scored, llama-perplexity's KLD statistics; ± is the standard error of the mean)",
-             f"- measured sensitivity: `sensitivity.measure_checkpoint(FIXTURE, train_text, n_ctx={cal['ctx']}, n_chunks={cal['chunks']})` "
+             f"- measured sensitivity: `sensitivity.measure_checkpoint({res.get('model', 'fixture')}, train_text, n_ctx={cal['ctx']}, n_chunks={cal['chunks']})` "
              f"on the {res['train_files']} training plays ({cal['probed']} tensors probed); with the imatrix its weights are used by the probes as the CLI does",
              f"- importance matrix: `imatrix.collect_from_source` on the training plays, ctx {im['ctx']}, first {im['chunks']} chunks ({im['tokens']:,} tokens, {im['entries']} entries); "
              "used by the stock preset (`convert(..., imatrix=...)`), the recipe and the budgets of the `+imatrix` rows",
