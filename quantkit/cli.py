@@ -39,6 +39,13 @@ from quantkit.cli_eval import register as _register_eval  # noqa: E402
 _register_eval(app)
 
 
+# Bit-budget options, shared by convert and plan (one declaration, the same flags and help on both).
+TARGET_BPW = typer.Option(None, "--target-bpw", help="Bit budget: choose per-tensor types for this many bits per weight (instead of --type).")
+TARGET_SIZE = typer.Option(None, "--target-size", help="Bit budget: the largest file, e.g. 12GiB or 800MB (instead of --type).")
+CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors.")
+CALIB_CTX = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk.")
+CALIB_CHUNKS = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor.")
+
 TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
 
 
@@ -84,11 +91,11 @@ def convert(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix or quantkit imatrix GGUF, or legacy .dat) weighting the quantisation, as llama-quantize --imatrix."),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Bit budget: choose per-tensor types for this many bits per weight (instead of --type)."),
-    target_size: Optional[str] = typer.Option(None, "--target-size", help="Bit budget: the largest file, e.g. 12GiB or 800MB (instead of --type)."),
-    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors."),
-    calib_ctx: int = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk."),
-    calib_chunks: int = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor."),
+    target_bpw: Optional[float] = TARGET_BPW,
+    target_size: Optional[str] = TARGET_SIZE,
+    calib_text: Optional[Path] = CALIB_TEXT,
+    calib_ctx: int = CALIB_CTX,
+    calib_chunks: int = CALIB_CHUNKS,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
@@ -226,11 +233,11 @@ def plan(
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: plan already-quantised tensors to be quantised again."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix, as for convert (checked against the model; some presets choose differently with one)."),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Bit budget in bits per weight, as for convert."),
-    target_size: Optional[str] = typer.Option(None, "--target-size", help="Bit budget as a file size, as for convert."),
-    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Measure sensitivity on this text, as for convert."),
-    calib_ctx: int = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk."),
-    calib_chunks: int = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor."),
+    target_bpw: Optional[float] = TARGET_BPW,
+    target_size: Optional[str] = TARGET_SIZE,
+    calib_text: Optional[Path] = CALIB_TEXT,
+    calib_ctx: int = CALIB_CTX,
+    calib_chunks: int = CALIB_CHUNKS,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
