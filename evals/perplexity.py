@@ -13,20 +13,19 @@ Not for: comparing two models (``quantkit.evals.kld``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from quantkit import ggml
 from quantkit.errors import QuantkitError
 from quantkit.evals.session import EvalSession
 
@@ -185,17 +184,13 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool =
         scored = [logits[first - skip : n_ctx - 1 - skip] for logits in all_logits]
         router = {k: v[first : n_ctx - 1] for k, v in session.router.items()} if len(group) == 1 else {}
         if nll_only:  # numpy releases the GIL in exp and sums: the chunks of a batch in parallel
-            nlls = list(_pool().map(target_nll, scored, targets)) if len(group) > 1 else [target_nll(scored[0], targets[0])]
+            nlls = list(ggml.pool().map(target_nll, scored, targets)) if len(group) > 1 else [target_nll(scored[0], targets[0])]
             for i, t, nll in zip(idx, targets, nlls):
                 yield Chunk(i, None, t, router, nll)
         else:
             for i, t, sc in zip(idx, targets, scored):
                 yield Chunk(i, log_softmax(sc), t, router)
 
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qk-nll")
 
 
 #: llama-perplexity's default batch: n_seq = 2048 / n_ctx chunks are decoded together.

@@ -76,9 +76,13 @@ def requires_imatrix(qtype: gguf.GGMLQuantizationType) -> bool:
     return bool(lib().ggml_quantize_requires_imatrix(int(qtype)))
 
 
+_CPUS = os.cpu_count() or 1
+
+
 @functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qk-quant")
+def pool() -> ThreadPoolExecutor:
+    """One thread per core for quantkit's parallel work (llama.cpp kernels, numpy ufuncs: both release the GIL)."""
+    return ThreadPoolExecutor(max_workers=_CPUS, thread_name_prefix="qk-pool")
 
 
 _CONVERT = {
@@ -87,7 +91,6 @@ _CONVERT = {
     ("f32", "f16"): ("ggml_cpu_fp32_to_fp16", np.float32, np.float16),
 }
 _SPLIT = 1 << 20  # elements per thread task
-_CPUS = os.cpu_count() or 1
 
 
 class Scratch:
@@ -111,16 +114,13 @@ class Scratch:
         return buf[:n].view(dt).reshape(shape)
 
 
-def convert(x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Element-wise float conversion with ggml's SIMD kernels, split across threads (into ``out`` when given)."""
+def convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Element-wise float conversion with ggml's SIMD kernels, split across threads."""
     name, in_dtype, out_dtype = _CONVERT[(src, dst)]
     x = np.ascontiguousarray(x)
     if x.dtype != in_dtype:
         raise TypeError(f"{name} expects {np.dtype(in_dtype)}, got {x.dtype}")
-    if out is None:
-        out = np.empty(x.shape, dtype=out_dtype)
-    elif out.shape != x.shape or out.dtype != out_dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous {np.dtype(out_dtype)} array of shape {x.shape}")
+    out = np.empty(x.shape, dtype=out_dtype)
     fn = getattr(cpu_lib(), name)
     n = x.size
     src_p, dst_p = x.ctypes.data, out.ctypes.data
@@ -132,7 +132,7 @@ def convert(x: np.ndarray, src: str, dst: str, out: np.ndarray | None = None) ->
     if n <= _SPLIT:
         run(0)
     else:
-        list(_pool().map(run, range(0, n, _SPLIT)))
+        list(pool().map(run, range(0, n, _SPLIT)))
     return out
 
 
@@ -193,7 +193,7 @@ def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarra
         return done
 
     workers = min(workers, -(-nrows // step))
-    helpers = [_pool().submit(work) for _ in range(workers - 1)]  # the calling thread is a worker too
+    helpers = [pool().submit(work) for _ in range(workers - 1)]  # the calling thread is a worker too
     done = work() + sum(h.result() for h in helpers)
     if done != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes, expected {out.nbytes}")

@@ -158,7 +158,7 @@ class _Reader:
                 if count > (self.size - self.pos) // size:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
                 if self.full and depth == 0:
-                    return np.frombuffer(self.read(count * size, what), dtype=SCALARS[itype][0].replace("<?", "?"))
+                    return np.frombuffer(self.read(count * size, what), dtype=SCALARS[itype][0])
                 head = [self.scalar(itype, what) for _ in range(min(count, ARRAY_HEAD))]
                 self.skip((count - len(head)) * size, what)
             elif itype in (VT.STRING, VT.ARRAY):

@@ -25,8 +25,6 @@ from quantkit.gguf_read import SCALARS
 
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 VT = gguf.GGUFValueType
-_NP = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4", VT.INT32: "<i4",
-       VT.FLOAT32: "<f4", VT.BOOL: "?", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8"}
 
 
 def type_nbytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
@@ -68,8 +66,8 @@ def _value(key: str, mv: MetaValue) -> bytes:
     if vt == VT.ARRAY:
         sub, items = mv.sub_type, mv.value
         head = struct.pack("<IIQ", vt, sub, len(items))
-        if sub in _NP:
-            return head + np.asarray(items, dtype=_NP[sub]).tobytes()
+        if sub in SCALARS:  # the struct codes are numpy dtype strings too
+            return head + np.asarray(items, dtype=SCALARS[sub][0]).tobytes()
         if sub == VT.STRING:
             return head + b"".join(map(_string, items))
         raise ValueError(f"metadata {key!r}: arrays of {sub!r} are not written")
