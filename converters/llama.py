@@ -15,17 +15,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import gguf
 import numpy as np
 
+from quantkit import gguf_spec
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
 from quantkit.mapping import OutTensor, Role, Rule, Transform
 
 MODEL_TYPE = "llama"
-ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]  # "llama"
-T = gguf.MODEL_TENSOR
-N = gguf.TENSOR_NAMES
+ARCH = gguf_spec.ARCH_LLAMA
+T = gguf_spec.TensorName
 
 
 def _get(config: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
@@ -95,8 +94,8 @@ class Hparams:
         return str(self.rope.get("rope_type", self.rope.get("type", "default")))
 
 
-def _p(hf: str, tensor: gguf.MODEL_TENSOR, role: Role, shape, transform: Transform = Transform.NONE, optional: bool = False) -> Rule:
-    gguf_name = N[tensor].format(bid="{bid}") + ".weight"
+def _p(hf: str, tensor: str, role: Role, shape, transform: Transform = Transform.NONE, optional: bool = False) -> Rule:
+    gguf_name = tensor + ".weight"
     return Rule(hf, gguf_name, role, shape, transform, optional)
 
 
@@ -166,14 +165,14 @@ def rope_freqs(h: Hparams) -> np.ndarray:
 
 def generated_tensors(h: Hparams) -> list[OutTensor]:
     if h.rope_type == "llama3":
-        name = N[T.ROPE_FREQS] + ".weight"
+        name = T.ROPE_FREQS + ".weight"
         return [OutTensor(name, (h.head_dim // 2,), Role.OTHER, (), data=lambda: rope_freqs(h))]
     return []
 
 
 def metadata(h: Hparams) -> dict[str, MetaValue]:
     """The ``llama.*`` hyperparameter block."""
-    K, V = gguf.Keys, gguf.GGUFValueType
+    K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
     a = ARCH
     u32 = lambda v: MetaValue(int(v), V.UINT32)  # noqa: E731
     f32 = lambda v: MetaValue(float(v), V.FLOAT32)  # noqa: E731

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import gguf
 import numpy as np
 
-from quantkit import __version__, ggml
+from quantkit import __version__, ggml, gguf_spec
 from quantkit.checkpoint import open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
@@ -43,8 +42,8 @@ if TYPE_CHECKING:
     from quantkit.imatrix import Imatrix
 
 log = logging.getLogger(__name__)
-V = gguf.GGUFValueType
-ARCH_NAME = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+V = gguf_spec.GGUFValueType
+ARCH_NAME = gguf_spec.ARCH_LLAMA
 _LOCAL = threading.local()  # per thread: the reused buffer of the quantised pieces (ggml.Scratch)
 CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
 
@@ -89,7 +88,7 @@ class Prepared:
 
 
 def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Hparams) -> dict[str, MetaValue]:
-    K = gguf.Keys.General
+    K = gguf_spec.Keys.General
     name = str(config.get("_name_or_path") or src.resolve().name).rstrip("/").split("/")[-1]
     expert = sum(t.n_elements for t in tensors if t.role is Role.EXPERTS)
     total = sum(t.n_elements for t in tensors)
@@ -98,9 +97,9 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
         K.NAME: MetaValue(name, V.STRING),
         K.QUANTIZED_BY: MetaValue(f"quantkit {__version__}", V.STRING),
         K.FILE_TYPE: MetaValue(int(plan.file_type), V.UINT32),
-        K.SIZE_LABEL: MetaValue(gguf.size_label(total, total - expert, expert // max(1, hp.n_expert), hp.n_expert), V.STRING),
+        K.SIZE_LABEL: MetaValue(gguf_spec.size_label(total, total - expert, expert // max(1, hp.n_expert), hp.n_expert), V.STRING),
     }
-    md[K.QUANTIZATION_VERSION] = MetaValue(gguf.GGML_QUANT_VERSION, V.UINT32)  # as llama.cpp writes it, always
+    md[K.QUANTIZATION_VERSION] = MetaValue(gguf_spec.GGML_QUANT_VERSION, V.UINT32)  # as llama.cpp writes it, always
     return md
 
 
@@ -128,7 +127,7 @@ def prepare(
         conv.check_hparams(hp, tensors)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
         other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
-        stand_in = Plan("f32", gguf.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
+        stand_in = Plan("f32", gguf_spec.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
         plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md})
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
     except BaseException:
@@ -162,14 +161,14 @@ def _prepare_gguf(
 
     gs = gguf_source.open_gguf(src)
     try:
-        K = gguf.Keys.General
+        K = gguf_spec.Keys.General
 
         def md_for(plan_ft: int) -> dict[str, MetaValue]:
             return {
                 **gs.metadata,
                 K.QUANTIZED_BY: MetaValue(f"quantkit {__version__}", V.STRING),
                 K.FILE_TYPE: MetaValue(plan_ft, V.UINT32),
-                K.QUANTIZATION_VERSION: MetaValue(gguf.GGML_QUANT_VERSION, V.UINT32),
+                K.QUANTIZATION_VERSION: MetaValue(gguf_spec.GGML_QUANT_VERSION, V.UINT32),
             }
 
         plan = _plan_and_check(gs.tensors, outtype, overrides, gs.hparams, target, imatrix, str(src), md_for(0))
@@ -205,7 +204,7 @@ def _check_imatrix_coverage(plan: Plan, imatrix: Imatrix | None, where: str) -> 
     from quantkit.presets import tensor_requires_imatrix
 
     for tp in plan.tensors:
-        if tp.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+        if tp.qtype in (gguf_spec.GGMLQuantizationType.F32, gguf_spec.GGMLQuantizationType.F16, gguf_spec.GGMLQuantizationType.BF16):
             continue
         if imatrix is not None and tp.name in imatrix.entries:
             continue
@@ -238,7 +237,7 @@ def _scratch() -> ggml.Scratch:
 
 
 def _rows(
-    a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, release: Callable[[int, int], None] | None = None,
+    a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, release: Callable[[int, int], None] | None = None,
     imatrix: np.ndarray | None = None,
 ) -> Iterator[Any]:
     """Encode a matrix in row chunks of about CHUNK_BYTES source bytes (``imatrix``: per-column weights for every row).
@@ -298,7 +297,7 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray
 
 
 def _weights_for(prep: Prepared, t: OutTensor, tp: TensorPlan) -> np.ndarray | None:
-    if prep.imatrix is None or tp.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+    if prep.imatrix is None or tp.qtype in (gguf_spec.GGMLQuantizationType.F32, gguf_spec.GGMLQuantizationType.F16, gguf_spec.GGMLQuantizationType.BF16):
         return None  # unquantised types ignore importance weights
     from quantkit.imatrix import expert_weights
 

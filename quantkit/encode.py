@@ -10,12 +10,11 @@ Not for: choosing the type (``quantkit.plan``).
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 
-from quantkit import ggml
+from quantkit import ggml, gguf_spec
 
-Q = gguf.GGMLQuantizationType
+Q = gguf_spec.GGMLQuantizationType
 SAME = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 
 
@@ -41,7 +40,7 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def encode(a: np.ndarray, dtype: str, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: ggml.Scratch | None = None):
+def encode(a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: ggml.Scratch | None = None):
     """Bytes of ``a`` (stored as ``dtype``) encoded as ``qtype``; may return a view of ``a``.
 
     With ``scratch``, a quantised result lives in a reused buffer: write it out

@@ -19,9 +19,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import gguf
 import numpy as np
 
+from quantkit import gguf_spec
 from quantkit.errors import QuantkitError
 
 _SUFFIX = {"linux": ".so", "darwin": ".dylib", "win32": ".dll"}
@@ -68,11 +68,11 @@ def lib() -> ctypes.CDLL:
     return so
 
 
-def row_size(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> int:
+def row_size(qtype: gguf_spec.GGMLQuantizationType, n_per_row: int) -> int:
     return int(lib().ggml_row_size(int(qtype), n_per_row))
 
 
-def requires_imatrix(qtype: gguf.GGMLQuantizationType) -> bool:
+def requires_imatrix(qtype: gguf_spec.GGMLQuantizationType) -> bool:
     return bool(lib().ggml_quantize_requires_imatrix(int(qtype)))
 
 
@@ -149,7 +149,7 @@ def _block_buffer(n: int) -> np.ndarray:
     return buf
 
 
-def quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
     """Quantise a matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given).
 
     ``x`` is float32, BF16 bits (uint16) or float16.  Rows go out in blocks of about

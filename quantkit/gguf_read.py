@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import gguf
 import numpy as np
 
+from quantkit import gguf_spec
 from quantkit.errors import GGUFFormatError
 from quantkit.mapping import Role, group_totals
 
-VT = gguf.GGUFValueType
+VT = gguf_spec.GGUFValueType
 SCALARS: dict[int, tuple[str, int]] = {
     VT.UINT8: ("<B", 1), VT.INT8: ("<b", 1), VT.UINT16: ("<H", 2), VT.INT16: ("<h", 2),
     VT.UINT32: ("<I", 4), VT.INT32: ("<i", 4), VT.FLOAT32: ("<f", 4), VT.BOOL: ("<?", 1),
@@ -69,7 +69,7 @@ class ArraySummary:
 class TensorInfo:
     name: str
     ne: tuple[int, ...]  # ggml order: ne0 (row length) first
-    qtype: gguf.GGMLQuantizationType
+    qtype: gguf_spec.GGMLQuantizationType
     offset: int  # from the start of the data section
     nbytes: int
 
@@ -215,7 +215,7 @@ def read_gguf(path: str | Path, full: bool = False) -> GGUFFile:
             vtype = r.u32(f"type of {key!r}")
             md[key] = r.value(vtype, repr(key))
             types[key] = (vtype, r.item_type if vtype == VT.ARRAY else None)
-        alignment = md.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        alignment = md.get("general.alignment", gguf_spec.GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise r.fail(f"general.alignment = {alignment!r}, expected a power of two")
         infos = []
@@ -228,8 +228,8 @@ def read_gguf(path: str | Path, full: bool = False) -> GGUFFile:
             raw_type = r.u32(f"type of {name!r}")
             offset = r.u64(f"offset of {name!r}")
             try:
-                qtype = gguf.GGMLQuantizationType(raw_type)
-                block, tsize = gguf.GGML_QUANT_SIZES[qtype]
+                qtype = gguf_spec.GGMLQuantizationType(raw_type)
+                block, tsize = gguf_spec.GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
                 raise r.fail(f"tensor {name!r} has unknown type {raw_type}") from None
             n = 1

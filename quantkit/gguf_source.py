@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
-from gguf import quants
 
+from quantkit import gguf_spec
 from quantkit.checkpoint import Shard, TensorRef
 from quantkit.errors import CheckpointError
 from quantkit.gguf_read import GGUFFile, read_gguf, role_of
@@ -34,11 +33,11 @@ from quantkit.gguf_write import MetaValue
 from quantkit.mapping import OutTensor
 
 log = logging.getLogger(__name__)
-Q = gguf.GGMLQuantizationType
-V = gguf.GGUFValueType
+Q = gguf_spec.GGMLQuantizationType
+V = gguf_spec.GGUFValueType
 FLOAT = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
 #: keys the new file writes itself
-REDEFINED = (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZED_BY, gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ARCHITECTURE)
+REDEFINED = (gguf_spec.Keys.General.FILE_TYPE, gguf_spec.Keys.General.QUANTIZED_BY, gguf_spec.Keys.General.QUANTIZATION_VERSION, gguf_spec.Keys.General.ARCHITECTURE)
 ARCHES = ("llama",)
 
 
@@ -51,6 +50,8 @@ class GGUFTensorRef(TensorRef):
     def array(self) -> np.ndarray:
         if self.qtype in FLOAT:
             return super().array()
+        from gguf import quants  # gguf-py's dequantisers: only for quantised sources (--allow-requantize)
+
         raw = np.frombuffer(self.raw(), dtype=np.uint8)
         rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
         return quants.dequantize(raw.reshape(rows, -1), self.qtype).reshape(self.shape).astype(np.float32, copy=False)

@@ -17,19 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import gguf
 import numpy as np
 
+from quantkit import gguf_spec
 from quantkit.checkpoint import FileSlice
 from quantkit.gguf_read import SCALARS
 
-ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
-VT = gguf.GGUFValueType
+ALIGN = gguf_spec.GGUF_DEFAULT_ALIGNMENT
+VT = gguf_spec.GGUFValueType
 
 
-def type_nbytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+def type_nbytes(qtype: gguf_spec.GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of ``shape`` (numpy order, row length last) stored as ``qtype``."""
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    block, size = gguf_spec.GGML_QUANT_SIZES[qtype]
     n = 1
     for d in shape:
         n *= d
@@ -47,8 +47,8 @@ class MetaValue:
     """One metadata entry: value plus its GGUF value type (and array element type)."""
 
     value: Any
-    vtype: gguf.GGUFValueType
-    sub_type: gguf.GGUFValueType | None = None
+    vtype: gguf_spec.GGUFValueType
+    sub_type: gguf_spec.GGUFValueType | None = None
 
 
 def _string(s: str | bytes) -> bytes:
@@ -74,14 +74,14 @@ def _value(key: str, mv: MetaValue) -> bytes:
     raise ValueError(f"metadata {key!r}: unknown value type {vt!r}")
 
 
-def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, int]]) -> bytes:
+def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]]) -> bytes:
     """Header, metadata (``general.architecture`` first) and tensor table of a GGUF v3 file, padded to ALIGN.
 
     ``tensors``: (name, numpy-order shape, type, nbytes) in file order; data offsets
     follow each other, each padded to ALIGN, as llama.cpp expects.
     """
-    kv = {gguf.Keys.General.ARCHITECTURE: MetaValue(arch, VT.STRING)}
-    kv.update((k, v) for k, v in metadata.items() if k != gguf.Keys.General.ARCHITECTURE)
+    kv = {gguf_spec.Keys.General.ARCHITECTURE: MetaValue(arch, VT.STRING)}
+    kv.update((k, v) for k, v in metadata.items() if k != gguf_spec.Keys.General.ARCHITECTURE)
     parts = [b""]
     for key, mv in kv.items():
         parts.append(_string(key))
@@ -99,7 +99,7 @@ def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[t
 def file_nbytes(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], int]]) -> int:
     """Exact size of the file :class:`StreamingGGUFWriter` writes for ``(name, shape, nbytes)`` tensors."""
     tensors = list(tensors)
-    head = encode_header(arch, metadata, ((name, shape, gguf.GGMLQuantizationType.F32, 0) for name, shape, _ in tensors))
+    head = encode_header(arch, metadata, ((name, shape, gguf_spec.GGMLQuantizationType.F32, 0) for name, shape, _ in tensors))
     return len(head) + sum(pad(nbytes) for _, _, nbytes in tensors)
 
 
@@ -108,13 +108,13 @@ class StreamingGGUFWriter:
 
     def __init__(self, path: Path, arch: str, metadata: dict[str, MetaValue]) -> None:
         self._arch, self._metadata = arch, metadata
-        self._declared: list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, int]] = []
+        self._declared: list[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]] = []
         self._next = 0
         self._written = 0
         self._f: Any = None
         self.path = path
 
-    def declare(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    def declare(self, name: str, shape: tuple[int, ...], qtype: gguf_spec.GGMLQuantizationType) -> int:
         nbytes = type_nbytes(qtype, shape)
         self._declared.append((name, tuple(shape), qtype, nbytes))
         return nbytes

@@ -16,21 +16,20 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import gguf
 
-from quantkit import presets
+from quantkit import gguf_spec, presets
 from quantkit.errors import QuantkitError
 from quantkit.presets import ModelShape
 from quantkit.gguf_write import type_nbytes
 from quantkit.mapping import OutTensor, Role
 
 log = logging.getLogger(__name__)
-Q = gguf.GGMLQuantizationType
-FT = gguf.LlamaFileType
+Q = gguf_spec.GGMLQuantizationType
+FT = gguf_spec.LlamaFileType
 
 #: Unquantised --type names -> (type of weight matrices, general.file_type), as llama.cpp's
 #: converter writes them.  Every other --type is a llama-quantize preset (quantkit.presets).
-OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+OUTTYPES: dict[str, tuple[gguf_spec.GGMLQuantizationType, gguf_spec.LlamaFileType]] = {
     "f32": (Q.F32, FT.ALL_F32),
     "f16": (Q.F16, FT.MOSTLY_F16),
     "bf16": (Q.BF16, FT.MOSTLY_BF16),
@@ -44,7 +43,7 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]
     role: Role
-    qtype: gguf.GGMLQuantizationType
+    qtype: gguf_spec.GGMLQuantizationType
     nbytes: int
     reason: str
 
@@ -63,7 +62,7 @@ class TensorPlan:
 @dataclass(frozen=True)
 class Plan:
     outtype: str
-    file_type: gguf.LlamaFileType
+    file_type: gguf_spec.LlamaFileType
     tensors: tuple[TensorPlan, ...]
 
     @property
@@ -79,7 +78,7 @@ class Plan:
         return any(t.qtype not in (Q.F32, Q.F16, Q.BF16) for t in self.tensors)
 
 
-def choose(t: OutTensor, want: gguf.GGMLQuantizationType) -> tuple[gguf.GGMLQuantizationType, str]:
+def choose(t: OutTensor, want: gguf_spec.GGMLQuantizationType) -> tuple[gguf_spec.GGMLQuantizationType, str]:
     """The type of one tensor and the reason, for a requested weight type."""
     if t.role in KEEP_F32_ROLES:
         return Q.F32, f"{t.role.value} stay F32"
@@ -98,7 +97,7 @@ class Override:
     """A user rule: tensors whose GGUF name matches ``pattern`` (regex search) get ``qtype``."""
 
     pattern: str
-    qtype: gguf.GGMLQuantizationType
+    qtype: gguf_spec.GGMLQuantizationType
     source: str = "override"
     layers: tuple[int, int] | None = None  # first, last block (negative: from the end)
 
@@ -145,7 +144,7 @@ def _rule_for(t: OutTensor, overrides: Sequence[Override], n_layer: int) -> Over
     return next((o for o in overrides if o.matches(t.name, n_layer) and o.applies_to(t)), None)
 
 
-def _apply_override(t: OutTensor, o: Override) -> tuple[gguf.GGMLQuantizationType, str]:
+def _apply_override(t: OutTensor, o: Override) -> tuple[gguf_spec.GGMLQuantizationType, str]:
     if t.role in KEEP_F32_ROLES:
         log.warning("%s: %s overrides the F32 rule for %s (%s -> %s); quality may drop", o.source, o.pattern, t.name, t.role.value, o.qtype.name)
     qtype, fell = presets.fallback(o.qtype, t.shape[-1], t.name)  # as llama.cpp does after a --tensor-type override
@@ -159,7 +158,7 @@ class Target:
     bpw: float | None = None
     size: int | None = None
     #: measured cost per tensor (quantkit.sensitivity): name -> (probe type, mean KLD with that tensor alone at it)
-    measured: Mapping[str, tuple[gguf.GGMLQuantizationType, float]] | None = None
+    measured: Mapping[str, tuple[gguf_spec.GGMLQuantizationType, float]] | None = None
 
     def __post_init__(self) -> None:
         if (self.bpw is None) == (self.size is None):
@@ -182,7 +181,7 @@ class Target:
         rng = f"{fmt.format(a)}..{fmt.format(b)}{unit} (every matrix at its cheapest type .. every matrix at Q8_0)"
         return QuantkitError(f"{want} is out of reach: plans of this model span {rng}; fix: choose a target in that range, or --type f16/bf16 for more")
 
-    def weight(self, t: OutTensor, rel: Mapping[gguf.GGMLQuantizationType, float], n_layer: int) -> float:
+    def weight(self, t: OutTensor, rel: Mapping[gguf_spec.GGMLQuantizationType, float], n_layer: int) -> float:
         """Cost of a unit of relative error in ``t``: measured KLD per relative error, else the prior."""
         from quantkit import budget
 
@@ -203,13 +202,13 @@ class Target:
 
 
 def _budget_types(
-    tensors: list[OutTensor], target: Target, pinned: dict[str, tuple[gguf.GGMLQuantizationType, str]],
+    tensors: list[OutTensor], target: Target, pinned: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]],
     importance: "budget.Importance | None", overhead: int, n_layer: int,
-) -> tuple[dict[str, tuple[gguf.GGMLQuantizationType, str]], gguf.LlamaFileType, str]:
+) -> tuple[dict[str, tuple[gguf_spec.GGMLQuantizationType, str]], gguf_spec.LlamaFileType, str]:
     """Types chosen by the bit budget for every tensor not pinned (kept F32 or named by a user rule)."""
     from quantkit import budget
 
-    base: dict[str, tuple[gguf.GGMLQuantizationType, str]] = {}
+    base: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]] = {}
     options: dict[str, list[budget.Option]] = {}
     fixed = 0
     for t in tensors:
@@ -232,7 +231,7 @@ def _budget_types(
         raise target.out_of_reach(e.lo, e.hi, n_elements, overhead) from None
     for name, o in chosen.items():
         base[name] = (o.qtype, budget.explain(o, options[name], target.label))
-    by_type: dict[gguf.GGMLQuantizationType, int] = {}
+    by_type: dict[gguf_spec.GGMLQuantizationType, int] = {}
     for o in chosen.values():
         by_type[o.qtype] = by_type.get(o.qtype, 0) + o.nbytes
     main = max(by_type, key=by_type.__getitem__) if by_type else Q.F32

@@ -47,13 +47,13 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
-import gguf
 
+from quantkit import gguf_spec
 from quantkit.errors import QuantkitError
 from quantkit.mapping import OutTensor, Role
 
-Q = gguf.GGMLQuantizationType
-FT = gguf.LlamaFileType
+Q = gguf_spec.GGMLQuantizationType
+FT = gguf_spec.LlamaFileType
 
 
 class ModelShape(Protocol):
@@ -73,11 +73,11 @@ class Preset:
     """A llama-quantize preset: its ``general.file_type`` and the type of an unremarkable matrix."""
 
     name: str
-    file_type: gguf.LlamaFileType
-    default: gguf.GGMLQuantizationType  # llama_ftype_get_default_type
+    file_type: gguf_spec.LlamaFileType
+    default: gguf_spec.GGMLQuantizationType  # llama_ftype_get_default_type
 
 
-_PRESET_ROWS: tuple[tuple[str, gguf.LlamaFileType, gguf.GGMLQuantizationType], ...] = (
+_PRESET_ROWS: tuple[tuple[str, gguf_spec.LlamaFileType, gguf_spec.GGMLQuantizationType], ...] = (
     # name         file_type              default type (llama_ftype_get_default_type)
     ("Q4_0",      FT.MOSTLY_Q4_0,      Q.Q4_0),
     ("Q4_1",      FT.MOSTLY_Q4_1,      Q.Q4_1),
@@ -121,12 +121,12 @@ PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 #: llama-quantize's aliases.
 ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 #: preset -> general.file_type.
-FILE_TYPES: dict[str, gguf.LlamaFileType] = {p.name: p.file_type for p in PRESETS.values()}
+FILE_TYPES: dict[str, gguf_spec.LlamaFileType] = {p.name: p.file_type for p in PRESETS.values()}
 
 _UNQUANTISED = (Q.F32, Q.F16, Q.BF16)
 
 
-def file_type_of(qtype: gguf.GGMLQuantizationType) -> gguf.LlamaFileType:
+def file_type_of(qtype: gguf_spec.GGMLQuantizationType) -> gguf_spec.LlamaFileType:
     """``general.file_type`` for a mixed file whose bulk is ``qtype`` (the _M preset where there is one)."""
     name = {Q.Q3_K: "Q3_K_M", Q.Q4_K: "Q4_K_M", Q.Q5_K: "Q5_K_M", Q.IQ2_S: "IQ2_M", Q.IQ3_S: "IQ3_S"}.get(qtype)
     if name is None:
@@ -252,7 +252,7 @@ class Site:
     ne0: int  # row length
     ne2: int  # experts (1 for a matrix)
     preset: str
-    default: gguf.GGMLQuantizationType
+    default: gguf_spec.GGMLQuantizationType
     i_layer: int  # layer_info(): block number for MoE ffn tensors, else the category's counter
     n_layer: int  # n_ffn_down = n_layer_all
     i_ffn_down: int  # raw counter (the IQ1/IQ2 branch reads it even for MoE)
@@ -265,89 +265,89 @@ class Site:
     tied: bool
 
 
-Cond = Callable[[Site, gguf.GGMLQuantizationType], bool]
+Cond = Callable[[Site, gguf_spec.GGMLQuantizationType], bool]
 
 
-def _always(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _always(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return True
 
 
-def _gqa4(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _gqa4(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.n_gqa >= 4
 
 
-def _gqa4_or_experts4(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _gqa4_or_experts4(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.n_gqa >= 4 or s.n_expert >= 4
 
 
-def _experts8(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _experts8(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.n_expert == 8
 
 
-def _imatrix(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _imatrix(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.has_imatrix
 
 
-def _no_imatrix(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _no_imatrix(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return not s.has_imatrix
 
 
-def _first_8th(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _first_8th(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.i_layer < s.n_layer // 8
 
 
-def _first_16th(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _first_16th(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.i_layer < s.n_layer // 16
 
 
-def _more_bits(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _more_bits(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return use_more_bits(s.i_layer, s.n_layer)
 
 
-def _middle(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _middle(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.n_layer // 8 <= s.i_layer < 7 * s.n_layer // 8
 
 
-def _attn_v_more_bits(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _attn_v_more_bits(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return use_more_bits(s.i_attn_v, s.n_attn_v)
 
 
 def _attn_v_first(n: int) -> Cond:
-    def cond(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+    def cond(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
         return s.i_attn_v < n
 
     return cond
 
 
-def _ffn_down_counter_first_8th(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _ffn_down_counter_first_8th(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.i_ffn_down < s.n_layer // 8
 
 
-def _rows_misfit(s: Site, t: gguf.GGMLQuantizationType) -> bool:
-    return s.ne0 % gguf.GGML_QUANT_SIZES[t][0] != 0
+def _rows_misfit(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
+    return s.ne0 % gguf_spec.GGML_QUANT_SIZES[t][0] != 0
 
 
-def _not_q8_0(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _not_q8_0(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return t != Q.Q8_0
 
 
-def _stacked(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _stacked(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.ne2 > 1
 
 
-def _bump_70b(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+def _bump_70b(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
     return s.is_70b and t in (Q.Q3_K, Q.Q4_K)
 
 
 def _all(*conds: Cond) -> Cond:
-    def cond(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+    def cond(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
         return all(c(s, t) for c in conds)
 
     return cond
 
 
 def _any(*conds: Cond) -> Cond:
-    def cond(s: Site, t: gguf.GGMLQuantizationType) -> bool:
+    def cond(s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
         return any(c(s, t) for c in conds)
 
     return cond
@@ -366,10 +366,10 @@ class Arm:
 
     presets: frozenset[str]
     why: str
-    to: gguf.GGMLQuantizationType | None = None
+    to: gguf_spec.GGMLQuantizationType | None = None
     when: Cond = _always
 
-    def matches(self, s: Site, t: gguf.GGMLQuantizationType) -> bool:
+    def matches(self, s: Site, t: gguf_spec.GGMLQuantizationType) -> bool:
         return (not self.presets or s.preset in self.presets) and self.when(s, t)
 
 
@@ -548,7 +548,7 @@ SECTIONS: tuple[Section, ...] = (
 
 #: tensor_type_fallback: a 256-block type whose block does not divide the row length -> this type.
 #: 32-block types stay; if the fallback's block does not divide the row either, F16.
-FALLBACK: dict[gguf.GGMLQuantizationType, gguf.GGMLQuantizationType] = {
+FALLBACK: dict[gguf_spec.GGMLQuantizationType, gguf_spec.GGMLQuantizationType] = {
     Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL,
     Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
     Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.TQ1_0: Q.Q4_0, Q.TQ2_0: Q.Q4_0,
@@ -559,10 +559,10 @@ FALLBACK: dict[gguf.GGMLQuantizationType, gguf.GGMLQuantizationType] = {
 #: (a superset of ggml_quantize_requires_imatrix's IQ2_XXS / IQ2_XS / IQ1_S, whose kernels abort
 #: without one); Q2_K as well, but only inside a Q2_K_S file.
 IMATRIX_TYPES = frozenset({Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S})
-IMATRIX_TYPES_BY_PRESET: dict[str, frozenset[gguf.GGMLQuantizationType]] = {"Q2_K_S": frozenset({Q.Q2_K})}
+IMATRIX_TYPES_BY_PRESET: dict[str, frozenset[gguf_spec.GGMLQuantizationType]] = {"Q2_K_S": frozenset({Q.Q2_K})}
 
 
-def tensor_requires_imatrix(name: str, qtype: gguf.GGMLQuantizationType, preset: str) -> bool:
+def tensor_requires_imatrix(name: str, qtype: gguf_spec.GGMLQuantizationType, preset: str) -> bool:
     """Whether llama.cpp refuses to write this tensor in this type without an importance matrix."""
     if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
         return False
@@ -576,15 +576,15 @@ def tensor_requires_imatrix(name: str, qtype: gguf.GGMLQuantizationType, preset:
 class Choice:
     """The type llama.cpp gives one tensor under a preset, and the rule that chose it."""
 
-    qtype: gguf.GGMLQuantizationType
+    qtype: gguf_spec.GGMLQuantizationType
     reason: str
     fallback: bool = False  # tensor_type_fallback changed the type (row length)
     requires_imatrix: bool = False
 
 
-def fallback(qtype: gguf.GGMLQuantizationType, ne0: int, name: str) -> tuple[gguf.GGMLQuantizationType, str]:
+def fallback(qtype: gguf_spec.GGMLQuantizationType, ne0: int, name: str) -> tuple[gguf_spec.GGMLQuantizationType, str]:
     """tensor_type_fallback: a type whose block divides the row length, and why ('' when unchanged)."""
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    block = gguf_spec.GGML_QUANT_SIZES[qtype][0]
     if ne0 % block == 0:
         return qtype, ""
     if qtype in FALLBACK:
@@ -593,12 +593,12 @@ def fallback(qtype: gguf.GGMLQuantizationType, ne0: int, name: str) -> tuple[ggu
         out = qtype
     else:
         raise QuantkitError(f"tensor {name!r}: row length {ne0} is not a multiple of {qtype.name}'s block {block} and llama.cpp defines no fallback for {qtype.name}; fix: pick another preset")
-    if ne0 % gguf.GGML_QUANT_SIZES[out][0] != 0:
+    if ne0 % gguf_spec.GGML_QUANT_SIZES[out][0] != 0:
         out = Q.F16
     return out, f"row length {ne0} not a multiple of {block}: {qtype.name} falls back to {out.name}"
 
 
-def _impl(s: Site) -> tuple[gguf.GGMLQuantizationType, str, Section | None]:
+def _impl(s: Site) -> tuple[gguf_spec.GGMLQuantizationType, str, Section | None]:
     """llama_tensor_get_type_impl: (type, reason, the section entered)."""
     t = s.default
     for sec in SECTIONS:

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 
+from quantkit import gguf_spec
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
 
-TT = gguf.TokenType
-V = gguf.GGUFValueType
-K = gguf.Keys.Tokenizer
+TT = gguf_spec.TokenType
+V = gguf_spec.GGUFValueType
+K = gguf_spec.Keys.Tokenizer
 
 #: tokenizer.json pre-tokenizer regexes -> llama.cpp ``tokenizer.ggml.pre`` names.
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -141,3 +141,68 @@ def test_empty_arrays_round_trip(tmp_path):
     g = read_gguf(out, full=True)
     assert g.metadata["t.none"] == [] and g.metadata["t.zero"].size == 0 and g.metadata["t.after"] == 7
     assert gguf.GGUFReader(out).fields["t.after"].contents() == 7
+
+
+def _members(enum_cls: type) -> dict[str, int]:
+    return {m.name: int(m.value) for m in enum_cls}
+
+
+def test_spec_matches_gguf_py() -> None:
+    """quantkit.gguf_spec restates gguf-py's constants (to keep gguf-py's import off the hot paths): every value must equal gguf-py's."""
+    from quantkit import gguf_spec as spec
+
+    for ours, theirs in ((spec.GGMLQuantizationType, gguf.GGMLQuantizationType), (spec.LlamaFileType, gguf.LlamaFileType),
+                         (spec.GGUFValueType, gguf.GGUFValueType), (spec.TokenType, gguf.TokenType)):
+        assert _members(ours) == _members(theirs), ours.__name__
+    assert {int(k): v for k, v in spec.GGML_QUANT_SIZES.items()} == {int(k): tuple(v) for k, v in gguf.GGML_QUANT_SIZES.items()}
+    assert (spec.GGUF_MAGIC, spec.GGUF_VERSION, spec.GGUF_DEFAULT_ALIGNMENT, spec.GGML_QUANT_VERSION) == (
+        gguf.GGUF_MAGIC, gguf.GGUF_VERSION, gguf.GGUF_DEFAULT_ALIGNMENT, gguf.GGML_QUANT_VERSION)
+    for group in ("General", "LLM", "Attention", "Rope", "Tokenizer"):
+        ours_g, theirs_g = getattr(spec.Keys, group), getattr(gguf.Keys, group)
+        keys = [k for k in vars(ours_g) if k.isupper()]
+        assert keys, group
+        for k in keys:
+            assert getattr(ours_g, k) == getattr(theirs_g, k), f"Keys.{group}.{k}"
+    assert spec.ARCH_LLAMA == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    names = [k for k in vars(spec.TensorName) if k.isupper()]
+    assert len(names) >= 17
+    for k in names:
+        assert getattr(spec.TensorName, k) == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[k]], k
+    # spec's enums interoperate with gguf-py's tables (IntEnum: same hash and equality as the number)
+    assert gguf.GGML_QUANT_SIZES[spec.GGMLQuantizationType.Q4_K] == (256, 144)
+    assert spec.GGMLQuantizationType.Q6_K == gguf.GGMLQuantizationType.Q6_K
+
+
+@pytest.mark.parametrize("counts", [(0, 0, 0, 0), (8_600_000, 8_600_000, 0, 0), (999_999, 999_999, 0, 0), (46_700_000_000, 1_600_000_000, 5_600_000_000, 8),
+                                    (1_500, 1_500, 0, 0), (3_000_000_000_000, 3_000_000_000_000, 0, 0), (123_456_789, 23_456_789, 12_500_000, 8),
+                                    (7_241_732_096, 7_241_732_096, 0, 0), (100_000_000, 100_000, 99_900_000, 128)])
+def test_size_label_matches_gguf_py(counts: tuple[int, int, int, int]) -> None:
+    from quantkit import gguf_spec as spec
+
+    assert spec.size_label(*counts) == gguf.size_label(*counts)
+
+
+def test_hot_paths_do_not_import_heavy_modules() -> None:
+    """`quantkit convert` and `quantkit eval ppl` start fast: no gguf-py, pydantic, torch or transformers on their path.
+
+    Not a timing test: a module list.  Each import is a measured share of a short command
+    (bench/RESULTS.md): gguf-py ~80 ms, pydantic (typer >= 0.29's coercion) ~130 ms, torch seconds.
+    """
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import quantkit.cli, quantkit.cli_eval\n"
+        "from quantkit.convert import convert, prepare\n"
+        "from quantkit.evals import perplexity, session\n"
+        "from quantkit import runtime\n"
+        "from typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(quantkit.cli.app, ['eval', 'ppl', '/nonexistent.gguf', '--text', '/nonexistent.txt'])\n"
+        "assert r.exit_code != 0, r.output\n"
+        "heavy = sorted(m for m in ('gguf', 'yaml', 'pydantic', 'torch', 'transformers', 'safetensors.torch') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"heavy modules imported on a hot path: {out.stdout.strip()}"
