@@ -12,11 +12,13 @@ Not for: loading tensor data for inference (llama.cpp does that).
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ MAX_STRING = 64 * 1024 * 1024
 MAX_DIMS = 4
 MAX_DEPTH = 3
 ARRAY_HEAD = 16  # items kept from each array
+_U64 = struct.Struct("<Q")
 
 #: GGUF tensor name -> role, first match wins (names as llama.cpp writes them).
 ROLE_PATTERNS: tuple[tuple[str, Role], ...] = (
@@ -99,31 +102,35 @@ class GGUFFile:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, size: int, path: Path, full: bool = False) -> None:
-        self.f, self.size, self.path, self.pos, self.full = f, size, path, 0, full
+    """Cursor over the file's bytes (a read-only mmap): every read is bounds-checked against the file size."""
+
+    def __init__(self, buf: Any, size: int, path: Path, full: bool = False) -> None:
+        self.buf, self.size, self.path, self.pos, self.full = buf, size, path, 0, full
         self.item_type: int | None = None  # item type of the last array read
 
     def fail(self, what: str) -> GGUFFormatError:
         return GGUFFormatError(f"{self.path}: {what} (at byte {self.pos}); fix: re-download or re-convert the file")
 
-    def read(self, n: int, what: str) -> bytes:
+    def _need(self, n: int, what: str) -> None:
         if n < 0 or n > self.size - self.pos:
             raise self.fail(f"truncated: {what} needs {n} bytes, {self.size - self.pos} remain")
-        b = self.f.read(n)
-        if len(b) != n:
-            raise self.fail(f"truncated while reading {what}")
+
+    def read(self, n: int, what: str) -> bytes:
+        self._need(n, what)
+        b = self.buf[self.pos : self.pos + n]  # a copy: nothing keeps the mapping alive
         self.pos += n
         return b
 
     def skip(self, n: int, what: str) -> None:
-        if n < 0 or n > self.size - self.pos:
-            raise self.fail(f"truncated: {what} needs {n} bytes, {self.size - self.pos} remain")
-        self.f.seek(n, 1)
+        self._need(n, what)
         self.pos += n
 
     def scalar(self, vtype: int, what: str) -> Any:
         fmt, n = SCALARS[vtype]
-        return struct.unpack(fmt, self.read(n, what))[0]
+        self._need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
 
     def u32(self, what: str) -> int:
         return self.scalar(VT.UINT32, what)
@@ -132,14 +139,34 @@ class _Reader:
         return self.scalar(VT.UINT64, what)
 
     def string(self, what: str, keep: bool = True) -> str:
-        n = self.u64(f"{what} length")
-        if n > MAX_STRING:
-            raise self.fail(f"{what} claims {n} bytes (limit {MAX_STRING})")
-        if not keep:
-            self.skip(n, what)
-            return ""
-        # full reads keep undecodable bytes (surrogateescape) so that writing the value back gives the same bytes
-        return self.read(n, what).decode("utf-8", errors="surrogateescape" if self.full else "replace")
+        got = self.strings(1, what, 1 if keep else 0)
+        return got[0] if got else ""
+
+    def strings(self, count: int, what: str, keep: int) -> list[str]:
+        """``count`` length-prefixed strings; the first ``keep`` decoded, the rest only stepped over.
+
+        One tight loop (a vocabulary is 32k-256k strings): the same checks as :meth:`read`.
+        Full reads keep undecodable bytes (surrogateescape) so that writing the value back gives the same bytes.
+        """
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        errors = "surrogateescape" if self.full else "replace"
+        unpack = _U64.unpack_from
+        try:
+            for i in range(count):
+                if size - pos < 8:
+                    raise self.fail(f"truncated: {what} length needs 8 bytes, {size - pos} remain")
+                n = unpack(buf, pos)[0]
+                pos += 8
+                if n > MAX_STRING:
+                    raise self.fail(f"{what} claims {n} bytes (limit {MAX_STRING})")
+                if n > size - pos:
+                    raise self.fail(f"truncated: {what} needs {n} bytes, {size - pos} remain")
+                if i < keep:
+                    out.append(buf[pos : pos + n].decode("utf-8", errors))
+                pos += n
+        finally:
+            self.pos = pos
+        return out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in SCALARS:
@@ -164,15 +191,13 @@ class _Reader:
             elif itype in (VT.STRING, VT.ARRAY):
                 if count > (self.size - self.pos) // 8:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
-                if self.full and depth == 0 and itype == VT.STRING:
-                    return [self.string(what) for _ in range(count)]
-                head = []
-                for i in range(count):
-                    if itype == VT.STRING:
-                        s = self.string(what, keep=i < ARRAY_HEAD)
-                        if i < ARRAY_HEAD:
-                            head.append(s)
-                    else:
+                if itype == VT.STRING:
+                    head = self.strings(count, what, count if self.full and depth == 0 else ARRAY_HEAD)
+                    if self.full and depth == 0:
+                        return head
+                else:
+                    head = []
+                    for i in range(count):
                         v = self.value(itype, what, depth + 1)
                         if i < ARRAY_HEAD:
                             head.append(v)
@@ -193,64 +218,69 @@ def read_gguf(path: str | Path, full: bool = False) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise GGUFFormatError(f"{path}: no such file; fix: check the path")
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        r = _Reader(f, size, path, full)
-        magic = r.read(4, "magic") if size >= 4 else b""
+        size = os.fstat(f.fileno()).st_size
+        magic = f.read(4)
         if magic != b"GGUF":
             raise GGUFFormatError(f"{path}: not a GGUF file (magic {magic[:4]!r}, expected b'GGUF'); fix: pass a .gguf file")
-        version = r.u32("version")
-        if version not in (2, 3):
-            raise r.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
-        n_tensors = r.u64("tensor count")
-        n_kv = r.u64("metadata count")
-        if n_kv > (size - r.pos) // 12:
-            raise r.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file")
-        if n_tensors > (size - r.pos) // 24:
-            raise r.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file")
-        md: dict[str, Any] = {}
-        types: dict[str, tuple[int, int | None]] = {}
-        for _ in range(n_kv):
-            key = r.string("metadata key")
-            vtype = r.u32(f"type of {key!r}")
-            md[key] = r.value(vtype, repr(key))
-            types[key] = (vtype, r.item_type if vtype == VT.ARRAY else None)
-        alignment = md.get("general.alignment", gguf_spec.GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise r.fail(f"general.alignment = {alignment!r}, expected a power of two")
-        infos = []
-        for _ in range(n_tensors):
-            name = r.string("tensor name")
-            n_dims = r.u32(f"dimension count of {name!r}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise r.fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
-            ne = tuple(r.u64(f"dimension of {name!r}") for _ in range(n_dims))
-            raw_type = r.u32(f"type of {name!r}")
-            offset = r.u64(f"offset of {name!r}")
-            try:
-                qtype = gguf_spec.GGMLQuantizationType(raw_type)
-                block, tsize = gguf_spec.GGML_QUANT_SIZES[qtype]
-            except (ValueError, KeyError):
-                raise r.fail(f"tensor {name!r} has unknown type {raw_type}") from None
-            n = 1
-            for d in ne:
-                if d > 1 << 40:
-                    raise r.fail(f"tensor {name!r} dimension {d} is absurd")
-                n *= d
-            if ne[0] % block:
-                raise r.fail(f"tensor {name!r}: row length {ne[0]} is not a multiple of {qtype.name}'s block {block}")
-            nbytes = n // block * tsize
-            if offset % alignment:
-                raise r.fail(f"tensor {name!r}: offset {offset} is not aligned to {alignment}")
-            infos.append(TensorInfo(name, ne, qtype, offset, nbytes))
-        data_offset = (r.pos + alignment - 1) // alignment * alignment
-        for t in infos:
-            end = data_offset + t.offset + t.nbytes
-            if end > size:
-                raise GGUFFormatError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, file has {size}; fix: re-download or re-convert the file")
-        names = [t.name for t in infos]
-        if len(set(names)) != len(names):
-            raise r.fail("duplicate tensor names")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(_Reader(buf, size, path, full), path, size)
+
+
+def _parse(r: _Reader, path: Path, size: int) -> GGUFFile:
+    r.pos = 4
+    version = r.u32("version")
+    if version not in (2, 3):
+        raise r.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors = r.u64("tensor count")
+    n_kv = r.u64("metadata count")
+    if n_kv > (size - r.pos) // 12:
+        raise r.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file")
+    if n_tensors > (size - r.pos) // 24:
+        raise r.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file")
+    md: dict[str, Any] = {}
+    types: dict[str, tuple[int, int | None]] = {}
+    for _ in range(n_kv):
+        key = r.string("metadata key")
+        vtype = r.u32(f"type of {key!r}")
+        md[key] = r.value(vtype, repr(key))
+        types[key] = (vtype, r.item_type if vtype == VT.ARRAY else None)
+    alignment = md.get("general.alignment", gguf_spec.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise r.fail(f"general.alignment = {alignment!r}, expected a power of two")
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string("tensor name")
+        n_dims = r.u32(f"dimension count of {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise r.fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+        ne = tuple(r.u64(f"dimension of {name!r}") for _ in range(n_dims))
+        raw_type = r.u32(f"type of {name!r}")
+        offset = r.u64(f"offset of {name!r}")
+        try:
+            qtype = gguf_spec.GGMLQuantizationType(raw_type)
+            block, tsize = gguf_spec.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise r.fail(f"tensor {name!r} has unknown type {raw_type}") from None
+        n = 1
+        for d in ne:
+            if d > 1 << 40:
+                raise r.fail(f"tensor {name!r} dimension {d} is absurd")
+            n *= d
+        if ne[0] % block:
+            raise r.fail(f"tensor {name!r}: row length {ne[0]} is not a multiple of {qtype.name}'s block {block}")
+        nbytes = n // block * tsize
+        if offset % alignment:
+            raise r.fail(f"tensor {name!r}: offset {offset} is not aligned to {alignment}")
+        infos.append(TensorInfo(name, ne, qtype, offset, nbytes))
+    data_offset = (r.pos + alignment - 1) // alignment * alignment
+    for t in infos:
+        end = data_offset + t.offset + t.nbytes
+        if end > size:
+            raise GGUFFormatError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, file has {size}; fix: re-download or re-convert the file")
+    names = [t.name for t in infos]
+    if len(set(names)) != len(names):
+        raise r.fail("duplicate tensor names")
     return GGUFFile(path, version, md, infos, data_offset, alignment, size, types=types)
 
 
