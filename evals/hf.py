@@ -79,8 +79,8 @@ class HFSession:
             self.router = {i: r.float().numpy().reshape(len(tokens), -1) for i, r in enumerate(out.router_logits)}
         return out.logits[0].float().numpy()
 
-    def eval_chunks(self, chunks: list[list[int]], first_output: int = 0) -> list[np.ndarray]:
-        """One chunk at a time (``n_seq`` is 1 here); logits from ``first_output`` on."""
+    def eval_chunks(self, chunks: list[list[int]], first_output: int = 0, copy: bool = True) -> list[np.ndarray]:
+        """One chunk at a time (``n_seq`` is 1 here); logits from ``first_output`` on (fresh arrays, whatever ``copy``)."""
         return [self.eval_chunk(c)[first_output:] for c in chunks]
 
     def vocab_fingerprint(self) -> str:

@@ -178,7 +178,7 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool =
         # only the scored half is output (as llama-perplexity asks), unless routers are captured: llama.cpp then
         # computes the last block's router for the output rows only, and routing compares every position
         skip = 0 if getattr(session, "capture_router", False) else first
-        all_logits = session.eval_chunks(group, skip)
+        all_logits = session.eval_chunks(group, skip, copy=False)  # used up before the next decode
         idx = range(start, start + len(group))
         targets = [np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx], dtype=np.int64) for i in idx]
         scored = [logits[first - skip : n_ctx - 1 - skip] for logits in all_logits]

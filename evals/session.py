@@ -219,8 +219,11 @@ class EvalSession:
         """
         return self.eval_chunks([tokens], first_output)[0]
 
-    def eval_chunks(self, chunks: list[list[int]], first_output: int = 0) -> list[np.ndarray]:
-        """Logits (from ``first_output`` on) of up to ``n_seq`` chunks decoded together, each its own sequence from an empty cache."""
+    def eval_chunks(self, chunks: list[list[int]], first_output: int = 0, copy: bool = True) -> list[np.ndarray]:
+        """Logits (from ``first_output`` on) of up to ``n_seq`` chunks decoded together, each its own sequence from an empty cache.
+
+        ``copy=False``: views of llama.cpp's logits buffer, valid until the next decode.
+        """
         import llama_cpp
 
         if not 1 <= len(chunks) <= self.n_seq or any(len(c) > self.n_ctx for c in chunks):
@@ -249,7 +252,7 @@ class EvalSession:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(sum(rows), self.n_vocab))
         out, at = [], 0
         for r in rows:
-            out.append(logits[at : at + r].copy())
+            out.append(logits[at : at + r].copy() if copy else logits[at : at + r])
             at += r
         return out
 

@@ -533,5 +533,38 @@ def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, 
     return prep.history.add(user, result.text) if result.text or result.finish_reason != "interrupted" else prep.history
 
 
+def run() -> None:
+    """The ``quantkit`` command: run it, then leave without the interpreter's teardown.
+
+    When a command returns, what it wrote is closed (``with`` blocks, atomic renames) and
+    the exit handlers still run here (logging, thread pools, temporary files); what is
+    skipped is the clean-up of every module and the final garbage collection, ~0.1 s once
+    llama-cpp-python (thousands of ctypes bindings) is loaded: a tenth of a short
+    ``eval ppl`` (bench/RESULTS.md).  ``QUANTKIT_SLOW_EXIT=1`` exits the usual way.
+    """
+    import atexit
+    import os
+
+    try:
+        app(prog_name="quantkit")
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if os.environ.get("QUANTKIT_SLOW_EXIT"):
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app(prog_name="quantkit")
+    run()

@@ -315,3 +315,25 @@ def test_background_result_and_error():
     assert Background(sum, [1, 2, 3]).result() == 6
     with pytest.raises(ZeroDivisionError):
         Background(lambda: 1 / 0).result()
+
+
+def test_quantkit_command_exit_path(fixture_gguf, tmp_path, text) -> None:
+    """The `quantkit` command skips interpreter teardown (quantkit.cli.run): output and exit codes must not suffer."""
+    import subprocess
+    import sys
+
+    model = fixture_gguf("q8_0")
+    corpus, text = text, tmp_path / "t.txt"
+    text.write_text(corpus[:20_000], encoding="utf-8")
+    cli = [sys.executable, "-m", "quantkit.cli"]
+    report = tmp_path / "ppl.json"
+    r = subprocess.run([*cli, "eval", "ppl", str(model), "--text", str(text), "--ctx", "128", "--chunks", "2", "--json", str(report)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(report.read_text())["n_chunks"] == 2  # written whole
+    r = subprocess.run([*cli, "inspect", str(model), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["tensors"]) > 0  # a long stdout arrives whole through a pipe
+    r = subprocess.run([*cli, "eval", "ppl", str(tmp_path / "missing.gguf"), "--text", str(text)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and "missing.gguf" in r.stderr
+    r = subprocess.run([*cli, "eval", "ppl", "--no-such-option"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2
