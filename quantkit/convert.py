@@ -112,10 +112,11 @@ def prepare(
     ``src`` is a Hugging Face directory, or a GGUF file to requantise (``quantkit.gguf_source``).
     """
     src = Path(src)
-    from quantkit import gguf_source
+    if src.is_file():  # a directory is a checkpoint: the GGUF code is not even imported
+        from quantkit import gguf_source
 
-    if gguf_source.is_gguf(src):
-        return _prepare_gguf(src, outtype, overrides, target, imatrix, allow_requantize)
+        if gguf_source.is_gguf(src):
+            return _prepare_gguf(src, outtype, overrides, target, imatrix, allow_requantize)
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     try:
         conv = for_model_type(ckpt.model_type, where=str(src / "config.json"))

@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-
 from quantkit import gguf_spec, presets
 from quantkit.errors import QuantkitError
 from quantkit.presets import ModelShape

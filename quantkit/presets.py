@@ -47,7 +47,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
-
 from quantkit import gguf_spec
 from quantkit.errors import QuantkitError
 from quantkit.mapping import OutTensor, Role

@@ -18,10 +18,10 @@ Not for: running a tokenizer (llama.cpp and the reference libraries do that).
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Iterator
 
 from quantkit import gguf_spec
 from quantkit.errors import CheckpointError
@@ -45,6 +45,7 @@ class Vocab:
     types: list[int]
     merges: list[str] | None
     source: str  # the file the vocabulary came from
+    adds_space_prefix: bool = False  # SentencePiece: a space is prepended to the text (tokenizer.ggml.add_space_prefix)
 
 
 def _load_json(path: Path) -> Any:
@@ -60,28 +61,123 @@ def _token_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def sentencepiece_vocab(path: Path, n_vocab: int, added: dict[int, tuple[str, bool]]) -> Vocab:
-    import sentencepiece as spm
+def _varint(b: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(b) or shift > 63:
+            raise ValueError("bad varint")
+        c = b[pos]
+        pos += 1
+        value |= (c & 0x7F) << shift
+        if c < 0x80:
+            return value, pos
+        shift += 7
 
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(path.read_bytes())
-    except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
-        raise CheckpointError(f"{path}: not a valid SentencePiece model ({e}); fix: restore tokenizer.model") from None
-    tokens, scores, types = [], [], []
-    for i in range(sp.get_piece_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(float(sp.get_score(i)))
-        if sp.is_unknown(i):
-            types.append(TT.UNKNOWN)
-        elif sp.is_control(i):
-            types.append(TT.CONTROL)
-        elif sp.is_unused(i):
-            types.append(TT.UNUSED)
-        elif sp.is_byte(i):
-            types.append(TT.BYTE)
+
+def _proto_fields(b: bytes, pos: int, end: int) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of one protobuf message in ``b[pos:end]``: varints as ints, fixed32 as 4 bytes, messages and strings as (start, end)."""
+    while pos < end:
+        key, pos = _varint(b, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(b, pos)
+        elif wire == 2:
+            n, pos = _varint(b, pos)
+            value, pos = (pos, pos + n), pos + n
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = b[pos : pos + size], pos + size
         else:
-            types.append(TT.NORMAL)
+            raise ValueError(f"wire type {wire}")
+        if field == 0 or pos > end:
+            raise ValueError("truncated message")
+        yield field, value
+
+
+#: SentencePiece piece types that llama.cpp keeps (sentencepiece_model.proto: NORMAL 1, UNKNOWN 2, CONTROL 3,
+#: USER_DEFINED 4, UNUSED 5, BYTE 6); a user-defined piece counts as normal, as llama.cpp's converter has it.
+_SPM_TYPES = {2: TT.UNKNOWN, 3: TT.CONTROL, 5: TT.UNUSED, 6: TT.BYTE}
+
+
+_F32 = struct.Struct("<f")
+
+
+def _piece(b: bytes, pos: int, end: int) -> tuple[str, float, int]:
+    """One ``SentencePiece`` message: piece (field 1), score (2, float), type (3); one-byte keys and lengths inline (the usual case)."""
+    piece, score, kind = "", 0.0, 1
+    while pos < end:
+        key = b[pos]
+        if key == 0x0A and pos + 1 < end and b[pos + 1] < 0x80:  # piece, short
+            n = b[pos + 1]
+            pos += 2
+            piece = b[pos : pos + n].decode("utf-8")
+            pos += n
+        elif key == 0x15 and pos + 5 <= end:  # score
+            score = _F32.unpack_from(b, pos + 1)[0]
+            pos += 5
+        elif key == 0x18 and pos + 1 < end and b[pos + 1] < 0x80:  # type
+            kind = b[pos + 1]
+            pos += 2
+        else:  # anything else (long pieces, other fields): the general reader, one field
+            field, value = next(_proto_fields(b, pos, end))
+            pos = _field_end(b, pos)
+            if field == 1 and isinstance(value, tuple):
+                piece = b[value[0] : value[1]].decode("utf-8")
+            elif field == 3 and isinstance(value, int):
+                kind = value
+    if pos != end:
+        raise ValueError("truncated piece")
+    return piece, score, kind
+
+
+def _field_end(b: bytes, pos: int) -> int:
+    key, pos = _varint(b, pos)
+    wire = key & 7
+    if wire == 0:
+        return _varint(b, pos)[1]
+    if wire == 2:
+        n, pos = _varint(b, pos)
+        return pos + n
+    return pos + (8 if wire == 1 else 4)
+
+
+def read_sentencepiece(data: bytes) -> tuple[list[str], list[float], list[int], bool]:
+    """Pieces, scores, token types and whether a space is prepended, from a serialised SentencePiece ``ModelProto``.
+
+    What ``SentencePieceProcessor``'s ``id_to_piece`` / ``get_score`` / ``is_*`` give, read straight from
+    the protobuf wire format (sentencepiece's own loader costs an import and a model build; a
+    32k vocabulary is ~0.1 s through its per-id calls).  Space prefix: ``add_dummy_prefix``
+    (default true) unless ``treat_whitespace_as_suffix``.  Raises ValueError on a malformed message.
+    """
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    dummy_prefix, suffix = True, False
+    for field, value in _proto_fields(data, 0, len(data)):
+        if field == 1 and isinstance(value, tuple):  # ModelProto.pieces
+            piece, score, kind = _piece(data, *value)
+            tokens.append(piece)
+            scores.append(score)
+            types.append(_SPM_TYPES.get(kind, TT.NORMAL))
+        elif field == 2 and isinstance(value, tuple):  # trainer_spec.treat_whitespace_as_suffix (24)
+            for f, v in _proto_fields(data, *value):
+                if f == 24 and isinstance(v, int):
+                    suffix = bool(v)
+        elif field == 3 and isinstance(value, tuple):  # normalizer_spec.add_dummy_prefix (3)
+            for f, v in _proto_fields(data, *value):
+                if f == 3 and isinstance(v, int):
+                    dummy_prefix = bool(v)
+    if not tokens:
+        raise ValueError("no pieces")
+    return tokens, scores, types, dummy_prefix and not suffix
+
+
+def sentencepiece_vocab(path: Path, n_vocab: int, added: dict[int, tuple[str, bool]]) -> Vocab:
+    try:
+        tokens, scores, raw_types, adds_prefix = read_sentencepiece(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid SentencePiece model ({e}); fix: restore tokenizer.model") from None
+    types: list[Any] = list(raw_types)
     for tid, (content, special) in sorted(added.items()):
         if tid < len(tokens):
             types[tid] = TT.CONTROL if special else TT.USER_DEFINED
@@ -94,7 +190,7 @@ def sentencepiece_vocab(path: Path, n_vocab: int, added: dict[int, tuple[str, bo
         scores.append(0.0)
         types.append(TT.CONTROL if special else TT.USER_DEFINED)
     _pad(tokens, types, n_vocab, path, scores)
-    return Vocab("llama", "default", tokens, scores, [int(t) for t in types], None, str(path))
+    return Vocab("llama", "default", tokens, scores, [int(t) for t in types], None, str(path), adds_prefix)
 
 
 def _pad(tokens: list[str], types: list[int], n_vocab: int, path: Path, scores: list[float] | None = None) -> None:
@@ -188,18 +284,10 @@ def vocab_metadata(vocab: Vocab, tcfg: dict[str, Any], config: dict[str, Any]) -
     md[K.ADD_BOS] = MetaValue(bool(add_bos), V.BOOL)
     md[K.ADD_EOS] = MetaValue(bool(tcfg.get("add_eos_token", False)), V.BOOL)
     if vocab.model == "llama":
-        md[K.ADD_PREFIX] = MetaValue(_spm_adds_prefix(Path(vocab.source)), V.BOOL)
+        md[K.ADD_PREFIX] = MetaValue(vocab.adds_space_prefix, V.BOOL)
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # named templates: keep the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if isinstance(template, str) and template:
         md[K.CHAT_TEMPLATE] = MetaValue(template, V.STRING)
     return md
-
-
-def _spm_adds_prefix(path: Path) -> bool:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    pieces = sp.encode_as_pieces("x")
-    return bool(pieces) and pieces[0].startswith("\u2581")

@@ -90,3 +90,48 @@ def test_byte_level_bpe_matches_tokenizers(tmp_path, kind):
     for text in TEXTS:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids, text
     assert llm.tokenize(b"<|begin|>hi<|end|>", add_bos=False, special=True) == tok.encode("<|begin|>hi<|end|>").ids
+
+
+def _train_spm(tmp_path, **options):
+    import io
+
+    import sentencepiece as spm
+
+    from quantkit.evals.corpora import heldout_text
+
+    model = io.BytesIO()
+    lines = [line for line in heldout_text()[:200_000].splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, minloglevel=2,
+                                   **{"vocab_size": 400, "model_type": "bpe", **options})
+    return model.getvalue()
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"byte_fallback": True, "user_defined_symbols": ["<tool>", "ünï"], "control_symbols": ["<ctl>"]},
+    {"add_dummy_prefix": False},
+    {"treat_whitespace_as_suffix": True},
+    {"model_type": "unigram", "vocab_size": 600, "byte_fallback": True},
+], ids=["plain", "byte-user-control", "no-dummy-prefix", "suffix", "unigram"])
+def test_sentencepiece_reader_matches_sentencepiece(tmp_path, options):
+    """quantkit reads tokenizer.model's protobuf itself: pieces, scores, types and the space prefix as sentencepiece gives them."""
+    import sentencepiece as spm
+
+    from quantkit.gguf_spec import TokenType as TT
+    from quantkit.vocab import read_sentencepiece
+
+    data = _train_spm(tmp_path, **options)
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(data)
+    n = sp.get_piece_size()
+    want_types = [TT.UNKNOWN if sp.is_unknown(i) else TT.CONTROL if sp.is_control(i) else TT.UNUSED if sp.is_unused(i)
+                  else TT.BYTE if sp.is_byte(i) else TT.NORMAL for i in range(n)]
+    tokens, scores, types, adds_prefix = read_sentencepiece(data)
+    assert tokens == [sp.id_to_piece(i) for i in range(n)]
+    assert scores == [sp.get_score(i) for i in range(n)]
+    assert types == want_types
+    pieces = sp.encode_as_pieces("x")
+    assert adds_prefix == (bool(pieces) and pieces[0].startswith("\u2581"))
+    for bad in (data[: len(data) // 2], b"garbage", b""):
+        with pytest.raises(ValueError):
+            read_sentencepiece(bad)
