@@ -17,6 +17,7 @@ Not for: argument parsing or terminal output (``quantkit.cli``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -255,9 +256,14 @@ def _rows(
     row_bytes = a.nbytes // max(1, rows)
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for r in range(0, rows, step):
-        yield encode(a[r : r + step], dtype, qtype, imatrix, _scratch())  # written before the next piece is made
-        if release:
-            release(r * row_bytes, min(rows, r + step) * row_bytes)
+        piece = encode(a[r : r + step], dtype, qtype, imatrix, _scratch(), wait=False)
+        drop = (lambda lo=r * row_bytes, hi=min(rows, r + step) * row_bytes: release(lo, hi)) if release else None
+        if isinstance(piece, ggml.Pending):  # still quantising (see _in_flight): its pages go when it is done
+            yield piece.then(drop) if drop else piece
+        else:
+            yield piece  # may view the source pages: they go once it has been written
+            if drop:
+                drop()
 
 
 def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray | None = None) -> Iterator[Any]:
@@ -305,17 +311,58 @@ def _weights_for(prep: Prepared, t: OutTensor, tp: TensorPlan) -> np.ndarray | N
     return expert_weights(prep.imatrix, t.name, t.shape)
 
 
+def _in_flight(pieces: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """``(tensor index, bytes)`` in order, the next piece's quantisation started before this one is handed out.
+
+    While a piece is written (and the next one read and laid out), the pool already
+    quantises the one after: no core waits on the writer between pieces or tensors.
+    Two pieces are alive at a time, which ``Scratch.next_out``'s two buffers allow.
+    On an error or an early close the piece still running is waited for, so that no
+    thread reads a source that is being closed.
+    """
+    cur = nxt = None
+    try:
+        cur = next(pieces, None)
+        while cur is not None:
+            i, p = cur
+            if isinstance(p, ggml.Pending):
+                nxt = next(pieces, None)  # the next piece starts before this one is waited for
+                data, cur = p.result(), None
+                yield i, data
+            else:
+                yield i, p  # a plain piece may view source pages that making the next one releases: written first
+                nxt = next(pieces, None)
+            cur, nxt = nxt, None
+    finally:
+        for item in (cur, nxt):
+            if item is not None and isinstance(item[1], ggml.Pending):
+                with contextlib.suppress(Exception):
+                    item[1].result()
+
+
 def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
     writer = StreamingGGUFWriter(tmp, ARCH_NAME, prep.metadata)
+    pairs = list(zip(prep.tensors, prep.plan.tensors))
+    stream = _in_flight((i, piece) for i, (t, tp) in enumerate(pairs) for piece in tensor_pieces(t, tp, prep.hparams, _weights_for(prep, t, tp)))
+    head: tuple[int, Any] | None = None
+
+    def pieces_of(i: int) -> Iterator[Any]:
+        nonlocal head
+        while head is not None and head[0] == i:
+            yield head[1]
+            head = next(stream, None)
+
     try:
         for tp in prep.plan.tensors:
             writer.declare(tp.name, tp.shape, tp.qtype)
         writer.begin()
-        for t, tp in zip(prep.tensors, prep.plan.tensors):
+        head = next(stream, None)
+        for i, (_, tp) in enumerate(pairs):
             if on_tensor is not None:
                 on_tensor(tp.name)
-            writer.write_tensor(tp.name, tensor_pieces(t, tp, prep.hparams, _weights_for(prep, t, tp)), on_bytes)
+            writer.write_tensor(tp.name, pieces_of(i), on_bytes)
     except BaseException:
+        stream.close()
         writer.close()
         raise
     writer.finish()

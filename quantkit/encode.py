@@ -40,11 +40,15 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def encode(a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: ggml.Scratch | None = None):
+def encode(
+    a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: ggml.Scratch | None = None,
+    wait: bool = True,
+):
     """Bytes of ``a`` (stored as ``dtype``) encoded as ``qtype``; may return a view of ``a``.
 
-    With ``scratch``, a quantised result lives in a reused buffer: write it out
-    before the next call.
+    With ``scratch``, a quantised result lives in one of its two reused buffers
+    (``Scratch.next_out``).  ``wait=False``: a quantised type comes back as a
+    ``ggml.Pending`` still running on the pool (the rest are done at once).
     """
     if SAME.get(dtype) == qtype:
         return np.ascontiguousarray(a)
@@ -56,4 +60,5 @@ def encode(a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, ima
         return f32_to_bf16(to_f32(a, dtype))
     x = np.ascontiguousarray(a)  # BF16/F16 rows are widened block by block inside the quantising threads
     x = x.view(np.uint16) if dtype == "BF16" else x.view(np.float16) if dtype == "F16" else to_f32(x, dtype)
-    return ggml.quantize(x.reshape(-1, a.shape[-1]), qtype, imatrix, scratch)
+    job = ggml.start_quantize(x.reshape(-1, a.shape[-1]), qtype, imatrix, scratch, wait=wait)
+    return job.result() if wait else job

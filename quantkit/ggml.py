@@ -13,11 +13,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import math
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -107,11 +109,16 @@ class Scratch:
 
     def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         dt = np.dtype(dtype)
-        n = int(np.prod(shape)) * dt.itemsize
+        n = math.prod(shape) * dt.itemsize
         buf = self._bufs.get(role)
         if buf is None or buf.nbytes < n:
             buf = self._bufs[role] = np.empty(max(n, 1), dtype=np.uint8)
         return buf[:n].view(dt).reshape(shape)
+
+    def next_out(self, nbytes: int) -> np.ndarray:
+        """The next of two alternating byte buffers: a result lives until the second call after it."""
+        self._turn = 1 - getattr(self, "_turn", 1)
+        return self.get(f"out{self._turn}", (nbytes,), np.uint8)
 
 
 def convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -149,14 +156,55 @@ def _block_buffer(n: int) -> np.ndarray:
     return buf
 
 
+class Pending:
+    """A quantisation under way on the pool; :meth:`result` joins in on the blocks left, waits, and returns the bytes."""
+
+    def __init__(self, work: Callable[[], int], helpers: list[Future[int]], out: np.ndarray, keep: tuple[Any, ...]) -> None:
+        self._work: Callable[[], int] | None = work
+        self._helpers = helpers
+        self._out = out
+        self._keep: tuple[Any, ...] | None = keep  # the source rows and importance weights the threads read from
+        self._then: list[Callable[[], None]] = []
+
+    def then(self, fn: Callable[[], None]) -> Pending:
+        """Call ``fn`` once the bytes are done (e.g. drop the source pages they were made from)."""
+        self._then.append(fn)
+        return self
+
+    def result(self) -> np.ndarray:
+        if self._work is not None:
+            work, self._work = self._work, None
+            done = work() + sum(h.result() for h in self._helpers)
+            self._helpers, self._keep = [], None
+            if done != self._out.nbytes:
+                raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes, expected {self._out.nbytes}")
+            then, self._then = self._then, []
+            for fn in then:
+                fn()
+        return self._out
+
+
 def quantize(x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None) -> np.ndarray:
     """Quantise a matrix (rows x n_per_row) with llama.cpp's kernel; returns raw bytes (uint8, in ``scratch`` when given).
 
-    ``x`` is float32, BF16 bits (uint16) or float16.  Rows go out in blocks of about
-    BLOCK_ELEMS elements (fewer for a small matrix, so that every core gets some), handed to the pool's threads as they come free (as
-    llama-quantize hands out its chunks, so a slow core does not hold the rest up);
-    a BF16/F16 block is widened into the thread's own cache-sized float32 buffer just
-    before it is quantised, so no float32 copy of the matrix is ever made.
+    ``x`` is float32, BF16 bits (uint16) or float16.  The calling thread works beside the pool's.
+    """
+    return start_quantize(x, qtype, imatrix, scratch, wait=True).result()
+
+
+def start_quantize(
+    x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.ndarray | None = None, scratch: Scratch | None = None, wait: bool = False,
+) -> Pending:
+    """Start quantising ``x`` on the pool and return at once; ``result()`` gives the bytes (the caller helps then).
+
+    Rows go out in blocks of about BLOCK_ELEMS elements (fewer for a small matrix, so that
+    every core gets some), handed to the pool's threads as they come free (as llama-quantize
+    hands out its chunks, so a slow core does not hold the rest up); a BF16/F16 block is
+    widened into the thread's own cache-sized float32 buffer just before it is quantised,
+    so no float32 copy of the matrix is ever made.  With ``scratch`` the bytes go to one of
+    its two output buffers in turn: a result stays valid until the second call after it,
+    so one piece can be written while the next is quantised.  ``wait``: the caller will
+    call ``result()`` at once (one pool thread fewer is asked for).
     """
     x = np.asarray(x)
     widen = _WIDEN.get(x.dtype)
@@ -165,7 +213,7 @@ def quantize(x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.n
     nrows = x.size // n_per_row
     so = lib()
     rs = row_size(qtype, n_per_row)
-    out = np.empty(nrows * rs, dtype=np.uint8) if scratch is None else scratch.get("quantized", (nrows * rs,), np.uint8)
+    out = np.empty(nrows * rs, dtype=np.uint8) if scratch is None else scratch.next_out(nrows * rs)
     qm = None
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
@@ -173,8 +221,7 @@ def quantize(x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.n
             raise ValueError(f"imatrix has {imatrix.size} values, rows have {n_per_row}")
         qm = imatrix.ctypes.data
     so.ggml_quantize_init(int(qtype))
-    workers = _CPUS
-    block = min(BLOCK_ELEMS, max(MIN_BLOCK_ELEMS, x.size // (2 * workers)))
+    block = min(BLOCK_ELEMS, max(MIN_BLOCK_ELEMS, x.size // (2 * _CPUS)))
     step = max(1, block // n_per_row)  # rows per block
     src, dst, isz, q = x.ctypes.data, out.ctypes.data, x.itemsize, int(qtype)
     fn = getattr(cpu_lib(), widen) if widen is not None else None
@@ -192,9 +239,6 @@ def quantize(x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, imatrix: np.n
                 done += so.ggml_quantize_chunk(q, buf, dst + first * rs, 0, n, n_per_row, qm)
         return done
 
-    workers = min(workers, -(-nrows // step))
-    helpers = [pool().submit(work) for _ in range(workers - 1)]  # the calling thread is a worker too
-    done = work() + sum(h.result() for h in helpers)
-    if done != out.nbytes:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes, expected {out.nbytes}")
-    return out
+    n_blocks = -(-nrows // step)
+    helpers = [pool().submit(work) for _ in range(min(_CPUS - 1 if wait else _CPUS, n_blocks))]
+    return Pending(work, helpers, out, (x, imatrix))

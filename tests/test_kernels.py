@@ -55,3 +55,50 @@ def test_quantize_equals_one_kernel_call(qtype, rows, cols, source, weighted):
 def test_quantize_rejects_a_wrong_imatrix_length():
     with pytest.raises(ValueError, match="imatrix has 3 values, rows have 256"):
         ggml.quantize(np.zeros((2, 256), np.float32), Q.Q4_K, np.ones(3, np.float32))
+
+
+def test_quantisations_in_flight_keep_their_bytes():
+    """Two jobs started on one Scratch (as convert keeps one piece in flight): each result equals a plain call."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((64, 512)).astype(np.float32) for _ in range(2))
+    want_a, want_b = reference(a, Q.Q4_K, None), reference(b, Q.Q4_K, None)
+    scratch = ggml.Scratch()
+    done: list[str] = []
+    ja = ggml.start_quantize(a.copy(), Q.Q4_K, None, scratch).then(lambda: done.append("a"))
+    jb = ggml.start_quantize(b.copy(), Q.Q4_K, None, scratch)  # the source copies are only referenced by the jobs
+    assert done == []
+    assert jb.result().tobytes() == want_b
+    assert ja.result().tobytes() == want_a  # b went to the other buffer
+    assert ja.result().tobytes() == want_a and done == ["a"]  # result() again: same bytes, callbacks ran once
+    jc = ggml.start_quantize(a, Q.Q4_K, None, scratch)  # reuses a's buffer; b's stays valid
+    assert jc.result().tobytes() == want_a and jb.result().tobytes() == want_b
+
+
+class _FakeJob(ggml.Pending):
+    def __init__(self, name: str, log: list[str]) -> None:  # noqa: D107 - a Pending that only records
+        self.name, self.log = name, log
+
+    def result(self) -> np.ndarray:
+        self.log.append(f"wait {self.name}")
+        return np.frombuffer(self.name.encode(), dtype=np.uint8)
+
+
+def _pieces(log: list[str], kinds: str):
+    for i, kind in enumerate(kinds):
+        log.append(f"make {i}")
+        yield 0, (_FakeJob(str(i), log) if kind == "q" else np.frombuffer(str(i).encode(), dtype=np.uint8))
+
+
+def test_in_flight_order():
+    """convert's writer loop: a quantised piece's successor starts before it is waited for; a plain piece is written before the next is made."""
+    from quantkit.convert import _in_flight
+
+    log: list[str] = []
+    for _, data in _in_flight(_pieces(log, "qqpq")):
+        log.append(f"write {data.tobytes().decode()}")
+    assert log == ["make 0", "make 1", "wait 0", "write 0", "make 2", "wait 1", "write 1", "write 2", "make 3", "wait 3", "write 3"]
+    log.clear()
+    stream = _in_flight(_pieces(log, "qqq"))
+    next(stream)
+    stream.close()  # a failed write: the piece still running is waited for before the sources close
+    assert log == ["make 0", "make 1", "wait 0", "wait 1"]
