@@ -146,8 +146,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[target] per row, as llama-perplexity computes it (exp in float, sums in double)."""
     m = logits.max(axis=-1)
-    s = np.exp(logits - m[:, None]).sum(axis=-1, dtype=np.float64)
-    return np.log(s) + m - logits[np.arange(targets.size), targets]
+    e = np.subtract(logits, m[:, None])
+    np.exp(e, out=e)  # in place: one temporary per chunk instead of two
+    return np.log(e.sum(axis=-1, dtype=np.float64)) + m - logits[np.arange(targets.size), targets]
 
 
 def plan_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
