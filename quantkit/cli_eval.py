@@ -49,6 +49,9 @@ def _write_json(obj: dict[str, Any], path: Optional[Path]) -> None:
         path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal.")
+
+
 @eval_app.command("ppl")
 def ppl(
     model: Path = typer.Argument(..., help="A .gguf file."),
@@ -58,13 +61,14 @@ def ppl(
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score only the first N chunks."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    progress: bool = PROGRESS,
 ) -> None:
     """Perplexity as llama-perplexity computes it, with its standard error."""
     from quantkit.evals.perplexity import perplexity
 
     cli = _cli()
     body = cli._run(lambda: read_text(text, corpus))
-    bar, task = _progress("perplexity", str(json_out) != "-")
+    bar, task = _progress("perplexity", progress and str(json_out) != "-")
     with bar:
         def tick(i: int, n: int, running: float) -> None:
             bar.update(task, total=n, completed=i, info=f"ppl {running:.4f}")
@@ -90,13 +94,14 @@ def kld(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where base log-probs are cached (default ~/.cache/quantkit)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    progress: bool = PROGRESS,
 ) -> None:
     """KL-divergence, token statistics and routing fidelity of MODEL against BASE on the same tokens."""
     from quantkit.evals.kld import base_logprobs, compare
 
     cli = _cli()
     body = cli._run(lambda: read_text(text, corpus))
-    bar, task = _progress("base", str(json_out) != "-")
+    bar, task = _progress("base", progress and str(json_out) != "-")
     with bar:
         tick = lambda i, n: bar.update(task, total=n, completed=i)  # noqa: E731
         b = cli._run(lambda: base_logprobs(base, body, ctx, chunks, threads, cache_dir, on_chunk=tick))

@@ -327,7 +327,7 @@ def test_quantkit_command_exit_path(fixture_gguf, tmp_path, text) -> None:
     text.write_text(corpus[:20_000], encoding="utf-8")
     cli = [sys.executable, "-m", "quantkit.cli"]
     report = tmp_path / "ppl.json"
-    r = subprocess.run([*cli, "eval", "ppl", str(model), "--text", str(text), "--ctx", "128", "--chunks", "2", "--json", str(report)],
+    r = subprocess.run([*cli, "eval", "ppl", str(model), "--text", str(text), "--ctx", "128", "--chunks", "2", "--json", str(report), "--no-progress"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(report.read_text())["n_chunks"] == 2  # written whole
