@@ -11,27 +11,81 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from quantkit.errors import QuantkitError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+    from rich.console import Console
 
     from quantkit.chat import ChatTemplate, Command, History
     from quantkit.runtime import LoadPlan, Sampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run and check quantised Mixture-of-Experts models.")
-out = Console()
-err = Console(stderr=True)
+
+
+class _Console:
+    """rich's Console for stdout or stderr, made on first use.
+
+    rich takes ~40 ms to import; a short command in a pipeline (``eval ppl`` printing
+    one line, no terminal for a progress bar) never needs it.
+    """
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        stream = sys.stderr if self._stderr else sys.stdout
+        if self._console is None and not (stream.isatty() or any(k in os.environ for k in ("FORCE_COLOR", "TTY_COMPATIBLE", "FORCE_TERMINAL"))):
+            return False  # what rich would say, without importing it
+        return self.console.is_terminal
+
+    def line(self, text: str) -> None:
+        """One plain line (no markup): through rich on a terminal, written as is otherwise."""
+        if self.is_terminal:
+            self.console.print(text, markup=False)
+        else:
+            (sys.stderr if self._stderr else sys.stdout).write(text + "\n")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+class NoBar:
+    """Stands in for a rich Progress that is not shown."""
+
+    def __enter__(self) -> NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+out = _Console()
+err = _Console(stderr=True)
 _state = {"debug": False}
 
 from quantkit.cli_eval import register as _register_eval  # noqa: E402
@@ -113,7 +167,9 @@ def convert(
             raise typer.BadParameter("--imatrix applies to --format gguf (llama.cpp quantisation)", param_hint="--format bnb")
         if outtype is not None or recipe is not None or tensor_type:
             raise typer.BadParameter("--type, --recipe and --tensor-type apply to --format gguf; use --bnb-type, --double-quant and --compute-dtype", param_hint="--format bnb")
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), console=err, disable=not show)
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), console=err.console, disable=not show)
         task = bar.add_task("bnb", total=None)
         with bar:
             result = _run(
@@ -134,7 +190,9 @@ def convert(
     imat = _load_imatrix(imatrix)
     target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat)
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not show)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err.console, disable=not show)
     task = bar.add_task("convert", total=None)
     with bar:
         result = _run(
@@ -196,7 +254,9 @@ def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, 
         ckpt, prep = _run(lambda: prepare(src, "f32"))
         ckpt.close()
         n = sum(1 for t in prep.tensors if sensitivity.probe_type(t) is not None)
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err, disable=not show)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err.console, disable=not show)
         task = bar.add_task("sensitivity", total=n)
         with bar:
             measured = _run(lambda: sensitivity.measure_checkpoint(
@@ -256,6 +316,8 @@ def plan(
     if as_json:
         _print_json({**summary, "tensors": rows})
         return
+    from rich.table import Table
+
     t = Table(title=f"{src} as {p.outtype}")
     for c in ("tensor", "type", "bytes", "bpw", "why"):
         t.add_column(c, justify="right" if c in ("bytes", "bpw") else "left", overflow="fold")
@@ -286,7 +348,7 @@ def imatrix_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
     """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
-    from rich.progress import MofNCompleteColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from quantkit.cli_eval import read_text
     from quantkit.imatrix import collect_from_source, summary, write_imatrix
@@ -296,7 +358,7 @@ def imatrix_command(
     body = _run(lambda: read_text(text, None))
     body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
     show = progress and err.is_terminal and not as_json
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, disable=not show)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err.console, disable=not show)
     task = bar.add_task("imatrix", total=None, info="")
     last: list[Any] = []
 
@@ -324,6 +386,8 @@ def imatrix_command(
         return
     out.print(f"[yellow]{len(cov['below'])} of {cov['expert_matrices']} expert matrices saw fewer than {min_tokens} tokens[/] "
               "(quantised with weaker or, at 0 tokens, no importance weights; --all-experts covers them)", highlight=False)
+    from rich.table import Table
+
     t = Table()
     for c in ("layer", "tensor", "expert", "tokens"):
         t.add_column(c, justify="left" if c == "tensor" else "right")
@@ -347,6 +411,8 @@ def inspect(
     if as_json:
         _print_json(j)
         return
+    from rich.table import Table
+
     meta = Table(title=f"{file} (GGUF v{j['version']}, {j['file_bytes']:,} bytes)", show_lines=False)
     meta.add_column("key")
     meta.add_column("value", overflow="fold")

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from quantkit.errors import QuantkitError
 
@@ -38,9 +36,14 @@ def read_text(text: Optional[Path], corpus: Optional[str]) -> str:
         raise QuantkitError(f"{text}: not UTF-8 text; fix: convert it to UTF-8") from None
 
 
-def _progress(desc: str, enabled: bool) -> tuple[Progress, Any]:
+def _progress(desc: str, enabled: bool) -> tuple[Any, Any]:
+    """A rich progress bar on stderr when it is a terminal, else a stand-in (rich is then not even imported)."""
     cli = _cli()
-    bar = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=cli.err, disable=not (enabled and cli.err.is_terminal))
+    if not (enabled and cli.err.is_terminal):
+        return cli.NoBar(), 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=cli.err.console)
     return bar, bar.add_task(desc, total=None, info="")
 
 
@@ -79,7 +82,7 @@ def ppl(
         cli._print_json(j)
         return
     _write_json(j, json_out)
-    cli.out.print(f"PPL = {r.ppl:.4f} +/- {r.ppl_stderr:.5f}  ({r.n_chunks} chunks of {r.n_ctx}, {r.n_scored} scored tokens, {r.tokens_per_second:.0f} tok/s)")
+    cli.out.line(f"PPL = {r.ppl:.4f} +/- {r.ppl_stderr:.5f}  ({r.n_chunks} chunks of {r.n_ctx}, {r.n_scored} scored tokens, {r.tokens_per_second:.0f} tok/s)")
 
 
 @eval_app.command("kld")
@@ -111,6 +114,8 @@ def kld(
         cli._print_json(report)
         return
     _write_json(report, json_out)
+    from rich.table import Table
+
     t = Table(title=f"{report['setup']['label']} vs {Path(report['setup']['base']).name}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -178,6 +183,8 @@ def gate_command(
             f.write(g.to_markdown(verdict))
     if junit is not None:
         junit.write_text(g.to_junit(verdict))
+    from rich.table import Table
+
     t = Table(title=f"quantkit gate: {'PASS' if verdict.ok else 'FAIL'}")
     for col in ("check", "value", "baseline", "allowed", "result"):
         t.add_column(col)

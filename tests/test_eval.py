@@ -337,3 +337,23 @@ def test_quantkit_command_exit_path(fixture_gguf, tmp_path, text) -> None:
     assert r.returncode == 1 and "missing.gguf" in r.stderr
     r = subprocess.run([*cli, "eval", "ppl", "--no-such-option"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2
+
+
+def test_eval_ppl_imports_no_ui_or_heavy_modules(fixture_gguf, tmp_path, text) -> None:
+    """`quantkit eval ppl` in a pipeline loads neither rich (no terminal, one plain line) nor gguf-py, pydantic or torch."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.txt"
+    path.write_text(text[:20_000], encoding="utf-8")
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "import quantkit.cli\n"
+        f"r = CliRunner().invoke(quantkit.cli.app, ['eval', 'ppl', {str(fixture_gguf('q8_0'))!r}, '--text', {str(path)!r}, '--ctx', '128', '--chunks', '2'])\n"
+        "assert r.exit_code == 0 and 'PPL = ' in r.output, r.output\n"
+        "print(','.join(sorted(m for m in ('rich', 'gguf', 'yaml', 'pydantic', 'torch', 'transformers') if m in sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ""
