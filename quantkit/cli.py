@@ -633,4 +633,8 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m quantkit.cli` runs this file as __main__; the eval commands import quantkit.cli, a second copy
+    # with its own state (--debug): run that copy's app so that every command sees one state.
+    from quantkit.cli import run as _run_module
+
+    _run_module()

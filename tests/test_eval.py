@@ -337,6 +337,8 @@ def test_quantkit_command_exit_path(fixture_gguf, tmp_path, text) -> None:
     assert r.returncode == 1 and "missing.gguf" in r.stderr
     r = subprocess.run([*cli, "eval", "ppl", "--no-such-option"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2
+    r = subprocess.run([*cli, "--debug", "eval", "ppl", str(tmp_path / "missing.gguf"), "--text", str(text)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and "Traceback" in r.stderr  # --debug reaches the eval commands
 
 
 def test_eval_ppl_imports_no_ui_or_heavy_modules(fixture_gguf, tmp_path, text) -> None:
