@@ -193,7 +193,6 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool =
                 yield Chunk(i, log_softmax(sc), t, router)
 
 
-
 #: llama-perplexity's default batch: n_seq = 2048 / n_ctx chunks are decoded together.
 BATCH_TOKENS = 2048
 

@@ -68,26 +68,11 @@ class _Console:
         return getattr(self.console, name)
 
 
-class NoBar:
-    """Stands in for a rich Progress that is not shown."""
-
-    def __enter__(self) -> NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 out = _Console()
 err = _Console(stderr=True)
 _state = {"debug": False}
 
+from quantkit.cli_eval import PROGRESS  # noqa: E402
 from quantkit.cli_eval import register as _register_eval  # noqa: E402
 
 _register_eval(app)
@@ -152,7 +137,7 @@ def convert(
     calib_chunks: int = CALIB_CHUNKS,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    progress: bool = PROGRESS,
 ) -> None:
     """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF, or to a bitsandbytes 4-bit directory (--format bnb)."""
     from quantkit.convert import convert as do_convert
@@ -345,7 +330,7 @@ def imatrix_command(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report (with the coverage) instead of text."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    progress: bool = PROGRESS,
 ) -> None:
     """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -609,7 +594,6 @@ def run() -> None:
     ``eval ppl`` (bench/RESULTS.md).  ``QUANTKIT_SLOW_EXIT=1`` exits the usual way.
     """
     import atexit
-    import os
 
     try:
         app(prog_name="quantkit")

@@ -10,6 +10,8 @@ import typer
 
 from quantkit.errors import QuantkitError
 
+#: --progress/--no-progress, one declaration for every command that draws a bar
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal.")
 eval_app = typer.Typer(no_args_is_help=True, help="Measure what quantisation cost: perplexity, KL-divergence, routing fidelity.")
 
 
@@ -36,11 +38,27 @@ def read_text(text: Optional[Path], corpus: Optional[str]) -> str:
         raise QuantkitError(f"{text}: not UTF-8 text; fix: convert it to UTF-8") from None
 
 
+class NoBar:
+    """Stands in for a rich Progress that is not shown."""
+
+    def __enter__(self) -> NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _progress(desc: str, enabled: bool) -> tuple[Any, Any]:
     """A rich progress bar on stderr when it is a terminal, else a stand-in (rich is then not even imported)."""
     cli = _cli()
     if not (enabled and cli.err.is_terminal):
-        return cli.NoBar(), 0
+        return NoBar(), 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=cli.err.console)
@@ -50,9 +68,6 @@ def _progress(desc: str, enabled: bool) -> tuple[Any, Any]:
 def _write_json(obj: dict[str, Any], path: Optional[Path]) -> None:
     if path is not None:
         path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal.")
 
 
 @eval_app.command("ppl")

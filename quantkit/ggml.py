@@ -106,6 +106,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self._turn = 1  # next_out's last buffer
 
     def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         dt = np.dtype(dtype)
@@ -117,7 +118,7 @@ class Scratch:
 
     def next_out(self, nbytes: int) -> np.ndarray:
         """The next of two alternating byte buffers: a result lives until the second call after it."""
-        self._turn = 1 - getattr(self, "_turn", 1)
+        self._turn = 1 - self._turn
         return self.get(f"out{self._turn}", (nbytes,), np.uint8)
 
 
@@ -227,7 +228,7 @@ def start_quantize(
     fn = getattr(cpu_lib(), widen) if widen is not None else None
     blocks = itertools.count(0, step)  # next() on a count is atomic under the GIL
 
-    def work(_: int = 0) -> int:
+    def work() -> int:
         done = 0
         buf = _block_buffer(step * n_per_row).ctypes.data if fn is not None else 0
         while (first := next(blocks)) < nrows:

@@ -91,7 +91,7 @@ def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[t
         parts.append(_string(name) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *reversed(shape), int(qtype), offset))
         offset += pad(nbytes)
         n += 1
-    parts[0] = struct.pack("<4sIQQ", b"GGUF", 3, n, len(kv))
+    parts[0] = struct.pack("<IIQQ", gguf_spec.GGUF_MAGIC, gguf_spec.GGUF_VERSION, n, len(kv))
     head = b"".join(parts)
     return head + bytes(pad(len(head)) - len(head))
 

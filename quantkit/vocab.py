@@ -74,23 +74,29 @@ def _varint(b: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _field(b: bytes, pos: int, end: int) -> tuple[int, Any, int]:
+    """One protobuf field at ``pos``: (field number, value, position after it); varints as ints, fixed32/64 as bytes, messages and strings as (start, end)."""
+    key, pos = _varint(b, pos)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+        value, pos = _varint(b, pos)
+    elif wire == 2:
+        n, pos = _varint(b, pos)
+        value, pos = (pos, pos + n), pos + n
+    elif wire in (1, 5):
+        size = 8 if wire == 1 else 4
+        value, pos = b[pos : pos + size], pos + size
+    else:
+        raise ValueError(f"wire type {wire}")
+    if field == 0 or pos > end:
+        raise ValueError("truncated message")
+    return field, value, pos
+
+
 def _proto_fields(b: bytes, pos: int, end: int) -> Iterator[tuple[int, Any]]:
-    """(field number, value) of one protobuf message in ``b[pos:end]``: varints as ints, fixed32 as 4 bytes, messages and strings as (start, end)."""
+    """(field number, value) of one protobuf message in ``b[pos:end]`` (see :func:`_field`)."""
     while pos < end:
-        key, pos = _varint(b, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(b, pos)
-        elif wire == 2:
-            n, pos = _varint(b, pos)
-            value, pos = (pos, pos + n), pos + n
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = b[pos : pos + size], pos + size
-        else:
-            raise ValueError(f"wire type {wire}")
-        if field == 0 or pos > end:
-            raise ValueError("truncated message")
+        field, value, pos = _field(b, pos, end)
         yield field, value
 
 
@@ -119,8 +125,7 @@ def _piece(b: bytes, pos: int, end: int) -> tuple[str, float, int]:
             kind = b[pos + 1]
             pos += 2
         else:  # anything else (long pieces, other fields): the general reader, one field
-            field, value = next(_proto_fields(b, pos, end))
-            pos = _field_end(b, pos)
+            field, value, pos = _field(b, pos, end)
             if field == 1 and isinstance(value, tuple):
                 piece = b[value[0] : value[1]].decode("utf-8")
             elif field == 3 and isinstance(value, int):
@@ -128,17 +133,6 @@ def _piece(b: bytes, pos: int, end: int) -> tuple[str, float, int]:
     if pos != end:
         raise ValueError("truncated piece")
     return piece, score, kind
-
-
-def _field_end(b: bytes, pos: int) -> int:
-    key, pos = _varint(b, pos)
-    wire = key & 7
-    if wire == 0:
-        return _varint(b, pos)[1]
-    if wire == 2:
-        n, pos = _varint(b, pos)
-        return pos + n
-    return pos + (8 if wire == 1 else 4)
 
 
 def read_sentencepiece(data: bytes) -> tuple[list[str], list[float], list[int], bool]:
