@@ -7,7 +7,7 @@ OUT    ?= out
 # llama-cpp-python compiles llama.cpp from source: use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup test demo bench fixture clean
+.PHONY: setup test fuzz demo bench fixture clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# The property/fuzz tests with many more cases than make test runs (each parser of untrusted files).
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -m fuzz
 
 demo: setup
 	mkdir -p $(OUT)

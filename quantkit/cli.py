@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, Terminated
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -57,6 +57,15 @@ class _Console:
             return False  # what rich would say, without importing it
         return self.console.is_terminal
 
+    def say(self, label: str, style: str, message: str) -> None:
+        """``label: message`` on one line: the label styled, the message shown as it is (never read as markup)."""
+        if not self.is_terminal:
+            (sys.stderr if self._stderr else sys.stdout).write(f"{label} {message}\n")
+            return
+        from rich.text import Text
+
+        self.console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
+
     def line(self, text: str) -> None:
         """One plain line (no markup): through rich on a terminal, written as is otherwise."""
         if self.is_terminal:
@@ -72,18 +81,45 @@ out = _Console()
 err = _Console(stderr=True)
 _state = {"debug": False}
 
-from quantkit.cli_eval import PROGRESS  # noqa: E402
+#: the longest error line printed; the rest is cut (a file can put megabytes into a key or value)
+MAX_ERROR_CHARS = 2000
+
+
+def esc(value: object) -> str:
+    """``value`` as text that rich prints as it is: file names, keys and values from files are untrusted."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def _plain(value: object, style: str = "") -> Any:
+    """A table cell or title shown as it is (rich reads plain strings in tables as markup)."""
+    from rich.text import Text
+
+    return value if isinstance(value, Text) else Text(str(value), style=style)
+
+
+def add_row(table: Any, *cells: object) -> None:
+    """``table.add_row`` with every cell shown as it is: names and values from files are untrusted."""
+    table.add_row(*(_plain(c) for c in cells))
+
+from quantkit.cli_eval import PROGRESS, read_text_file  # noqa: E402
 from quantkit.cli_eval import register as _register_eval  # noqa: E402
 
 _register_eval(app)
 
 
 # Bit-budget options, shared by convert and plan (one declaration, the same flags and help on both).
-TARGET_BPW = typer.Option(None, "--target-bpw", help="Bit budget: choose per-tensor types for this many bits per weight (instead of --type).")
+TARGET_BPW = typer.Option(None, "--target-bpw", min=1.0, max=32.0, help="Bit budget: choose per-tensor types for this many bits per weight (instead of --type).")
 TARGET_SIZE = typer.Option(None, "--target-size", help="Bit budget: the largest file, e.g. 12GiB or 800MB (instead of --type).")
 CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors.")
-CALIB_CTX = typer.Option(256, "--calib-ctx", help="--calib-text: tokens per chunk.")
-CALIB_CHUNKS = typer.Option(8, "--calib-chunks", help="--calib-text: chunks evaluated per tensor.")
+CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
+CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
 
 TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
 
@@ -105,11 +141,19 @@ def _run(fn: Callable[[], Any]) -> Any:
     except QuantkitError as e:
         if _state["debug"]:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        error_line(e)
         raise typer.Exit(1) from None
+    except Terminated as e:
+        err.say("terminated:", "yellow", f"signal {e.signum}; nothing was written at the output path")
+        raise typer.Exit(128 + e.signum) from None
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: nothing was written at the output path")
+        err.say("interrupted:", "yellow", "nothing was written at the output path")
         raise typer.Exit(130) from None
+
+
+def error_line(e: BaseException) -> None:
+    """The one line a user sees for an error: newlines folded, length capped, never read as markup."""
+    err.say("error:", "bold red", cap(" ".join(str(e).split("\n"))))
 
 
 def _print_json(obj: Any) -> None:
@@ -154,7 +198,7 @@ def convert(
             raise typer.BadParameter("--type, --recipe and --tensor-type apply to --format gguf; use --bnb-type, --double-quant and --compute-dtype", param_hint="--format bnb")
         from rich.progress import BarColumn, Progress, TextColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), console=err.console, disable=not show)
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), console=err.console, disable=not show)
         task = bar.add_task("bnb", total=None)
         with bar:
             result = _run(
@@ -167,7 +211,7 @@ def convert(
         if as_json:
             _print_json(j)
             return
-        out.print(f"wrote [bold]{j['output']}[/]: {j['weights']} weights in {j['shards']} shard(s), {j['params']:,} params, {100 * j['share_4bit']:.1f}% 4-bit "
+        out.print(f"wrote [bold]{esc(j['output'])}[/]: {j['weights']} weights in {j['shards']} shard(s), {j['params']:,} params, {100 * j['share_4bit']:.1f}% 4-bit "
                   f"{j['quant_type']}, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
         return
 
@@ -177,7 +221,7 @@ def convert(
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err.console, disable=not show)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err.console, disable=not show)
     task = bar.add_task("convert", total=None)
     with bar:
         result = _run(
@@ -193,9 +237,9 @@ def convert(
         _print_json(result.to_json())
         return
     j = result.to_json()
-    out.print(f"wrote [bold]{j['output']}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+    out.print(f"wrote [bold]{esc(j['output'])}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
     if target is not None or overrides:  # a mixed plan: say what was chosen (quantkit plan shows it tensor by tensor)
-        out.print("types: " + ", ".join(f"{k} x{v['tensors']} ({8 * v['bytes'] / max(1, v['params']):.2f} bpw, {v['bytes'] / 2**20:.1f} MiB)" for k, v in j["types"].items()))
+        out.print("types: " + ", ".join(f"{esc(k)} x{v['tensors']} ({8 * v['bytes'] / max(1, v['params']):.2f} bpw, {v['bytes'] / 2**20:.1f} MiB)" for k, v in j["types"].items()))
 
 
 def _type_and_rules(
@@ -235,27 +279,18 @@ def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, 
         from quantkit import sensitivity
         from quantkit.convert import _importance, prepare
 
-        text = _run(lambda: _read_text(calib, "--calib-text"))
+        text = _run(lambda: read_text_file(calib, "--calib-text"))
         ckpt, prep = _run(lambda: prepare(src, "f32"))
         ckpt.close()
         n = sum(1 for t in prep.tensors if sensitivity.probe_type(t) is not None)
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err.console, disable=not show)
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err.console, disable=not show)
         task = bar.add_task("sensitivity", total=n)
         with bar:
             measured = _run(lambda: sensitivity.measure_checkpoint(
                 src, text, ctx, chunks, importance=_importance(imat, prep.tensors), on_tensor=lambda name: bar.update(task, advance=1, description=f"probe {name:<28}")))
     return Target(bpw=bpw, size=nbytes, measured=measured)
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QuantkitError(f"{what} {path}: no such file; fix: give a UTF-8 text file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise QuantkitError(f"{what} {path}: cannot read it as UTF-8 text ({e}); fix: give a UTF-8 text file") from None
 
 
 def _overrides(specs: list[str]) -> list[Any]:
@@ -303,11 +338,11 @@ def plan(
         return
     from rich.table import Table
 
-    t = Table(title=f"{src} as {p.outtype}")
+    t = Table(title=_plain(f"{src} as {p.outtype}"))
     for c in ("tensor", "type", "bytes", "bpw", "why"):
         t.add_column(c, justify="right" if c in ("bytes", "bpw") else "left", overflow="fold")
     for r in rows:
-        t.add_row(r["name"], r["type"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.2f}", r["why"])
+        add_row(t, r["name"], r["type"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.2f}", r["why"])
     out.print(t)
     out.print(f"total: {p.nbytes / 2**20:.2f} MiB of tensors, {summary['bits_per_weight']:.3f} bits per weight")
 
@@ -323,11 +358,11 @@ def imatrix_command(
     src: Path = typer.Argument(..., help="A GGUF model (F32/F16/BF16 or quantised), or a Hugging Face directory (converted to a temporary BF16 GGUF first)."),
     text: Path = typer.Option(..., "--text", help="UTF-8 calibration text."),
     output: Path = typer.Option(..., "-o", "--output", help="The importance matrix to write (.gguf, llama-imatrix's format)."),
-    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate only the first N chunks (default: the whole text)."),
+    ctx: int = typer.Option(512, "--ctx", min=8, help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Evaluate only the first N chunks (default: the whole text)."),
     all_experts: bool = typer.Option(False, "--all-experts", help="Send calibration tokens through all experts (statistics only, outputs still gated by the router), so rare experts are covered."),
-    min_tokens: int = typer.Option(16, "--min-tokens", help="Report experts that saw fewer calibration tokens than this."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    min_tokens: int = typer.Option(16, "--min-tokens", min=0, help="Report experts that saw fewer calibration tokens than this."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report (with the coverage) instead of text."),
     progress: bool = PROGRESS,
@@ -343,7 +378,7 @@ def imatrix_command(
     body = _run(lambda: read_text(text, None))
     body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
     show = progress and err.is_terminal and not as_json
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err.console, disable=not show)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=err.console, disable=not show)
     task = bar.add_task("imatrix", total=None, info="")
     last: list[Any] = []
 
@@ -363,7 +398,7 @@ def imatrix_command(
     if as_json:
         _print_json(j)
         return
-    out.print(f"wrote [bold]{output}[/]: {j['entries']} tensors, {j['chunks']} chunks of {j['chunk_size']} tokens "
+    out.print(f"wrote [bold]{esc(output)}[/]: {j['entries']} tensors, {j['chunks']} chunks of {j['chunk_size']} tokens "
               f"({j['tokens']:,} tokens, {j['tokens_per_second']:,.0f} tok/s)", highlight=False)
     cov = j["coverage"]
     if not cov["below"]:
@@ -377,7 +412,7 @@ def imatrix_command(
     for c in ("layer", "tensor", "expert", "tokens"):
         t.add_column(c, justify="left" if c == "tensor" else "right")
     for r in cov["below"][:40]:
-        t.add_row(str(r["layer"]), r["tensor"], str(r["expert"]), str(r["tokens"]))
+        add_row(t, r["layer"], r["tensor"], r["expert"], r["tokens"])
     out.print(t)
     if len(cov["below"]) > 40:
         out.print(f"… and {len(cov['below']) - 40} more (--json lists them all)")
@@ -398,7 +433,7 @@ def inspect(
         return
     from rich.table import Table
 
-    meta = Table(title=f"{file} (GGUF v{j['version']}, {j['file_bytes']:,} bytes)", show_lines=False)
+    meta = Table(title=_plain(f"{file} (GGUF v{j['version']}, {j['file_bytes']:,} bytes)"), show_lines=False)
     meta.add_column("key")
     meta.add_column("value", overflow="fold")
     for k, v in j["metadata"].items():
@@ -406,39 +441,47 @@ def inspect(
             v = f"[{v['array']} x {v['count']}] {v['head'][:6]}…"
         elif isinstance(v, str) and len(v) > 120:
             v = v[:117] + "…"
-        meta.add_row(k, str(v))
+        add_row(meta, k, v)
     out.print(meta)
     if tensors:
         tt = Table(title="tensors")
         for c in ("name", "shape", "type", "bytes", "group"):
             tt.add_column(c, justify="right" if c == "bytes" else "left")
         for t in j["tensors"]:
-            tt.add_row(t["name"], "x".join(map(str, t["shape"])), t["type"], f"{t['bytes']:,}", t["group"])
+            add_row(tt, t["name"], "x".join(map(str, t["shape"])), t["type"], f"{t['bytes']:,}", t["group"])
         out.print(tt)
     gt = Table(title="groups")
     for c in ("group", "tensors", "params", "bytes", "bits/weight"):
         gt.add_column(c, justify="left" if c == "group" else "right")
     for name, g in j["groups"].items():
-        gt.add_row(name, str(g["tensors"]), f"{g['params']:,}", f"{g['bytes']:,}", f"{g['bits_per_weight']:.3f}")
+        add_row(gt, name, g["tensors"], f"{g['params']:,}", f"{g['bytes']:,}", f"{g['bits_per_weight']:.3f}")
     tot = j["totals"]
-    gt.add_row("[bold]total", str(tot["tensors"]), f"{tot['params']:,}", f"{tot['bytes']:,}", f"{tot['bits_per_weight']:.3f}")
+    add_row(gt, _plain("total", "bold"), tot["tensors"], f"{tot['params']:,}", f"{tot['bytes']:,}", f"{tot['bits_per_weight']:.3f}")
     out.print(gt)
 
 
 # Options shared by `run` and `chat`: one definition each, so the two cannot drift apart.
-TEMPERATURE = typer.Option(0.8, "--temperature", help="0 is greedy.")
-TOP_P = typer.Option(0.95, "--top-p")
-TOP_K = typer.Option(40, "--top-k")
-MIN_P = typer.Option(0.05, "--min-p")
-REPEAT_PENALTY = typer.Option(1.1, "--repeat-penalty")
-SEED = typer.Option(None, "--seed")
-MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", help="Most tokens per answer.")
+TEMPERATURE = typer.Option(0.8, "--temperature", min=0.0, help="0 is greedy.")
+TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0)
+TOP_K = typer.Option(40, "--top-k", min=0, help="0 keeps every token.")
+MIN_P = typer.Option(0.05, "--min-p", min=0.0, max=1.0)
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise typer.BadParameter(f"{value} is not above 0")
+    return value
+
+
+REPEAT_PENALTY = typer.Option(1.1, "--repeat-penalty", callback=_positive, help="Above 0; 1 is no penalty.")
+SEED = typer.Option(None, "--seed", min=0, max=2**32 - 2, help="Sampling seed (default: random).")
+MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens per answer.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence (benchmarks, tests).")
-CTX = typer.Option(2048, "--ctx", help="Context window in tokens.")
-THREADS = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
-GPU_LAYERS = typer.Option(None, "--gpu-layers", help="Layers to offload (default: all when a GPU backend exists).")
+CTX = typer.Option(2048, "--ctx", min=16, help="Context window in tokens.")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload (default: all when a GPU backend exists; -1 all).")
 CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep MoE expert tensors in CPU memory while the rest is offloaded to the GPU.")
 MODEL = typer.Argument(..., help="A .gguf file.")
+#: the longest prompt read from standard input (``-p -``)
+MAX_PROMPT_CHARS = 1 << 26
 
 
 def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool) -> tuple[LoadPlan, Llama]:
@@ -447,7 +490,7 @@ def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optio
 
     plan = _run(lambda: plan_load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, cpu_moe=cpu_moe))
     for note in plan.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        err.say("note:", "yellow", note)
     return plan, _run(lambda: open_model(plan))
 
 
@@ -480,7 +523,12 @@ def run(
     from quantkit.runtime import Sampling, generate
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read(MAX_PROMPT_CHARS + 1)
+        except UnicodeDecodeError:
+            raise typer.BadParameter("standard input is not UTF-8 text", param_hint="--prompt -") from None
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise typer.BadParameter(f"standard input holds more than {MAX_PROMPT_CHARS:,} characters, far beyond any context window", param_hint="--prompt -")
     sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos)
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
     result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream))
@@ -516,7 +564,7 @@ def chat(
     _run(lambda: check_reserve(ctx, max_tokens))
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
     template = _run(lambda: chat_template_for(llm))
-    err.print(f"[dim]{model.name}: {plan.describe()}; chat template: {template.name}[/]", highlight=False, soft_wrap=True)
+    err.print(f"[dim]{esc(model.name)}: {esc(plan.describe())}; chat template: {esc(template.name)}[/]", highlight=False, soft_wrap=True)
     err.print("[dim]Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits.[/]", highlight=False)
     _chat_loop(llm, template, History(system=system), sampling, ctx)
 
@@ -544,7 +592,7 @@ def _chat_loop(llm: Llama, template: ChatTemplate, history: History, sampling: S
             sys.stdout.write("\n")
             err.print("[dim](/exit or Ctrl-D quits)[/]")
         except QuantkitError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            error_line(e)
 
 
 def _chat_command(command: Command, history: History) -> History:
@@ -558,10 +606,10 @@ def _chat_command(command: Command, history: History) -> History:
         err.print("[dim]conversation cleared[/]")
     elif command.name == "save":
         path = save_history(history, command.arg)
-        err.print(f"[dim]saved {len(history.turns)} turns to {path}[/]", highlight=False)
+        err.print(f"[dim]saved {len(history.turns)} turns to {esc(path)}[/]", highlight=False)
     elif command.name == "load":
         history = load_history(command.arg)
-        err.print(f"[dim]loaded {len(history.turns)} turns from {command.arg}[/]", highlight=False)
+        err.print(f"[dim]loaded {len(history.turns)} turns from {esc(command.arg)}[/]", highlight=False)
     return history
 
 
@@ -584,6 +632,21 @@ def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, 
     return prep.history.add(user, result.text) if result.text or result.finish_reason != "interrupted" else prep.history
 
 
+def _terminate_like_interrupt() -> None:
+    """SIGTERM and SIGHUP unwind the command like Ctrl-C (partial outputs removed, one line, exit 128+N).
+
+    Without this Python dies at once on them and leaves ``*.partial`` files behind.
+    """
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, handler)
+
+
 def run() -> None:
     """The ``quantkit`` command: run it, then leave without the interpreter's teardown.
 
@@ -595,11 +658,23 @@ def run() -> None:
     """
     import atexit
 
+    _terminate_like_interrupt()
     try:
         app(prog_name="quantkit")
         code: Any = 0
     except SystemExit as e:
         code = e.code
+    except Terminated as e:  # arrived outside a library call
+        err.say("terminated:", "yellow", f"signal {e.signum}")
+        code = 128 + e.signum
+    except KeyboardInterrupt:
+        err.say("interrupted:", "yellow", "stopped")
+        code = 130
+    except Exception as e:  # a bug: one line instead of a traceback (--debug shows it)
+        if _state["debug"]:
+            traceback.print_exc()
+        err.say("error:", "bold red", cap(f"internal error ({type(e).__name__}: {' '.join(str(e).split())}); fix: rerun with --debug and report it as a quantkit bug"))
+        code = 70  # EX_SOFTWARE
     if os.environ.get("QUANTKIT_SLOW_EXIT"):
         sys.exit(code)
     if code is None:

@@ -12,6 +12,11 @@ from quantkit.errors import QuantkitError
 
 #: --progress/--no-progress, one declaration for every command that draws a bar
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal.")
+#: options shared by the eval commands, with the ranges checked before anything is loaded
+CTX = typer.Option(512, "--ctx", min=8, help="Tokens per chunk (llama-perplexity's -c); the text needs at least twice as many.")
+CHUNKS = typer.Option(None, "--chunks", min=1, help="Score only the first N chunks.")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
+FORCE = typer.Option(False, "--force", help="Overwrite an existing --json file.")
 eval_app = typer.Typer(no_args_is_help=True, help="Measure what quantisation cost: perplexity, KL-divergence, routing fidelity.")
 
 
@@ -26,16 +31,45 @@ def read_text(text: Optional[Path], corpus: Optional[str]) -> str:
         raise QuantkitError("give exactly one of --text FILE or --corpus NAME (built-in: heldout)")
     if corpus is not None:
         if corpus != "heldout":
-            raise QuantkitError(f"--corpus {corpus!r}: unknown (built-in: heldout, the Shakespeare plays the fixture never saw)")
+            raise QuantkitError(f"--corpus {corpus[:80]!r}: unknown (built-in: heldout, the Shakespeare plays the fixture never saw)")
         from quantkit.evals.corpora import heldout_text
 
         return heldout_text()
+    assert text is not None
+    return read_text_file(text, "--text")
+
+
+#: the largest text file read whole (--text, --calib-text): far beyond any evaluation or calibration set
+MAX_TEXT_BYTES = 1 << 30
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A whole UTF-8 text file, or one line saying why it cannot be one."""
+    path = Path(path)
+    parts: list[bytes] = []
     try:
-        return Path(text).read_text(encoding="utf-8")
+        with path.open("rb") as f:  # in pieces: a pipe or a device (/dev/zero) has no size to check first
+            size = 0
+            while piece := f.read(1 << 24):
+                size += len(piece)
+                if size > MAX_TEXT_BYTES:
+                    raise QuantkitError(f"{what} {path}: more than {MAX_TEXT_BYTES:,} bytes, the most read; fix: give a smaller text")
+                if b"\0" in piece:
+                    raise QuantkitError(f"{what} {path}: holds NUL bytes, not text; fix: give a UTF-8 text file")
+                parts.append(piece)
     except FileNotFoundError:
-        raise QuantkitError(f"{text}: text file not found; fix: check the path") from None
-    except UnicodeDecodeError:
-        raise QuantkitError(f"{text}: not UTF-8 text; fix: convert it to UTF-8") from None
+        raise QuantkitError(f"{what} {path}: no such file; fix: check the path") from None
+    except IsADirectoryError:
+        raise QuantkitError(f"{what} {path}: is a directory; fix: give a UTF-8 text file") from None
+    except OSError as e:
+        raise QuantkitError(f"{what} {path}: cannot be read ({e.strerror}); fix: check the path and its permissions") from None
+    try:
+        body = b"".join(parts).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QuantkitError(f"{what} {path}: not UTF-8 text (byte {e.start}); fix: convert it to UTF-8") from None
+    if not body.strip():
+        raise QuantkitError(f"{what} {path}: empty text; fix: give a file with text to evaluate")
+    return body
 
 
 class NoBar:
@@ -61,13 +95,35 @@ def _progress(desc: str, enabled: bool) -> tuple[Any, Any]:
         return NoBar(), 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=cli.err.console)
+    bar = Progress(TextColumn(desc, markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=cli.err.console)
     return bar, bar.add_task(desc, total=None, info="")
 
 
-def _write_json(obj: dict[str, Any], path: Optional[Path]) -> None:
+def _write_json(obj: dict[str, Any], path: Optional[Path], force: bool) -> None:
     if path is not None:
-        path.write_text(json.dumps(obj, indent=2) + "\n")
+        _write_file(path, json.dumps(obj, indent=2) + "\n", force)
+
+
+def _write_file(path: Path, text: str, force: bool) -> None:
+    from quantkit.output import atomic_file
+
+    cli = _cli()
+
+    def write() -> None:
+        with atomic_file(path, force=force) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+
+    cli._run(write)
+
+
+def _check_outputs(force: bool, *paths: Optional[Path]) -> None:
+    """Refuse unwritable report paths before the evaluation, not after it ('-' is stdout)."""
+    from quantkit.output import check_target
+
+    cli = _cli()
+    for path in paths:
+        if path is not None and str(path) != "-":
+            cli._run(lambda: check_target(path, force))
 
 
 @eval_app.command("ppl")
@@ -75,16 +131,18 @@ def ppl(
     model: Path = typer.Argument(..., help="A .gguf file."),
     text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file to score."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Built-in text instead of --text: heldout."),
-    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-perplexity's -c)."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score only the first N chunks."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    ctx: int = CTX,
+    chunks: Optional[int] = CHUNKS,
+    threads: Optional[int] = THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    force: bool = FORCE,
     progress: bool = PROGRESS,
 ) -> None:
     """Perplexity as llama-perplexity computes it, with its standard error."""
     from quantkit.evals.perplexity import perplexity
 
     cli = _cli()
+    _check_outputs(force, json_out)
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("perplexity", progress and str(json_out) != "-")
     with bar:
@@ -96,7 +154,7 @@ def ppl(
     if str(json_out) == "-":
         cli._print_json(j)
         return
-    _write_json(j, json_out)
+    _write_json(j, json_out, force)
     cli.out.line(f"PPL = {r.ppl:.4f} +/- {r.ppl_stderr:.5f}  ({r.n_chunks} chunks of {r.n_ctx}, {r.n_scored} scored tokens, {r.tokens_per_second:.0f} tok/s)")
 
 
@@ -106,18 +164,20 @@ def kld(
     model: Path = typer.Argument(..., help="Candidate .gguf file."),
     text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Built-in text instead of --text: heldout."),
-    ctx: int = typer.Option(512, "--ctx"),
-    chunks: Optional[int] = typer.Option(None, "--chunks"),
+    ctx: int = CTX,
+    chunks: Optional[int] = CHUNKS,
     label: Optional[str] = typer.Option(None, "--label", help="Variant name recorded in the report (default: file stem)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where base log-probs are cached (default ~/.cache/quantkit)."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: Optional[int] = THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    force: bool = FORCE,
     progress: bool = PROGRESS,
 ) -> None:
     """KL-divergence, token statistics and routing fidelity of MODEL against BASE on the same tokens."""
     from quantkit.evals.kld import base_logprobs, compare
 
     cli = _cli()
+    _check_outputs(force, json_out)
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("base", progress and str(json_out) != "-")
     with bar:
@@ -128,10 +188,10 @@ def kld(
     if str(json_out) == "-":
         cli._print_json(report)
         return
-    _write_json(report, json_out)
+    _write_json(report, json_out, force)
     from rich.table import Table
 
-    t = Table(title=f"{report['setup']['label']} vs {Path(report['setup']['base']).name}")
+    t = Table(title=cli._plain(f"{report['setup']['label']} vs {Path(report['setup']['base']).name}"))
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("mean KLD", f"{report['kld_mean']:.6f} ± {report['kld_mean_stderr']:.6f}")
@@ -155,9 +215,9 @@ def matrix(
     text: Optional[Path] = typer.Option(None, "--text"),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Built-in text instead of --text: heldout."),
     out_dir: Path = typer.Option(Path("matrix"), "-o", "--out-dir", help="Where GGUFs, matrix.json/md and PNG plots go."),
-    ctx: int = typer.Option(512, "--ctx"),
-    chunks: Optional[int] = typer.Option(None, "--chunks"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    ctx: int = CTX,
+    chunks: Optional[int] = CHUNKS,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Quantise SRC several ways, evaluate each against its BF16 base, write a table and plots."""
     from quantkit.evals.matrix import run_matrix
@@ -165,9 +225,9 @@ def matrix(
     cli = _cli()
     body = cli._run(lambda: read_text(text, corpus))
     names = [t.strip() for t in types.split(",") if t.strip()]
-    cli._run(lambda: run_matrix(src, names, body, out_dir, ctx, chunks, threads, on_step=lambda m: cli.err.print(f"[dim]{m}[/]")))
-    cli.out.print((out_dir / "matrix.md").read_text())
-    cli.out.print(f"plots: {out_dir / 'size_vs_kld.png'}, {out_dir / 'kld_distribution.png'}")
+    cli._run(lambda: run_matrix(src, names, body, out_dir, ctx, chunks, threads, on_step=lambda m: cli.err.print(f"[dim]{cli.esc(m)}[/]")))
+    cli.out.line((out_dir / "matrix.md").read_text())
+    cli.out.line(f"plots: {out_dir / 'size_vs_kld.png'}, {out_dir / 'kld_distribution.png'}")
 
 
 def gate_command(
@@ -178,36 +238,61 @@ def gate_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict as JSON."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table (e.g. $GITHUB_STEP_SUMMARY)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --junit files (--markdown always appends)."),
 ) -> None:
     """Fail (exit 1) when REPORT regresses past thresholds against BASELINE, or the setups differ."""
     from quantkit.evals import gate as g
-    from quantkit.output import atomic_file
 
     cli = _cli()
     if update_baseline:
         data = cli._run(lambda: g.load_json(report, "report"))
-        baseline.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(baseline, force=True) as tmp:
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-        cli.out.print(f"baseline {baseline} updated from {report}")
+        cli._run(lambda: _make_parent(baseline))
+        _write_file(baseline, json.dumps(data, indent=2) + "\n", force=True)
+        cli.out.line(f"baseline {baseline} updated from {report}")
         return
-    verdict = cli._run(lambda: g.gate(report, baseline, thresholds))
-    _write_json(verdict.to_json(), json_out)
+    _check_outputs(force, json_out, junit)
     if markdown is not None:
-        with markdown.open("a") as f:
-            f.write(g.to_markdown(verdict))
+        cli._run(lambda: _check_appendable(markdown))
+    verdict = cli._run(lambda: g.gate(report, baseline, thresholds))
+    _write_json(verdict.to_json(), json_out, force)
+    if markdown is not None:
+        cli._run(lambda: _append(markdown, g.to_markdown(verdict)))
     if junit is not None:
-        junit.write_text(g.to_junit(verdict))
+        _write_file(junit, g.to_junit(verdict), force)
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title=f"quantkit gate: {'PASS' if verdict.ok else 'FAIL'}")
     for col in ("check", "value", "baseline", "allowed", "result"):
         t.add_column(col)
     for c in verdict.checks:
-        t.add_row(c.name, g._fmt(c.value), g._fmt(c.baseline), c.allowed, "[green]ok[/]" if c.ok else f"[red]{c.message}[/]")
+        cli.add_row(t, c.name, g._fmt(c.value), g._fmt(c.baseline), c.allowed, Text("ok", "green") if c.ok else Text(str(c.message), "red"))
     cli.out.print(t)
     if not verdict.ok:
         raise typer.Exit(1)
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantkitError(f"--baseline {path}: cannot create {path.parent} ({e.strerror}); fix: choose another path") from None
+
+
+def _check_appendable(path: Path) -> None:
+    """--markdown appends (GitHub's step summary is one file for the whole job): its directory must exist."""
+    if path.is_dir():
+        raise QuantkitError(f"--markdown {path}: is a directory; fix: give a file, e.g. \"$GITHUB_STEP_SUMMARY\"")
+    if not path.parent.is_dir():
+        raise QuantkitError(f"--markdown {path}: directory {path.parent} does not exist; fix: create it first (mkdir -p {path.parent})")
+
+
+def _append(path: Path, text: str) -> None:
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise QuantkitError(f"--markdown {path}: cannot append ({e.strerror}); fix: check the path and its permissions") from None
 
 
 def register(app: typer.Typer) -> None:

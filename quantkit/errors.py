@@ -22,3 +22,11 @@ class GGUFFormatError(QuantkitError):
 
 class OutputError(QuantkitError):
     """The output path cannot be written (exists, no space, not a directory)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so partial outputs are removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -9,7 +9,9 @@ Not for: what goes into the file (see ``quantkit.gguf_write``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,15 +19,73 @@ from typing import Iterator
 
 from quantkit.errors import OutputError
 
+log = logging.getLogger(__name__)
+
 
 def check_target(path: Path, force: bool) -> None:
-    """Refuse a missing parent directory, a directory target, or an existing file without force."""
+    """Refuse a missing parent directory, a directory target, or an existing file without force.
+
+    A symbolic link at the target counts as existing even when it dangles: replacing it
+    needs ``--force`` like any other file.
+    """
+    path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory; fix: give a file name such as {path / 'model.gguf'}")
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: directory does not exist; fix: create it first (mkdir -p {path.parent})")
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists; fix: pass --force to overwrite it or choose another path")
+    if os.path.lexists(path) and not force:
+        what = "is a symbolic link" + (" to a missing file" if not path.exists() else "") if path.is_symlink() else "already exists"
+        raise OutputError(f"{path}: {what}; fix: pass --force to overwrite it or choose another path")
+
+
+def partial_prefix(path: Path) -> str:
+    """The name prefix of this process's temporary files for ``path``: ``.NAME.PID.``.
+
+    The process id in the name lets a later run tell a partial file of a process
+    that died (SIGKILL, power loss) from one that is still being written.
+    """
+    return f".{Path(path).name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_partials(path: Path) -> list[Path]:
+    """Remove temporary files (or directories) for ``path`` left by processes that no longer run.
+
+    Returns what was removed; each removal is logged as a warning.  Partial files of
+    live processes are left alone.
+    """
+    path = Path(path)
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.(\d+)\.[a-z0-9_]+\.partial")  # mkstemp: 8 of [a-z0-9_]
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        stale = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        except OSError as e:
+            log.warning("%s: stale partial output of an interrupted run (pid %s) could not be removed: %s", stale, m.group(1), e)
+            continue
+        log.warning("%s: removed the partial output of an interrupted run (pid %s)", stale, m.group(1))
+        removed.append(stale)
+    return removed
 
 
 def check_free_space(path: Path, need: int, margin: float = 1.01) -> None:
@@ -60,7 +120,8 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     check_target(path, force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    clean_stale_partials(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=partial_prefix(path), suffix=".partial", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode, as open() would give
@@ -68,7 +129,7 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if path.exists() and not force:  # appeared while we were writing
+        if os.path.lexists(path) and not force:  # appeared while we were writing
             raise OutputError(f"{path}: appeared during the conversion; fix: pass --force to overwrite it")
         os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -1,0 +1,252 @@
+"""The command line on hostile text, signals and misuse: one line, a non-zero exit, nothing half-written.
+
+Untrusted strings (paths, GGUF keys and values, tensor names, error text) are shown
+as they are, never read as rich markup; SIGTERM and SIGHUP unwind like Ctrl-C;
+report files are checked before an evaluation starts; out-of-range options are
+refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import FIXTURE, ROOT
+from quantkit.cli import MAX_ERROR_CHARS, app
+
+MARKUP = ["[/INST] evil", "[red]x[/red]", "[bold]", "trailing\\", "[/]"]
+
+
+def _invoke(args, **kw):
+    return CliRunner().invoke(app, [str(a) for a in args], terminal_width=200, **kw)
+
+
+def _no_crash(result):
+    """A clean exit: typer's own SystemExit, never another exception."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+
+
+def _tiny_gguf(path: Path, name: str, tensor: str = "blk.0.attn_q.weight") -> Path:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_string("user.note " + name, name)  # markup in a key too
+    w.add_tensor(tensor, np.ones((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("text", MARKUP)
+def test_inspect_shows_markup_in_metadata_and_names_as_text(tmp_path, text):
+    path = _tiny_gguf(tmp_path / "m.gguf", text, tensor=f"blk.0.{text}.weight")
+    result = _invoke(["inspect", path])
+    _no_crash(result)
+    assert result.exit_code == 0, result.output
+    assert text in result.output  # shown, not interpreted (was MarkupError, or "x" shown red)
+
+
+def test_paths_with_markup_in_success_and_error_lines(tmp_path):
+    out = tmp_path / "[" / "x]"  # the audit's -o 'out/[/x].gguf'
+    out.mkdir(parents=True)
+    result = _invoke(["convert", FIXTURE, "-o", out / "[red]m.gguf", "--type", "f16"])
+    _no_crash(result)
+    assert result.exit_code == 0, result.output
+    assert "[red]m.gguf" in result.output and (out / "[red]m.gguf").is_file()
+    missing = tmp_path / "[/nope]"
+    result = _invoke(["convert", missing, "-o", tmp_path / "o.gguf"])
+    _no_crash(result)
+    assert result.exit_code == 1 and "[/nope]" in result.output
+
+
+def test_error_lines_are_capped(tmp_path):
+    result = _invoke(["plan", FIXTURE, "--tensor-type", "x" * (1 << 20)])
+    _no_crash(result)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < MAX_ERROR_CHARS + 100, len(result.output)
+    assert "more characters" in lines[0]
+
+
+def _quantkit(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-c", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+# Runs the real console entry point with the output's rename held back until the test has signalled:
+# the partial file then certainly exists, with all its bytes, when the signal arrives.
+_SLOW_CONVERT = """
+import contextlib, sys, time
+import quantkit.convert as c
+orig = c.atomic_file
+@contextlib.contextmanager
+def slow(path, force=False):
+    with orig(path, force) as tmp:
+        yield tmp
+        (path.parent / "ready").touch()
+        time.sleep(60)
+c.atomic_file = slow
+from quantkit.cli import run
+sys.argv = ["quantkit", *sys.argv[1:]]
+run()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_during_convert_leaves_nothing(tmp_path, sig):
+    out = tmp_path / "m.gguf"
+    p = _quantkit(_SLOW_CONVERT, "convert", str(FIXTURE), "-o", str(out), "--type", "q8_0")
+    deadline = time.time() + 120
+    while not (tmp_path / "ready").exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.05)
+    assert [f for f in tmp_path.iterdir() if f.name.endswith(".partial")]  # the write is in progress
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == (130 if sig == signal.SIGINT else 128 + sig), stderr
+    assert "Traceback" not in stderr and "nothing was written" in stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ready"]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid  # reaped: nothing runs under this id (reuse within the test is vanishingly unlikely)
+
+
+def test_stale_partials_of_dead_processes_are_removed(tmp_path, caplog):
+    out = tmp_path / "m.gguf"
+    stale = tmp_path / f".m.gguf.{_dead_pid()}.abcd1234.partial"
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / ".m.gguf.1.efgh5678.partial"  # pid 1 runs: a conversion in progress elsewhere
+    live.write_bytes(b"y")
+    other = tmp_path / ".other.gguf.1.efgh5678.partial"
+    other.write_bytes(b"z")
+    with caplog.at_level("WARNING"):
+        result = _invoke(["convert", FIXTURE, "-o", out, "--type", "f16"])
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and live.exists() and other.exists() and out.is_file()
+    assert any("interrupted run" in r.getMessage() for r in caplog.records)
+
+
+def test_dangling_symlink_at_output_needs_force(tmp_path):
+    out = tmp_path / "m.gguf"
+    out.symlink_to(tmp_path / "nowhere.gguf")
+    result = _invoke(["convert", FIXTURE, "-o", out, "--type", "f16"])
+    _no_crash(result)
+    assert result.exit_code == 1 and "symbolic link" in result.output and "--force" in result.output
+    assert out.is_symlink() and not (tmp_path / "nowhere.gguf").exists()
+    result = _invoke(["convert", FIXTURE, "-o", out, "--type", "f16", "--force"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not out.is_symlink()
+
+
+def test_eval_report_path_checked_before_evaluation(tmp_path):
+    report = tmp_path / "r.json"
+    report.write_text("keep me")
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 10)
+    # the model does not exist: an error about the report path proves it was checked first
+    for cmd in (["eval", "ppl", tmp_path / "none.gguf"], ["eval", "kld", tmp_path / "a.gguf", tmp_path / "b.gguf"]):
+        result = _invoke([*cmd, "--text", text, "--json", report])
+        _no_crash(result)
+        assert result.exit_code == 1 and "already exists" in result.output and "--force" in result.output
+        assert report.read_text() == "keep me"
+        result = _invoke([*cmd, "--text", text, "--json", tmp_path / "missing" / "r.json"])
+        assert result.exit_code == 1 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize("cmd", [["eval", "ppl", "m.gguf"], ["imatrix", "m.gguf", "-o", "im.gguf"]])
+def test_text_that_is_not_a_text_file(tmp_path, cmd):
+    cases = {"dir": (tmp_path / "d", "is a directory"), "missing": (tmp_path / "no.txt", "no such file"),
+             "binary": (tmp_path / "b.bin", "NUL bytes"), "latin1": (tmp_path / "l.txt", "not UTF-8"), "empty": (tmp_path / "e.txt", "empty text")}
+    (tmp_path / "d").mkdir()
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01\x02" * 10)
+    (tmp_path / "l.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "e.txt").write_text(" \n")
+    for path, words in cases.values():
+        args = [a if a not in ("m.gguf", "im.gguf") else tmp_path / a for a in cmd]
+        result = _invoke([*args, "--text", path])
+        _no_crash(result)
+        assert result.exit_code == 1 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_gate_outputs_into_missing_directories(tmp_path):
+    base = ROOT / "evals" / "baselines" / "tiny-mixtral-Q4_K_M.json"
+    for opt in ("--junit", "--json", "--markdown"):
+        result = _invoke(["gate", base, "--baseline", base, opt, tmp_path / "no" / "out"])
+        _no_crash(result)
+        assert result.exit_code == 1 and "does not exist" in result.output, (opt, result.output)
+    result = _invoke(["gate", base, "--baseline", base, "--junit", tmp_path / "g.xml", "--json", tmp_path / "g.json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "g.xml").read_text().startswith("<?xml") and json.loads((tmp_path / "g.json").read_text())["ok"] is True
+
+
+BAD_OPTIONS = [
+    # each: a value outside the option's range, refused by the parser before any file is read
+    ["run", "m.gguf", "-p", "x", "--max-tokens", "-1"],
+    ["run", "m.gguf", "-p", "x", "--max-tokens", "0"],
+    ["run", "m.gguf", "-p", "x", "--threads", "0"],
+    ["run", "m.gguf", "-p", "x", "--threads", "-3"],
+    ["run", "m.gguf", "-p", "x", "--temperature", "-1"],
+    ["run", "m.gguf", "-p", "x", "--top-p", "5"],
+    ["run", "m.gguf", "-p", "x", "--top-k", "-3"],
+    ["run", "m.gguf", "-p", "x", "--min-p", "2"],
+    ["run", "m.gguf", "-p", "x", "--repeat-penalty", "0"],
+    ["run", "m.gguf", "-p", "x", "--ctx", "0"],
+    ["run", "m.gguf", "-p", "x", "--gpu-layers", "-5"],
+    ["run", "m.gguf", "-p", "x", "--seed", "-1"],
+    ["chat", "m.gguf", "--ctx", "-2"],
+    ["eval", "ppl", "m.gguf", "--corpus", "heldout", "--ctx", "0"],
+    ["eval", "ppl", "m.gguf", "--corpus", "heldout", "--ctx", "7"],
+    ["eval", "ppl", "m.gguf", "--corpus", "heldout", "--chunks", "0"],
+    ["eval", "ppl", "m.gguf", "--corpus", "heldout", "--chunks", "-1"],
+    ["eval", "ppl", "m.gguf", "--corpus", "heldout", "--threads", "0"],
+    ["eval", "kld", "a.gguf", "b.gguf", "--corpus", "heldout", "--ctx", "-2"],
+    ["imatrix", "m.gguf", "--text", "t.txt", "-o", "i.gguf", "--ctx", "1"],
+    ["imatrix", "m.gguf", "--text", "t.txt", "-o", "i.gguf", "--chunks", "0"],
+    ["convert", "src", "-o", "o.gguf", "--target-bpw", "0"],
+    ["convert", "src", "-o", "o.gguf", "--target-bpw", "4", "--calib-text", "t.txt", "--calib-chunks", "0"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_OPTIONS, ids=[" ".join(a[:1] + a[-2:]) for a in BAD_OPTIONS])
+def test_out_of_range_options_are_refused_before_loading(args):
+    result = _invoke(args)
+    _no_crash(result)
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+_CRASH = """
+import sys
+import quantkit.gguf_read as g
+def boom(*a, **k):
+    raise RuntimeError("an unexpected [/bug]")
+g.read_gguf = boom
+from quantkit.cli import run
+sys.argv = ["quantkit", *sys.argv[1:]]
+run()
+"""
+
+
+def test_an_unexpected_exception_is_one_line_not_a_traceback(tmp_path):
+    p = _quantkit(_CRASH, "inspect", str(tmp_path / "x.gguf"))
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 70
+    assert "Traceback" not in stderr and "internal error (RuntimeError: an unexpected [/bug])" in stderr
+    assert "--debug" in stderr and len(stderr.strip().splitlines()) == 1
+    p = _quantkit(_CRASH, "--debug", "inspect", str(tmp_path / "x.gguf"))
+    assert "Traceback" in p.communicate(timeout=120)[1]
