@@ -33,6 +33,8 @@ def check_target(path: Path, force: bool) -> None:
         raise OutputError(f"{path}: is a directory; fix: give a file name such as {path / 'model.gguf'}")
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: directory does not exist; fix: create it first (mkdir -p {path.parent})")
+    if path.exists() and not path.is_file():  # a device, FIFO or socket: never replaced, not even with --force
+        raise OutputError(f"{path}: not a regular file (a device, pipe or socket); fix: give a file path")
     if os.path.lexists(path) and not force:
         what = "is a symbolic link" + (" to a missing file" if not path.exists() else "") if path.is_symlink() else "already exists"
         raise OutputError(f"{path}: {what}; fix: pass --force to overwrite it or choose another path")

@@ -153,6 +153,21 @@ def test_dangling_symlink_at_output_needs_force(tmp_path):
     assert out.is_file() and not out.is_symlink()
 
 
+@pytest.mark.parametrize("args", [["convert", FIXTURE, "--type", "f16"], ["eval", "ppl", "m.gguf", "--corpus", "heldout"]])
+def test_special_files_are_never_replaced_even_with_force(tmp_path, args):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(fifo)  # as /dev/stdout links to a pipe or terminal
+    for target in (fifo, link):
+        opt = "-o" if args[0] == "convert" else "--json"
+        result = _invoke([*args, opt, target, "--force"])
+        _no_crash(result)
+        assert result.exit_code == 1 and "not a regular file" in result.output, result.output
+        assert fifo.exists() and not fifo.is_file() and link.is_symlink()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["fifo", "link"]
+
+
 def test_eval_report_path_checked_before_evaluation(tmp_path):
     report = tmp_path / "r.json"
     report.write_text("keep me")
