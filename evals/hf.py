@@ -18,8 +18,32 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.checkpoint import load_config
-from quantkit.errors import QuantkitError
+from quantkit.errors import CheckpointError, QuantkitError
 from quantkit.vocab import load_vocab, vocab_metadata
+
+
+#: weight files that are Python pickles (torch.load runs code from them): never handed to transformers
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_weights(path: Path) -> None:
+    """Refuse an HF directory whose weights are not safetensors, before transformers sees it.
+
+    ``quantkit.checkpoint.open_checkpoint`` validates the index and every safetensors header
+    (one-line errors for corrupt shards) and refuses a directory without safetensors shards;
+    a pickle (``pytorch_model.bin``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) is named in that error.
+    """
+    from quantkit.checkpoint import open_checkpoint
+
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if not has_safetensors:
+        pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+        if pickles:
+            raise CheckpointError(
+                f"{pickles[0]}: PyTorch pickle weights can run arbitrary code when loaded and are refused (no *.safetensors in {path}); "
+                "fix: convert them to safetensors (transformers save_pretrained(safe_serialization=True)) in a trusted environment"
+            )
+    open_checkpoint(path).close()
 
 
 class HFSession:
@@ -31,6 +55,7 @@ class HFSession:
             raise QuantkitError("an HF directory as base needs torch and transformers; fix: pip install 'quantkit[dev]' or convert the base to GGUF first") from None
         self.path = Path(path)
         config = load_config(self.path)
+        check_weights(self.path)
         self.vocab, tcfg = load_vocab(self.path, int(config.get("vocab_size", 0)))
         md = vocab_metadata(self.vocab, tcfg, config)
         self._bos = md["tokenizer.ggml.bos_token_id"].value if "tokenizer.ggml.bos_token_id" in md else None
@@ -46,7 +71,13 @@ class HFSession:
 
             self.model = load_bnb(self.path).eval()
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+            try:  # use_safetensors: transformers never falls back to a pickle (check_weights refused those already)
+                self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32, use_safetensors=True).eval()
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                msg = " ".join(str(e).split())
+                raise QuantkitError(
+                    f"{self.path}: transformers could not load the model ({msg[:200]}); fix: check config.json and the safetensors shards, or convert it to GGUF and pass that"
+                ) from None
         self._moe = bool(config.get("num_local_experts"))
         self.experts_used = int(config.get("num_experts_per_tok") or 0)
         self.n_ctx = n_ctx

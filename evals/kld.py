@@ -27,7 +27,10 @@ from typing import Any, Callable
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.evals.perplexity import Background, cache_root, iter_chunks, llama_cpp_version, plan_chunks, sha256_file, sha256_text
+from quantkit.evals.perplexity import (
+    Background, cache_root, check_chunks, check_ctx, check_ctx_value, check_text, check_threads, iter_chunks, llama_cpp_version,
+    model_limits, plan_chunks, sha256_file, sha256_text,
+)
 from quantkit.evals.routing import RoutingStats
 from quantkit.evals.session import EvalSession
 
@@ -65,57 +68,104 @@ def _key(model_sha: str, text_sha: str, n_ctx: int, n_chunks: int | None) -> str
     return hashlib.sha256(f"v{CACHE_VERSION}:{model_sha}:{text_sha}:{n_ctx}:{n_chunks}".encode()).hexdigest()[:24]
 
 
+#: meta.json of a cached base evaluation: key -> type (a cache entry that does not match is evaluated again)
+META_TYPES = {
+    "model": str, "model_sha256": str, "text_sha256": str, "n_ctx": int, "n_chunks": int, "n_tokens": int, "n_vocab": int,
+    "vocab": str, "tokens_sha256": str, "llama_cpp": str,
+}
+
+
+def _cached(root: Path) -> BaseLogprobs | None:
+    """The cache entry at ``root`` when it is whole and consistent, else None (logged)."""
+    if not (root / "meta.json").exists():
+        return None
+    try:
+        meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or any(type(meta.get(k)) is not t for k, t in META_TYPES.items()):
+            raise ValueError("meta.json lacks keys or has wrong types")
+        per = meta["n_ctx"] // 2 - 1
+        b = BaseLogprobs(root, meta)
+        if b.logprobs.shape != (meta["n_chunks"] * per, meta["n_vocab"]) or b.targets.shape != (meta["n_chunks"] * per,):
+            raise ValueError("array shapes differ from meta.json")
+        return b
+    except (OSError, ValueError, EOFError) as e:
+        log.warning("base log-probs cache %s unusable (%s): evaluating the base again", root, e)
+        return None
+
+
 def base_logprobs(
     base: str | Path, text: str, n_ctx: int, n_chunks: int | None, threads: int | None = None,
     cache_dir: Path | None = None, on_chunk: Callable[[int, int], None] | None = None,
 ) -> BaseLogprobs:
-    """Evaluate the base GGUF once and cache the result; later calls read the cache."""
+    """Evaluate the base (GGUF or HF directory) once and cache the result; later calls read the cache.
+
+    ``n_ctx``, ``n_chunks``, ``threads`` and the text are checked before the base is hashed or loaded.
+    """
     base = Path(base)
+    check_ctx_value(n_ctx)
+    check_chunks(n_chunks)
+    check_threads(threads)
+    check_text(text)
+    check_ctx(n_ctx, model_limits(base))  # every position's logits: the routers are compared at every position
     model_sha, text_sha = model_identity(base), sha256_text(text)
     root = (cache_dir or default_cache_dir()) / _key(model_sha, text_sha, n_ctx, n_chunks)
-    if (root / "meta.json").exists():
+    hit = _cached(root)
+    if hit is not None:
         log.info("base log-probs from cache %s", root)
-        return BaseLogprobs(root, json.loads((root / "meta.json").read_text()))
-    session = open_session(base, n_ctx, threads, capture_router=True)
+        return hit
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     try:
-        tokens = session.tokenize(text)
-        n = plan_chunks(len(tokens), n_ctx, n_chunks)
-        per = n_ctx // 2 - 1
-        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float32, shape=(n * per, session.n_vocab))
-        targets = np.empty(n * per, dtype=np.int32)
-        router = None
-        for chunk in iter_chunks(session, tokens, n):  # type: ignore[arg-type]
-            sl = slice(chunk.index * per, (chunk.index + 1) * per)
-            lp[sl] = chunk.logprobs
-            targets[sl] = chunk.targets
-            if chunk.router:
-                if router is None:
-                    n_exp = next(iter(chunk.router.values())).shape[1]
-                    router = np.lib.format.open_memmap(tmp / "router.npy", mode="w+", dtype=np.float32, shape=(len(chunk.router), n * per, n_exp))
-                for layer, r in chunk.router.items():
-                    router[layer, sl] = r
-            if on_chunk:
-                on_chunk(chunk.index + 1, n)
-        lp.flush()
-        del lp
-        if router is not None:
-            router.flush()
-            del router
-        np.save(tmp / "targets.npy", targets)
-        meta = {
-            "model": str(base), "model_sha256": model_sha, "text_sha256": text_sha, "n_ctx": n_ctx, "n_chunks": n,
-            "n_tokens": len(tokens), "n_vocab": session.n_vocab, "vocab": session.vocab_fingerprint(),
-            "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest(), "llama_cpp": llama_cpp_version(),
-        }
+    except OSError as e:
+        raise QuantkitError(f"{tmp.parent}: cannot create the base log-probs cache here ({e.strerror or e}); fix: pass a writable --cache-dir") from None
+    try:
+        session = open_session(base, n_ctx, threads, capture_router=True)
+        try:
+            tokens = session.tokenize(text)
+            n = plan_chunks(len(tokens), n_ctx, n_chunks)
+            meta = _evaluate_base(session, tokens, n, n_ctx, tmp, on_chunk)
+        finally:
+            session.close()
+        meta = {"model": str(base), "model_sha256": model_sha, "text_sha256": text_sha, **meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)
+    except OSError as e:
+        raise QuantkitError(f"{tmp}: writing the base log-probs cache failed ({e.strerror or e}); fix: free disk space or pass another --cache-dir") from None
     finally:
-        session.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename: a failed run leaves nothing behind
     return BaseLogprobs(root, meta)
+
+
+def _evaluate_base(session: Any, tokens: list[int], n: int, n_ctx: int, tmp: Path, on_chunk: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """Write the base's log-probs, targets and router logits of ``n`` chunks under ``tmp``; return the rest of meta.json."""
+    per = n_ctx // 2 - 1
+    lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float32, shape=(n * per, session.n_vocab))
+    targets = np.empty(n * per, dtype=np.int32)
+    router = None
+    for chunk in iter_chunks(session, tokens, n):
+        sl = slice(chunk.index * per, (chunk.index + 1) * per)
+        lp[sl] = chunk.logprobs
+        targets[sl] = chunk.targets
+        if chunk.router:
+            if router is None:
+                n_exp = next(iter(chunk.router.values())).shape[1]
+                router = np.lib.format.open_memmap(tmp / "router.npy", mode="w+", dtype=np.float32, shape=(len(chunk.router), n * per, n_exp))
+            for layer, r in chunk.router.items():
+                router[layer, sl] = r
+        if on_chunk:
+            on_chunk(chunk.index + 1, n)
+    lp.flush()
+    del lp
+    if router is not None:
+        router.flush()
+        del router
+    np.save(tmp / "targets.npy", targets)
+    return {
+        "n_ctx": n_ctx, "n_chunks": n, "n_tokens": len(tokens), "n_vocab": session.n_vocab, "vocab": session.vocab_fingerprint(),
+        "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest(), "llama_cpp": llama_cpp_version(),
+    }
 
 
 def model_identity(path: Path) -> str:
@@ -157,6 +207,14 @@ def compare_values(
     t0 = time.perf_counter()
     meta = base.meta
     model = Path(model)
+    check_threads(threads)
+    check_text(text)
+    if sha256_text(text) != meta["text_sha256"]:
+        raise QuantkitError(
+            f"text: not the text the base was evaluated on (SHA-256 {sha256_text(text)[:12]}… vs {meta['text_sha256'][:12]}…); "
+            "fix: give compare the text given to base_logprobs"
+        )
+    check_ctx(meta["n_ctx"], model_limits(model))
     session = open_session(model, meta["n_ctx"], threads, capture_router=base.router is not None)
     model_sha = Background(model_identity, model)
     try:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from quantkit.errors import QuantkitError
+
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +46,19 @@ def run_matrix(
 ) -> list[Variant]:
     from quantkit.convert import convert
     from quantkit.evals.kld import base_logprobs, compare_values
+    from quantkit.evals.perplexity import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_ctx_value(n_ctx)  # every argument before the first conversion
+    check_chunks(n_chunks)
+    check_threads(threads)
+    check_text(text)
+    check_ctx(n_ctx, model_limits(src))
+    if not types:
+        raise QuantkitError("--types: empty; fix: give comma-separated types, e.g. --types q8_0,Q4_K_M")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantkitError(f"{out_dir}: cannot create the output directory ({e.strerror or e}); fix: pass another -o") from None
     step = on_step or (lambda _msg: None)
     base = out_dir / "base-bf16.gguf"
     if not base.exists():

@@ -358,7 +358,7 @@ def imatrix_command(
     src: Path = typer.Argument(..., help="A GGUF model (F32/F16/BF16 or quantised), or a Hugging Face directory (converted to a temporary BF16 GGUF first)."),
     text: Path = typer.Option(..., "--text", help="UTF-8 calibration text."),
     output: Path = typer.Option(..., "-o", "--output", help="The importance matrix to write (.gguf, llama-imatrix's format)."),
-    ctx: int = typer.Option(512, "--ctx", min=8, help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Evaluate only the first N chunks (default: the whole text)."),
     all_experts: bool = typer.Option(False, "--all-experts", help="Send calibration tokens through all experts (statistics only, outputs still gated by the router), so rare experts are covered."),
     min_tokens: int = typer.Option(16, "--min-tokens", min=0, help="Report experts that saw fewer calibration tokens than this."),

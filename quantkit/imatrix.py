@@ -579,6 +579,19 @@ class Progress:
     seconds: float
 
 
+def check_args(n_ctx: Any, n_chunks: Any, threads: Any, text: Any, dataset: str = "") -> None:
+    """Collection arguments on their own, before anything is converted or loaded: ``--ctx`` >= 16 (llama-imatrix
+    ignores smaller batches), ``--chunks`` >= 1, ``--threads`` 1..512, a non-empty text."""
+    from quantkit.evals.perplexity import check_chunks, check_ctx_value, check_text, check_threads
+
+    if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx < MIN_TOKENS_PER_MATMUL:
+        raise QuantkitError(f"--ctx {n_ctx}: llama-imatrix ignores batches under {MIN_TOKENS_PER_MATMUL} tokens; fix: use --ctx 512 or at least {MIN_TOKENS_PER_MATMUL}")
+    check_ctx_value(n_ctx, MIN_TOKENS_PER_MATMUL, even=False)
+    check_chunks(n_chunks)
+    check_threads(threads)
+    check_text(text, dataset or "text")
+
+
 def collect_imatrix(
     gguf_path: str | Path,
     text: str,
@@ -596,13 +609,12 @@ def collect_imatrix(
     ``-f`` path).  Needs at least ``2 * n_ctx`` tokens; ``n_chunks`` limits the
     chunks evaluated (default: all whole chunks of the text).
     """
+    from quantkit.evals.perplexity import check_ctx, model_limits
     from quantkit.evals.session import EvalSession
 
     gguf_path = Path(gguf_path)
-    if n_ctx < MIN_TOKENS_PER_MATMUL:
-        raise QuantkitError(f"--ctx {n_ctx}: llama-imatrix ignores batches under {MIN_TOKENS_PER_MATMUL} tokens; fix: use --ctx 512 or at least {MIN_TOKENS_PER_MATMUL}")
-    if n_chunks is not None and n_chunks < 1:
-        raise QuantkitError(f"--chunks {n_chunks}: needs at least 1; fix: omit it to use the whole text")
+    check_args(n_ctx, n_chunks, threads, text, dataset)
+    check_ctx(n_ctx, model_limits(gguf_path), minimum=MIN_TOKENS_PER_MATMUL, even=False)  # every position's logits
     experts = _ExpertWeights(gguf_path) if all_experts else None
     collector = _Collector(all_experts=all_experts, experts=experts)
     session = EvalSession(gguf_path, n_ctx, threads=threads, gpu_layers=gpu_layers, on_tensor=collector)
@@ -646,9 +658,14 @@ def collect_from_source(
     """
     import tempfile
 
+    from quantkit.evals.perplexity import check_ctx, model_limits
+
     src = Path(src)
     if not src.is_dir():
         return collect_imatrix(src, text, **kwargs)
+    n_ctx = kwargs.get("n_ctx", 512)
+    check_args(n_ctx, kwargs.get("n_chunks"), kwargs.get("threads"), text, kwargs.get("dataset", ""))
+    check_ctx(n_ctx, model_limits(src), minimum=MIN_TOKENS_PER_MATMUL, even=False)  # before the conversion, not after it
     from quantkit.convert import convert
 
     with tempfile.TemporaryDirectory(prefix="quantkit-imatrix-", dir=workdir) as tmp:

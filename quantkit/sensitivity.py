@@ -70,6 +70,22 @@ def simulate(raw: bytes, stored: gguf.GGMLQuantizationType, shape: tuple[int, ..
     return f32_to_bf16(y).tobytes()
 
 
+#: the smallest --calib-ctx: each chunk's second half (n_ctx/2 positions) is compared, at least 4 of them
+MIN_CALIB_CTX = 8
+
+
+def check_calib_args(n_ctx: object, n_chunks: object, threads: object, text: object) -> None:
+    """``--calib-ctx`` >= 8, ``--calib-chunks`` >= 1, threads 1..512 and a non-empty text, before anything is converted or loaded."""
+    from quantkit.evals.perplexity import check_chunks, check_ctx_value, check_text, check_threads
+
+    check_ctx_value(n_ctx, MIN_CALIB_CTX, even=False, flag="--calib-ctx")
+    if n_chunks is None:
+        raise QuantkitError("--calib-chunks None: expected a whole number >= 1; fix: use e.g. --calib-chunks 8")
+    check_chunks(n_chunks, flag="--calib-chunks")
+    check_threads(threads)
+    check_text(text, "--calib-text")
+
+
 def measure(
     model: Path,
     tensors: list[OutTensor],
@@ -81,10 +97,12 @@ def measure(
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[gguf.GGMLQuantizationType, float]]:
     """Mean KLD per quantisable tensor of ``model`` (an unquantised GGUF that may be modified and restored)."""
-    from quantkit.evals.perplexity import log_softmax
+    from quantkit.evals.perplexity import check_ctx, log_softmax, model_limits
     from quantkit.evals.session import EvalSession
     from quantkit.gguf_read import read_gguf
 
+    check_calib_args(n_ctx, n_chunks, threads, text)
+    check_ctx(n_ctx, model_limits(model), outputs=0.5, minimum=MIN_CALIB_CTX, even=False, flag="--calib-ctx")  # logits of the second halves
     g = read_gguf(model)
     info = {t.name: t for t in g.tensors}
     session = EvalSession(model, n_ctx, threads=threads, gpu_layers=0)
@@ -142,7 +160,10 @@ def measure_checkpoint(
 ) -> Mapping[str, tuple[gguf.GGMLQuantizationType, float]]:
     """:func:`measure` for an HF checkpoint: written as an unquantised GGUF in a temporary directory first."""
     from quantkit.convert import convert, prepare
+    from quantkit.evals.perplexity import check_ctx, model_limits
 
+    check_calib_args(n_ctx, n_chunks, threads, text)
+    check_ctx(n_ctx, model_limits(src), minimum=MIN_CALIB_CTX, even=False, flag="--calib-ctx")  # before the conversion
     ckpt, prep = prepare(src, "f32")
     dtypes = {ref.dtype for t in prep.tensors for ref in t.sources}
     ckpt.close()
