@@ -216,6 +216,7 @@ def test_untrusted_strings_render_in_every_output(tmp_path):
     assert row.count(" | ") == 4, row  # five cells: the pipe and the newline did not break the table
 
 
+@pytest.mark.fuzz
 def test_gate_fuzz_one_line_or_verdict(tmp_path_factory):
     """Any JSON where a report's values go: a Verdict (never ok with a non-finite metric) or one QuantkitError line."""
     hyp = pytest.importorskip("hypothesis")
