@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from quantkit import gguf_spec
+from quantkit.checkpoint import shown
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
 from quantkit.mapping import OutTensor, Role, Rule, Transform
@@ -27,19 +28,69 @@ ARCH = gguf_spec.ARCH_LLAMA
 T = gguf_spec.TensorName
 
 
-def _get(config: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+#: the widest values GGUF's fixed-width fields hold: llama.cpp reads these hyperparameters as uint32 / float32
+U32_MAX = 2**32 - 1
+F32_MAX = float(np.finfo(np.float32).max)
+ROPE_KEYS = ("rope_parameters", "rope_scaling")
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _get(config: dict[str, Any], key: str, kind: type, default: Any = ..., *, positive: bool = True, where: str = "config.json", shown_key: str | None = None) -> Any:
+    """``config[key]`` checked against ``kind`` and the GGUF field it goes to (uint32 for ints, float32 for floats).
+
+    Ints must be positive (``positive=False``: zero allowed) and at most 2**32-1; floats
+    finite, within float32's range, and positive unless ``positive=False``.
+    """
+    name = shown_key or key
     if key not in config or config[key] is None:
         if default is ...:
-            raise CheckpointError(f"config.json: key {key!r} is missing; fix: add it (the {kind.__name__} value from the model's original config)")
+            raise CheckpointError(f"{where}: key {name!r} is missing; fix: add it ({_KIND.get(kind, kind.__name__)}, the value from the model's original config)")
         return default
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise CheckpointError(f"config.json: key {key!r} = {value!r}, expected a {kind.__name__}; fix: restore the original value")
-    if kind in (int, float) and value <= 0:
-        raise CheckpointError(f"config.json: key {key!r} = {value!r}, expected a positive number; fix: restore the original value")
+        raise CheckpointError(f"{where}: key {name!r} = {shown(value)}, expected {_KIND.get(kind, kind.__name__)}; fix: restore the original value")
+    if kind is int:
+        lo = 1 if positive else 0
+        if not lo <= value <= U32_MAX:
+            what = "a positive integer" if positive else "a non-negative integer"
+            raise CheckpointError(f"{where}: key {name!r} = {shown(value)}, expected {what} of at most {U32_MAX} (GGUF stores it as uint32); fix: restore the original value")
+    elif kind is float:
+        if not math.isfinite(value) or abs(value) > F32_MAX:
+            raise CheckpointError(f"{where}: key {name!r} = {shown(value)}, expected a finite number within float32's range (GGUF stores it as float32); fix: restore the original value")
+        if positive and not np.float32(value) > 0:
+            raise CheckpointError(f"{where}: key {name!r} = {shown(value)}, expected a positive number (above float32's smallest); fix: restore the original value")
     return value
+
+
+def _rope(config: dict[str, Any]) -> dict[str, Any]:
+    """``rope_parameters`` (transformers 5) or ``rope_scaling``: an object of checked values (numbers as float, sizes as int)."""
+    key = next((k for k in ROPE_KEYS if config.get(k)), None)
+    if key is None:
+        return {}
+    raw = config[key]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config.json: key {key!r} = {shown(raw)}, expected an object (e.g. {{\"rope_type\": \"default\"}}); fix: restore the original value")
+    rope = dict(raw)
+    for k in ("rope_type", "type"):
+        if k in rope and not isinstance(rope[k], str):
+            raise CheckpointError(f"config.json: key '{key}.{k}' = {shown(rope[k])}, expected a string; fix: restore the original value")
+    for k in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor"):
+        if rope.get(k) is not None:
+            rope[k] = _get(rope, k, float, shown_key=f"{key}.{k}")
+    if rope.get("original_max_position_embeddings") is not None:
+        rope["original_max_position_embeddings"] = _get(rope, "original_max_position_embeddings", int, shown_key=f"{key}.original_max_position_embeddings")
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    if rope.get("rope_type", rope.get("type")) == "llama3" and low == high:
+        raise CheckpointError(f"config.json: key '{key}.high_freq_factor' = {high!r} equals low_freq_factor, which llama3 rope scaling divides by the difference of; fix: restore the original values")
+    return rope
+
+
+def _optional_count(config: dict[str, Any], key: str) -> int | None:
+    """A size that may be absent, null or 0 (None then), else a positive uint32."""
+    value = _get(config, key, int, 0, positive=False)
+    return value or None
 
 
 @dataclass(frozen=True)
@@ -68,9 +119,16 @@ class Hparams:
         if n_head % n_head_kv:
             raise CheckpointError(f"config.json: num_attention_heads = {n_head} is not a multiple of num_key_value_heads = {n_head_kv}; fix: restore the original values")
         head_dim = _get(config, "head_dim", int, n_embd // n_head)
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-        window = config.get("sliding_window")
+        if head_dim < 2 or head_dim % 2:
+            raise CheckpointError(
+                f"config.json: head_dim = {head_dim} (hidden_size // num_attention_heads unless given), expected an even number of at least 2 "
+                "(rotary embeddings pair the dimensions); fix: restore the original values"
+            )
+        rope = _rope(config)
+        theta = _get(config, "rope_theta", float, None)
+        tie = config.get("tie_word_embeddings")
+        if tie is not None and not isinstance(tie, bool):
+            raise CheckpointError(f"config.json: key 'tie_word_embeddings' = {shown(tie)}, expected true or false; fix: restore the original value")
         return cls(
             n_vocab=_get(config, "vocab_size", int),
             n_embd=n_embd,
@@ -81,12 +139,12 @@ class Hparams:
             head_dim=head_dim,
             n_ctx=_get(config, "max_position_embeddings", int, 4096),
             norm_eps=_get(config, "rms_norm_eps", float, 1e-6),
-            rope_theta=float(theta),
+            rope_theta=theta if theta is not None else rope.get("rope_theta", 10000.0),
             rope=rope,
-            sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            n_expert=int(config.get("num_local_experts") or 0),
-            n_expert_used=int(config.get("num_experts_per_tok") or 0),
+            sliding_window=_optional_count(config, "sliding_window"),
+            tie_embeddings=bool(tie),
+            n_expert=_get(config, "num_local_experts", int, 0, positive=False),
+            n_expert_used=_get(config, "num_experts_per_tok", int, 0, positive=False),
         )
 
     @property
@@ -136,7 +194,21 @@ def transform_heads(h: Hparams, transform: Transform) -> int:
     return h.n_head if transform is Transform.PERMUTE_Q else h.n_head_kv
 
 
+#: llama.cpp aborts the process loading a file beyond these (GGML_ASSERT in llama-model.cpp, llama-cpp-python 0.3.36)
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+
+
 def check_hparams(h: Hparams, tensors: list[OutTensor]) -> None:
+    if h.n_layer > LLAMA_MAX_LAYERS:
+        raise CheckpointError(f"config.json: num_hidden_layers = {h.n_layer}, more than the {LLAMA_MAX_LAYERS} llama.cpp supports (it aborts loading such a file); fix: none with this llama.cpp, the model is too deep")
+    if h.n_expert > LLAMA_MAX_EXPERTS:
+        raise CheckpointError(f"config.json: num_local_experts = {h.n_expert}, more than the {LLAMA_MAX_EXPERTS} llama.cpp supports (it aborts loading such a file); fix: none with this llama.cpp")
+    if h.n_expert and not any(t.role is Role.EXPERTS for t in tensors):
+        raise CheckpointError(
+            f"config.json: num_local_experts = {h.n_expert}, but the checkpoint has no expert tensors (a dense model); "
+            "fix: remove num_local_experts, or set model_type to the MoE architecture the weights belong to"
+        )
     if not any(t.name == "output.weight" for t in tensors) and not h.tie_embeddings:
         raise CheckpointError("checkpoint: tensor 'lm_head.weight' is missing and config.json tie_word_embeddings is false; fix: re-download the shard holding lm_head.weight")
     if h.rope_type not in ("default", "linear", "yarn", "llama3"):

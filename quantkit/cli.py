@@ -254,7 +254,7 @@ def _type_and_rules(
         return "budget", _overrides(tensor_type)
     rules = _overrides(tensor_type)
     if recipe is None:
-        return outtype or "f16", rules
+        return (outtype if outtype is not None else "f16"), rules
     if outtype is not None:
         raise QuantkitError("give --type or --recipe, not both (a recipe names its base preset)")
     from quantkit.recipe import load_recipe
@@ -529,7 +529,7 @@ def run(
             raise typer.BadParameter("standard input is not UTF-8 text", param_hint="--prompt -") from None
         if len(prompt) > MAX_PROMPT_CHARS:
             raise typer.BadParameter(f"standard input holds more than {MAX_PROMPT_CHARS:,} characters, far beyond any context window", param_hint="--prompt -")
-    sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos)
+    sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
     result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream))
     if as_json:
@@ -560,7 +560,7 @@ def chat(
     from quantkit.chat import History, check_reserve
     from quantkit.runtime import Sampling, chat_template_for
 
-    sampling = Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos)
+    sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
     _run(lambda: check_reserve(ctx, max_tokens))
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
     template = _run(lambda: chat_template_for(llm))

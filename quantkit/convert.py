@@ -18,6 +18,7 @@ Not for: argument parsing or terminal output (``quantkit.cli``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -28,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from quantkit import __version__, ggml, gguf_spec
-from quantkit.checkpoint import open_checkpoint
+from quantkit.checkpoint import DTYPES, open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
-from quantkit.encode import SAME, encode
-from quantkit.errors import OutputError, QuantkitError
+from quantkit.encode import SAME, encode, nonfinite
+from quantkit.errors import CheckpointError, OutputError, QuantkitError
 from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter, file_nbytes
 from quantkit.mapping import OutTensor, Role, Transform, group_totals, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
@@ -90,7 +91,9 @@ class Prepared:
 
 def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Hparams) -> dict[str, MetaValue]:
     K = gguf_spec.Keys.General
-    name = str(config.get("_name_or_path") or src.resolve().name).rstrip("/").split("/")[-1]
+    given = config.get("_name_or_path")
+    name = (given if isinstance(given, str) and given else src.resolve().name).rstrip("/").split("/")[-1]
+    name = name.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON escape, odd file name) is not UTF-8
     expert = sum(t.n_elements for t in tensors if t.role is Role.EXPERTS)
     total = sum(t.n_elements for t in tensors)
     md = {
@@ -238,16 +241,49 @@ def _scratch() -> ggml.Scratch:
     return _LOCAL.scratch
 
 
+_UNQUANTISED = (gguf_spec.GGMLQuantizationType.F32, gguf_spec.GGMLQuantizationType.F16, gguf_spec.GGMLQuantizationType.BF16)
+
+
+class _FiniteCheck:
+    """Counts NaN / infinite source values of one output tensor, piece by piece, before each piece is encoded.
+
+    Quantising them is refused, as llama-quantize refuses ("quantized data validation failed"):
+    a block's scale becomes NaN and some of llama.cpp's kernels assert on them.  Unquantised
+    types keep the values as they are, with a warning once the tensor is written.
+    """
+
+    def __init__(self, t: OutTensor, qtype: gguf_spec.GGMLQuantizationType):
+        self.t, self.qtype, self.count = t, qtype, 0
+
+    def __call__(self, a: np.ndarray, dtype: str, ref: Any) -> None:
+        n = nonfinite(a, dtype)
+        if not n:
+            return
+        self.count += n
+        if self.qtype not in _UNQUANTISED:
+            raise CheckpointError(
+                f"{ref.shard.path}: tensor {ref.name!r} holds NaN or infinite values (at least {n}), which cannot be quantised to {self.qtype.name} "
+                f"for {self.t.name} (llama-quantize refuses them too); fix: repair or re-download the checkpoint, or convert with --type f16/bf16/f32 to copy them as they are"
+            )
+
+    def report(self) -> None:
+        if self.count:
+            log.warning("%s: %d of %d values are NaN or infinite in the source (%s); they are copied as they are and llama.cpp will compute NaN wherever they are used",
+                        self.t.name, self.count, self.t.n_elements, ", ".join(dict.fromkeys(r.name for r in self.t.sources)))
+
+
 def _rows(
     a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, release: Callable[[int, int], None] | None = None,
-    imatrix: np.ndarray | None = None,
+    imatrix: np.ndarray | None = None, check: Callable[[np.ndarray], None] | None = None,
 ) -> Iterator[Any]:
     """Encode a matrix in row chunks of about CHUNK_BYTES source bytes (``imatrix``: per-column weights for every row).
 
     Bounds the transient float copies, and ``release(lo, hi)`` drops each chunk's
-    source pages once its piece has been written.
+    source pages once its piece has been written.  ``check`` sees each chunk before it is encoded.
     """
     if a.ndim == 1:
+        if check:
+            check(a)
         yield encode(a, dtype, qtype)
         if release:
             release(0, a.nbytes)
@@ -256,6 +292,8 @@ def _rows(
     row_bytes = a.nbytes // max(1, rows)
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for r in range(0, rows, step):
+        if check:
+            check(a[r : r + step])
         piece = encode(a[r : r + step], dtype, qtype, imatrix, _scratch(), wait=False)
         drop = (lambda lo=r * row_bytes, hi=min(rows, r + step) * row_bytes: release(lo, hi)) if release else None
         if isinstance(piece, ggml.Pending):  # still quantising (see _in_flight): its pages go when it is done
@@ -266,12 +304,25 @@ def _rows(
                 drop()
 
 
+def _check_stored(ref: Any, check: Callable[[np.ndarray], None]) -> None:
+    """Check the stored bytes of a tensor copied file to file, a chunk at a time, dropping each chunk's pages again."""
+    dtype = DTYPES[ref.dtype][0]
+    raw = ref.raw()
+    step = CHUNK_BYTES // dtype.itemsize * dtype.itemsize
+    for lo in range(0, len(raw), step):
+        hi = min(len(raw), lo + step)
+        check(np.frombuffer(raw[lo:hi], dtype=dtype))
+        ref.release(lo, hi)
+    del raw
+
+
 def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray | None = None) -> Iterator[Any]:
     """Bytes of one output tensor, piece by piece, releasing source pages as it goes.
 
     ``weights``: importance weights (n_expert, cols) for a quantised type; expert
     ``e``'s rows use ``weights[e]``, whether the experts come one source each or
-    stacked in one 3-D source.
+    stacked in one 3-D source.  Source values that are NaN or infinite are refused
+    for a quantised type and logged as a warning otherwise (:class:`_FiniteCheck`).
     """
     if t.data is not None:
         yield encode(np.asarray(t.data(), dtype=np.float32), "F32", tp.qtype)
@@ -280,11 +331,15 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray
     def w(e: int) -> np.ndarray | None:
         return None if weights is None else weights[e]
 
+    finite = _FiniteCheck(t, tp.qtype)
     for i, ref in enumerate(t.sources):  # several sources: one per expert
+        check = functools.partial(finite, dtype=ref.dtype, ref=ref)
         if t.transform is Transform.NONE and getattr(ref, "qtype", SAME.get(ref.dtype)) == tp.qtype:
+            if tp.qtype in _UNQUANTISED:
+                _check_stored(ref, check)
             yield ref.file_slice()  # stored bytes are the output bytes: copy file to file
             continue
-        a = ref.array()
+        a = ref.array()  # a quantised GGUF source is dequantised to F32, its dtype says "F32"
         if t.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
             a = permute_rows(a, transform_heads(hp, t.transform))  # a copy: the source can go
             ref.release()
@@ -292,15 +347,16 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray
             half = a.shape[1] // 2
             sl = slice(0, half) if t.transform is Transform.FIRST_HALF else slice(half, None)
             for e in range(a.shape[0]):
-                yield from _rows(a[e, sl], ref.dtype, tp.qtype, imatrix=w(e))
+                yield from _rows(a[e, sl], ref.dtype, tp.qtype, imatrix=w(e), check=check)
             ref.release()
         elif a.ndim == 3:  # experts stacked in one source [E, rows, cols]
             per = a.nbytes // max(1, a.shape[0])
             for e in range(a.shape[0]):
-                yield from _rows(a[e], ref.dtype, tp.qtype, lambda lo, hi, at=e * per: ref.release(at + lo, at + hi), w(e))
+                yield from _rows(a[e], ref.dtype, tp.qtype, lambda lo, hi, at=e * per: ref.release(at + lo, at + hi), w(e), check)
         else:
-            yield from _rows(a, ref.dtype, tp.qtype, ref.release, w(i))
+            yield from _rows(a, ref.dtype, tp.qtype, ref.release, w(i), check)
         del a
+    finite.report()
 
 
 def _weights_for(prep: Prepared, t: OutTensor, tp: TensorPlan) -> np.ndarray | None:

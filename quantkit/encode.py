@@ -32,6 +32,32 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return rounded
 
 
+#: stored dtype -> (unsigned view, signed view, first non-finite bit pattern of a positive value):
+#: the exponent all ones.  A value is NaN or infinite iff its magnitude bits are at least that pattern.
+_FLOAT_BITS = {
+    "F32": (np.uint32, np.int32, 0x7F800000),
+    "F16": (np.uint16, np.int16, 0x7C00),
+    "BF16": (np.uint16, np.int16, 0x7F80),
+}
+
+
+def nonfinite(a: np.ndarray, dtype: str) -> int:
+    """How many values of ``a`` (stored as ``dtype``; BF16 viewed as uint16) are NaN or infinite.
+
+    Two max reductions over the bits and no copy when there are none (the common case):
+    as signed integers the positive non-finite patterns are the largest, as unsigned the
+    negative ones are.  Only a tensor that has some is counted exactly.
+    """
+    if dtype not in _FLOAT_BITS or a.size == 0:
+        return 0
+    unsigned, signed, first = _FLOAT_BITS[dtype]
+    u = np.asarray(a).view(unsigned)
+    sign = unsigned(1 << (8 * u.itemsize - 1))
+    if u.max() < sign + first and u.view(signed).max() < first:
+        return 0
+    return int(np.count_nonzero((u & unsigned(int(sign) - 1)) >= first))
+
+
 def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return bf16_to_f32(a)

@@ -19,8 +19,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from quantkit.checkpoint import FLOAT_DTYPES, TensorRef
+from quantkit.checkpoint import FLOAT_DTYPES, TensorRef, shown
 from quantkit.errors import CheckpointError
+
+
+#: a block or expert number in a tensor name: ASCII digits, no leading zero (``layers.03`` is not ``layers.3``), at most 10 of them
+INDEX_RE = r"(?:0|[1-9][0-9]{0,9})"
 
 
 class Role(str, enum.Enum):
@@ -62,7 +66,7 @@ class Rule:
         return "{bid}" in self.hf
 
     def regex(self) -> re.Pattern[str]:
-        pat = re.escape(self.hf).replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{xid\}", r"(?P<xid>\d+)")
+        pat = re.escape(self.hf).replace(r"\{bid\}", f"(?P<bid>{INDEX_RE})").replace(r"\{xid\}", f"(?P<xid>{INDEX_RE})")
         return re.compile(pat + r"\Z")
 
 
@@ -100,14 +104,14 @@ def group_totals(tensors: Iterable[Any]) -> dict[str, dict[str, float]]:
 
 def _check_source(name: str, ref: TensorRef, rule: Rule, bid: int, xid: int, hparams: object, n_blocks: int, n_experts: int, where: str) -> None:
     if rule.per_block and bid >= n_blocks:
-        raise CheckpointError(f"{where}: tensor {name!r} is in block {bid}, but config.json num_hidden_layers = {n_blocks}; fix: correct num_hidden_layers or remove the extra tensors")
+        raise CheckpointError(f"{where}: tensor {shown(name)} is in block {bid}, but config.json num_hidden_layers = {n_blocks}; fix: correct num_hidden_layers or remove the extra tensors")
     if rule.stacked and xid >= n_experts:
-        raise CheckpointError(f"{where}: tensor {name!r} is expert {xid}, but config.json declares {n_experts} experts; fix: correct num_local_experts or remove the extra tensors")
+        raise CheckpointError(f"{where}: tensor {shown(name)} is expert {xid}, but config.json declares {n_experts} experts; fix: correct num_local_experts or remove the extra tensors")
     if ref.dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{where}: tensor {name!r} has dtype {ref.dtype}, expected one of {', '.join(FLOAT_DTYPES)}; fix: re-save the checkpoint in bf16/f16/f32")
+        raise CheckpointError(f"{where}: tensor {shown(name)} has dtype {ref.dtype}, expected one of {', '.join(FLOAT_DTYPES)}; fix: re-save the checkpoint in bf16/f16/f32")
     want = tuple(rule.shape(hparams))
     if ref.shape != want:
-        raise CheckpointError(f"{where}: tensor {name!r} has shape {list(ref.shape)}, config.json implies {list(want)}; fix: use the config.json that belongs to these weights")
+        raise CheckpointError(f"{where}: tensor {shown(name)} has shape {shown(list(ref.shape))}, config.json implies {list(want)}; fix: use the config.json that belongs to these weights")
 
 
 def map_tensors(
@@ -134,10 +138,13 @@ def map_tensors(
             bid = int(m.group("bid")) if rule.per_block else -1
             xid = int(m.group("xid")) if rule.stacked else -1
             _check_source(name, ref, rule, bid, xid, hparams, n_blocks, n_experts, where)
-            found.setdefault((i, bid), {})[xid] = ref
+            slot = found.setdefault((i, bid), {})
+            if xid in slot:
+                raise CheckpointError(f"{where}: tensors {shown(slot[xid].name)} and {shown(name)} are the same weight; fix: remove one of them")
+            slot[xid] = ref
     if leftover:
         more = f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else ""
-        raise CheckpointError(f"{where}: tensor {leftover[0]!r}{more} matches no known tensor of this architecture; fix: check model_type in config.json or remove the stray tensors")
+        raise CheckpointError(f"{where}: tensor {shown(leftover[0])}{more} matches no known tensor of this architecture; fix: check model_type in config.json or remove the stray tensors")
 
     out: list[OutTensor] = []
     block_ids = range(n_blocks)
@@ -150,9 +157,9 @@ def map_tensors(
                     continue
                 raise CheckpointError(f"{where}: tensor {hf_name.replace('{xid}', '0')!r} is missing; fix: re-download the checkpoint (every block needs it)")
             if rule.stacked:
-                missing = [x for x in range(n_experts) if x not in got]
-                if missing:
-                    raise CheckpointError(f"{where}: tensor {hf_name.replace('{xid}', str(missing[0]))!r} is missing ({len(got)} of {n_experts} experts present); fix: re-download the shard that holds it")
+                if len(got) != n_experts:  # every xid is < n_experts: the first gap is within len(got) + 1 tries
+                    first = next(x for x in range(n_experts) if x not in got)
+                    raise CheckpointError(f"{where}: tensor {hf_name.replace('{xid}', str(first))!r} is missing ({len(got)} of {n_experts} experts present); fix: re-download the shard that holds it")
                 refs = tuple(got[x] for x in range(n_experts))
                 shape = (n_experts, *rule.shape(hparams))
             else:

@@ -77,6 +77,17 @@ class Plan:
         return any(t.qtype not in (Q.F32, Q.F16, Q.BF16) for t in self.tensors)
 
 
+def check_outtype(outtype: str) -> str:
+    """The canonical name of a --type: ``f32``/``f16``/``bf16`` or a preset's llama-quantize name (aliases resolved).
+
+    An empty or unknown name is a QuantkitError naming the valid ones (it must never fall back to a default).
+    """
+    key = outtype.lower() if isinstance(outtype, str) else ""
+    if key in OUTTYPES:
+        return key
+    return presets.get_preset(outtype).name
+
+
 def choose(t: OutTensor, want: gguf_spec.GGMLQuantizationType) -> tuple[gguf_spec.GGMLQuantizationType, str]:
     """The type of one tensor and the reason, for a requested weight type."""
     if t.role in KEEP_F32_ROLES:
@@ -248,7 +259,7 @@ def make_plan(
     With a ``target``, user rules are pinned first and :mod:`quantkit.budget`
     chooses the rest from measured sensitivity (``importance``: imatrix weights).
     """
-    key = outtype.lower()
+    key = check_outtype(outtype).lower() if target is None else outtype.lower()
     hit_any: set[Override] = set()
     if target is not None:
         n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)

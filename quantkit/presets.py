@@ -135,10 +135,12 @@ def file_type_of(qtype: gguf_spec.GGMLQuantizationType) -> gguf_spec.LlamaFileTy
 
 def get_preset(name: str) -> Preset:
     """A preset by llama-quantize's name (case-insensitive, aliases accepted)."""
-    key = name.upper()
+    key = name.upper() if isinstance(name, str) else ""
     key = ALIASES.get(key, key)
     if key not in PRESETS:
-        raise QuantkitError(f"--type {name!r} is not a llama.cpp preset (known: {', '.join(PRESET_NAMES)}, aliases {', '.join(ALIASES)}); fix: pick one of those")
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        what = "is empty" if isinstance(name, str) and not name.strip() else "is not a llama.cpp preset"
+        raise QuantkitError(f"--type {shown} {what} (known: f32, f16, bf16 and the presets {', '.join(n for n in PRESET_NAMES if n not in ('F16', 'BF16', 'F32'))}, aliases {', '.join(ALIASES)}); fix: pick one of those")
     return PRESETS[key]
 
 

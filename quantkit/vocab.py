@@ -12,18 +12,26 @@ Two families, as llama.cpp reads them:
 Special tokens (bos/eos/unk/pad), add_bos/add_eos and the chat template come
 from ``tokenizer_config.json`` (falling back to config.json's ids).
 
+Every value read is checked for its JSON type; every token id against the
+model's vocabulary size (config.json's vocab_size, which the embedding rows were
+checked against) before any list grows to it; the final vocabulary must hold
+each token string once and no NUL (llama.cpp aborts otherwise); the chat
+template must compile in llama-cpp-python's sandboxed Jinja environment.
+
 Not for: running a tokenizer (llama.cpp and the reference libraries do that).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from quantkit import gguf_spec
+from quantkit.checkpoint import json_kind, read_file, read_json, shown
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
 
@@ -48,16 +56,59 @@ class Vocab:
     adds_space_prefix: bool = False  # SentencePiece: a space is prepended to the text (tokenizer.ggml.add_space_prefix)
 
 
-def _load_json(path: Path) -> Any:
+def _fix(path: Path) -> str:
+    return f"restore the model's original {path.name}"
+
+
+def _bad(path: Path, what: str, fix: str | None = None) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; fix: {fix or _fix(path)}")
+
+
+def _load_object(path: Path) -> dict[str, Any]:
+    """A tokenizer JSON file that must hold an object."""
+    data = read_json(path, _fix(path))
+    if not isinstance(data, dict):
+        raise _bad(path, f"expected a JSON object, found a JSON {json_kind(data)}")
+    return data
+
+
+def _token_id(value: Any, path: Path, what: str, n_vocab: int) -> int:
+    """A token id from a file, refused unless it is an integer inside the model's vocabulary (embedding rows)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(path, f"{what} = {shown(value)}, expected an integer token id")
+    if not 0 <= value < n_vocab:
+        raise _bad(path, f"{what} = {shown(value)} is outside the vocabulary 0..{n_vocab - 1} (config.json vocab_size = {n_vocab})", "use the tokenizer that belongs to this model")
+    return value
+
+
+def _flag(value: Any, path: Path, what: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(path, f"{what} = {shown(value)}, expected true or false")
+    return value
+
+
+def _check_unicode(strings: list[str], path: Path, what: str) -> None:
+    """Every string must encode as UTF-8 (JSON escapes can carry lone surrogates, which GGUF cannot hold)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix: restore the original file") from None
+        "".join(strings).encode("utf-8")
+    except UnicodeEncodeError:
+        bad = next(x for x in strings if not _encodes(x))
+        raise _bad(path, f"{what} {shown(bad)} is not valid Unicode (a lone surrogate)") from None
+
+
+def _encodes(x: str) -> bool:
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
@@ -135,13 +186,18 @@ def _piece(b: bytes, pos: int, end: int) -> tuple[str, float, int]:
     return piece, score, kind
 
 
-def read_sentencepiece(data: bytes) -> tuple[list[str], list[float], list[int], bool]:
+class TooManyPieces(ValueError):
+    """A SentencePiece model with more pieces than the caller allows."""
+
+
+def read_sentencepiece(data: bytes, max_pieces: int | None = None) -> tuple[list[str], list[float], list[int], bool]:
     """Pieces, scores, token types and whether a space is prepended, from a serialised SentencePiece ``ModelProto``.
 
     What ``SentencePieceProcessor``'s ``id_to_piece`` / ``get_score`` / ``is_*`` give, read straight from
     the protobuf wire format (sentencepiece's own loader costs an import and a model build; a
     32k vocabulary is ~0.1 s through its per-id calls).  Space prefix: ``add_dummy_prefix``
-    (default true) unless ``treat_whitespace_as_suffix``.  Raises ValueError on a malformed message.
+    (default true) unless ``treat_whitespace_as_suffix``.  Raises ValueError on a malformed message,
+    :class:`TooManyPieces` as soon as there are more than ``max_pieces`` pieces.
     """
     tokens: list[str] = []
     scores: list[float] = []
@@ -149,6 +205,8 @@ def read_sentencepiece(data: bytes) -> tuple[list[str], list[float], list[int], 
     dummy_prefix, suffix = True, False
     for field, value in _proto_fields(data, 0, len(data)):
         if field == 1 and isinstance(value, tuple):  # ModelProto.pieces
+            if max_pieces is not None and len(tokens) >= max_pieces:
+                raise TooManyPieces(f"more than {max_pieces} pieces")
             piece, score, kind = _piece(data, *value)
             tokens.append(piece)
             scores.append(score)
@@ -167,90 +225,234 @@ def read_sentencepiece(data: bytes) -> tuple[list[str], list[float], list[int], 
 
 
 def sentencepiece_vocab(path: Path, n_vocab: int, added: dict[int, tuple[str, bool]]) -> Vocab:
+    """``added``: token id -> (content, special), every id already inside 0..n_vocab-1."""
+    data = read_file(path, "restore tokenizer.model")
     try:
-        tokens, scores, raw_types, adds_prefix = read_sentencepiece(path.read_bytes())
+        pieces, scores, raw_types, adds_prefix = read_sentencepiece(data, max_pieces=n_vocab)
+    except TooManyPieces:
+        raise CheckpointError(f"{path}: more than {n_vocab} tokens, but config.json vocab_size = {n_vocab}; fix: use the tokenizer that belongs to this model") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a valid SentencePiece model ({e}); fix: restore tokenizer.model") from None
+    tokens: list[str | None] = list(pieces)
     types: list[Any] = list(raw_types)
     for tid, (content, special) in sorted(added.items()):
+        if not 0 <= tid < n_vocab:  # the caller checked; a padding loop must never run past the vocabulary
+            raise CheckpointError(f"{path}: added token id {tid} is outside the vocabulary 0..{n_vocab - 1}; fix: use the tokenizer that belongs to this model")
         if tid < len(tokens):
             types[tid] = TT.CONTROL if special else TT.USER_DEFINED
             continue
         while len(tokens) < tid:
-            tokens.append(f"[PAD{len(tokens)}]")
+            tokens.append(None)  # a padding token, named by _finish
             scores.append(-1000.0)
             types.append(TT.UNUSED)
         tokens.append(content)
         scores.append(0.0)
         types.append(TT.CONTROL if special else TT.USER_DEFINED)
     _pad(tokens, types, n_vocab, path, scores)
-    return Vocab("llama", "default", tokens, scores, [int(t) for t in types], None, str(path), adds_prefix)
+    return Vocab("llama", "default", _finish(tokens, path), scores, [int(t) for t in types], None, str(path), adds_prefix)
 
 
-def _pad(tokens: list[str], types: list[int], n_vocab: int, path: Path, scores: list[float] | None = None) -> None:
+def _pad(tokens: list[str | None], types: list[int], n_vocab: int, path: Path, scores: list[float] | None = None) -> None:
     if len(tokens) > n_vocab:
         raise CheckpointError(f"{path}: {len(tokens)} tokens, but config.json vocab_size = {n_vocab}; fix: use the tokenizer that belongs to this model")
     while len(tokens) < n_vocab:  # embedding rows beyond the tokenizer: never produced
-        tokens.append(f"[PAD{len(tokens)}]")
+        tokens.append(None)
         types.append(TT.UNUSED)
         if scores is not None:
             scores.append(-1000.0)
 
 
+def _finish(tokens: list[str | None], path: Path) -> list[str]:
+    """Name the padding tokens (None) ``[PAD<id>]`` as llama.cpp's converter does, and check the vocabulary llama.cpp will load.
+
+    llama.cpp aborts the process (GGML_ASSERT id_to_token.size() == token_to_id.size()) unless every
+    token string is distinct, and it reads token strings up to a NUL: both are refused here.  A
+    padding name that a real token already uses gets a ``_`` appended until it is free.
+    """
+    taken = {t for t in tokens if t is not None}
+    out: list[str] = []
+    for i, t in enumerate(tokens):
+        if t is None:
+            t = f"[PAD{i}]"
+            while t in taken:
+                t += "_"
+            taken.add(t)
+        out.append(t)
+    if "\0" in "".join(out):
+        i = next(i for i, t in enumerate(out) if "\0" in t)
+        raise _bad(path, f"token {i} = {shown(out[i])} contains a NUL character, which llama.cpp's vocabulary cannot hold", "use the tokenizer that belongs to this model")
+    if len(taken) != len(out):
+        first: dict[str, int] = {}
+        for i, t in enumerate(out):
+            j = first.setdefault(t, i)
+            if j != i:
+                raise _bad(
+                    path, f"tokens {j} and {i} are both {shown(t)}; llama.cpp needs every token string once and aborts on a repeat",
+                    "use the tokenizer that belongs to this model",
+                )
+    return out
+
+
 def _bpe_pre(tj: dict[str, Any], path: Path) -> str:
-    pre = tj.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    pre = tj.get("pre_tokenizer")
+    if pre is None:
+        pre = {}
+    if not isinstance(pre, dict):
+        raise _bad(path, f"pre_tokenizer = {shown(pre)}, expected an object or null")
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise _bad(path, f"pre_tokenizer.pretokenizers = {shown(steps)}, expected a list of objects")
     kinds = [s.get("type") for s in steps]
     if "ByteLevel" not in kinds:
-        raise CheckpointError(f"{path}: pre_tokenizer {kinds} has no ByteLevel step; only byte-level BPE tokenizer.json files are supported; fix: provide tokenizer.model for SentencePiece models")
+        raise CheckpointError(f"{path}: pre_tokenizer {shown(kinds)} has no ByteLevel step; only byte-level BPE tokenizer.json files are supported; fix: provide tokenizer.model for SentencePiece models")
     splits = [s for s in steps if s.get("type") == "Split"]
     if not splits:
         bl = next(s for s in steps if s.get("type") == "ByteLevel")
-        if bl.get("use_regex", True):
+        if _flag(bl.get("use_regex"), path, "pre_tokenizer ByteLevel use_regex", True):
             return "gpt-2"
         raise CheckpointError(f"{path}: ByteLevel pre-tokenizer without a split regex is not supported; fix: use a tokenizer with a known pre-tokenizer")
-    regex = (splits[0].get("pattern") or {}).get("Regex", "")
+    pattern = splits[0].get("pattern")
+    regex = pattern.get("Regex", "") if isinstance(pattern, dict) else None
+    if not isinstance(regex, str):
+        raise _bad(path, f"pre_tokenizer Split pattern = {shown(pattern)}, expected an object with a string 'Regex'")
     if regex in KNOWN_SPLIT_REGEXES:
         return KNOWN_SPLIT_REGEXES[regex]
     raise CheckpointError(f"{path}: unknown pre-tokenizer split regex {regex[:60]!r}...; fix: use a tokenizer whose pre-tokenizer llama.cpp knows (gpt-2, llama-bpe)")
 
 
+def _merges(raw: Any, path: Path) -> list[str]:
+    """``model.merges`` as llama.cpp stores them: "left right", a space inside a pair's part written as U+0120 (as gguf-py does)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _bad(path, f"model.merges is a JSON {json_kind(raw)}, expected a list")
+    out = []
+    for k, m in enumerate(raw):
+        if isinstance(m, str) and " " in m:
+            out.append(m)
+        elif isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+            out.append(" ".join(x.replace(" ", "\u0120") for x in m))
+        else:
+            raise _bad(path, f"model.merges[{k}] = {shown(m)}, expected \"left right\" or [\"left\", \"right\"]")
+    return out
+
+
 def bpe_vocab(path: Path, n_vocab: int) -> Vocab:
-    tj = _load_json(path)
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise CheckpointError(f"{path}: model.type is {model.get('type')!r}, expected 'BPE' with a vocab; fix: provide tokenizer.model for SentencePiece models")
+    tj = _load_object(path)
+    model = tj.get("model")
+    mtype = model.get("type") if isinstance(model, dict) else None
+    if mtype != "BPE":
+        raise CheckpointError(f"{path}: model.type is {shown(mtype)}, expected 'BPE' with a vocab; fix: provide tokenizer.model for SentencePiece models")
+    if not isinstance(model.get("vocab"), dict):
+        raise _bad(path, f"model.vocab is a JSON {json_kind(model.get('vocab'))}, expected an object of token -> id")
     pre = _bpe_pre(tj, path)
-    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    by_id: dict[int, str] = {}
+    for tok, i in model["vocab"].items():
+        tid = _token_id(i, path, f"model.vocab[{shown(tok)}]", n_vocab)
+        if tid in by_id:
+            raise _bad(path, f"model.vocab gives id {tid} to both {shown(by_id[tid])} and {shown(tok)}")
+        by_id[tid] = tok
     special: dict[int, bool] = {}
-    for at in tj.get("added_tokens") or []:
-        by_id[int(at["id"])] = at["content"]
-        special[int(at["id"])] = bool(at.get("special"))
-    size = max(by_id) + 1 if by_id else 0
-    tokens, types = [], []
+    added = tj.get("added_tokens")
+    if added is not None and not isinstance(added, list):
+        raise _bad(path, f"added_tokens is a JSON {json_kind(added)}, expected a list")
+    for k, at in enumerate(added or []):
+        if not isinstance(at, dict) or not isinstance(at.get("content"), str):
+            raise _bad(path, f"added_tokens[{k}] = {shown(at)}, expected an object with a string 'content' and an integer 'id'")
+        tid = _token_id(at.get("id"), path, f"added_tokens[{k}].id", n_vocab)
+        by_id[tid] = at["content"]
+        special[tid] = _flag(at.get("special"), path, f"added_tokens[{k}].special", False)
+    size = max(by_id) + 1 if by_id else 0  # <= n_vocab: every id was checked
+    tokens: list[str | None] = []
+    types: list[int] = []
     for i in range(size):
         if i in by_id:
             tokens.append(by_id[i])
             types.append(TT.CONTROL if special.get(i) else TT.USER_DEFINED if i in special else TT.NORMAL)
         else:
-            tokens.append(f"[PAD{i}]")
+            tokens.append(None)  # a padding token, named by _finish
             types.append(TT.UNUSED)
     _pad(tokens, types, n_vocab, path)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return Vocab("gpt2", pre, tokens, None, [int(t) for t in types], merges, str(path))
+    merges = _merges(model.get("merges"), path)
+    _check_unicode(list(by_id.values()), path, "token")
+    _check_unicode(merges, path, "merge")
+    return Vocab("gpt2", pre, _finish(tokens, path), None, [int(t) for t in types], merges, str(path))
+
+
+_ID_KEY = re.compile(r"(?:0|[1-9][0-9]{0,11})", re.ASCII)
+ROLES = ("bos", "eos", "unk", "pad")
+
+
+def _added_tokens_decoder(tcfg: dict[str, Any], path: Path, n_vocab: int) -> dict[int, tuple[str, bool]]:
+    """``added_tokens_decoder``: id -> (content, special), every id checked against the vocabulary before anything is allocated."""
+    raw = tcfg.get("added_tokens_decoder")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad(path, f"added_tokens_decoder is a JSON {json_kind(raw)}, expected an object of token id -> token")
+    added: dict[int, tuple[str, bool]] = {}
+    for key, info in raw.items():
+        if not _ID_KEY.fullmatch(key):
+            raise _bad(path, f"added_tokens_decoder key {shown(key)} is not a token id (a non-negative integer)")
+        tid = _token_id(int(key), path, "added_tokens_decoder id", n_vocab)
+        if not isinstance(info, dict) or not isinstance(info.get("content"), str):
+            raise _bad(path, f"added_tokens_decoder[{shown(key)}] = {shown(info)}, expected an object with a string 'content'")
+        added[tid] = (info["content"], _flag(info.get("special"), path, f"added_tokens_decoder[{shown(key)}].special", True))
+    _check_unicode([c for c, _ in added.values()], path, "added token")
+    return added
+
+
+def _check_tokenizer_config(tcfg: dict[str, Any], path: Path) -> str | None:
+    """Check the keys of tokenizer_config.json that quantkit reads; return the chat template to write (checked to compile)."""
+    for role in ROLES:
+        v = tcfg.get(f"{role}_token")
+        if v is not None and _token_str(v) is None:
+            raise _bad(path, f"{role}_token = {shown(v)}, expected a string or an object with a string 'content'")
+    for key in ("add_bos_token", "add_eos_token"):
+        _flag(tcfg.get(key), path, key, False)
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template):
+            raise _bad(path, f"chat_template = {shown(template)}, expected a string or a list of {{\"name\", \"template\"}} objects")
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    elif template is not None and not isinstance(template, str):
+        raise _bad(path, f"chat_template is a JSON {json_kind(template)}, expected a string")
+    if not template:
+        return None
+    _check_unicode([template], path, "chat_template")
+    check_chat_template(template, f"{path}: chat_template")
+    return template
+
+
+def check_chat_template(template: str, where: str) -> None:
+    """Refuse a template that llama-cpp-python's Jinja environment cannot compile (a syntax error breaks every chat later)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True)  # llama_cpp's Jinja2ChatFormatter
+    try:
+        env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        msg = " ".join(str(e.message or e).split())
+        msg = msg if len(msg) <= 200 else msg[:197] + "..."
+        raise CheckpointError(f"{where} line {e.lineno}: Jinja syntax error: {msg}; fix: correct the template or remove it") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: the Jinja template is nested too deeply to compile; fix: correct the template or remove it") from None
 
 
 def load_vocab(root: Path, n_vocab: int) -> tuple[Vocab, dict[str, Any]]:
-    """Read the tokenizer of a model directory; SentencePiece wins when both exist."""
+    """Read the tokenizer of a model directory; SentencePiece wins when both exist.
+
+    Every token id is checked against ``n_vocab`` (config.json's vocab_size, which the
+    embedding rows were checked against) before any list is grown to it.
+    """
     cfg_path = root / "tokenizer_config.json"
-    tcfg = _load_json(cfg_path) if cfg_path.is_file() else {}
-    added: dict[int, tuple[str, bool]] = {}
-    for tid, info in (tcfg.get("added_tokens_decoder") or {}).items():
-        if isinstance(info, dict) and "content" in info:
-            added[int(tid)] = (info["content"], bool(info.get("special", True)))
-    if (root / "tokenizer.model").is_file():
+    tcfg = _load_object(cfg_path) if os.path.lexists(cfg_path) else {}
+    _check_tokenizer_config(tcfg, cfg_path)
+    added = _added_tokens_decoder(tcfg, cfg_path, n_vocab)
+    if os.path.lexists(root / "tokenizer.model"):
         return sentencepiece_vocab(root / "tokenizer.model", n_vocab, added), tcfg
-    if (root / "tokenizer.json").is_file():
+    if os.path.lexists(root / "tokenizer.json"):
         return bpe_vocab(root / "tokenizer.json", n_vocab), tcfg
     raise CheckpointError(f"{root}: no tokenizer.model or tokenizer.json; fix: copy the model's tokenizer files into the directory")
 
@@ -272,7 +474,7 @@ def vocab_metadata(vocab: Vocab, tcfg: dict[str, Any], config: dict[str, Any]) -
         if tid is None and cfg_key is not None:
             raw = config.get(cfg_key)
             tid = raw[0] if isinstance(raw, list) and raw else raw
-        if isinstance(tid, int) and 0 <= tid < len(vocab.tokens):
+        if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < len(vocab.tokens):
             md[key] = MetaValue(tid, V.UINT32)
     add_bos = tcfg.get("add_bos_token", vocab.model == "llama")
     md[K.ADD_BOS] = MetaValue(bool(add_bos), V.BOOL)
@@ -281,7 +483,7 @@ def vocab_metadata(vocab: Vocab, tcfg: dict[str, Any], config: dict[str, Any]) -
         md[K.ADD_PREFIX] = MetaValue(vocab.adds_space_prefix, V.BOOL)
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # named templates: keep the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if isinstance(template, str) and template:
         md[K.CHAT_TEMPLATE] = MetaValue(template, V.STRING)
     return md

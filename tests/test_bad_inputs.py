@@ -89,6 +89,79 @@ def _key(d, pattern):
     return next(k for k in _index(d)["weight_map"] if pattern in k)
 
 
+def _edit_json(path, edit):
+    obj = json.loads(path.read_text())
+    obj = edit(obj) or obj
+    path.write_text(json.dumps(obj))
+
+
+def _set_tcfg(d, **kv):
+    _edit_json(d / "tokenizer_config.json", lambda c: c.update(kv))
+
+
+def _set_index(d, edit):
+    _edit_json(d / "model.safetensors.index.json", edit)
+
+
+def _single_file(d, make):
+    """No index and no shards, then ``make(d / "model.safetensors")``."""
+    for p in [*_shards(d), d / "model.safetensors.index.json"]:
+        p.unlink()
+    make(d / "model.safetensors")
+
+
+def _swap_shards(idx):
+    """Two tensors of different shards trade places in the index (each shard still holds its own)."""
+    wm = idx["weight_map"]
+    a = next(iter(wm))
+    b = next(k for k in wm if wm[k] != wm[a])
+    wm[a], wm[b] = wm[b], wm[a]
+
+
+def _raw_header(d, blob):
+    p = _shards(d)[0]
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob)
+
+
+def _copy_tensor(d, name, new):
+    """Store tensor ``name``'s bytes a second time under ``new`` (at the end of the same shard)."""
+    idx = _index(d)
+    shard = d / idx["weight_map"][name]
+    idx["weight_map"][new] = idx["weight_map"][name]
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    lo, hi = header[name]["data_offsets"]
+    header[new] = {**header[name], "data_offsets": [len(data), len(data) + hi - lo]}
+    blob = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(blob)) + blob + data + data[lo:hi])
+
+
+#: a minimal byte-level BPE tokenizer.json; _bpe(d, ...) writes it (edited) in place of tokenizer.model
+BPE = {
+    "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+    "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    "added_tokens": [{"id": 3, "content": "<s>", "special": True}],
+}
+
+
+def _bpe(d, edit=None, raw=None):
+    import copy
+
+    (d / "tokenizer.model").unlink()
+    tj = copy.deepcopy(BPE)
+    if edit:
+        tj = edit(tj) or tj
+    (d / "tokenizer.json").write_text(raw if raw is not None else json.dumps(tj))
+
+
+def _huge_int_config(d):
+    p = d / "config.json"
+    p.write_text(p.read_text().replace('"vocab_size": 3000', '"vocab_size": 3' + "0" * 5000))
+
+
 CASES = {
     "missing config.json": (lambda d: (d / "config.json").unlink(), ["config.json", "missing"]),
     "config.json not JSON": (lambda d: (d / "config.json").write_text("{oops"), ["config.json", "not valid JSON"]),
@@ -103,10 +176,68 @@ CASES = {
     "tensor left over": (lambda d: _rename_tensor(d, "model.layers.0.input_layernorm.weight", "model.layers.0.mystery.weight"), ["mystery", "matches no known tensor"]),
     "lm_head missing, not tied": (lambda d: _drop_tensor(d, "lm_head.weight"), ["lm_head.weight", "tie_word_embeddings"]),
     "unknown model_type": (lambda d: _set_config(d, model_type="gpt_neox"), ["gpt_neox", "supported: llama, mistral, mixtral"]),
-    "config value wrong type": (lambda d: _set_config(d, hidden_size="128"), ["hidden_size", "expected a int"]),
+    "config value wrong type": (lambda d: _set_config(d, hidden_size="128"), ["hidden_size", "expected an integer"]),
     "missing tokenizer": (lambda d: (d / "tokenizer.model").unlink(), ["tokenizer.model", "tokenizer.json"]),
     "corrupt tokenizer.model": (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), ["tokenizer.model", "SentencePiece"]),
     "pytorch pickle": (lambda d: [p.unlink() for p in [*_shards(d), d / "model.safetensors.index.json"]] and (d / "pytorch_model.bin").write_bytes(b"\x80\x04"), ["pytorch_model.bin", "pickle", "refused"]),
+    # --- issue #12, hostile HF directories ---------------------------------------------------------------
+    # safetensors files and the index
+    "header nested 200k deep": (lambda d: _raw_header(d, b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"), ["corrupt safetensors header", "nested"]),
+    "header dtype not a string": (lambda d: _rewrite_header(_shards(d)[0], lambda h: next(v for v in h.values() if "dtype" in v).update(dtype=["F32"])), ["unsupported dtype"]),
+    "index weight_map a list": (lambda d: _set_index(d, lambda i: i.update(weight_map=list(i["weight_map"]))), ["model.safetensors.index.json", "weight_map", "array"]),
+    "index weight_map value not a string": (lambda d: _set_index(d, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): 5})), ["model.safetensors.index.json", "expected a shard file name"]),
+    "index a JSON list": (lambda d: (d / "model.safetensors.index.json").write_text("[]"), ["model.safetensors.index.json", "found a JSON array"]),
+    "index names the wrong shard": (lambda d: _set_index(d, _swap_shards), ["model.safetensors.index.json", "holds it"]),
+    "model.safetensors a symlink loop": (lambda d: _single_file(d, lambda p: p.symlink_to(p.name)), ["model.safetensors", "symlink"]),
+    "model.safetensors a directory": (lambda d: _single_file(d, lambda p: p.mkdir()), ["model.safetensors", "is a directory"]),
+    "layer number with a leading zero": (lambda d: _copy_tensor(d, "model.layers.1.input_layernorm.weight", "model.layers.01.input_layernorm.weight"), ["layers.01", "matches no known tensor"]),
+    "layer number of 5000 digits": (lambda d: _rename_tensor(d, "model.layers.1.input_layernorm.weight", "model.layers.1" + "0" * 5000 + ".input_layernorm.weight"), ["matches no known tensor"]),
+    # config.json: wrong JSON types, values too large for their GGUF field
+    "num_local_experts a string": (lambda d: _set_config(d, num_local_experts="abc"), ["num_local_experts", "expected an integer"]),
+    "num_local_experts a list": (lambda d: _set_config(d, num_local_experts=[8]), ["num_local_experts", "expected an integer"]),
+    "num_local_experts a numeric string": (lambda d: _set_config(d, num_local_experts="4"), ["num_local_experts", "expected an integer"]),
+    "num_local_experts a float": (lambda d: _set_config(d, num_local_experts=4.7), ["num_local_experts", "expected an integer"]),
+    "num_experts_per_tok a string": (lambda d: _set_config(d, num_experts_per_tok="2"), ["num_experts_per_tok", "expected an integer"]),
+    "rope_theta a string": (lambda d: _set_config(d, rope_theta="abc"), ["rope_theta", "expected a number"]),
+    "rope_parameters a list": (lambda d: _set_config(d, rope_parameters=[1, 2]), ["rope_parameters", "expected an object"]),
+    "rope_scaling a list": (lambda d: _set_config(d, rope_parameters=None, rope_scaling=["linear"]), ["rope_scaling", "expected an object"]),
+    "rope factor a string": (lambda d: _set_config(d, rope_parameters={"rope_type": "linear", "factor": "abc"}), ["rope_parameters.factor", "expected a number"]),
+    "rope llama3 low = high": (lambda d: _set_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0}), ["high_freq_factor"]),
+    "max_position_embeddings beyond uint32": (lambda d: _set_config(d, max_position_embeddings=2**40), ["max_position_embeddings", "uint32"]),
+    "rms_norm_eps beyond float32": (lambda d: _set_config(d, rms_norm_eps=1e300), ["rms_norm_eps", "float32"]),
+    "rms_norm_eps NaN": (lambda d: _set_config(d, rms_norm_eps=float("nan")), ["rms_norm_eps", "finite"]),
+    "tie_word_embeddings a string": (lambda d: _set_config(d, tie_word_embeddings="false"), ["tie_word_embeddings", "true or false"]),
+    "sliding_window a string": (lambda d: _set_config(d, sliding_window="4096"), ["sliding_window", "expected an integer"]),
+    "odd head_dim": (lambda d: _set_config(d, num_attention_heads=128, num_key_value_heads=64, head_dim=1), ["head_dim", "even"]),
+    "integer of 5000 digits": (_huge_int_config, ["config.json", "not valid JSON"]),
+    # tokenizer_config.json
+    "tokenizer_config.json a JSON list": (lambda d: (d / "tokenizer_config.json").write_text("[]"), ["tokenizer_config.json", "expected a JSON object", "array"]),
+    "tokenizer_config.json a directory": (lambda d: (d / "tokenizer_config.json").unlink() or (d / "tokenizer_config.json").mkdir(), ["tokenizer_config.json", "is a directory"]),
+    "added token id not a number": (lambda d: _set_tcfg(d, added_tokens_decoder={"abc": {"content": "<x>"}}), ["tokenizer_config.json", "added_tokens_decoder", "not a token id"]),
+    "added token id -5": (lambda d: _set_tcfg(d, added_tokens_decoder={"-5": {"content": "<x>", "special": True}}), ["tokenizer_config.json", "'-5'"]),
+    "added token without content": (lambda d: _set_tcfg(d, added_tokens_decoder={"5": {"content": 7}}), ["tokenizer_config.json", "added_tokens_decoder['5']"]),
+    "bos_token content a list": (lambda d: _set_tcfg(d, bos_token={"content": ["<s>"]}), ["tokenizer_config.json", "bos_token"]),
+    "add_bos_token a string": (lambda d: _set_tcfg(d, add_bos_token="false"), ["tokenizer_config.json", "add_bos_token", "true or false"]),
+    "chat_template list of strings": (lambda d: _set_tcfg(d, chat_template=["{{ x }}"]), ["tokenizer_config.json", "chat_template"]),
+    "chat_template a number": (lambda d: _set_tcfg(d, chat_template=5), ["tokenizer_config.json", "chat_template", "integer"]),
+    "chat_template Jinja syntax error": (lambda d: _set_tcfg(d, chat_template="{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"), ["tokenizer_config.json", "chat_template", "line 2", "correct the template or remove it"]),
+    "chat_template unclosed block": (lambda d: _set_tcfg(d, chat_template="{% if x %}hi"), ["tokenizer_config.json", "chat_template", "line 1"]),
+    # tokenizer.model / tokenizer.json
+    "tokenizer.model a directory": (lambda d: (d / "tokenizer.model").unlink() or (d / "tokenizer.model").mkdir(), ["tokenizer.model", "is a directory"]),
+    "tokenizer.json a JSON list": (lambda d: _bpe(d, raw="[1, 2]"), ["tokenizer.json", "expected a JSON object"]),
+    "tokenizer.json pre_tokenizer a string": (lambda d: _bpe(d, lambda t: t.update(pre_tokenizer="ByteLevel")), ["tokenizer.json", "pre_tokenizer", "expected an object"]),
+    "tokenizer.json token id a string": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update(b="1")), ["tokenizer.json", "model.vocab['b']", "expected an integer token id"]),
+    "tokenizer.json token id a float": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update(b=1.5)), ["tokenizer.json", "expected an integer token id"]),
+    "tokenizer.json token id negative": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update(b=-1)), ["tokenizer.json", "outside the vocabulary"]),
+    "tokenizer.json two tokens one id": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update(b=0)), ["tokenizer.json", "gives id 0 to both"]),
+    "tokenizer.json added token id -5": (lambda d: _bpe(d, lambda t: t["added_tokens"][0].update(id=-5)), ["tokenizer.json", "added_tokens[0].id", "outside the vocabulary"]),
+    "tokenizer.json merge not a pair": (lambda d: _bpe(d, lambda t: t["model"].update(merges=[[1, 2]])), ["tokenizer.json", "model.merges[0]"]),
+    # llama.cpp aborts the process on a vocabulary that holds a token string twice (GGML_ASSERT in llama-vocab.cpp),
+    # and reads token strings up to a NUL (so "a\0b" repeats "a")
+    "tokenizer.json added token repeats a token": (lambda d: _bpe(d, lambda t: t["added_tokens"].append({"id": 4, "content": "a"})), ["tokenizer.json", "tokens 0 and 4 are both 'a'"]),
+    "tokenizer.json two added tokens alike": (lambda d: _bpe(d, lambda t: t["added_tokens"].append({"id": 7, "content": "<s>", "special": True})), ["tokenizer.json", "tokens 3 and 7 are both '<s>'"]),
+    "tokenizer.json token with a NUL": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update({"a\u0000b": 6})), ["tokenizer.json", "token 6", "NUL"]),
+    "tokenizer.json lone surrogate": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update({"\ud800": 5})), ["tokenizer.json", "not valid Unicode"]),
 }
 
 
