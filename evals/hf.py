@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.checkpoint import load_config
+from quantkit.converters.llama import Hparams
 from quantkit.errors import CheckpointError, QuantkitError
 from quantkit.vocab import load_vocab, vocab_metadata
-
-
-#: weight files that are Python pickles (torch.load runs code from them): never handed to transformers
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def check_weights(path: Path) -> None:
@@ -33,7 +30,7 @@ def check_weights(path: Path) -> None:
     (one-line errors for corrupt shards) and refuses a directory without safetensors shards;
     a pickle (``pytorch_model.bin``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) is named in that error.
     """
-    from quantkit.checkpoint import open_checkpoint
+    from quantkit.checkpoint import PICKLE_SUFFIXES, open_checkpoint
 
     has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
     if not has_safetensors:
@@ -56,7 +53,7 @@ class HFSession:
         self.path = Path(path)
         config = load_config(self.path)
         check_weights(self.path)
-        self.vocab, tcfg = load_vocab(self.path, int(config.get("vocab_size", 0)))
+        self.vocab, tcfg = load_vocab(self.path, Hparams.from_config(config).n_vocab)
         md = vocab_metadata(self.vocab, tcfg, config)
         self._bos = md["tokenizer.ggml.bos_token_id"].value if "tokenizer.ggml.bos_token_id" in md else None
         self._add_bos = bool(md["tokenizer.ggml.add_bos_token"].value)

@@ -379,7 +379,7 @@ def weight_files(root: Path, allow_pickle: bool = False, weight_map: dict[str, s
         _check_weight_file(path)
     if files:
         return files
-    pickles = sorted(root.glob("pytorch_model*.bin")) + sorted(root.glob("*.pt")) + sorted(root.glob("*.pth"))
+    pickles = sorted(p for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
     if pickles:
         if not allow_pickle:
             raise CheckpointError(
@@ -388,6 +388,10 @@ def weight_files(root: Path, allow_pickle: bool = False, weight_map: dict[str, s
             )
         raise CheckpointError(f"{pickles[0]}: pickle checkpoints are not supported yet; fix: convert to safetensors first")
     raise CheckpointError(f"{root}: no *.safetensors weights found; fix: download the model's safetensors files")
+
+
+#: weight files that are Python pickles (torch.load runs code from them): refused wherever a model directory is read
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def open_checkpoint(root: str | os.PathLike[str], allow_pickle: bool = False) -> Checkpoint:

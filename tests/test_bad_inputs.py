@@ -180,6 +180,7 @@ CASES = {
     "missing tokenizer": (lambda d: (d / "tokenizer.model").unlink(), ["tokenizer.model", "tokenizer.json"]),
     "corrupt tokenizer.model": (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), ["tokenizer.model", "SentencePiece"]),
     "pytorch pickle": (lambda d: [p.unlink() for p in [*_shards(d), d / "model.safetensors.index.json"]] and (d / "pytorch_model.bin").write_bytes(b"\x80\x04"), ["pytorch_model.bin", "pickle", "refused"]),
+    "other pickle names": (lambda d: [p.unlink() for p in [*_shards(d), d / "model.safetensors.index.json"]] and (d / "model.ckpt").write_bytes(b"\x80\x04"), ["model.ckpt", "pickle", "refused"]),
     # --- issue #12, hostile HF directories ---------------------------------------------------------------
     # safetensors files and the index
     "header nested 200k deep": (lambda d: _raw_header(d, b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"), ["corrupt safetensors header", "nested"]),
