@@ -47,7 +47,7 @@ from quantkit.converters import for_model_type
 from quantkit.encode import to_f32
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
 from quantkit.mapping import OutTensor, Role, Transform, map_tensors
-from quantkit.output import check_free_space, fsync_dir
+from quantkit.output import check_free_space, clean_stale_partials, fsync_dir, partial_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -334,7 +334,9 @@ def write_shard(path: Path, items: Sequence[Item], quant_type: str, double_quant
 
 
 def check_target_dir(path: Path, src: Path, force: bool) -> None:
-    """Refuse a file, a missing parent, the source itself, or an existing directory without force."""
+    """Refuse a file, a link, a missing parent, the source itself, or an existing directory without force."""
+    if path.is_symlink():
+        raise OutputError(f"{path}: is a symbolic link; fix: give the path of a new or existing directory itself")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory; fix: give a directory name for --format bnb output")
     if not path.parent.is_dir():
@@ -357,7 +359,8 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     and ``path`` is left as it was.  With ``force`` an existing ``path`` is
     moved aside, replaced, then deleted.
     """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    clean_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(path), suffix=".partial", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     try:

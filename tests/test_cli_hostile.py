@@ -265,3 +265,20 @@ def test_an_unexpected_exception_is_one_line_not_a_traceback(tmp_path):
     assert "--debug" in stderr and len(stderr.strip().splitlines()) == 1
     p = _quantkit(_CRASH, "--debug", "inspect", str(tmp_path / "x.gguf"))
     assert "Traceback" in p.communicate(timeout=120)[1]
+
+
+def test_bnb_export_target_rules(tmp_path):
+    """--format bnb writes a directory: a link there is refused, and a dead process's partial directory is removed."""
+    pytest.importorskip("bitsandbytes")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    result = _invoke(["convert", FIXTURE, "--format", "bnb", "-o", link, "--force"])
+    _no_crash(result)
+    assert result.exit_code == 1 and "symbolic link" in result.output
+    stale = tmp_path / f".real.{_dead_pid()}.abcd1234.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x")
+    result = _invoke(["convert", FIXTURE, "--format", "bnb", "-o", tmp_path / "real"])
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and (tmp_path / "real" / "config.json").is_file()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out", "real"]
