@@ -449,6 +449,16 @@ def load_vocab(root: Path, n_vocab: int) -> tuple[Vocab, dict[str, Any]]:
     cfg_path = root / "tokenizer_config.json"
     tcfg = _load_object(cfg_path) if os.path.lexists(cfg_path) else {}
     _check_tokenizer_config(tcfg, cfg_path)
+    jinja = root / "chat_template.jinja"  # where transformers 5 saves the template; it wins over tokenizer_config.json's, as there
+    if os.path.lexists(jinja):
+        raw = read_file(jinja, "fix: restore the model's chat_template.jinja or remove it")
+        try:
+            template = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{jinja}: not UTF-8 (byte {e.start}); fix: restore the model's chat_template.jinja or remove it") from None
+        _check_unicode([template], jinja, "chat template")
+        check_chat_template(template, str(jinja))
+        tcfg = {**tcfg, "chat_template": template}
     added = _added_tokens_decoder(tcfg, cfg_path, n_vocab)
     if os.path.lexists(root / "tokenizer.model"):
         return sentencepiece_vocab(root / "tokenizer.model", n_vocab, added), tcfg

@@ -603,3 +603,24 @@ def test_fuzz_tokenizer_files(tiny, data):
     else:  # a byte-level BPE model instead of SentencePiece
         files = {"tokenizer.model": None, "tokenizer.json": _tokenizer_json(data.draw)}
     _prepare_or_refuse(tiny, files)
+
+
+def test_chat_template_jinja_file_is_read_and_checked(tmp_path):
+    """transformers 5 saves the template as chat_template.jinja beside tokenizer_config.json; it wins, as in transformers."""
+    import shutil
+
+    from quantkit.cli import app
+    from quantkit.gguf_read import read_gguf
+    from typer.testing import CliRunner
+
+    src = tmp_path / "m"
+    shutil.copytree(FIXTURE, src)
+    template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+    (src / "chat_template.jinja").write_text(template)
+    result = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "a.gguf"), "--type", "f16"])
+    assert result.exit_code == 0, result.output
+    assert read_gguf(tmp_path / "a.gguf", full=True).metadata["tokenizer.chat_template"] == template
+    (src / "chat_template.jinja").write_text("line one\n{% for m in messages %}{{ m }")
+    result = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "b.gguf"), "--type", "f16"])
+    assert result.exit_code == 1 and "chat_template.jinja line 2: Jinja syntax error" in result.output, result.output
+    assert not (tmp_path / "b.gguf").exists()
