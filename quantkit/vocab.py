@@ -427,9 +427,22 @@ def _check_tokenizer_config(tcfg: dict[str, Any], path: Path) -> str | None:
 def check_chat_template(template: str, where: str) -> None:
     """Refuse a template that llama-cpp-python's Jinja environment cannot compile (a syntax error breaks every chat later)."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True)  # llama_cpp's Jinja2ChatFormatter
+    class IgnoreGenerationTags(jinja2.ext.Extension):
+        """transformers' ``{% generation %}`` tag, passed through as llama-cpp-python does."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    # llama-cpp-python's Jinja2ChatFormatter environment (and transformers'): sandboxed, {% generation %}, {% break %}
+    env = ImmutableSandboxedEnvironment(
+        loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True, extensions=[IgnoreGenerationTags, jinja2.ext.loopcontrols]
+    )
     try:
         env.from_string(template)
     except jinja2.TemplateSyntaxError as e:

@@ -624,3 +624,17 @@ def test_chat_template_jinja_file_is_read_and_checked(tmp_path):
     result = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "b.gguf"), "--type", "f16"])
     assert result.exit_code == 1 and "chat_template.jinja line 2: Jinja syntax error" in result.output, result.output
     assert not (tmp_path / "b.gguf").exists()
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}",  # transformers' assistant-mask tag
+    "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['content'] }}{% endfor %}",  # loop controls
+])
+def test_templates_llama_cpp_compiles_are_accepted(template):
+    """The conversion-time check compiles in the environment llama-cpp-python renders in: what it accepts passes."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from quantkit.vocab import check_chat_template
+
+    Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")  # the reference accepts it
+    check_chat_template(template, "tokenizer_config.json: chat_template")
