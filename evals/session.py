@@ -132,11 +132,11 @@ class EvalSession:
         import llama_cpp
         from llama_cpp import _internals as internals
 
-        from quantkit.gguf_read import read_gguf
+        from quantkit.gguf_check import check_before_load
         from quantkit.runtime import gpu_offload_supported, physical_cores
 
         self.path = Path(path)
-        read_gguf(self.path)  # one-line errors for files that are not valid GGUF
+        self.file = check_before_load(self.path)  # one-line errors for files llama.cpp would refuse or abort on
         llama_cpp.llama_backend_init()
         from llama_cpp import _logger
 
@@ -189,9 +189,11 @@ class EvalSession:
 
     @property
     def experts_used(self) -> int:
-        md = self.model.metadata()
-        arch = md.get("general.architecture", "llama")
-        return int(md.get(f"{arch}.expert_used_count", 0))
+        """Experts per token (the largest per-layer count), from the checked metadata: llama-cpp-python's
+        ``metadata()`` decodes every value as strict UTF-8 and fails on a name that is not."""
+        md = self.file.metadata
+        used = md.get(f"{md.get('general.architecture')}.expert_used_count", 0)
+        return int(max(used)) if isinstance(used, (list, np.ndarray)) and len(used) else int(used or 0)
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokens for ``text`` (BOS first when the model adds one), straight into an int32 buffer."""
@@ -257,12 +259,15 @@ class EvalSession:
         return out
 
     def vocab_fingerprint(self) -> str:
-        """Hash of every token's text: equal fingerprints mean the same vocabulary."""
+        """Hash of every token's text (its bytes: a token need not be UTF-8): equal fingerprints mean the same vocabulary."""
         import hashlib
 
+        import llama_cpp
+
         h = hashlib.sha256()
+        vocab = self.model.vocab
         for i in range(self.n_vocab):
-            h.update(self.model.token_get_text(i).encode("utf-8", "surrogatepass") + b"\0")
+            h.update((llama_cpp.llama_vocab_get_text(vocab, i) or b"") + b"\0")
         return h.hexdigest()
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import stat
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +29,12 @@ log = logging.getLogger(__name__)
 HISTORY_FORMAT = "quantkit-chat"
 HISTORY_VERSION = 1
 MAX_HISTORY_BYTES = 16 * 2**20
+#: The GGUF metadata key that holds the model's own chat template.
+TEMPLATE_KEY = "tokenizer.chat_template"
+#: Longer templates are refused before Jinja compiles them (real ones are a few KiB; tool-calling ones ~20 KiB).
+MAX_TEMPLATE_CHARS = 2**20
+#: What to do about a GGUF whose own template is broken.
+TEMPLATE_FIX = "pass --chat-template chatml, or re-convert the model with a corrected chat_template in tokenizer_config.json"
 
 #: Templates used when a GGUF carries no ``tokenizer.chat_template``: name -> (Jinja source, stop strings).
 FALLBACK_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -39,7 +47,34 @@ FALLBACK_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
 DEFAULT_FALLBACK = "chatml"
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` capped at ``limit`` characters: how an untrusted value is echoed in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clipped(text: str, limit: int = 160) -> str:
+    """A message from a library (Jinja, json, the OS) as one capped line: it may quote untrusted text."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 # --- templates --------------------------------------------------------------
+
+
+def _template_line(e: BaseException) -> int | None:
+    """The template line an exception came from: Jinja rewrites tracebacks to ``<template>`` frames."""
+    lineno = getattr(e, "lineno", None)
+    if isinstance(lineno, int):
+        return lineno
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "<template>"]
+    return frames[-1].lineno if frames else None
+
+
+def _raised_by_template(e: BaseException) -> bool:
+    """True for the ValueError of the template's own ``raise_exception(...)`` call."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, ValueError) and bool(frames) and frames[-1].name == "raise_exception"
 
 
 @dataclass(frozen=True)
@@ -53,42 +88,79 @@ class ChatTemplate:
     stop: tuple[str, ...] = ()
     origin: str = "model"  # the file the template came from, for error messages
 
+    @property
+    def where(self) -> str:
+        """The template as an error message names it: the file and key, or the fallback's name."""
+        return f"{self.origin}: {TEMPLATE_KEY}" if self.name == "gguf" else f"{self.origin}: the {self.name} fallback chat template"
+
+    @property
+    def fix(self) -> str:
+        return TEMPLATE_FIX if self.name == "gguf" else "report it as a quantkit bug"
+
     @functools.cached_property
     def _formatter(self) -> Any:
-        import jinja2
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        try:
+        if len(self.source) > MAX_TEMPLATE_CHARS:
+            raise QuantkitError(f"{self.where}: {len(self.source):,} characters, more than {MAX_TEMPLATE_CHARS:,}; fix: {self.fix}")
+        try:  # llama-cpp-python's formatter: an ImmutableSandboxedEnvironment (the template is untrusted code)
             return Jinja2ChatFormatter(self.source, eos_token=self.eos_token, bos_token=self.bos_token, add_generation_prompt=True)
-        except jinja2.TemplateError as e:
-            raise self._error(e) from None
+        except RecursionError:
+            raise QuantkitError(f"{self.where}: nested too deeply to compile; fix: {self.fix}") from None
+        except Exception as e:  # noqa: BLE001  (anything the compiler of an untrusted template raises)
+            raise QuantkitError(f"{self.where}{self._at(e)}: Jinja syntax error: {clipped(getattr(e, 'message', None) or e)}; fix: {self.fix}") from None
 
-    def _error(self, e: Exception) -> QuantkitError:
-        return QuantkitError(f"{self.origin}: the chat template ({self.name}) failed: {e}; fix: re-convert with a working tokenizer_config.json chat_template")
+    @staticmethod
+    def _at(e: BaseException) -> str:
+        line = _template_line(e)
+        return f" line {line}" if line is not None else ""
+
+    def check(self) -> ChatTemplate:
+        """Compile the template now (a syntax error is reported before the first message)."""
+        self._formatter  # noqa: B018
+        return self
 
     def render(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt for ``messages`` (OpenAI-style dicts), ending where the assistant speaks."""
-        import jinja2
-
+        formatter = self._formatter
         try:
-            return self._formatter(messages=list(messages)).prompt
-        except (jinja2.TemplateError, ValueError, TypeError) as e:
-            raise self._error(e) from None
+            prompt = formatter(messages=list(messages)).prompt
+        except Exception as e:  # noqa: BLE001  (a template is untrusted code: any failure is the template's)
+            if _raised_by_template(e):
+                raise QuantkitError(
+                    f"{self.where}{self._at(e)}: the template refuses this conversation: {clipped(e)}; "
+                    "fix: leave out what it refuses (often --system or a role order) or use a model whose template accepts it"
+                ) from None
+            raise QuantkitError(f"{self.where}{self._at(e)}: rendering failed ({type(e).__name__}: {clipped(e)}); fix: {self.fix}") from None
+        if not isinstance(prompt, str):
+            raise QuantkitError(f"{self.where}: rendered {type(prompt).__name__}, expected text; fix: {self.fix}")
+        return prompt
 
 
 def chat_template(
-    metadata: Mapping[str, Any], bos_token: str = "", eos_token: str = "", source: str = "model", fallback: str = DEFAULT_FALLBACK
+    metadata: Mapping[str, Any],
+    bos_token: str = "",
+    eos_token: str = "",
+    source: str = "model",
+    fallback: str = DEFAULT_FALLBACK,
+    override: str | None = None,
 ) -> ChatTemplate:
-    """The GGUF's ``tokenizer.chat_template``, or the named fallback with a logged warning."""
-    text = metadata.get("tokenizer.chat_template")
+    """The GGUF's ``tokenizer.chat_template``, or the named fallback with a logged warning.
+
+    ``override`` names a fallback to use even when the GGUF has a template (its own may be broken)."""
+    text = metadata.get(TEMPLATE_KEY)
     stop = (eos_token,) if eos_token else ()
-    if isinstance(text, str) and text.strip():
+    name = override or fallback
+    if name not in FALLBACK_TEMPLATES:
+        raise QuantkitError(f"unknown chat template {shown(name)}; fix: use one of {', '.join(FALLBACK_TEMPLATES)}")
+    if override is None and text is not None and not isinstance(text, str):
+        raise QuantkitError(f"{source}: {TEMPLATE_KEY} is a {type(text).__name__} ({shown(text)}), expected text; fix: {TEMPLATE_FIX}")
+    if override is None and isinstance(text, str) and text.strip():
         return ChatTemplate("gguf", text, bos_token, eos_token, stop, source)
-    if fallback not in FALLBACK_TEMPLATES:
-        raise QuantkitError(f"unknown fallback chat template {fallback!r}; fix: use one of {', '.join(FALLBACK_TEMPLATES)}")
-    log.warning("%s has no tokenizer.chat_template; using the %r fallback template, which the model may not have been trained on", source, fallback)
-    body, extra_stop = FALLBACK_TEMPLATES[fallback]
-    return ChatTemplate(fallback, body, bos_token, eos_token, tuple(dict.fromkeys(stop + extra_stop)), source)
+    if override is None:
+        log.warning("%s has no %s; using the %r fallback template, which the model may not have been trained on", source, TEMPLATE_KEY, name)
+    body, extra_stop = FALLBACK_TEMPLATES[name]
+    return ChatTemplate(name, body, bos_token, eos_token, tuple(dict.fromkeys(stop + extra_stop)), source)
 
 
 # --- history ----------------------------------------------------------------
@@ -210,12 +282,12 @@ def parse_command(line: str) -> Command | None:
     word, _, arg = text[1:].partition(" ")
     spec = next((c for c in COMMANDS if word.lower() in (c.name, *c.aliases)), None)
     if spec is None:
-        raise QuantkitError(f"unknown command /{word}; fix: type /help for the list (start a message with // to send a literal /)")
+        raise QuantkitError(f"unknown command /{word[:40]}; fix: type /help for the list (start a message with // to send a literal /)")
     arg = arg.strip()
     if spec.arg and not arg:
         raise QuantkitError(f"/{spec.name} needs {spec.arg}; fix: /{spec.name} {spec.arg.lower()}.json")
     if not spec.arg and arg:
-        raise QuantkitError(f"/{spec.name} takes no argument (got {arg!r}); fix: type /{spec.name} alone")
+        raise QuantkitError(f"/{spec.name} takes no argument (got {shown(arg)}); fix: type /{spec.name} alone")
     return Command(spec.name, arg or None)
 
 
@@ -254,6 +326,17 @@ def history_to_json(history: History) -> dict[str, Any]:
     return {"format": HISTORY_FORMAT, "version": HISTORY_VERSION, "messages": history.messages()}
 
 
+def _text(value: Any) -> bool:
+    """A string that can be written as UTF-8 (no lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def history_from_json(obj: Any, origin: str = "history") -> History:
     """Validate a saved conversation: optional system message, then user/assistant pairs."""
 
@@ -261,46 +344,90 @@ def history_from_json(obj: Any, origin: str = "history") -> History:
         return QuantkitError(f"{origin}: {where}: {why}; fix: pass a file written by /save")
 
     if not isinstance(obj, dict) or obj.get("format") != HISTORY_FORMAT:
-        raise bad("format", f"expected {HISTORY_FORMAT!r}")
-    if obj.get("version") != HISTORY_VERSION:
-        raise bad("version", f"{obj.get('version')!r} is not supported (expected {HISTORY_VERSION})")
+        found = f"a JSON {type(obj).__name__}" if not isinstance(obj, dict) else shown(obj.get("format"))
+        raise bad("format", f"expected {HISTORY_FORMAT!r} (found {found})")
+    version = obj.get("version")
+    if type(version) is not int or version != HISTORY_VERSION:
+        raise bad("version", f"{shown(version)} is not supported (expected {HISTORY_VERSION})")
     messages = obj.get("messages")
     if not isinstance(messages, list):
-        raise bad("messages", "expected a list")
+        raise bad("messages", f"expected a list (found {shown(messages)})")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise bad(f"messages[{i}]", "expected an object with string 'role' and 'content'")
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-    body = messages[1:] if system is not None else messages
+            raise bad(f"messages[{i}]", f"expected an object with string 'role' and 'content' (found {shown(m)})")
+        if not _text(m["content"]) or not _text(m["role"]):
+            raise bad(f"messages[{i}]", "holds a lone surrogate, which is not Unicode text")
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    body = messages[1:] if has_system else messages
     for i, m in enumerate(body):
         want = ("user", "assistant")[i % 2]
         if m["role"] != want:
-            raise bad(f"messages[{i + (system is not None)}]", f"role {m['role']!r}, expected {want!r} (roles alternate user/assistant)")
+            raise bad(f"messages[{i + has_system}]", f"role {shown(m['role'])}, expected {want!r} (roles alternate user/assistant)")
     if len(body) % 2:
         raise bad("messages", "the last user message has no answer")
     turns = tuple(Turn(u["content"], a["content"]) for u, a in zip(body[::2], body[1::2]))
-    return History(system, turns)
+    return History((messages[0]["content"] or None) if has_system else None, turns)  # an empty system prompt is none
+
+
+def _path(path: str | Path, command: str) -> Path:
+    """The user's path, ``~`` expanded; a path no file system accepts is refused here."""
+    text = str(path)
+    if "\0" in text:
+        raise QuantkitError(f"{shown(text)}: a path cannot hold a NUL character; fix: {command} a plain file name")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user that does not exist
+        return Path(text)
 
 
 def save_history(history: History, path: str | Path) -> Path:
-    """Write the conversation as JSON (atomically; an existing file is replaced)."""
-    path = Path(path).expanduser()
+    """Write the conversation as JSON (atomically; an existing regular file is replaced)."""
+    path = _path(path, "/save")
+    fix = f"fix: /save {path / 'chat.json'}" if path.is_dir() else "fix: /save a path to a regular file"
+    if path.is_dir():
+        raise QuantkitError(f"{path}: is a directory; {fix}")
+    if path.exists() and not path.is_file():  # a device, FIFO or socket: renaming over it would replace it
+        raise QuantkitError(f"{path}: exists and is not a regular file (a device, FIFO or socket); {fix}")
+    try:
+        text = json.dumps(history_to_json(history), indent=2, ensure_ascii=False) + "\n"
+        data = text.encode("utf-8")
+    except (UnicodeEncodeError, ValueError) as e:
+        raise QuantkitError(f"{path}: the conversation cannot be written as UTF-8 JSON ({clipped(e)}); fix: /reset and retype the messages") from None
     try:
         with atomic_file(path, force=True) as tmp:
-            tmp.write_text(json.dumps(history_to_json(history), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.write_bytes(data)
     except OSError as e:
-        raise QuantkitError(f"{path}: cannot write the conversation ({e.strerror or e}); fix: choose a writable path") from None
+        raise QuantkitError(f"{path}: cannot write the conversation ({e.strerror or clipped(e)}); fix: choose a writable path") from None
     return path
 
 
 def load_history(path: str | Path) -> History:
-    path = Path(path).expanduser()
+    """Read a conversation written by :func:`save_history`: a regular UTF-8 JSON file of at most 16 MiB."""
+    path = _path(path, "/load")
+    fix = "fix: pass a file written by /save"
     try:
-        if path.stat().st_size > MAX_HISTORY_BYTES:
-            raise QuantkitError(f"{path}: larger than {MAX_HISTORY_BYTES // 2**20} MiB; fix: pass a file written by /save")
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise QuantkitError(f"{path}: is a directory; {fix}")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device (/dev/zero) would block or never end
+            raise QuantkitError(f"{path}: is not a regular file (a device, FIFO or socket); {fix}")
+        if st.st_size > MAX_HISTORY_BYTES:
+            raise QuantkitError(f"{path}: {st.st_size:,} bytes, larger than {MAX_HISTORY_BYTES // 2**20} MiB; {fix}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_HISTORY_BYTES + 1)  # the file may have grown since stat
+        if len(raw) > MAX_HISTORY_BYTES:
+            raise QuantkitError(f"{path}: larger than {MAX_HISTORY_BYTES // 2**20} MiB; {fix}")
+        obj = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise QuantkitError(f"{path}: no such file; fix: check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QuantkitError(f"{path}: cannot read a conversation ({e}); fix: pass a file written by /save") from None
+    except OSError as e:
+        raise QuantkitError(f"{path}: cannot read a conversation ({e.strerror or clipped(e)}); {fix}") from None
+    except UnicodeDecodeError as e:
+        raise QuantkitError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{path}: not JSON (line {e.lineno} column {e.colno}: {e.msg}); {fix}") from None
+    except RecursionError:
+        raise QuantkitError(f"{path}: JSON nested too deeply; {fix}") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise QuantkitError(f"{path}: cannot read a conversation ({clipped(e)}); {fix}") from None
     return history_from_json(obj, str(path))

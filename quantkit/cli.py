@@ -480,6 +480,7 @@ THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: phy
 GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload (default: all when a GPU backend exists; -1 all).")
 CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep MoE expert tensors in CPU memory while the rest is offloaded to the GPU.")
 MODEL = typer.Argument(..., help="A .gguf file.")
+CHAT_TEMPLATE = typer.Option(None, "--chat-template", help="Use this built-in chat template (chatml) instead of the model's own (e.g. when the GGUF's is broken).")
 #: the longest prompt read from standard input (``-p -``)
 MAX_PROMPT_CHARS = 1 << 26
 
@@ -494,7 +495,20 @@ def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optio
     return plan, _run(lambda: open_model(plan))
 
 
+#: C0 controls but tab and newline, DEL, C1 controls: what a model's output may not send to a terminal
+_CONTROL = None
+
+
 def _stream(text: str) -> None:
+    """Generated text to stdout; on a terminal without its control characters (a hostile
+    vocabulary could otherwise send escape sequences: retitle the window, rewrite the screen)."""
+    global _CONTROL
+    if sys.stdout.isatty():
+        if _CONTROL is None:
+            import re
+
+            _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+        text = _CONTROL.sub("\ufffd", text)
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -505,6 +519,7 @@ def run(
     prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (with --chat)."),
+    chat_template: Optional[str] = CHAT_TEMPLATE,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     top_k: int = TOP_K,
@@ -531,7 +546,9 @@ def run(
             raise typer.BadParameter(f"standard input holds more than {MAX_PROMPT_CHARS:,} characters, far beyond any context window", param_hint="--prompt -")
     sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
-    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream))
+    if chat_template is not None and not chat:
+        raise typer.BadParameter("applies to --chat", param_hint="--chat-template")
+    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream, chat_template=chat_template))
     if as_json:
         _print_json({**result.to_json(), "load": plan.to_json()})
     else:
@@ -543,6 +560,7 @@ def run(
 def chat(
     model: Path = MODEL,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    chat_template: Optional[str] = CHAT_TEMPLATE,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     top_k: int = TOP_K,
@@ -563,7 +581,7 @@ def chat(
     sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
     _run(lambda: check_reserve(ctx, max_tokens))
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
-    template = _run(lambda: chat_template_for(llm))
+    template = _run(lambda: chat_template_for(llm, override=chat_template))
     err.print(f"[dim]{esc(model.name)}: {esc(plan.describe())}; chat template: {esc(template.name)}[/]", highlight=False, soft_wrap=True)
     err.print("[dim]Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits.[/]", highlight=False)
     _chat_loop(llm, template, History(system=system), sampling, ctx)

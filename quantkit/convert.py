@@ -34,7 +34,7 @@ from quantkit.converters import for_model_type
 from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import SAME, encode, nonfinite
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
-from quantkit.gguf_write import ALIGN, MetaValue, StreamingGGUFWriter, file_nbytes
+from quantkit.gguf_write import MetaValue, StreamingGGUFWriter, alignment_of, file_nbytes
 from quantkit.mapping import OutTensor, Role, Transform, group_totals, map_tensors
 from quantkit.output import atomic_file, check_free_space, check_target
 from quantkit.plan import Override, Plan, Target, TensorPlan, make_plan
@@ -148,7 +148,7 @@ def _plan_and_check(
     """The plan of either kind of source, with its importance-matrix checks."""
     overhead = 0
     if target is not None:  # the header's size does not depend on the types
-        overhead = file_nbytes(ARCH_NAME, header_md, ((t.name, t.shape, 0) for t in tensors)) + (ALIGN - 1) * len(tensors)
+        overhead = file_nbytes(ARCH_NAME, header_md, ((t.name, t.shape, 0) for t in tensors)) + (alignment_of(header_md) - 1) * len(tensors)
     if imatrix is not None:
         from quantkit.imatrix import check_matches
 
@@ -448,7 +448,7 @@ def convert(
     ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize)
     with ckpt:
         plan = prep.plan
-        header_guess = (1 << 20) + sum(len(t.name) + 64 + ALIGN for t in plan.tensors)
+        header_guess = (1 << 20) + sum(len(t.name) + 64 + alignment_of(prep.metadata) for t in plan.tensors)
         check_free_space(out, plan.nbytes + header_guess)
         if on_start is not None:
             on_start(plan)

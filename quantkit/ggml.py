@@ -5,6 +5,10 @@
 across a thread pool; ctypes releases the GIL for the duration of each C call,
 so every core works.
 
+:func:`install_abort_message` makes a ``GGML_ASSERT`` / ``GGML_ABORT`` inside
+llama.cpp say why before the process dies (llama-cpp-python points stderr at
+/dev/null while it loads a model, so llama.cpp's own message is lost).
+
 Not for: deciding which type a tensor gets (``quantkit.plan``).
 """
 
@@ -15,6 +19,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,7 +72,61 @@ def lib() -> ctypes.CDLL:
     so.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     so.ggml_quantize_init.argtypes = [ctypes.c_int]
     so.ggml_quantize_init.restype = None
+    _set_abort_callback(so)  # every use of llama.cpp's kernels, quantising included, says why if it aborts
     return so
+
+
+ABORT_FIX = "fix: quantkit should have refused this input with a reason first; report this line and the command as a quantkit bug"
+_ABORT_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_abort_hook: tuple[Any, int] | None = None  # (the C callback, the stderr copy it writes to): alive for the process
+_abort_lock = threading.Lock()
+
+
+def abort_line(message: bytes | None) -> bytes:
+    """The one line written when llama.cpp aborts: its message (``file:line: what``), capped, on one line."""
+    text = " ".join((message or b"").decode("utf-8", "replace").split())
+    text = re.sub(r"^\S*/(?=[^/\s]+:\d+:)", "", text)  # the build directory of the source file: noise
+    if len(text) > 300:
+        text = text[:300] + "…"
+    return f"error: llama.cpp aborted: {text or 'no message'}; {ABORT_FIX}\n".encode("utf-8", "replace")
+
+
+def install_abort_message() -> bool:
+    """Make an abort inside llama.cpp (``GGML_ASSERT``, ``GGML_ABORT``) first write :func:`abort_line` to stderr.
+
+    Registered once per process through ``ggml_set_abort_callback`` (:func:`lib` does it on
+    first use).  The line goes to a copy of the process's stderr taken then, so it is seen
+    even while llama-cpp-python has pointed stderr at /dev/null (it does while it loads a
+    model).  The process still aborts (SIGABRT): llama.cpp's state cannot be trusted after a
+    failed assert.  False when this libggml has no such hook.
+    """
+    lib()
+    return _abort_hook is not None
+
+
+def _set_abort_callback(so: ctypes.CDLL) -> None:
+    global _abort_hook
+    with _abort_lock:
+        register = getattr(so, "ggml_set_abort_callback", None)
+        if _abort_hook is not None or register is None:
+            return
+        register.argtypes = [_ABORT_PROTO]
+        register.restype = ctypes.c_void_p  # the previous callback (llama.cpp's default: print, backtrace): replaced, not chained
+        fd = os.dup(2)
+
+        said = threading.Event()  # several threads may fail the same assert: one line is enough
+
+        def on_abort(message: bytes | None) -> None:
+            try:
+                if not said.is_set():
+                    said.set()
+                    os.write(fd, abort_line(message))
+            except BaseException:  # nothing may unwind into C; the abort follows regardless
+                pass
+
+        callback = _ABORT_PROTO(on_abort)
+        register(callback)
+        _abort_hook = (callback, fd)
 
 
 def row_size(qtype: gguf_spec.GGMLQuantizationType, n_per_row: int) -> int:

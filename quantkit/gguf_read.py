@@ -7,6 +7,13 @@ inspecting a file never needs memory proportional to its metadata.  A file
 that is not GGUF, is truncated, or declares absurd sizes raises
 :class:`GGUFFormatError` with a one-line reason.
 
+The container rules are llama.cpp's own (``ggml/src/gguf.cpp``), so that a file
+read here is one llama.cpp opens: no empty or duplicate keys and no duplicate
+tensor names (refused as soon as the second one is read), ``general.alignment``
+a UINT32 power of two, tensor names shorter than 64 bytes, and tensor data laid
+out back to back in table order, each tensor padded to the alignment (so no two
+tensors overlap).
+
 Not for: loading tensor data for inference (llama.cpp does that).
 """
 
@@ -18,7 +25,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +42,10 @@ SCALARS: dict[int, tuple[str, int]] = {
 MAX_STRING = 64 * 1024 * 1024
 MAX_DIMS = 4
 MAX_DEPTH = 3
+MAX_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses a tensor name of 64 bytes or more
+MAX_KEYS = 1 << 16  # real files hold tens of keys (arrays are one key each); millions would take seconds to walk
+MAX_TENSORS = 1 << 18  # the largest MoE GGUFs hold a few thousand (experts stacked); each costs a few 100 bytes here
+MAX_KEEP = 1 << 22  # items of an array read in full on request (``keep``): a vocabulary is at most a few 100k
 ARRAY_HEAD = 16  # items kept from each array
 _U64 = struct.Struct("<Q")
 
@@ -142,14 +153,28 @@ class _Reader:
         got = self.strings(1, what, 1 if keep else 0)
         return got[0] if got else ""
 
-    def strings(self, count: int, what: str, keep: int) -> list[str]:
+    def name(self, what: str) -> str:
+        """A metadata key or tensor name: UTF-8 (the GGUF spec's rule), so that equal names are equal strings."""
+        start = self.pos
+        n = self.u64(f"{what} length")
+        if n > MAX_STRING:
+            raise self.fail(f"{what} claims {n} bytes (limit {MAX_STRING})")
+        raw = self.read(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.pos = start
+            raise self.fail(f"{what} {_cap(raw.decode('utf-8', 'replace'))} is not UTF-8") from None
+
+    def strings(self, count: int, what: str, keep: int, exact: bool = False) -> list[str]:
         """``count`` length-prefixed strings; the first ``keep`` decoded, the rest only stepped over.
 
         One tight loop (a vocabulary is 32k-256k strings): the same checks as :meth:`read`.
-        Full reads keep undecodable bytes (surrogateescape) so that writing the value back gives the same bytes.
+        Full and ``exact`` reads keep undecodable bytes (surrogateescape): writing the value back gives
+        the same bytes, and two different byte strings stay different.
         """
         buf, pos, size, out = self.buf, self.pos, self.size, []
-        errors = "surrogateescape" if self.full else "replace"
+        errors = "surrogateescape" if self.full or exact else "replace"
         unpack = _U64.unpack_from
         try:
             for i in range(count):
@@ -168,7 +193,8 @@ class _Reader:
             self.pos = pos
         return out
 
-    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0, keep: bool = False) -> Any:
+        """One value; ``keep``: a top-level array of at most MAX_KEEP items is read whole even in a summary read."""
         if vtype in SCALARS:
             return self.scalar(vtype, what)
         if vtype == VT.STRING:
@@ -180,11 +206,12 @@ class _Reader:
             if depth == 0:
                 self.item_type = itype
             count = self.u64(f"{what} count")
+            whole = depth == 0 and (self.full or (keep and count <= MAX_KEEP))
             if itype in SCALARS:
                 size = SCALARS[itype][1]
                 if count > (self.size - self.pos) // size:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
-                if self.full and depth == 0:
+                if whole:
                     return np.frombuffer(self.read(count * size, what), dtype=SCALARS[itype][0])
                 head = [self.scalar(itype, what) for _ in range(min(count, ARRAY_HEAD))]
                 self.skip((count - len(head)) * size, what)
@@ -192,8 +219,8 @@ class _Reader:
                 if count > (self.size - self.pos) // 8:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
                 if itype == VT.STRING:
-                    head = self.strings(count, what, count if self.full and depth == 0 else ARRAY_HEAD)
-                    if self.full and depth == 0:
+                    head = self.strings(count, what, count if whole else ARRAY_HEAD, exact=whole)
+                    if whole:
                         return head
                 else:
                     head = []
@@ -209,11 +236,13 @@ class _Reader:
         raise self.fail(f"{what}: unknown value type {vtype}")
 
 
-def read_gguf(path: str | Path, full: bool = False) -> GGUFFile:
+def read_gguf(path: str | Path, full: bool = False, keep: Callable[[str], bool] | None = None) -> GGUFFile:
     """Parse a GGUF header, metadata and tensor table with every size checked.
 
     ``full``: keep whole arrays (numeric ones as read-only numpy arrays, strings as
     lists) instead of summaries, e.g. to copy the metadata into a new file.
+    ``keep(key)``: read that key's array whole all the same (up to MAX_KEEP items),
+    e.g. the vocabulary a model check needs.
     """
     path = Path(path)
     if not path.is_file():
@@ -224,10 +253,10 @@ def read_gguf(path: str | Path, full: bool = False) -> GGUFFile:
         if magic != b"GGUF":
             raise GGUFFormatError(f"{path}: not a GGUF file (magic {magic[:4]!r}, expected b'GGUF'); fix: pass a .gguf file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Reader(buf, size, path, full), path, size)
+            return _parse(_Reader(buf, size, path, full), path, size, keep)
 
 
-def _parse(r: _Reader, path: Path, size: int) -> GGUFFile:
+def _parse(r: _Reader, path: Path, size: int, keep: Callable[[str], bool] | None = None) -> GGUFFile:
     r.pos = 4
     version = r.u32("version")
     if version not in (2, 3):
@@ -236,21 +265,34 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFFile:
     n_kv = r.u64("metadata count")
     if n_kv > (size - r.pos) // 12:
         raise r.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file")
+    if n_kv > MAX_KEYS:
+        raise r.fail(f"metadata count {n_kv} is absurd (limit {MAX_KEYS})")
     if n_tensors > (size - r.pos) // 24:
         raise r.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file")
+    if n_tensors > MAX_TENSORS:
+        raise r.fail(f"tensor count {n_tensors} is absurd (limit {MAX_TENSORS})")
     md: dict[str, Any] = {}
     types: dict[str, tuple[int, int | None]] = {}
     for _ in range(n_kv):
-        key = r.string("metadata key")
-        vtype = r.u32(f"type of {key!r}")
-        md[key] = r.value(vtype, repr(key))
+        key = r.name("metadata key")
+        if not key:
+            raise r.fail("empty metadata key")
+        if key in md:  # llama.cpp refuses the file; the last value must not silently win
+            raise r.fail(f"duplicate metadata key {_cap(key)}")
+        vtype = r.u32(f"type of {_cap(key)}")
+        md[key] = r.value(vtype, _cap(key), keep=keep is not None and keep(key))
         types[key] = (vtype, r.item_type if vtype == VT.ARRAY else None)
-    alignment = md.get("general.alignment", gguf_spec.GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise r.fail(f"general.alignment = {alignment!r}, expected a power of two")
-    infos = []
+    alignment = _alignment(r, md, types)
+    infos: list[TensorInfo] = []
+    names: set[str] = set()
+    expected = 0  # where the next tensor's data must start: llama.cpp lays tensors back to back, each padded
     for _ in range(n_tensors):
-        name = r.string("tensor name")
+        name = r.name("tensor name")
+        if len(name.encode("utf-8")) >= MAX_NAME:
+            raise r.fail(f"tensor name {_cap(name)} is {len(name.encode('utf-8'))} bytes (llama.cpp allows {MAX_NAME - 1})")
+        if name in names:
+            raise r.fail(f"duplicate tensor name {_cap(name)}")
+        names.add(name)
         n_dims = r.u32(f"dimension count of {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise r.fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
@@ -270,18 +312,39 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFFile:
         if ne[0] % block:
             raise r.fail(f"tensor {name!r}: row length {ne[0]} is not a multiple of {qtype.name}'s block {block}")
         nbytes = n // block * tsize
-        if offset % alignment:
-            raise r.fail(f"tensor {name!r}: offset {offset} is not aligned to {alignment}")
+        if offset != expected:
+            how = "overlaps the tensor before it" if offset < expected else "leaves a gap after the tensor before it"
+            raise r.fail(f"tensor {name!r}: data offset {offset} {how} (expected {expected}, tensors back to back aligned to {alignment})")
+        expected = offset + (nbytes + alignment - 1) // alignment * alignment
         infos.append(TensorInfo(name, ne, qtype, offset, nbytes))
     data_offset = (r.pos + alignment - 1) // alignment * alignment
     for t in infos:
         end = data_offset + t.offset + t.nbytes
         if end > size:
             raise GGUFFormatError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, file has {size}; fix: re-download or re-convert the file")
-    names = [t.name for t in infos]
-    if len(set(names)) != len(names):
-        raise r.fail("duplicate tensor names")
     return GGUFFile(path, version, md, infos, data_offset, alignment, size, types=types)
+
+
+def _cap(s: str, n: int = 80) -> str:
+    """An untrusted string for an error message: repr (no control characters), at most ``n`` characters of it."""
+    return repr(s[:n]) + ("…" if len(s) > n else "")
+
+
+def _alignment(r: _Reader, md: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> int:
+    """``general.alignment`` as llama.cpp takes it: absent (32), or a UINT32 power of two."""
+    key = gguf_spec.Keys.General.ALIGNMENT
+    if key not in md:
+        return gguf_spec.GGUF_DEFAULT_ALIGNMENT
+    value, vtype = md[key], types[key][0]
+    if vtype != VT.UINT32:
+        raise r.fail(f"{key} has type {_type_name(vtype)}, llama.cpp requires UINT32")
+    if value <= 0 or value & (value - 1):
+        raise r.fail(f"{key} = {value}, expected a power of two")
+    return int(value)
+
+
+def _type_name(vtype: int) -> str:
+    return VT(vtype).name if vtype in VT._value2member_map_ else str(vtype)
 
 
 def to_json(g: GGUFFile) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """An existing GGUF file as a conversion source: requantise it (F32/F16/BF16, or quantised with consent).
 
-The file is validated by the bounded reader (``quantkit.gguf_read``) before
-gguf-py parses its metadata.  Its tensors become the same :class:`OutTensor`
+The file is validated by the bounded reader (``quantkit.gguf_read``) and the
+model checks llama.cpp's loader implies (``quantkit.gguf_check``): a source that
+llama.cpp would refuse or abort on is refused here, with the reason, rather than
+turned into a new file it refuses just the same.  Its tensors become the same :class:`OutTensor`
 objects the Hugging Face path builds (names are already GGUF names, roles come
 from the names), backed by the memory-mapped file, so plans, presets,
 recipes, budgets, importance matrices and the streaming writer work unchanged.
@@ -9,9 +11,12 @@ recipes, budgets, importance matrices and the streaming writer work unchanged.
 Requantising an already-quantised tensor loses twice; like llama-quantize we
 refuse unless ``allow_requantize`` is given, and warn when it is.  A tensor
 whose planned type equals its stored type is copied byte for byte.  Every
-metadata key is carried over except the ones the new file redefines
-(``general.file_type``, ``general.quantized_by``, the quantisation version and
-``quantize.imatrix.*``).
+metadata key is carried over, in the source's order, except the source's
+``quantize.imatrix.*`` keys; the keys the new file redefines
+(``general.file_type``, ``general.quantized_by``, the quantisation version) keep
+their place with the source's values, for the writer to overwrite: a BF16 file
+quantkit wrote, requantised, gives the very bytes of the Hugging Face path.  The
+source's ``general.alignment``, if any, is kept and the new file follows it.
 
 Not for: Hugging Face checkpoints (``quantkit.checkpoint``), reading hostile files for display (``quantkit.gguf_read``).
 """
@@ -21,13 +26,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from quantkit import gguf_spec
 from quantkit.checkpoint import Shard, TensorRef
 from quantkit.errors import CheckpointError
+from quantkit.gguf_check import check_model
 from quantkit.gguf_read import GGUFFile, read_gguf, role_of
 from quantkit.gguf_write import MetaValue
 from quantkit.mapping import OutTensor
@@ -36,7 +41,7 @@ log = logging.getLogger(__name__)
 Q = gguf_spec.GGMLQuantizationType
 V = gguf_spec.GGUFValueType
 FLOAT = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
-#: keys the new file writes itself
+#: keys the new file writes itself (copied as placeholders that keep the source's key order)
 REDEFINED = (gguf_spec.Keys.General.FILE_TYPE, gguf_spec.Keys.General.QUANTIZED_BY, gguf_spec.Keys.General.QUANTIZATION_VERSION, gguf_spec.Keys.General.ARCHITECTURE)
 ARCHES = ("llama",)
 
@@ -95,11 +100,16 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _metadata(g: GGUFFile) -> dict[str, MetaValue]:
-    """The metadata to copy into the new file, with its value types (``g`` read with ``full=True``)."""
+def source_metadata(g: GGUFFile) -> dict[str, MetaValue]:
+    """The metadata to copy into the new file, with its value types, in the source's order (``g`` read with ``full=True``).
+
+    The keys of REDEFINED are included with the source's values, as placeholders: the caller
+    overwrites them (a dict update keeps a key's place), so the new file orders its keys as
+    the source does.
+    """
     md: dict[str, MetaValue] = {}
     for key, value in g.metadata.items():
-        if key in REDEFINED or key.startswith("quantize.imatrix."):
+        if key.startswith("quantize.imatrix."):
             continue
         vtype, sub = g.types[key]
         if vtype == V.ARRAY and sub == V.ARRAY:
@@ -113,9 +123,11 @@ def open_gguf(path: str | Path, allow_requantize: bool = False) -> GGUFSource:
     path = Path(path)
     g = read_gguf(path, full=True)
     arch = g.metadata.get("general.architecture")
-    if arch not in ARCHES:
-        raise CheckpointError(f"{path}: general.architecture is {arch!r}; quantkit requantises {', '.join(ARCHES)} files (Mixtral, Mistral, Llama); fix: use llama-quantize for other architectures")
-    md = _metadata(g)
+    if not isinstance(arch, str) or arch not in ARCHES:
+        shown = repr(arch)[:80] if isinstance(arch, str) else "missing" if arch is None else "not a string"
+        raise CheckpointError(f"{path}: general.architecture is {shown}; quantkit requantises {', '.join(ARCHES)} files (Mixtral, Mistral, Llama); fix: use llama-quantize for other architectures")
+    check_model(g)  # hyperparameters, vocabulary and tensor shapes as llama.cpp will read them
+    md = source_metadata(g)
 
     def num(key: str, default: int | None = None) -> int:
         v = g.metadata.get(f"{arch}.{key}", default)

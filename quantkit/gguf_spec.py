@@ -62,6 +62,9 @@ class GGMLQuantizationType(IntEnum):
 
 
 _Q = GGMLQuantizationType
+#: storage types llama.cpp loads but cannot compute with as weights: integer and F64 tensors crash it (SIGSEGV),
+#: Q8_1 / Q8_K are the kernels' activation formats (a Q8_1 router crashes it too); llama-quantize has no such target
+NOT_WEIGHT_TYPES = frozenset({_Q.I8, _Q.I16, _Q.I32, _Q.I64, _Q.F64, _Q.Q8_1, _Q.Q8_K})
 #: type -> (elements per block, bytes per block)
 GGML_QUANT_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {
     _Q.F32: (1, 4), _Q.F16: (1, 2), _Q.Q4_0: (32, 18), _Q.Q4_1: (32, 20), _Q.Q5_0: (32, 22), _Q.Q5_1: (32, 24),

@@ -5,6 +5,10 @@ vocabulary is a few joins, not 300k calls through gguf-py's packer); tensor data
 is written in pieces (an expert at a time, say) so no stacked tensor has to
 exist in memory.  Pieces of one tensor are concatenated in order; the
 writer checks that each tensor gets exactly the bytes its info declared.
+The data alignment is the metadata's ``general.alignment`` when it has one
+(a requantised file keeps its source's), else GGUF's default of 32 bytes: the
+header, every tensor offset and every tensor's padding follow it, as llama.cpp
+reads them.
 
 Not for: choosing tensor types or names (see ``quantkit.plan`` and the converters).
 """
@@ -74,12 +78,24 @@ def _value(key: str, mv: MetaValue) -> bytes:
     raise ValueError(f"metadata {key!r}: unknown value type {vt!r}")
 
 
+def alignment_of(metadata: dict[str, MetaValue]) -> int:
+    """The data alignment a file with this metadata declares: ``general.alignment`` (a UINT32 power of two) or 32."""
+    mv = metadata.get(gguf_spec.Keys.General.ALIGNMENT)
+    if mv is None:
+        return ALIGN
+    value = mv.value
+    if mv.vtype != VT.UINT32 or isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value & (value - 1):
+        raise ValueError(f"metadata {gguf_spec.Keys.General.ALIGNMENT} = {value!r} ({mv.vtype!r}): expected a UINT32 power of two")
+    return int(value)
+
+
 def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]]) -> bytes:
-    """Header, metadata (``general.architecture`` first) and tensor table of a GGUF v3 file, padded to ALIGN.
+    """Header, metadata (``general.architecture`` first) and tensor table of a GGUF v3 file, padded to the alignment.
 
     ``tensors``: (name, numpy-order shape, type, nbytes) in file order; data offsets
-    follow each other, each padded to ALIGN, as llama.cpp expects.
+    follow each other, each padded to the alignment (:func:`alignment_of`), as llama.cpp expects.
     """
+    align = alignment_of(metadata)
     kv = {gguf_spec.Keys.General.ARCHITECTURE: MetaValue(arch, VT.STRING)}
     kv.update((k, v) for k, v in metadata.items() if k != gguf_spec.Keys.General.ARCHITECTURE)
     parts = [b""]
@@ -89,18 +105,19 @@ def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[t
     offset = n = 0
     for name, shape, qtype, nbytes in tensors:
         parts.append(_string(name) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *reversed(shape), int(qtype), offset))
-        offset += pad(nbytes)
+        offset += pad(nbytes, align)
         n += 1
     parts[0] = struct.pack("<IIQQ", gguf_spec.GGUF_MAGIC, gguf_spec.GGUF_VERSION, n, len(kv))
     head = b"".join(parts)
-    return head + bytes(pad(len(head)) - len(head))
+    return head + bytes(pad(len(head), align) - len(head))
 
 
 def file_nbytes(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], int]]) -> int:
     """Exact size of the file :class:`StreamingGGUFWriter` writes for ``(name, shape, nbytes)`` tensors."""
     tensors = list(tensors)
     head = encode_header(arch, metadata, ((name, shape, gguf_spec.GGMLQuantizationType.F32, 0) for name, shape, _ in tensors))
-    return len(head) + sum(pad(nbytes) for _, _, nbytes in tensors)
+    align = alignment_of(metadata)
+    return len(head) + sum(pad(nbytes, align) for _, _, nbytes in tensors)
 
 
 class StreamingGGUFWriter:
@@ -108,6 +125,7 @@ class StreamingGGUFWriter:
 
     def __init__(self, path: Path, arch: str, metadata: dict[str, MetaValue]) -> None:
         self._arch, self._metadata = arch, metadata
+        self._align = alignment_of(metadata)
         self._declared: list[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]] = []
         self._next = 0
         self._written = 0
@@ -127,8 +145,8 @@ class StreamingGGUFWriter:
 
     def _pad_to_alignment(self) -> None:
         pos = self._f.tell()
-        if pos % ALIGN:
-            self._f.write(b"\0" * (pad(pos) - pos))
+        if pos % self._align:
+            self._f.write(b"\0" * (pad(pos, self._align) - pos))
 
     def write_tensor(self, name: str, pieces: Iterable[Any], on_bytes: Callable[[int], None] | None = None) -> None:
         """Write the next declared tensor from an iterable of bytes-like pieces."""

@@ -70,6 +70,9 @@ class TransformersLlama:
     def token_eos(self) -> int:
         return self._eos
 
+    def token_is_eog(self, token: int) -> bool:
+        return token == self._eos
+
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         s = text.decode("utf-8", errors="replace")
         ids: list[int] = []
@@ -131,35 +134,45 @@ class TransformersLlama:
         probs = torch.softmax(torch.log(probs + 1e-30) / temperature, -1)
         return int(torch.multinomial(probs, 1, generator=self._gen))
 
-    def _generate(self, tokens: list[int], stop: Sequence[str], max_tokens: int, temperature: float, top_p: float, top_k: int,
-                  min_p: float, repeat_penalty: float, bias: dict[int, float]) -> Iterator[tuple[str, str | None]]:
+    def generate(self, tokens: Sequence[int], max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
+                 repeat_penalty: float, bias: dict[int, float]) -> Iterator[int]:
+        """Sample up to ``max_tokens`` token ids after ``tokens`` (an end-of-sequence id included, then stop),
+        like ``llama_cpp.Llama.generate``; ``quantkit.runtime`` counts what this yields."""
         torch = self._torch
-        if len(tokens) + max_tokens > self._n_ctx:
-            max_tokens = max(0, self._n_ctx - len(tokens))
         out: list[int] = []
-        text_so_far = ""
         past = None
-        ids = torch.tensor([tokens], device=self.device)
+        ids = torch.tensor([list(tokens)], device=self.device)
         with torch.no_grad():
             for _ in range(max_tokens):
                 res = self.model(input_ids=ids, past_key_values=past, use_cache=True)
                 past = res.past_key_values
-                nxt = self._sample(res.logits[0, -1], tokens + out, temperature, top_p, top_k, min_p, repeat_penalty, bias)
+                nxt = self._sample(res.logits[0, -1], list(tokens) + out, temperature, top_p, top_k, min_p, repeat_penalty, bias)
+                yield nxt
                 if nxt == self._eos:
-                    yield "", "stop"
                     return
                 out.append(nxt)
-                full = self._decode([t for t in out if t not in self._special_ids.values()])
-                if full.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                    ids = torch.tensor([[nxt]], device=self.device)
-                    continue
-                hit = next((s for s in stop if s and s in full), None)
-                if hit is not None:
-                    yield full[len(text_so_far) : full.index(hit)], "stop"
-                    return
-                yield full[len(text_so_far) :], None
-                text_so_far = full
                 ids = torch.tensor([[nxt]], device=self.device)
+
+    def _generate(self, tokens: list[int], stop: Sequence[str], max_tokens: int, temperature: float, top_p: float, top_k: int,
+                  min_p: float, repeat_penalty: float, bias: dict[int, float]) -> Iterator[tuple[str, str | None]]:
+        if len(tokens) + max_tokens > self._n_ctx:
+            max_tokens = max(0, self._n_ctx - len(tokens))
+        out: list[int] = []
+        text_so_far = ""
+        for nxt in self.generate(tokens, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, bias):
+            if nxt == self._eos:
+                yield "", "stop"
+                return
+            out.append(nxt)
+            full = self._decode([t for t in out if t not in self._special_ids.values()])
+            if full.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+                continue
+            hit = next((s for s in stop if s and s in full), None)
+            if hit is not None:
+                yield full[len(text_so_far) : full.index(hit)], "stop"
+                return
+            yield full[len(text_so_far) :], None
+            text_so_far = full
         yield "", "length"
 
 

@@ -34,6 +34,7 @@ OUTTYPES: dict[str, tuple[gguf_spec.GGMLQuantizationType, gguf_spec.LlamaFileTyp
     "bf16": (Q.BF16, FT.MOSTLY_BF16),
 }
 KEEP_F32_ROLES = (Role.ROUTER, Role.NORM)
+NOT_WEIGHT_TYPES = gguf_spec.NOT_WEIGHT_TYPES
 ROUTER_KEY = "ffn_gate_inp"
 
 
@@ -142,10 +143,13 @@ class Override:
             re.compile(pattern)
         except re.error as e:
             raise QuantkitError(f"{source}: pattern {pattern!r} is not a valid regex ({e}); fix: correct it") from None
+        known = ", ".join(q.name for q in Q if q not in NOT_WEIGHT_TYPES)
         try:
             qtype = Q[type_name.upper()]
         except KeyError:
-            raise QuantkitError(f"{source}: unknown type {type_name!r} (known: {', '.join(q.name for q in Q)}); fix: use one of those") from None
+            raise QuantkitError(f"{source}: unknown type {type_name[:40]!r} (known: {known}); fix: use one of those") from None
+        if qtype in NOT_WEIGHT_TYPES:
+            raise QuantkitError(f"{source}: {qtype.name} is not a weight type llama.cpp can quantise to or compute with (known: {known}); fix: use one of those")
         return cls(pattern, qtype, source)
 
 

@@ -1,14 +1,15 @@
 """Running a GGUF through llama-cpp-python: backends, memory planning, loading, generation.
 
-Before anything is loaded, :func:`plan_load` checks the model path, detects
+Before anything is loaded, :func:`plan_load` checks the options' ranges and the model path, detects
 the llama.cpp backends (CPU, CUDA, Metal, …), decides how many layers to
 offload (all of them when a GPU backend exists, unless told otherwise) and
 estimates the memory the weights and the KV cache need on each side, refusing
 with a one-line :class:`QuantkitError` when they cannot fit.  :func:`open_model`
 then loads the planned model, keeping MoE expert tensors in CPU memory when
 asked (llama.cpp's tensor buffer-type overrides).  :func:`generate` and
-:func:`complete` stream text; chat prompts are rendered with
-:mod:`quantkit.chat`'s sandboxed templates.
+:func:`complete` stream text and count the tokens actually sampled; chat prompts are
+rendered with :mod:`quantkit.chat`'s sandboxed templates.  :class:`Sampling` refuses
+out-of-range values (NaN included) when it is built.
 
 Not for: the terminal loop (``quantkit.cli``) or chat history (``quantkit.chat``).
 """
@@ -20,14 +21,16 @@ import ctypes
 import functools
 import json
 import logging
+import math
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
+from quantkit.chat import clipped, shown
 from quantkit.errors import QuantkitError
 from quantkit.gguf_read import ArraySummary, GGUFFile, read_gguf
 
@@ -43,6 +46,13 @@ CPU_MOE_PATTERN = r"\.ffn_(up|down|gate|gate_up)_exps"
 #: ``ggml_backend_dev_type`` values, in enum order.
 DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel")
 GIB = 2**30
+#: Option limits.  llama.cpp stores n_ctx as a uint32 (ctypes would wrap larger values silently);
+#: 2**24 tokens is beyond every model's trained context, and the KV-cache estimate refuses most
+#: large values before that.  GGML_MAX_N_THREADS is 512.  Seed 0xFFFFFFFF means "random" to llama.cpp.
+MIN_CTX, MAX_CTX = 16, 2**24
+MAX_THREADS = 512
+MAX_SEED = 2**32 - 2
+MAX_INT32 = 2**31 - 1
 
 
 def physical_cores() -> int:
@@ -185,30 +195,47 @@ class KVShape:
         return sum(self.n_head_kv[i] for i in idx) * (self.key_length + self.value_length) * elem_bytes
 
 
+#: Largest per-layer count or width believed (a hostile file could otherwise make the estimate absurd).
+MAX_SHAPE = 2**24
+
+
+def _bad_metadata(g: GGUFFile, key: str, value: Any, expected: str) -> QuantkitError:
+    return QuantkitError(f"{g.path}: metadata {key} = {shown(value)}, expected {expected}; fix: re-convert the model with quantkit convert")
+
+
 def _md_int(g: GGUFFile, key: str, default: int | None = None) -> int:
     value = g.metadata.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise QuantkitError(f"{g.path}: metadata {key} = {value!r}, expected a positive integer; fix: re-convert the model with quantkit convert")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SHAPE:
+        raise _bad_metadata(g, key, value, f"an integer from 1 to {MAX_SHAPE}")
     return value
 
 
-def _per_layer(value: Any, n_layer: int) -> tuple[int, ...]:
+def _per_layer(g: GGUFFile, key: str, value: Any, n_layer: int) -> tuple[int, ...]:
     """A count that GGUF stores either once or per layer (arrays longer than the reader's
     head are summarised: their largest known entry stands in for the rest, conservatively)."""
-    if isinstance(value, ArraySummary):
-        value = value.head
-    if isinstance(value, list):
-        known = tuple(int(v) for v in value[:n_layer])
+    items = value.head if isinstance(value, ArraySummary) else value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SHAPE for v in items):
+        raise _bad_metadata(g, key, value, f"a count from 0 to {MAX_SHAPE}, once or per layer")
+    if isinstance(value, (list, ArraySummary)):
+        known = tuple(items[:n_layer])
         return known + (max(known, default=1),) * (n_layer - len(known))
     return (int(value),) * n_layer
 
 
+def _arch(g: GGUFFile) -> str:
+    arch = g.metadata.get("general.architecture", "llama")
+    if not isinstance(arch, str) or not arch.replace("-", "").replace("_", "").isalnum() or len(arch) > 64:
+        raise _bad_metadata(g, "general.architecture", arch, "an architecture name such as 'llama'")
+    return arch
+
+
 def kv_shape(g: GGUFFile) -> KVShape:
     """Read the KV-cache geometry from GGUF metadata (``{arch}.block_count``, ``attention.*``)."""
-    arch = g.metadata.get("general.architecture", "llama")
+    arch = _arch(g)
     n_layer = _md_int(g, f"{arch}.block_count")
-    heads = _per_layer(g.metadata.get(f"{arch}.attention.head_count", 1), n_layer)
-    kv_heads = _per_layer(g.metadata.get(f"{arch}.attention.head_count_kv", list(heads)), n_layer)
+    heads = _per_layer(g, f"{arch}.attention.head_count", g.metadata.get(f"{arch}.attention.head_count", 1), n_layer)
+    kv_key = f"{arch}.attention.head_count_kv"
+    kv_heads = _per_layer(g, kv_key, g.metadata.get(kv_key, list(heads)), n_layer)
     width = _md_int(g, f"{arch}.embedding_length", 1)
     k_len = _md_int(g, f"{arch}.attention.key_length", max(1, width // max(1, max(heads))))
     v_len = _md_int(g, f"{arch}.attention.value_length", k_len)
@@ -304,6 +331,41 @@ class LoadPlan:
         }
 
 
+def _range_text(lo: float | None, hi: float | None, integer: bool, lo_open: bool = False) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if integer or float(x).is_integer() else f"{x:g}"
+
+    kind = "an integer" if integer else "a number"
+    if lo is not None and hi is not None:
+        return f"{kind} from {num(lo)} to {num(hi)}"
+    return f"{kind} {'>' if lo_open else '>='} {num(lo)}" if lo is not None else f"{kind} <= {num(hi)}"  # type: ignore[arg-type]
+
+
+def check_option(
+    option: str, value: Any, lo: float | None, hi: float | None, fix: str, integer: bool = False, lo_open: bool = False
+) -> None:
+    """Refuse an option value outside ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), NaN, infinity and
+    non-numbers, as one line naming the option, the valid range and the value."""
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = (
+        number and not isinstance(value, bool) and math.isfinite(value)
+        and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    )
+    if not ok:
+        raise QuantkitError(f"{option}: expected {_range_text(lo, hi, integer, lo_open)} (found {shown(value, 40)}); fix: {fix}")
+
+
+def check_load_options(n_ctx: int, gpu_layers: int | None, threads: int | None, seed: int | None) -> None:
+    """The loading options, before any file is read (``--ctx`` is checked against memory later)."""
+    check_option("--ctx", n_ctx, MIN_CTX, MAX_CTX, "pass --ctx 2048 (the default) or the context the model was trained for", integer=True)
+    if gpu_layers is not None:
+        check_option("--gpu-layers", gpu_layers, -1, MAX_INT32, "pass -1 (or leave it out) for every layer, 0 for none", integer=True)
+    if threads is not None:
+        check_option("--threads", threads, 1, MAX_THREADS, "leave it out to use the physical cores", integer=True)
+    if seed is not None:
+        check_option("--seed", seed, 0, MAX_SEED, "leave it out for a random seed", integer=True)
+
+
 def check_model_path(model: str | Path) -> Path:
     """A GGUF file, or a bitsandbytes export directory (run through transformers)."""
     path = Path(model)
@@ -318,10 +380,22 @@ def plan_load_dir(path: Path, n_ctx: int, threads: int | None, seed: int | None)
     """A bitsandbytes export runs through transformers on the CPU: weights + KV cache against RAM."""
     from quantkit.hf_runtime import dir_weights_bytes
 
-    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    n_layer = int(cfg.get("num_hidden_layers", 1))
-    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    kv = 2 * n_layer * n_ctx * int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])) * head_dim * 4  # float32 cache
+    cfg_path = path / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # is_bnb_dir read it a moment ago: a race or an odd file
+        raise QuantkitError(f"{cfg_path}: cannot read it as JSON ({type(e).__name__}); fix: re-export the directory with quantkit convert --format bnb") from None
+
+    def count(key: str, default: Any = None) -> int:
+        value = cfg.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SHAPE:
+            raise QuantkitError(f"{cfg_path}: {key} = {shown(value)}, expected an integer from 1 to {MAX_SHAPE}; fix: re-export the directory with quantkit convert --format bnb")
+        return value
+
+    n_layer = count("num_hidden_layers", 1)
+    n_head = count("num_attention_heads")
+    head_dim = count("head_dim") if cfg.get("head_dim") else max(1, count("hidden_size") // n_head)
+    kv = 2 * n_layer * n_ctx * count("num_key_value_heads", n_head) * head_dim * 4  # float32 cache
     weights = dir_weights_bytes(path)
     memory = MemoryEstimate(weights, kv, weights + kv, 0, mem_available(), None, n_ctx)
     problem = memory.problem()
@@ -340,19 +414,22 @@ def plan_load(
     cpu_moe: bool = False,
 ) -> LoadPlan:
     """Validate the file and options, place layers, and refuse when memory cannot fit."""
+    check_load_options(n_ctx, gpu_layers, threads, seed)
     path = check_model_path(model)
-    if n_ctx < 16:
-        raise QuantkitError(f"--ctx {n_ctx}: the context window must hold at least 16 tokens; fix: pass --ctx 2048")
-    if threads is not None and threads < 1:
-        raise QuantkitError(f"--threads {threads}: must be at least 1; fix: leave it out to use the physical cores")
     if path.is_dir():
         return plan_load_dir(path, n_ctx, threads, seed)
+    from quantkit.gguf_check import check_before_load
+
+    check_before_load(path)  # hyperparameters llama.cpp would abort on, one line each; arms the abort message
     g = read_gguf(path)  # a readable one-line error for bad files before llama.cpp sees them
     n_layer = kv_shape(g).n_layer
     backend = detect_backend()
     offload = backend.gpu_offload
     resolved = (n_layer + 1 if offload else 0) if gpu_layers is None or gpu_layers < 0 else min(gpu_layers, n_layer + 1)
     notes: list[str] = []
+    trained = g.metadata.get(f"{_arch(g)}.context_length")
+    if isinstance(trained, int) and not isinstance(trained, bool) and 0 < trained < n_ctx:
+        notes.append(f"--ctx {n_ctx} is beyond the {trained} tokens the model was trained on: text past that point may degrade")
     if resolved and not offload:
         notes.append(f"--gpu-layers {gpu_layers} has no effect: this llama.cpp build has no GPU backend")
         resolved = 0
@@ -381,7 +458,7 @@ def cpu_buft_overrides(patterns: Sequence[str]) -> ctypes.Array[_BuftOverride]:
     return array  # the last slot stays zeroed: the terminator
 
 
-_params_lock = threading.Lock()
+_params_lock = threading.RLock()  # also held while chat templates are deferred (one load at a time)
 
 
 @contextlib.contextmanager
@@ -408,16 +485,54 @@ def _model_params_with(overrides: ctypes.Array[_BuftOverride] | None) -> Iterato
             lc.llama_model_default_params = original
 
 
+class _DeferredChatFormatter:
+    """Stands in for llama-cpp-python's ``Jinja2ChatFormatter`` while ``Llama()`` runs.
+
+    ``Llama.__init__`` compiles every ``tokenizer.chat_template*`` string of the GGUF into a chat
+    handler (for ``create_chat_completion``, which quantkit never calls): one Jinja syntax error
+    in untrusted metadata would abort loading, even for a plain ``run``.  This defers the
+    compilation to the handler's first use; quantkit renders with :mod:`quantkit.chat`, which
+    reports a broken template as one line naming the file, the key and the line.
+    """
+
+    real: Any = None  # the genuine class, set while the stand-in is installed
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+
+    def to_chat_handler(self) -> Callable[..., Any]:
+        real, kwargs = self.real, self._kwargs
+
+        def handler(*args: Any, **kw: Any) -> Any:
+            return real(**kwargs).to_chat_handler()(*args, **kw)
+
+        return handler
+
+
+@contextlib.contextmanager
+def _chat_templates_deferred() -> Iterator[None]:
+    import llama_cpp.llama_chat_format as lcf
+
+    with _params_lock:
+        original = lcf.Jinja2ChatFormatter
+        _DeferredChatFormatter.real = original
+        lcf.Jinja2ChatFormatter = _DeferredChatFormatter  # type: ignore[misc,assignment]
+        try:
+            yield
+        finally:
+            lcf.Jinja2ChatFormatter = original
+
+
 def construct(path: Path, kwargs: dict[str, Any], cpu_patterns: Sequence[str] = ()) -> Llama:
     """``Llama(path, **kwargs)`` with tensors matching ``cpu_patterns`` kept in CPU memory."""
     from llama_cpp import Llama
 
     overrides = cpu_buft_overrides(cpu_patterns) if cpu_patterns else None
     try:
-        with _model_params_with(overrides):
+        with _chat_templates_deferred(), _model_params_with(overrides):
             llm = Llama(str(path), **kwargs)
     except ValueError as e:
-        raise QuantkitError(f"{path}: llama.cpp could not load the model ({e}); fix: re-convert it with quantkit convert") from None
+        raise QuantkitError(f"{path}: llama.cpp could not load the model ({clipped(e)}); fix: re-convert it with quantkit convert") from None
     llm._quantkit_overrides = overrides  # type: ignore[attr-defined]  # keep the C strings alive with the model
     return llm
 
@@ -465,6 +580,26 @@ class Sampling:
     max_tokens: int = 256
     ignore_eos: bool = False
 
+    #: field -> (option, low, high, integer, low excluded): the valid ranges, checked on construction.
+    RANGES: ClassVar[dict[str, tuple[str, float | None, float | None, bool, bool]]] = {
+        "temperature": ("--temperature", 0.0, None, False, False),  # 0 is greedy
+        "top_p": ("--top-p", 0.0, 1.0, False, False),
+        "top_k": ("--top-k", 0, MAX_INT32, True, False),  # 0 keeps every token
+        "min_p": ("--min-p", 0.0, 1.0, False, False),
+        "repeat_penalty": ("--repeat-penalty", 0.0, None, False, True),  # 1 is no penalty; 0 would divide by zero
+        "seed": ("--seed", 0, MAX_SEED, True, False),
+        "max_tokens": ("--max-tokens", 1, MAX_INT32, True, False),  # llama-cpp-python reads <= 0 as "until the window is full"
+    }
+
+    def __post_init__(self) -> None:
+        for name, (option, lo, hi, integer, lo_open) in self.RANGES.items():
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            default = next(f.default for f in fields(self) if f.name == name)
+            fix = "leave it out for a random seed" if default is None else f"leave it out for the default {default}"
+            check_option(option, value, lo, hi, fix, integer=integer, lo_open=lo_open)
+
     def kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = dict(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -505,22 +640,91 @@ class Generation:
         }
 
 
-def chat_template_for(llm: Llama) -> ChatTemplate:
-    """The model's chat template (or the named fallback, with a warning)."""
+def _metadata(llm: Llama) -> Mapping[str, Any]:
+    """llama-cpp-python's metadata, or, where it has none (it drops all of it when one value is not
+    UTF-8, e.g. ``general.name``), the chat template read from the GGUF with quantkit's reader."""
+    from quantkit.chat import TEMPLATE_KEY
+
+    meta = llm.metadata
+    path = getattr(llm, "model_path", None)
+    if TEMPLATE_KEY in meta or not isinstance(path, str) or not os.path.isfile(path):
+        return meta
+    from quantkit.gguf_read import read_gguf
+
+    value = read_gguf(path).metadata.get(TEMPLATE_KEY)
+    return {**meta, TEMPLATE_KEY: value} if value is not None else meta
+
+
+def chat_template_for(llm: Llama, override: str | None = None) -> ChatTemplate:
+    """The model's chat template (or the named fallback, with a warning), compiled: a template
+    with a Jinja syntax error is refused here, as one line, before the first message."""
     from quantkit.chat import chat_template
 
     def text(token: int) -> str:
         return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
-    return chat_template(llm.metadata, bos_token=text(llm.token_bos()), eos_token=text(llm.token_eos()), source=llm.model_path)
+    template = chat_template(_metadata(llm), bos_token=text(llm.token_bos()), eos_token=text(llm.token_eos()), source=llm.model_path, override=override)
+    return template.check()
+
+
+def utf8(text: str, what: str = "the prompt") -> bytes:
+    """``text`` as UTF-8; a lone surrogate (an undecodable byte passed through the command line
+    or the terminal) is refused as one line instead of a UnicodeEncodeError."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise QuantkitError(
+            f"{what}: character {e.start} ({shown(text[e.start])}) is not Unicode text (an undecodable byte?); fix: pass UTF-8 text"
+        ) from None
 
 
 def chat_tokens(llm: Llama, rendered: str) -> list[int]:
     """Tokenise a rendered chat prompt: template special tokens are parsed; BOS is added
     only when the vocabulary wants one and the template did not write it."""
-    tokens = llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
+    tokens = llm.tokenize(utf8(rendered, "the chat prompt"), add_bos=False, special=True)
     bos = llm.tokenize(b"", add_bos=True, special=False)  # [bos] or [] per the vocabulary
     return bos + tokens if bos and tokens[:1] != bos else tokens
+
+
+@contextlib.contextmanager
+def sampled_tokens(llm: Llama) -> Iterator[list[int]]:
+    """The tokens the model samples while the block runs, in order.
+
+    llama-cpp-python's ``create_completion`` draws its tokens from ``self.generate`` (and so does
+    :class:`~quantkit.hf_runtime.TransformersLlama`): a wrapper on the instance sees each one.
+    Its stream's chunks do not map one to one onto tokens (text is held back around multi-byte
+    characters and possible stop strings), and re-tokenising the text miscounts."""
+    sampled: list[int] = []
+    own = vars(llm).get("generate")
+    inner = llm.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Iterator[int]:
+        tokens = inner(*args, **kwargs)
+        try:
+            for token in tokens:  # create_completion never sends into the generator
+                sampled.append(int(token))
+                yield token
+        finally:
+            tokens.close()
+
+    llm.generate = generate  # type: ignore[method-assign]
+    try:
+        yield sampled
+    finally:
+        if own is None:
+            del llm.generate
+        else:
+            llm.generate = own  # type: ignore[method-assign]
+
+
+def is_end_of_generation(llm: Llama, token: int) -> bool:
+    """llama.cpp's end-of-generation test (EOS, EOT, <|im_end|>, …) for ``token``."""
+    own = getattr(llm, "token_is_eog", None)
+    if own is not None:
+        return bool(own(token))
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
 
 
 def complete(
@@ -547,26 +751,27 @@ def complete(
     pieces: list[str] = []
     finish = None
     t0 = time.perf_counter()
-    stream = llm.create_completion(tokens, stream=True, stop=list(stop), **kw)
-    try:
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            finish = choice.get("finish_reason") or finish
-            if choice["text"]:
-                pieces.append(choice["text"])
-                if on_text:
-                    on_text(choice["text"])
-    except KeyboardInterrupt:
-        if not interruptible:
-            raise
-        finish = "interrupted"
-        llm.reset()  # the interrupted decode may have left the cache half-updated
-    finally:
-        stream.close()
+    with sampled_tokens(llm) as sampled:
+        stream = llm.create_completion(tokens, stream=True, stop=list(stop), **kw)
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                finish = choice.get("finish_reason") or finish
+                if choice["text"]:
+                    pieces.append(choice["text"])
+                    if on_text:
+                        on_text(choice["text"])
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+            finish = "interrupted"
+            llm.reset()  # the interrupted decode may have left the cache half-updated
+        finally:
+            stream.close()
     seconds = time.perf_counter() - t0
-    text = "".join(pieces)
-    n_out = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
-    return Generation(text, len(tokens), n_out, seconds, finish)
+    # The tokens the model produced; an end-of-generation token that closed the answer is not part of it.
+    n_out = len(sampled) - (1 if sampled and is_end_of_generation(llm, sampled[-1]) else 0)
+    return Generation("".join(pieces), len(tokens), n_out, seconds, finish)
 
 
 def generate(
@@ -576,15 +781,17 @@ def generate(
     chat: bool = False,
     system: str | None = None,
     on_text: Callable[[str], None] | None = None,
+    chat_template: str | None = None,
 ) -> Generation:
-    """Generate from a prompt, or from a one-turn chat rendered with the model's template."""
+    """Generate from a prompt, or from a one-turn chat rendered with the model's template
+    (``chat_template`` names a built-in one to use instead, e.g. "chatml")."""
     if not chat:
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        tokens = llm.tokenize(utf8(prompt), add_bos=True, special=True)
         result = complete(llm, tokens, sampling, on_text=on_text)
         return _with_prompt(result, prompt, None)
     from quantkit.chat import History
 
-    template = chat_template_for(llm)
+    template = chat_template_for(llm, override=chat_template)
     rendered = template.render(History(system=system).messages(prompt))
     result = complete(llm, chat_tokens(llm, rendered), sampling, stop=template.stop, on_text=on_text)
     return _with_prompt(result, rendered, template.name)

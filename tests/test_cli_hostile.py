@@ -282,3 +282,32 @@ def test_bnb_export_target_rules(tmp_path):
     assert result.exit_code == 0, result.output
     assert not stale.exists() and (tmp_path / "real" / "config.json").is_file()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out", "real"]
+
+
+def test_streamed_text_loses_control_characters_on_a_terminal(monkeypatch):
+    """A hostile vocabulary cannot send escape sequences to the user's terminal; pipes get the text as it is."""
+    import io
+
+    from quantkit import cli
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    evil = "ok\x1b]0;pwned\x07\x1b[2J\r\tline\n\x9bX"
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    cli._stream(evil)
+    assert tty.getvalue() == "ok\ufffd]0;pwned\ufffd\ufffd[2J\ufffd\tline\n\ufffdX"
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    cli._stream(evil)
+    assert pipe.getvalue() == evil
+
+
+@pytest.mark.parametrize("qtype", ["q8_1", "Q8_K", "i32", "f64"])
+def test_types_llama_cpp_cannot_compute_with_are_refused_as_rules(qtype):
+    """--tensor-type attn_q=q8_1 made the quantiser abort inside ggml (exit 134): refused before any work."""
+    result = _invoke(["plan", FIXTURE, "--tensor-type", f"attn_q={qtype}"])
+    _no_crash(result)
+    assert result.exit_code == 1 and "not a weight type" in result.output, result.output

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from quantkit.gguf_read import read_gguf
-from quantkit.gguf_source import open_gguf
+from quantkit.gguf_source import source_metadata
 from quantkit.gguf_write import MetaValue, StreamingGGUFWriter, encode_header, file_nbytes
 
 V = gguf.GGUFValueType
@@ -116,14 +116,14 @@ def test_undecodable_token_bytes_survive_requantisation(tmp_path, bad):
     md["tokenizer.ggml.tokens"] = MetaValue(["<s>", bad, "x"], V.ARRAY, V.STRING)
     src = tmp_path / "src.gguf"
     gguf_py_file(src, md, [("output_norm.weight", (256,), Q.F32)])
-    with open_gguf(src) as gs:
-        tokens = gs.metadata["tokenizer.ggml.tokens"]
-        out = tmp_path / "out.gguf"
-        w = StreamingGGUFWriter(out, "llama", gs.metadata)
-        w.declare("output_norm.weight", (256,), Q.F32)
-        w.begin()
-        w.write_tensor("output_norm.weight", [bytes(1024)])
-        w.finish()
+    metadata = source_metadata(read_gguf(src, full=True))  # what open_gguf copies (it also checks the model: this is none)
+    tokens = metadata["tokenizer.ggml.tokens"]
+    out = tmp_path / "out.gguf"
+    w = StreamingGGUFWriter(out, "llama", metadata)
+    w.declare("output_norm.weight", (256,), Q.F32)
+    w.begin()
+    w.write_tensor("output_norm.weight", [bytes(1024)])
+    w.finish()
     assert len(tokens.value) == 3
     r = gguf.GGUFReader(out)
     f = r.fields["tokenizer.ggml.tokens"]

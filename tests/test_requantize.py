@@ -32,7 +32,8 @@ def _read(path):
 def test_gguf_source_equals_hf_source(tmp_path, fixture_gguf, base, outtype):
     """HF -> type and GGUF(base) -> type: identical tensors (types and bytes) and metadata.
 
-    BF16 and F32 hold the fixture's bf16 weights exactly; F16 rounds them, so only the types are compared.
+    BF16 and F32 hold the fixture's bf16 weights exactly, so those give the very same file; F16 rounds
+    the weights, so only the types are compared.
     """
     a = convert(FIXTURE, tmp_path / "hf.gguf", outtype)
     b = convert(fixture_gguf(base), tmp_path / "gg.gguf", outtype)
@@ -42,6 +43,8 @@ def test_gguf_source_equals_hf_source(tmp_path, fixture_gguf, base, outtype):
     assert {n: t for n, (t, _) in ta.items()} == {n: t for n, (t, _) in tb.items()}
     if base != "f16":
         assert ta == tb
+        # and the same file: metadata in the same order too (the README promises byte-identical results)
+        assert (tmp_path / "hf.gguf").read_bytes() == (tmp_path / "gg.gguf").read_bytes()
     assert ma == mb
 
 
