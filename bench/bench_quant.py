@@ -312,7 +312,8 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
     from quantkit.evals import corpora
     from quantkit.evals.kld import base_logprobs, compare
     from quantkit.evals.matrix import pareto_front
-    from quantkit.imatrix import collect_from_source, write_imatrix
+    from quantkit.imatrix import write_imatrix
+    from quantkit.imatrix_collect import collect_from_source
     from quantkit.plan import Target
     from quantkit.recipe import load_recipe
 

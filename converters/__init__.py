@@ -1,24 +1,115 @@
-"""One converter module per Hugging Face ``model_type``.
+"""The one place that knows model architectures: a registry of converters, one module per family.
 
-Each module exposes ``MODEL_TYPE``, ``ARCH`` (the GGUF architecture), ``IGNORE``,
-``Hparams``, ``rules(names)`` (its name table), ``check_hparams``,
-``generated_tensors`` and ``metadata``.  Installed as ``quantkit.converters``.
+Each module here, named after a Hugging Face ``model_type``, builds a
+:class:`Converter` (the GGUF architecture it writes, how config.json becomes
+hyperparameters, its tensor-name table, its GGUF metadata block, its checks and
+what its router computes) and passes it to :func:`register`.  Modules are
+discovered, not listed: adding a family is adding ``converters/<model_type>.py``
+(and its test parameters).  Installed as ``quantkit.converters``.
+
+Not for: reading files (``quantkit.checkpoint``), tokenizers (``quantkit.vocab``)
+or type choice (``quantkit.plan``).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from quantkit.converters import llama, mistral, mixtral
 from quantkit.errors import CheckpointError
+from quantkit.mapping import OutTensor, Role, Rule, map_tensors
 
-CONVERTERS: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (mixtral, mistral, llama)}
+if TYPE_CHECKING:
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.gguf_write import MetaValue
 
 
-def for_model_type(model_type: str, where: str = "config.json") -> ModuleType:
-    try:
+@dataclass(frozen=True)
+class Routing:
+    """What a MoE block's router computes, as transformers' modeling code does (the reference).
+
+    ``scoring``: ``softmax`` or ``sigmoid`` over the router logits; ``normalize_top_k``: the
+    chosen experts' weights are renormalised to sum to 1.  Evaluations and checks read these
+    instead of guessing from config keys.
+    """
+
+    scoring: str = "softmax"
+    normalize_top_k: bool = True
+    #: each routed expert is ``down(silu(gate x) * up x)`` over stacked ``ffn_{gate,up,down}_exps`` without biases:
+    #: what ``quantkit imatrix --all-experts`` recomputes for every expert
+    silu_gated_experts: bool = True
+
+
+def _no_check(h: Any, tensors: list[OutTensor]) -> None:
+    return None
+
+
+def _no_tensors(h: Any) -> list[OutTensor]:
+    return []
+
+
+@dataclass(frozen=True)
+class Converter:
+    """One architecture: everything the pipeline needs to know about it, declared by its module."""
+
+    model_type: str  # config.json model_type
+    arch: str  # GGUF general.architecture
+    hparams: Callable[[dict[str, Any]], Any]  # config.json -> hyperparameters (checked, typed)
+    rules: Callable[[list[str]], Sequence[Rule]]  # the name table for a checkpoint with these tensor names
+    metadata: Callable[[Any], dict[str, MetaValue]]  # the ``{arch}.*`` GGUF block
+    check: Callable[[Any, list[OutTensor]], None] = _no_check  # what the name table cannot see
+    generated: Callable[[Any], list[OutTensor]] = _no_tensors  # tensors made from hyperparameters (rope_freqs)
+    ignore: tuple[str, ...] = ()  # regexes of source tensors that are dropped on purpose
+    hf_architectures: tuple[str, ...] = ()  # config.json ``architectures`` entries of this family
+    routing: Routing | None = None  # None: a dense model
+    notes: tuple[str, ...] = field(default=())  # what differs from transformers, said in docs and plan
+
+    def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
+        """Hyperparameters and the checked tensor map of a checkpoint (no weights are read)."""
+        hp = self.hparams(ckpt.config)
+        rules = self.rules(list(ckpt.tensors))
+        n_experts = hp.n_expert if any(r.stacked or r.role is Role.EXPERTS for r in rules) else 0
+        tensors = map_tensors(ckpt.tensors, rules, hp, hp.n_layer, n_experts, self.ignore, where=str(ckpt.root))
+        tensors += self.generated(hp)
+        self.check(hp, tensors)
+        return hp, tensors
+
+
+CONVERTERS: dict[str, Converter] = {}
+_discovered = False
+
+
+def register(converter: Converter) -> Converter:
+    """Add a converter; a second one for the same ``model_type`` is a programming error."""
+    if converter.model_type in CONVERTERS:
+        raise ValueError(f"converter for model_type {converter.model_type!r} registered twice")
+    CONVERTERS[converter.model_type] = converter
+    return converter
+
+
+def _discover() -> None:
+    """Import every converter module once (each registers itself)."""
+    global _discovered
+    if not _discovered:
+        for info in pkgutil.iter_modules(__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+        _discovered = True
+
+
+def for_model_type(model_type: object, where: str = "config.json") -> Converter:
+    _discover()
+    if isinstance(model_type, str) and model_type in CONVERTERS:
         return CONVERTERS[model_type]
-    except KeyError:
-        raise CheckpointError(
-            f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(CONVERTERS))}); fix: convert a model of a supported architecture"
-        ) from None
+    shown = repr(model_type)[:80]
+    raise CheckpointError(
+        f"{where}: model_type {shown} is not supported (supported: {', '.join(sorted(CONVERTERS))}); fix: convert a model of a supported architecture"
+    )
+
+
+def for_gguf_arch(arch: str) -> list[Converter]:
+    """The converters that write GGUF architecture ``arch`` (requantising and evaluating GGUF files)."""
+    _discover()
+    return [c for c in CONVERTERS.values() if c.arch == arch]

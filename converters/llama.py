@@ -19,6 +19,7 @@ import numpy as np
 
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
+from quantkit.converters import Converter, register
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
 from quantkit.mapping import OutTensor, Role, Rule, Transform
@@ -184,16 +185,6 @@ def rules(names: list[str]) -> tuple[Rule, ...]:
     return BASE_RULES + DENSE_FFN_RULES + HEAD_RULES
 
 
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's rotate-half q/k row order -> llama.cpp's interleaved pairs (per head)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def transform_heads(h: Hparams, transform: Transform) -> int:
-    return h.n_head if transform is Transform.PERMUTE_Q else h.n_head_kv
-
-
 #: llama.cpp aborts the process loading a file beyond these (GGML_ASSERT in llama-model.cpp, llama-cpp-python 0.3.36)
 LLAMA_MAX_LAYERS = 512
 LLAMA_MAX_EXPERTS = 1024
@@ -242,10 +233,10 @@ def generated_tensors(h: Hparams) -> list[OutTensor]:
     return []
 
 
-def metadata(h: Hparams) -> dict[str, MetaValue]:
-    """The ``llama.*`` hyperparameter block."""
+def metadata(h: Hparams, arch: str = ARCH) -> dict[str, MetaValue]:
+    """The ``{arch}.*`` hyperparameter block llama.cpp's generic loader reads (``llama.*`` here)."""
     K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
-    a = ARCH
+    a = arch
     u32 = lambda v: MetaValue(int(v), V.UINT32)  # noqa: E731
     f32 = lambda v: MetaValue(float(v), V.FLOAT32)  # noqa: E731
     md = {
@@ -275,3 +266,9 @@ def metadata(h: Hparams) -> dict[str, MetaValue]:
         md[K.LLM.EXPERT_COUNT.format(arch=a)] = u32(h.n_expert)
         md[K.LLM.EXPERT_USED_COUNT.format(arch=a)] = u32(h.n_expert_used)
     return md
+
+
+CONVERTER = register(Converter(
+    model_type=MODEL_TYPE, arch=ARCH, hparams=Hparams.from_config, rules=rules, metadata=metadata, check=check_hparams,
+    generated=generated_tensors, ignore=IGNORE, hf_architectures=("LlamaForCausalLM",),
+))

@@ -7,6 +7,10 @@ full attention, identical to the HF model for contexts up to the window).
 
 from __future__ import annotations
 
-from quantkit.converters.llama import ARCH, IGNORE, Hparams, check_hparams, generated_tensors, metadata, rules  # noqa: F401
+from dataclasses import replace
+
+from quantkit.converters import register
+from quantkit.converters.llama import CONVERTER as LLAMA
 
 MODEL_TYPE = "mistral"
+CONVERTER = register(replace(LLAMA, model_type=MODEL_TYPE, hf_architectures=("MistralForCausalLM",)))

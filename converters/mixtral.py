@@ -12,7 +12,8 @@ Experts are stacked per block into 3-D ``ffn_{gate,up,down}_exps`` tensors
 
 from __future__ import annotations
 
-from quantkit.converters.llama import ARCH, BASE_RULES, HEAD_RULES, IGNORE, Hparams, T, _p, generated_tensors, metadata  # noqa: F401
+from quantkit.converters import Converter, Routing, register
+from quantkit.converters.llama import ARCH, BASE_RULES, HEAD_RULES, IGNORE, Hparams, T, _p, generated_tensors, metadata
 from quantkit.converters.llama import check_hparams as _check_dense
 from quantkit.errors import CheckpointError
 from quantkit.mapping import OutTensor, Role, Transform
@@ -44,3 +45,10 @@ def check_hparams(h: Hparams, tensors: list[OutTensor]) -> None:
     if not 1 <= h.n_expert_used <= h.n_expert:
         raise CheckpointError(f"config.json: num_experts_per_tok = {h.n_expert_used}, expected 1..{h.n_expert}; fix: restore the original config.json")
     _check_dense(h, tensors)
+
+
+CONVERTER = register(Converter(
+    model_type=MODEL_TYPE, arch=ARCH, hparams=Hparams.from_config, rules=rules, metadata=metadata, check=check_hparams,
+    generated=generated_tensors, ignore=IGNORE, hf_architectures=("MixtralForCausalLM",),
+    routing=Routing(scoring="softmax", normalize_top_k=True),  # softmax, top-k, renormalised: llama.cpp's llama graph computes the same
+))

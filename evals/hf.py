@@ -1,13 +1,13 @@
 """Models run by transformers: an HF directory (float32, the reference) or a bitsandbytes export.
 
-Same interface as :class:`quantkit.evals.session.EvalSession` (tokenize,
+Same interface as :class:`quantkit.session.EvalSession` (tokenize,
 eval_chunk, router, vocab_fingerprint, bos), so ``eval kld`` can take an HF
 directory as its base: logits from transformers' own model code and router
 logits from ``output_router_logits``.  Tokenisation uses the model's own
 tokenizer library (sentencepiece for ``tokenizer.model``, tokenizers for
 ``tokenizer.json``), which llama.cpp matches (tests/test_tokenizer_parity.py).
 
-Not for: GGUF models (``quantkit.evals.session``).
+Not for: GGUF models (``quantkit.session``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.checkpoint import load_config
-from quantkit.converters.llama import Hparams
+from quantkit.converters import for_model_type
 from quantkit.errors import CheckpointError, QuantkitError
 from quantkit.vocab import load_vocab, vocab_metadata
 
@@ -53,7 +53,8 @@ class HFSession:
         self.path = Path(path)
         config = load_config(self.path)
         check_weights(self.path)
-        self.vocab, tcfg = load_vocab(self.path, Hparams.from_config(config).n_vocab)
+        hp = for_model_type(config.get("model_type"), where=str(self.path / "config.json")).hparams(config)
+        self.vocab, tcfg = load_vocab(self.path, hp.n_vocab)
         md = vocab_metadata(self.vocab, tcfg, config)
         self._bos = md["tokenizer.ggml.bos_token_id"].value if "tokenizer.ggml.bos_token_id" in md else None
         self._add_bos = bool(md["tokenizer.ggml.add_bos_token"].value)
@@ -75,8 +76,8 @@ class HFSession:
                 raise QuantkitError(
                     f"{self.path}: transformers could not load the model ({msg[:200]}); fix: check config.json and the safetensors shards, or convert it to GGUF and pass that"
                 ) from None
-        self._moe = bool(config.get("num_local_experts"))
-        self.experts_used = int(config.get("num_experts_per_tok") or 0)
+        self._moe = hp.n_expert > 0  # the converter's reading of config.json (num_local_experts, num_experts, ...)
+        self.experts_used = hp.n_expert_used
         self.n_ctx = n_ctx
         self.capture_router = self._moe  # router logits of every position, every chunk
         self.n_vocab = len(self.vocab.tokens)

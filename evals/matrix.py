@@ -46,7 +46,7 @@ def run_matrix(
 ) -> list[Variant]:
     from quantkit.convert import convert
     from quantkit.evals.kld import base_logprobs, compare_values
-    from quantkit.evals.perplexity import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
+    from quantkit.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
 
     check_ctx_value(n_ctx)  # every argument before the first conversion
     check_chunks(n_chunks)

@@ -46,7 +46,7 @@ from quantkit.checkpoint import Checkpoint, TensorRef, load_config, open_checkpo
 from quantkit.converters import for_model_type
 from quantkit.encode import to_f32
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
-from quantkit.mapping import OutTensor, Role, Transform, map_tensors
+from quantkit.mapping import OutTensor, Role, Transform
 from quantkit.output import check_free_space, clean_stale_partials, fsync_dir, partial_prefix
 
 if TYPE_CHECKING:
@@ -129,10 +129,7 @@ class Item:
         a = self.ref.array()
         if self.expert is not None:
             a = a[self.expert]
-        if self.half is not Transform.NONE:
-            rows = a.shape[0] // 2
-            a = a[:rows] if self.half is Transform.FIRST_HALF else a[rows:]
-        return a
+        return self.half.select(a)
 
 
 @dataclass(frozen=True)
@@ -457,11 +454,10 @@ def _check_options(quant_type: str, compute_dtype: str) -> None:
 def prepare_bnb(ckpt: Checkpoint) -> tuple[str, list[Item]]:
     """Map a checkpoint with its converter table; returns (model_type, output weights)."""
     conv = for_model_type(ckpt.model_type, where=str(ckpt.root / "config.json"))
-    hp = conv.Hparams.from_config(ckpt.config)
-    rules = conv.rules(list(ckpt.tensors))
-    n_experts = hp.n_expert if any(r.stacked or r.role is Role.EXPERTS for r in rules) else 0
-    tensors = map_tensors(ckpt.tensors, rules, hp, hp.n_layer, n_experts, conv.IGNORE, where=str(ckpt.root))
-    conv.check_hparams(hp, tensors)
+    if conv.arch != "llama":  # the export writes transformers' Mixtral/Mistral/Llama module names
+        raise QuantkitError(f"{ckpt.root}: --format bnb exports Mixtral, Mistral and Llama checkpoints, not model_type {ckpt.model_type!r} yet; fix: convert it to GGUF")
+    hp, tensors = conv.map(ckpt)
+    tensors = [t for t in tensors if t.data is None]  # generated tensors (rope_freqs) are not checkpoint weights
     return ckpt.model_type, plan_items(tensors, hp.n_layer)
 
 

@@ -36,11 +36,11 @@ import gguf
 import numpy as np
 from gguf import quants
 
-from quantkit import ggml
+from quantkit import ggml, gguf_spec
 from quantkit.encode import to_f32
 from quantkit.errors import QuantkitError
 from quantkit.gguf_write import type_nbytes
-from quantkit.mapping import OutTensor, Role, Transform
+from quantkit.mapping import OutTensor, Role
 
 log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
@@ -102,7 +102,9 @@ def candidates(t: OutTensor) -> tuple[gguf.GGMLQuantizationType, ...]:
 
     None for what always stays F32: routers, norms, 1-D and generated tensors.
     """
-    if len(t.shape) < 2 or t.role in (Role.ROUTER, Role.NORM) or t.data is not None:
+    from quantkit.presets import kept_f32
+
+    if kept_f32(t) is not None:
         return ()
     cols = t.shape[-1]
     if cols % 256 == 0:
@@ -123,15 +125,13 @@ def expert_rows(t: OutTensor, max_rows: int = MAX_ROWS) -> Iterator[np.ndarray]:
     elif len(t.sources) == t.shape[0]:  # one source per expert
         mats = ((s.array(), s.dtype) for s in t.sources)
     else:  # one fused [E, rows, cols] source
-        a = t.sources[0].array()
-        mats = ((a[e], t.sources[0].dtype) for e in range(a.shape[0]))
-    for a, dtype in mats:
-        if t.transform in (Transform.FIRST_HALF, Transform.SECOND_HALF):
-            half = a.shape[0] // 2
-            a = a[:half] if t.transform is Transform.FIRST_HALF else a[half:]
-        rows = a.shape[0]
+        fused = t.sources[0].array()
+        mats = ((fused[e], t.sources[0].dtype) for e in range(fused.shape[0]))
+    for m, dtype in mats:
+        m = t.transform.select(m)
+        rows = m.shape[0]
         idx = np.unique(np.linspace(0, rows - 1, num=min(rows, max_rows)).astype(np.int64))
-        yield to_f32(np.ascontiguousarray(a[idx]), dtype).reshape(len(idx), -1)
+        yield to_f32(np.ascontiguousarray(m[idx]), dtype).reshape(len(idx), -1)
 
 
 def relative_error(x: np.ndarray, qtype: gguf.GGMLQuantizationType, w: np.ndarray | None) -> float:
@@ -171,8 +171,7 @@ def rel_errors(t: OutTensor, importance: Importance | None = None, max_rows: int
 def prior_weight(t: OutTensor, n_layer: int) -> float:
     """How much a unit of relative error in ``t`` costs, when it was not measured (:data:`PRIORS`)."""
     w = ROLE_WEIGHT.get(t.role, 1.0)
-    m = re.match(r"blk\.(\d+)\.", t.name)
-    if m is not None and int(m.group(1)) == 0:
+    if gguf_spec.block_of(t.name) == 0:
         w *= FIRST_BLOCK_WEIGHT
     if "ffn_down" in t.name.split(".")[-2]:
         w *= FFN_DOWN_WEIGHT

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from quantkit.errors import CheckpointError
+from quantkit.gguf_write import FileSlice
 
 #: safetensors dtype -> (numpy dtype used to view the raw bytes, bytes per element).
 #: BF16 has no numpy dtype; it is viewed as uint16 and widened on demand.
@@ -96,15 +97,6 @@ class Shard:
             except BufferError:  # a view is still alive somewhere; the OS unmaps at exit
                 pass
             self._mm = None
-
-
-@dataclass(frozen=True)
-class FileSlice:
-    """``nbytes`` bytes at ``offset`` of an open file: a tensor piece copied file to file by the kernel."""
-
-    fd: int
-    offset: int
-    nbytes: int
 
 
 @dataclass(frozen=True)

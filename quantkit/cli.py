@@ -9,108 +9,27 @@ code 1; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from quantkit.cli_eval import PROGRESS, read_text_file
+from quantkit.cli_eval import register as _register_eval
+from quantkit.cli_ui import MAX_ERROR_CHARS, _plain, _print_json, _run, _state, add_row, cap, err, error_line, esc, out  # noqa: F401
 from quantkit.errors import QuantkitError, Terminated
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
-    from rich.console import Console
 
     from quantkit.chat import ChatTemplate, Command, History
     from quantkit.runtime import LoadPlan, Sampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run and check quantised Mixture-of-Experts models.")
-
-
-class _Console:
-    """rich's Console for stdout or stderr, made on first use.
-
-    rich takes ~40 ms to import; a short command in a pipeline (``eval ppl`` printing
-    one line, no terminal for a progress bar) never needs it.
-    """
-
-    def __init__(self, stderr: bool = False) -> None:
-        self._stderr = stderr
-        self._console: Console | None = None
-
-    @property
-    def console(self) -> Console:
-        if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(stderr=self._stderr)
-        return self._console
-
-    @property
-    def is_terminal(self) -> bool:
-        stream = sys.stderr if self._stderr else sys.stdout
-        if self._console is None and not (stream.isatty() or any(k in os.environ for k in ("FORCE_COLOR", "TTY_COMPATIBLE", "FORCE_TERMINAL"))):
-            return False  # what rich would say, without importing it
-        return self.console.is_terminal
-
-    def say(self, label: str, style: str, message: str) -> None:
-        """``label: message`` on one line: the label styled, the message shown as it is (never read as markup)."""
-        if not self.is_terminal:
-            (sys.stderr if self._stderr else sys.stdout).write(f"{label} {message}\n")
-            return
-        from rich.text import Text
-
-        self.console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
-
-    def line(self, text: str) -> None:
-        """One plain line (no markup): through rich on a terminal, written as is otherwise."""
-        if self.is_terminal:
-            self.console.print(text, markup=False)
-        else:
-            (sys.stderr if self._stderr else sys.stdout).write(text + "\n")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.console, name)
-
-
-out = _Console()
-err = _Console(stderr=True)
-_state = {"debug": False}
-
-#: the longest error line printed; the rest is cut (a file can put megabytes into a key or value)
-MAX_ERROR_CHARS = 2000
-
-
-def esc(value: object) -> str:
-    """``value`` as text that rich prints as it is: file names, keys and values from files are untrusted."""
-    from rich.markup import escape
-
-    return escape(str(value))
-
-
-def cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
-
-
-def _plain(value: object, style: str = "") -> Any:
-    """A table cell or title shown as it is (rich reads plain strings in tables as markup)."""
-    from rich.text import Text
-
-    return value if isinstance(value, Text) else Text(str(value), style=style)
-
-
-def add_row(table: Any, *cells: object) -> None:
-    """``table.add_row`` with every cell shown as it is: names and values from files are untrusted."""
-    table.add_row(*(_plain(c) for c in cells))
-
-from quantkit.cli_eval import PROGRESS, read_text_file  # noqa: E402
-from quantkit.cli_eval import register as _register_eval  # noqa: E402
-
 _register_eval(app)
 
 
@@ -132,32 +51,6 @@ def main(
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    """Call library code; turn its errors into one line and an exit code."""
-    try:
-        return fn()
-    except QuantkitError as e:
-        if _state["debug"]:
-            traceback.print_exc()
-        error_line(e)
-        raise typer.Exit(1) from None
-    except Terminated as e:
-        err.say("terminated:", "yellow", f"signal {e.signum}; nothing was written at the output path")
-        raise typer.Exit(128 + e.signum) from None
-    except KeyboardInterrupt:
-        err.say("interrupted:", "yellow", "nothing was written at the output path")
-        raise typer.Exit(130) from None
-
-
-def error_line(e: BaseException) -> None:
-    """The one line a user sees for an error: newlines folded, length capped, never read as markup."""
-    err.say("error:", "bold red", cap(" ".join(str(e).split("\n"))))
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -371,7 +264,8 @@ def imatrix_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from quantkit.cli_eval import read_text
-    from quantkit.imatrix import collect_from_source, summary, write_imatrix
+    from quantkit.imatrix import summary, write_imatrix
+    from quantkit.imatrix_collect import collect_from_source
     from quantkit.output import check_target
 
     _run(lambda: check_target(output, force))

@@ -21,9 +21,10 @@ eval_app = typer.Typer(no_args_is_help=True, help="Measure what quantisation cos
 
 
 def _cli():
-    from quantkit import cli
+    """The shared console and error handling (``quantkit.cli_ui``; this module never imports ``quantkit.cli``)."""
+    from quantkit import cli_ui
 
-    return cli
+    return cli_ui
 
 
 def read_text(text: Optional[Path], corpus: Optional[str]) -> str:

@@ -31,11 +31,10 @@ import numpy as np
 from quantkit import __version__, ggml, gguf_spec
 from quantkit.checkpoint import DTYPES, open_checkpoint
 from quantkit.converters import for_model_type
-from quantkit.converters.llama import Hparams, permute_rows, transform_heads
 from quantkit.encode import SAME, encode, nonfinite
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
 from quantkit.gguf_write import MetaValue, StreamingGGUFWriter, alignment_of, file_nbytes
-from quantkit.mapping import OutTensor, Role, Transform, group_totals, map_tensors
+from quantkit.mapping import OutTensor, Role, group_totals
 from quantkit.output import atomic_file, check_free_space, check_target
 from quantkit.plan import Override, Plan, Target, TensorPlan, make_plan
 from quantkit.vocab import load_vocab, vocab_metadata
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 V = gguf_spec.GGUFValueType
-ARCH_NAME = gguf_spec.ARCH_LLAMA
 _LOCAL = threading.local()  # per thread: the reused buffer of the quantised pieces (ggml.Scratch)
 CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
 
@@ -82,14 +80,15 @@ class Prepared:
     """Everything known before a byte of tensor data is written."""
 
     model_type: str
-    hparams: Hparams
+    hparams: Any  # the converter's hyperparameters (or a GGUF source's shape)
     tensors: list[OutTensor]
     plan: Plan
     metadata: dict[str, MetaValue]
     imatrix: Imatrix | None = None
+    arch: str = gguf_spec.ARCH_LLAMA  # general.architecture of the output
 
 
-def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Hparams) -> dict[str, MetaValue]:
+def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Any) -> dict[str, MetaValue]:
     K = gguf_spec.Keys.General
     given = config.get("_name_or_path")
     name = (given if isinstance(given, str) and given else src.resolve().name).rstrip("/").split("/")[-1]
@@ -124,31 +123,26 @@ def prepare(
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     try:
         conv = for_model_type(ckpt.model_type, where=str(src / "config.json"))
-        hp = conv.Hparams.from_config(ckpt.config)
-        rules = conv.rules(list(ckpt.tensors))
-        n_experts = hp.n_expert if any(r.stacked or r.role is Role.EXPERTS for r in rules) else 0
-        tensors = map_tensors(ckpt.tensors, rules, hp, hp.n_layer, n_experts, conv.IGNORE, where=str(src))
-        tensors += conv.generated_tensors(hp)
-        conv.check_hparams(hp, tensors)
+        hp, tensors = conv.map(ckpt)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
         other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
         stand_in = Plan("f32", gguf_spec.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
-        plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md})
+        plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}, conv.arch)
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
     except BaseException:
         ckpt.close()
         raise
-    return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md, imatrix)
+    return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md, imatrix, conv.arch)
 
 
 def _plan_and_check(
     tensors: list[OutTensor], outtype: str, overrides: Sequence[Override], hp: Any, target: Target | None, imatrix: Imatrix | None,
-    where: str, header_md: dict[str, MetaValue],
+    where: str, header_md: dict[str, MetaValue], arch: str,
 ) -> Plan:
     """The plan of either kind of source, with its importance-matrix checks."""
     overhead = 0
     if target is not None:  # the header's size does not depend on the types
-        overhead = file_nbytes(ARCH_NAME, header_md, ((t.name, t.shape, 0) for t in tensors)) + (alignment_of(header_md) - 1) * len(tensors)
+        overhead = file_nbytes(arch, header_md, ((t.name, t.shape, 0) for t in tensors)) + (alignment_of(header_md) - 1) * len(tensors)
     if imatrix is not None:
         from quantkit.imatrix import check_matches
 
@@ -176,13 +170,14 @@ def _prepare_gguf(
                 K.QUANTIZATION_VERSION: MetaValue(gguf_spec.GGML_QUANT_VERSION, V.UINT32),
             }
 
-        plan = _plan_and_check(gs.tensors, outtype, overrides, gs.hparams, target, imatrix, str(src), md_for(0))
+        arch = gs.metadata[K.ARCHITECTURE].value
+        plan = _plan_and_check(gs.tensors, outtype, overrides, gs.hparams, target, imatrix, str(src), md_for(0), arch)
         gguf_source.check_requantize(gs, {tp.name: tp.qtype for tp in plan.tensors}, allow_requantize)
         md = {**md_for(int(plan.file_type)), **imatrix_metadata(imatrix)}
     except BaseException:
         gs.close()
         raise
-    return gs, Prepared(gs.model_type, gs.hparams, gs.tensors, plan, md, imatrix)  # type: ignore[arg-type]
+    return gs, Prepared(gs.model_type, gs.hparams, gs.tensors, plan, md, imatrix, arch)  # type: ignore[arg-type]
 
 
 def _importance(imatrix: Imatrix | None, tensors: list[OutTensor]) -> Callable[[str], tuple[np.ndarray | None, np.ndarray | None]] | None:
@@ -316,7 +311,7 @@ def _check_stored(ref: Any, check: Callable[[np.ndarray], None]) -> None:
     del raw
 
 
-def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray | None = None) -> Iterator[Any]:
+def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | None = None) -> Iterator[Any]:
     """Bytes of one output tensor, piece by piece, releasing source pages as it goes.
 
     ``weights``: importance weights (n_expert, cols) for a quantised type; expert
@@ -334,21 +329,20 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Hparams, weights: np.ndarray
     finite = _FiniteCheck(t, tp.qtype)
     for i, ref in enumerate(t.sources):  # several sources: one per expert
         check = functools.partial(finite, dtype=ref.dtype, ref=ref)
-        if t.transform is Transform.NONE and getattr(ref, "qtype", SAME.get(ref.dtype)) == tp.qtype:
+        if t.transform.identity and getattr(ref, "qtype", SAME.get(ref.dtype)) == tp.qtype:
             if tp.qtype in _UNQUANTISED:
                 _check_stored(ref, check)
             yield ref.file_slice()  # stored bytes are the output bytes: copy file to file
             continue
         a = ref.array()  # a quantised GGUF source is dequantised to F32, its dtype says "F32"
-        if t.transform in (Transform.PERMUTE_Q, Transform.PERMUTE_K):
-            a = permute_rows(a, transform_heads(hp, t.transform))  # a copy: the source can go
-            ref.release()
-        if t.transform in (Transform.FIRST_HALF, Transform.SECOND_HALF):
-            half = a.shape[1] // 2
-            sl = slice(0, half) if t.transform is Transform.FIRST_HALF else slice(half, None)
+        if not t.transform.identity and a.ndim == 3:  # a fused [E, rows, cols] source: the transform per expert
             for e in range(a.shape[0]):
-                yield from _rows(a[e, sl], ref.dtype, tp.qtype, imatrix=w(e), check=check)
+                yield from _rows(t.transform.apply(a[e], hp), ref.dtype, tp.qtype, imatrix=w(e), check=check)
             ref.release()
+        elif not t.transform.identity:  # one matrix (q/k rows permuted: a copy, the source can go)
+            a = t.transform.apply(a, hp)
+            ref.release()
+            yield from _rows(a, ref.dtype, tp.qtype, None, w(i), check)
         elif a.ndim == 3:  # experts stacked in one source [E, rows, cols]
             per = a.nbytes // max(1, a.shape[0])
             for e in range(a.shape[0]):
@@ -397,7 +391,7 @@ def _in_flight(pieces: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
 
 
 def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
-    writer = StreamingGGUFWriter(tmp, ARCH_NAME, prep.metadata)
+    writer = StreamingGGUFWriter(tmp, prep.arch, prep.metadata)
     pairs = list(zip(prep.tensors, prep.plan.tensors))
     stream = _in_flight((i, piece) for i, (t, tp) in enumerate(pairs) for piece in tensor_pieces(t, tp, prep.hparams, _weights_for(prep, t, tp)))
     head: tuple[int, Any] | None = None

@@ -270,6 +270,9 @@ def start_quantize(
     widen = _WIDEN.get(x.dtype)
     x = np.ascontiguousarray(x) if widen is not None else np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = x.shape[-1]
+    block = gguf_spec.GGML_QUANT_SIZES[qtype][0]
+    if n_per_row % block:  # the C kernel would write past the row (no check of its own)
+        raise ValueError(f"{qtype.name} quantises rows in blocks of {block}; a row of {n_per_row} values does not divide")
     nrows = x.size // n_per_row
     so = lib()
     rs = row_size(qtype, n_per_row)

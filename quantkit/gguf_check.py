@@ -56,7 +56,6 @@ F32_KEYS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", 
 SPECIAL_IDS = ("bos", "eos")  # tokenizer.ggml.<x>_token_id: the ones llama.cpp tokenises and stops with
 _Q = GGMLQuantizationType
 NOT_WEIGHT_TYPES = _spec.NOT_WEIGHT_TYPES
-_BLK = re.compile(r"^blk\.(\d+)\.")
 _EXPS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 _ROUTER = re.compile(r"^blk\.\d+\.ffn_gate_inp\.weight$")
 
@@ -278,9 +277,9 @@ class _Model:
             if (len(t.ne) == 1 or t.name.endswith("_norm.weight")) and t.qtype != _Q.F32:
                 raise self.fail(f"tensor {t.name!r} is stored as {t.qtype.name}; llama.cpp applies norms, biases and other 1-D tensors "
                                 "in F32 only (it aborts on anything else)")
-            m = _BLK.match(t.name)
-            if m and int(m.group(1)) >= n_layer:
-                raise self.fail(f"tensor {t.name!r} is in block {m.group(1)}, but the block count is {n_layer}")
+            block = _spec.block_of(t.name)
+            if block is not None and block >= n_layer:
+                raise self.fail(f"tensor {t.name!r} is in block {block}, but the block count is {n_layer}")
             if _EXPS.match(t.name):
                 if n_expert == 0:
                     raise self.fail(f"tensor {t.name!r} holds experts, but the model declares none (expert_count)")

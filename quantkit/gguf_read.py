@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from quantkit import gguf_spec
 from quantkit.errors import GGUFFormatError
-from quantkit.mapping import Role, group_totals
+from quantkit.roles import Role, group_totals, role_of  # noqa: F401  (role_of re-exported)
 
 VT = gguf_spec.GGUFValueType
 SCALARS: dict[int, tuple[str, int]] = {
@@ -49,24 +48,6 @@ MAX_KEEP = 1 << 22  # items of an array read in full on request (``keep``): a vo
 ARRAY_HEAD = 16  # items kept from each array
 _U64 = struct.Struct("<Q")
 
-#: GGUF tensor name -> role, first match wins (names as llama.cpp writes them).
-ROLE_PATTERNS: tuple[tuple[str, Role], ...] = (
-    (r"ffn_gate_inp", Role.ROUTER),
-    (r"_exps?\b|_exps\.", Role.EXPERTS),
-    (r"_shexp", Role.EXPERTS),
-    (r"norm", Role.NORM),
-    (r"^token_embd", Role.EMBEDDINGS),
-    (r"^output\.", Role.OUTPUT),
-    (r"\.attn_", Role.ATTENTION),
-    (r"\.ffn_", Role.FFN),
-)
-
-
-def role_of(name: str) -> Role:
-    for pattern, role in ROLE_PATTERNS:
-        if re.search(pattern, name):
-            return role
-    return Role.OTHER
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ V = gguf_spec.GGUFValueType
 FLOAT = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
 #: keys the new file writes itself (copied as placeholders that keep the source's key order)
 REDEFINED = (gguf_spec.Keys.General.FILE_TYPE, gguf_spec.Keys.General.QUANTIZED_BY, gguf_spec.Keys.General.QUANTIZATION_VERSION, gguf_spec.Keys.General.ARCHITECTURE)
-ARCHES = ("llama",)
 
 
 @dataclass(frozen=True)
@@ -123,9 +122,12 @@ def open_gguf(path: str | Path, allow_requantize: bool = False) -> GGUFSource:
     path = Path(path)
     g = read_gguf(path, full=True)
     arch = g.metadata.get("general.architecture")
-    if not isinstance(arch, str) or arch not in ARCHES:
+    from quantkit.converters import CONVERTERS, for_gguf_arch  # the architectures quantkit writes are the ones it requantises
+
+    if not isinstance(arch, str) or not for_gguf_arch(arch):
         shown = repr(arch)[:80] if isinstance(arch, str) else "missing" if arch is None else "not a string"
-        raise CheckpointError(f"{path}: general.architecture is {shown}; quantkit requantises {', '.join(ARCHES)} files (Mixtral, Mistral, Llama); fix: use llama-quantize for other architectures")
+        known = ", ".join(sorted({c.arch for c in CONVERTERS.values()}))
+        raise CheckpointError(f"{path}: general.architecture is {shown}; quantkit requantises {known} files; fix: use llama-quantize for other architectures")
     check_model(g)  # hyperparameters, vocabulary and tensor shapes as llama.cpp will read them
     md = source_metadata(g)
 

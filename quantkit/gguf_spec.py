@@ -16,6 +16,8 @@ Not for: reading or writing files (``quantkit.gguf_read``, ``quantkit.gguf_write
 
 from __future__ import annotations
 
+import re
+
 from enum import IntEnum
 
 GGUF_MAGIC = 0x46554747  # b"GGUF", little endian
@@ -164,6 +166,11 @@ class Keys:
         VOCAB_SIZE = "{arch}.vocab_size"
         EXPERT_COUNT = "{arch}.expert_count"
         EXPERT_USED_COUNT = "{arch}.expert_used_count"
+        EXPERT_FEED_FORWARD_LENGTH = "{arch}.expert_feed_forward_length"
+        EXPERT_SHARED_FEED_FORWARD_LENGTH = "{arch}.expert_shared_feed_forward_length"
+        EMBEDDING_SCALE = "{arch}.embedding_scale"
+        RESIDUAL_SCALE = "{arch}.residual_scale"
+        LOGIT_SCALE = "{arch}.logit_scale"
 
     class Attention:
         HEAD_COUNT = "{arch}.attention.head_count"
@@ -172,6 +179,7 @@ class Keys:
         VALUE_LENGTH = "{arch}.attention.value_length"
         LAYERNORM_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
         SLIDING_WINDOW = "{arch}.attention.sliding_window"
+        SCALE = "{arch}.attention.scale"
 
     class Rope:
         DIMENSION_COUNT = "{arch}.rope.dimension_count"
@@ -212,6 +220,8 @@ class TensorName:
     ATTN_K = "blk.{bid}.attn_k"
     ATTN_V = "blk.{bid}.attn_v"
     ATTN_OUT = "blk.{bid}.attn_output"
+    ATTN_Q_NORM = "blk.{bid}.attn_q_norm"
+    ATTN_K_NORM = "blk.{bid}.attn_k_norm"
     FFN_NORM = "blk.{bid}.ffn_norm"
     FFN_GATE = "blk.{bid}.ffn_gate"
     FFN_UP = "blk.{bid}.ffn_up"
@@ -220,6 +230,22 @@ class TensorName:
     FFN_GATE_EXP = "blk.{bid}.ffn_gate_exps"
     FFN_UP_EXP = "blk.{bid}.ffn_up_exps"
     FFN_DOWN_EXP = "blk.{bid}.ffn_down_exps"
+    FFN_GATE_INP_SHEXP = "blk.{bid}.ffn_gate_inp_shexp"
+    FFN_GATE_SHEXP = "blk.{bid}.ffn_gate_shexp"
+    FFN_UP_SHEXP = "blk.{bid}.ffn_up_shexp"
+    FFN_DOWN_SHEXP = "blk.{bid}.ffn_down_shexp"
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """The block number of a GGUF tensor name (``blk.N.…``), or None for a tensor outside the blocks.
+
+    The one parser of GGUF tensor names: plans, budgets, checks and importance matrices ask it.
+    """
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _rounded(n: float, min_digits: int = 2) -> str:

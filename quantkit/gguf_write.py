@@ -24,11 +24,20 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantkit import gguf_spec
-from quantkit.checkpoint import FileSlice
 from quantkit.gguf_read import SCALARS
 
 ALIGN = gguf_spec.GGUF_DEFAULT_ALIGNMENT
 VT = gguf_spec.GGUFValueType
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """``nbytes`` bytes at ``offset`` of an open file: a tensor piece copied file to file by the kernel."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
 
 
 def type_nbytes(qtype: gguf_spec.GGMLQuantizationType, shape: tuple[int, ...]) -> int:

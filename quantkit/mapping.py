@@ -14,38 +14,91 @@ Not for: reading bytes or converting dtypes (``quantkit.checkpoint``, ``quantkit
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
 
 from quantkit.checkpoint import FLOAT_DTYPES, TensorRef, shown
 from quantkit.errors import CheckpointError
+from quantkit.roles import Role, group_totals  # noqa: F401  (the name table's roles; group_totals re-exported)
 
 
 #: a block or expert number in a tensor name: ASCII digits, no leading zero (``layers.03`` is not ``layers.3``), at most 10 of them
 INDEX_RE = r"(?:0|[1-9][0-9]{0,9})"
 
 
-class Role(str, enum.Enum):
-    """What a tensor does; groups in reports and decides precision rules."""
-
-    EMBEDDINGS = "embeddings"
-    ATTENTION = "attention"
-    FFN = "ffn"
-    EXPERTS = "experts"
-    ROUTER = "router"
-    NORM = "norms"
-    OUTPUT = "output"
-    OTHER = "other"
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k row order -> llama.cpp's interleaved pairs (per head)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-class Transform(str, enum.Enum):
-    NONE = ""
-    PERMUTE_Q = "permute_q"  # HF rotary layout -> llama.cpp's, for q_proj
-    PERMUTE_K = "permute_k"  # the same for k_proj, with the KV head count
-    FIRST_HALF = "first_half"  # fused [E, 2*ff, n] gate_up -> gate
-    SECOND_HALF = "second_half"  # fused [E, 2*ff, n] gate_up -> up
+@dataclass(frozen=True)
+class Transform:
+    """How one source matrix becomes the values written: the identity here; subclasses select or reorder rows.
+
+    A transform knows its output shape before any weight is read (:meth:`out_rows`, so ``plan``
+    runs on names and shapes alone) and applies itself to one matrix (:meth:`apply`); :meth:`select`
+    is the part that picks rows without reordering them (what error sampling and the bitsandbytes
+    export need).  ``Transform.NONE`` and the other constants below are the instances rules use.
+    """
+
+    name: str = ""
+
+    def out_rows(self, rows: int) -> int:
+        """Rows of one output matrix, from the rows of its source matrix."""
+        return rows
+
+    def select(self, a: np.ndarray) -> np.ndarray:
+        """The rows of source matrix ``a`` this tensor takes (a view)."""
+        return a
+
+    def apply(self, a: np.ndarray, hparams: object) -> np.ndarray:
+        """The values written for source matrix ``a`` (rows selected, then reordered where needed)."""
+        return self.select(a)
+
+    @property
+    def identity(self) -> bool:
+        return type(self) is Transform
+
+    NONE: ClassVar[Transform]
+    PERMUTE_Q: ClassVar[Transform]
+    PERMUTE_K: ClassVar[Transform]
+    FIRST_HALF: ClassVar[Transform]
+    SECOND_HALF: ClassVar[Transform]
+
+
+@dataclass(frozen=True)
+class Half(Transform):
+    """One half of a fused matrix's rows: ``gate_up_proj`` [.., 2*ff, n] -> gate (first) or up (second)."""
+
+    first: bool = True
+
+    def out_rows(self, rows: int) -> int:
+        return rows // 2
+
+    def select(self, a: np.ndarray) -> np.ndarray:
+        half = a.shape[0] // 2
+        return a[:half] if self.first else a[half:]
+
+
+@dataclass(frozen=True)
+class PermuteHeads(Transform):
+    """HF's rotate-half q/k rows -> llama.cpp's interleaved rotary layout, per query (or KV) head."""
+
+    kv: bool = False
+
+    def apply(self, a: np.ndarray, hparams: object) -> np.ndarray:
+        return permute_rows(a, hparams.n_head_kv if self.kv else hparams.n_head)  # type: ignore[attr-defined]
+
+
+Transform.NONE = Transform()
+Transform.PERMUTE_Q = PermuteHeads("permute_q", kv=False)
+Transform.PERMUTE_K = PermuteHeads("permute_k", kv=True)
+Transform.FIRST_HALF = Half("first_half", first=True)
+Transform.SECOND_HALF = Half("second_half", first=False)
 
 
 @dataclass(frozen=True)
@@ -87,19 +140,6 @@ class OutTensor:
         for d in self.shape:
             n *= d
         return n
-
-
-def group_totals(tensors: Iterable[Any]) -> dict[str, dict[str, float]]:
-    """Tensors, parameters, bytes and bits per weight per role; items need ``role``, ``n_elements``, ``nbytes``."""
-    out: dict[str, dict[str, float]] = {}
-    for t in tensors:
-        g = out.setdefault(t.role.value, {"tensors": 0, "params": 0, "bytes": 0})
-        g["tensors"] += 1
-        g["params"] += t.n_elements
-        g["bytes"] += t.nbytes
-    for g in out.values():
-        g["bits_per_weight"] = round(8 * g["bytes"] / max(1, g["params"]), 4)
-    return out
 
 
 def _check_source(name: str, ref: TensorRef, rule: Rule, bid: int, xid: int, hparams: object, n_blocks: int, n_experts: int, where: str) -> None:
@@ -165,7 +205,7 @@ def map_tensors(
             else:
                 refs = (got[-1],)
                 shape = refs[0].shape
-            if rule.transform in (Transform.FIRST_HALF, Transform.SECOND_HALF):
-                shape = (shape[0], shape[1] // 2, *shape[2:])
+            if not rule.transform.identity and len(shape) >= 2:
+                shape = (*shape[:-2], rule.transform.out_rows(shape[-2]), shape[-1])
             out.append(OutTensor(rule.gguf.replace("{bid}", str(bid)), tuple(shape), rule.role, refs, rule.transform))
     return out

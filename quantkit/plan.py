@@ -33,7 +33,7 @@ OUTTYPES: dict[str, tuple[gguf_spec.GGMLQuantizationType, gguf_spec.LlamaFileTyp
     "f16": (Q.F16, FT.MOSTLY_F16),
     "bf16": (Q.BF16, FT.MOSTLY_BF16),
 }
-KEEP_F32_ROLES = (Role.ROUTER, Role.NORM)
+KEEP_F32_ROLES = presets.KEEP_F32_ROLES
 NOT_WEIGHT_TYPES = gguf_spec.NOT_WEIGHT_TYPES
 ROUTER_KEY = "ffn_gate_inp"
 
@@ -91,16 +91,15 @@ def check_outtype(outtype: str) -> str:
 
 def choose(t: OutTensor, want: gguf_spec.GGMLQuantizationType) -> tuple[gguf_spec.GGMLQuantizationType, str]:
     """The type of one tensor and the reason, for a requested weight type."""
-    if t.role in KEEP_F32_ROLES:
-        return Q.F32, f"{t.role.value} stay F32"
-    if len(t.shape) == 1 or t.data is not None:
-        return Q.F32, "1-D tensors stay F32"
+    why = presets.kept_f32(t)
+    if why is not None:
+        return Q.F32, why
     qtype, fell = presets.fallback(want, t.shape[-1], t.name)  # llama.cpp's tensor_type_fallback
     return qtype, f"--type {want.name.lower()}" + (f"; {fell}" if fell else "")
 
 
 def _n_layer(tensors: Sequence[OutTensor]) -> int:
-    return 1 + max((int(m.group(1)) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1)
+    return 1 + max((b for t in tensors if (b := gguf_spec.block_of(t.name)) is not None), default=-1)
 
 
 @dataclass(frozen=True)
@@ -117,11 +116,11 @@ class Override:
             return False
         if self.layers is None:
             return True
-        m = re.match(r"blk\.(\d+)\.", name)
-        if m is None:
+        block = gguf_spec.block_of(name)
+        if block is None:
             return False
         first, last = (x + n_layer if x < 0 else x for x in self.layers)
-        return first <= int(m.group(1)) <= last
+        return first <= block <= last
 
     def applies_to(self, t: OutTensor) -> bool:
         """Whether this matching rule may change ``t``.
@@ -228,7 +227,7 @@ def _budget_types(
     for t in tensors:
         if t.name in pinned:
             base[t.name] = pinned[t.name]
-        elif t.role in KEEP_F32_ROLES or len(t.shape) == 1 or t.data is not None:
+        elif presets.kept_f32(t) is not None:
             base[t.name] = choose(t, Q.F32)
         elif not budget.candidates(t):
             base[t.name] = (Q.F16, f"row length {t.shape[-1]} fits no quantised block: F16 fallback")

@@ -201,6 +201,19 @@ NEVER_QUANTISED_EXACT = frozenset({"position_embd.weight", "token_types.weight"}
 KEEP_F32_ROLES = frozenset({Role.ROUTER, Role.NORM})
 
 
+def kept_f32(t: OutTensor) -> str | None:
+    """Why ``t`` stays F32 whatever type is asked for, or None: the one statement of the rule.
+
+    Routers (``ffn_gate_inp``) and norms by role, as llama.cpp's converter and quantiser
+    keep them; 1-D and generated tensors (``rope_freqs``) because llama.cpp applies them in F32 only.
+    """
+    if t.role in KEEP_F32_ROLES:
+        return f"{t.role.value} stay F32"
+    if len(t.shape) == 1 or t.data is not None:
+        return "1-D tensors stay F32"
+    return None
+
+
 def category(name: str) -> Category:
     if name in CATEGORY_EXACT:
         return CATEGORY_EXACT[name]

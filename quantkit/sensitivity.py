@@ -76,7 +76,7 @@ MIN_CALIB_CTX = 8
 
 def check_calib_args(n_ctx: object, n_chunks: object, threads: object, text: object) -> None:
     """``--calib-ctx`` >= 8, ``--calib-chunks`` >= 1, threads 1..512 and a non-empty text, before anything is converted or loaded."""
-    from quantkit.evals.perplexity import check_chunks, check_ctx_value, check_text, check_threads
+    from quantkit.limits import check_chunks, check_ctx_value, check_text, check_threads
 
     check_ctx_value(n_ctx, MIN_CALIB_CTX, even=False, flag="--calib-ctx")
     if n_chunks is None:
@@ -97,8 +97,9 @@ def measure(
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[gguf.GGMLQuantizationType, float]]:
     """Mean KLD per quantisable tensor of ``model`` (an unquantised GGUF that may be modified and restored)."""
-    from quantkit.evals.perplexity import check_ctx, log_softmax, model_limits
-    from quantkit.evals.session import EvalSession
+    from quantkit.limits import check_ctx, model_limits
+    from quantkit.session import log_softmax
+    from quantkit.session import EvalSession
     from quantkit.gguf_read import read_gguf
 
     check_calib_args(n_ctx, n_chunks, threads, text)
@@ -160,7 +161,7 @@ def measure_checkpoint(
 ) -> Mapping[str, tuple[gguf.GGMLQuantizationType, float]]:
     """:func:`measure` for an HF checkpoint: written as an unquantised GGUF in a temporary directory first."""
     from quantkit.convert import convert, prepare
-    from quantkit.evals.perplexity import check_ctx, model_limits
+    from quantkit.limits import check_ctx, model_limits
 
     check_calib_args(n_ctx, n_chunks, threads, text)
     check_ctx(n_ctx, model_limits(src), minimum=MIN_CALIB_CTX, even=False, flag="--calib-ctx")  # before the conversion

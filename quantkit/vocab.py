@@ -6,8 +6,11 @@ Two families, as llama.cpp reads them:
   scores and token types (normal, unknown, control, user-defined, unused, byte)
   straight from the SentencePiece model.
 * byte-level BPE (``tokenizer.json`` with a BPE model and ByteLevel
-  pre-tokenizer): ``tokenizer.ggml.model = gpt2``; tokens, merges and the
-  pre-tokenizer name llama.cpp uses to pick its split regex.
+  pre-tokenizer): ``tokenizer.ggml.model = gpt2``; tokens, merges, the
+  pre-tokenizer name llama.cpp uses to pick its split regexes (read from what
+  the pre_tokenizer, normaliser and ``ignore_merges`` compute; a tokenizer no
+  known name reproduces is refused, never written as ``default``) and the
+  BOS / EOS that the post_processor adds.
 
 Special tokens (bos/eos/unk/pad), add_bos/add_eos and the chat template come
 from ``tokenizer_config.json`` (falling back to config.json's ids).
@@ -39,9 +42,27 @@ TT = gguf_spec.TokenType
 V = gguf_spec.GGUFValueType
 K = gguf_spec.Keys.Tokenizer
 
-#: tokenizer.json pre-tokenizer regexes -> llama.cpp ``tokenizer.ggml.pre`` names.
+#: The split regexes of tokenizer.json pre-tokenizers, as tokenizers spells them (llama.cpp restates them in
+#: src/llama-vocab.cpp, with (?i:...) spelled out as [sS] pairs).
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel(use_regex=true)'s own
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-KNOWN_SPLIT_REGEXES: dict[str, str] = {LLAMA3_REGEX: "llama-bpe"}
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+DIGIT_REGEX = r"\p{N}"  # Digits(individual_digits=true)
+
+#: (split regexes in order, model.ignore_merges) -> llama.cpp ``tokenizer.ggml.pre``: the name whose regexes and
+#: flags in src/llama-vocab.cpp compute what tokenizers computes.  Several llama.cpp names share a row's
+#: regexes and flags (they tokenise alike); the one written is what llama.cpp's own converter calls the
+#: families quantkit converts (checked against its token-id hashes in tests/test_tokenizer_parity.py).
+KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[str, ...], bool], str] = {
+    ((LLAMA3_REGEX,), True): "llama-bpe",  # Llama 3 (llama.cpp skips the merges of a word that is a token, as ignore_merges does)
+    ((LLAMA3_REGEX,), False): "dbrx",  # the same regex with every merge applied: DBRX, OLMo 2, other cl100k-style vocabularies (also smaug-bpe)
+    ((QWEN2_REGEX,), False): "qwen2",  # Qwen 1.5 / 2 / 2.5 / 3 and their MoE models (also deepseek-r1-qwen, megrez, ...)
+    ((GPT2_REGEX,), False): "gpt-2",  # GPT-2's ByteLevel regex (also phi-2, mpt, olmo, ...)
+    ((DIGIT_REGEX, GPT2_REGEX), False): "refact",  # digits one by one, then GPT-2's: Granite 3 incl. Granite MoE, Refact (also starcoder, smollm)
+}
+#: A name that llama.cpp's converter gives when the tokenizer also normalises to NFC (llama.cpp does not
+#: normalise: same tokens on NFC text): GPT-NeoX vocabularies are OLMo's and OLMoE's.
+NFC_NAMES: dict[str, str] = {"gpt-2": "olmo"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,9 @@ class Vocab:
     merges: list[str] | None
     source: str  # the file the vocabulary came from
     adds_space_prefix: bool = False  # SentencePiece: a space is prepended to the text (tokenizer.ggml.add_space_prefix)
+    #: byte-level BPE: the token ids tokenizer.json's post_processor puts before and after the text (None: none),
+    #: or None when there is no post_processor (tokenizer_config.json's add_bos_token / add_eos_token decide)
+    post_specials: tuple[int | None, int | None] | None = None
 
 
 def _fix(path: Path) -> str:
@@ -293,7 +317,30 @@ def _finish(tokens: list[str | None], path: Path) -> list[str]:
     return out
 
 
-def _bpe_pre(tj: dict[str, Any], path: Path) -> str:
+def _split_step(step: dict[str, Any], k: int, path: Path) -> str:
+    """The regex of one ``Split`` step, refused unless llama.cpp's way of splitting (every match its own piece) gives the same pieces."""
+    pattern = step.get("pattern")
+    regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+    if not isinstance(regex, str):
+        raise _bad(path, f"pre_tokenizer step {k} (Split) pattern = {shown(pattern)}, expected an object with a string 'Regex'")
+    behavior, invert = step.get("behavior", "Isolated"), _flag(step.get("invert"), path, f"pre_tokenizer step {k} (Split) invert", False)
+    # Isolated keeps each match and each stretch between matches; Removed + invert keeps the matches and drops
+    # the rest, which is the same when the regex matches every character (all of KNOWN_PRE_TOKENIZERS' do).
+    if (behavior, invert) not in (("Isolated", False), ("Removed", True)):
+        raise CheckpointError(
+            f"{path}: pre_tokenizer step {k} (Split) has behavior = {shown(behavior)}, invert = {str(invert).lower()}; llama.cpp keeps every match as its own piece "
+            "(Isolated, or Removed with invert); fix: convert a tokenizer.json whose pre-tokenizer llama.cpp knows"
+        )
+    return regex
+
+
+def _bpe_splits(tj: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """The split regexes that tokenizer.json's pre_tokenizer applies, in order, before the byte-level BPE.
+
+    ``Split`` gives its regex, ``Digits(individual_digits)`` ``\\p{N}``, the final ``ByteLevel`` with
+    ``use_regex`` GPT-2's regex; any other step, a ByteLevel that is not the last step or that adds a
+    prefix space (llama.cpp's BPE never prepends one) is refused.
+    """
     pre = tj.get("pre_tokenizer")
     if pre is None:
         pre = {}
@@ -305,19 +352,63 @@ def _bpe_pre(tj: dict[str, Any], path: Path) -> str:
     kinds = [s.get("type") for s in steps]
     if "ByteLevel" not in kinds:
         raise CheckpointError(f"{path}: pre_tokenizer {shown(kinds)} has no ByteLevel step; only byte-level BPE tokenizer.json files are supported; fix: provide tokenizer.model for SentencePiece models")
-    splits = [s for s in steps if s.get("type") == "Split"]
-    if not splits:
-        bl = next(s for s in steps if s.get("type") == "ByteLevel")
-        if _flag(bl.get("use_regex"), path, "pre_tokenizer ByteLevel use_regex", True):
-            return "gpt-2"
-        raise CheckpointError(f"{path}: ByteLevel pre-tokenizer without a split regex is not supported; fix: use a tokenizer with a known pre-tokenizer")
-    pattern = splits[0].get("pattern")
-    regex = pattern.get("Regex", "") if isinstance(pattern, dict) else None
-    if not isinstance(regex, str):
-        raise _bad(path, f"pre_tokenizer Split pattern = {shown(pattern)}, expected an object with a string 'Regex'")
-    if regex in KNOWN_SPLIT_REGEXES:
-        return KNOWN_SPLIT_REGEXES[regex]
-    raise CheckpointError(f"{path}: unknown pre-tokenizer split regex {regex[:60]!r}...; fix: use a tokenizer whose pre-tokenizer llama.cpp knows (gpt-2, llama-bpe)")
+    if kinds.count("ByteLevel") > 1 or kinds[-1] != "ByteLevel":
+        raise CheckpointError(f"{path}: pre_tokenizer {shown(kinds)}: llama.cpp splits the text before mapping it to bytes, so ByteLevel must be the last step, once; fix: convert a tokenizer.json whose pre-tokenizer llama.cpp knows")
+    splits: list[str] = []
+    for k, step in enumerate(steps[:-1]):
+        if step.get("type") == "Split":
+            splits.append(_split_step(step, k, path))
+        elif step.get("type") == "Digits" and _flag(step.get("individual_digits"), path, f"pre_tokenizer step {k} (Digits) individual_digits", False):
+            splits.append(DIGIT_REGEX)
+        else:
+            raise CheckpointError(f"{path}: pre_tokenizer step {k} {shown(step)} is not a split llama.cpp can express; fix: convert a tokenizer.json whose pre-tokenizer llama.cpp knows")
+    bl = steps[-1]
+    if _flag(bl.get("add_prefix_space"), path, "pre_tokenizer ByteLevel add_prefix_space", True):
+        raise CheckpointError(
+            f"{path}: pre_tokenizer ByteLevel add_prefix_space = true: tokenizers puts a space before the text, llama.cpp's byte-level BPE never does; "
+            "fix: convert a tokenizer.json whose ByteLevel step has add_prefix_space false"
+        )
+    if _flag(bl.get("use_regex"), path, "pre_tokenizer ByteLevel use_regex", True):
+        splits.append(GPT2_REGEX)
+    return tuple(splits)
+
+
+def _bpe_pre(tj: dict[str, Any], path: Path) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for what tokenizer.json computes before its BPE merges, or a refusal.
+
+    llama.cpp's converter names a tokenizer by hashing the token ids of a fixed text and picks its
+    split regexes and flags by that name (src/llama-vocab.cpp); quantkit reads what the tokenizer does
+    (normaliser, split regexes, ``model.ignore_merges``) and writes the name whose regexes and flags are
+    the same, so that llama.cpp tokenises as ``tokenizers`` does.  Anything else is refused: a name
+    llama.cpp does not know aborts its loader, a wrong known one (or the ``default`` fallback) silently
+    tokenises differently.
+    """
+    norm = tj.get("normalizer")
+    ntype = norm.get("type") if isinstance(norm, dict) else norm
+    if ntype not in (None, "NFC"):
+        raise CheckpointError(
+            f"{path}: normalizer {shown(ntype if isinstance(ntype, str) else norm)}: llama.cpp's byte-level BPE does not normalise its input, "
+            "so it would tokenise differently; fix: convert a tokenizer.json without a normalizer (NFC is accepted: it changes no NFC text)"
+        )
+    model = tj.get("model")
+    assert isinstance(model, dict)  # bpe_vocab checked
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key) not in (None, ""):
+            raise CheckpointError(f"{path}: model.{key} = {shown(model.get(key))}: llama.cpp's BPE has no subword affixes; fix: convert a tokenizer.json without {key}")
+    if model.get("dropout") not in (None, 0, 0.0):
+        raise CheckpointError(f"{path}: model.dropout = {shown(model.get('dropout'))}: tokenizers then drops merges at random, llama.cpp never; fix: set model.dropout to null")
+    ignore_merges = _flag(model.get("ignore_merges"), path, "model.ignore_merges", False)
+    splits = _bpe_splits(tj, path)
+    name = KNOWN_PRE_TOKENIZERS.get((splits, ignore_merges))
+    if name is None:
+        shown_splits = " then ".join(shown(s, 200) for s in splits) or "nothing"
+        known = ", ".join(sorted({*KNOWN_PRE_TOKENIZERS.values(), *NFC_NAMES.values()}))
+        raise CheckpointError(
+            f"{path}: pre_tokenizer splits with {shown_splits} (model.ignore_merges = {str(ignore_merges).lower()}), which matches none of the llama.cpp "
+            f"pre-tokenizers quantkit knows ({known}), and llama.cpp would tokenise differently under any other name; fix: convert a tokenizer.json "
+            "with one of those pre-tokenizers, or use llama.cpp's convert_hf_to_gguf.py if it knows this tokenizer"
+        )
+    return NFC_NAMES.get(name, name) if ntype == "NFC" else name
 
 
 def _merges(raw: Any, path: Path) -> list[str]:
@@ -335,6 +426,52 @@ def _merges(raw: Any, path: Path) -> list[str]:
         else:
             raise _bad(path, f"model.merges[{k}] = {shown(m)}, expected \"left right\" or [\"left\", \"right\"]")
     return out
+
+
+def _template_end(items: list[Any], specials: dict[str, Any], path: Path, n_vocab: int) -> int | None:
+    """The token id a TemplateProcessing ``single`` template puts at one end (``items`` from that end), or None."""
+    ends = []
+    for item in items:
+        token = item.get("SpecialToken") if isinstance(item, dict) else None
+        if not isinstance(token, dict):
+            break
+        entry = specials.get(token.get("id")) if isinstance(token.get("id"), str) else None
+        ids = entry.get("ids") if isinstance(entry, dict) else None
+        if not (isinstance(ids, list) and len(ids) == 1):
+            raise _bad(path, f"post_processor special token {shown(token.get('id'))} has ids {shown(ids)} in special_tokens, expected one id")
+        ends.append(_token_id(ids[0], path, f"post_processor special token {shown(token.get('id'))}", n_vocab))
+    if len(ends) > 1:
+        raise CheckpointError(f"{path}: post_processor adds {len(ends)} special tokens at one end of the text; llama.cpp adds at most a BOS and an EOS; fix: convert a tokenizer.json whose template adds one token at each end at most")
+    return ends[0] if ends else None
+
+
+def _post_specials(post: Any, path: Path, n_vocab: int) -> tuple[int | None, int | None] | None:
+    """What tokenizer.json's post_processor adds around the text, as (BOS id or None, EOS id or None); None without one.
+
+    ``tokenizers`` adds these when encoding with special tokens; llama.cpp adds its BOS / EOS when
+    ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say so (gguf-py reads the post_processor too).
+    """
+    if post is None:
+        return None
+    if not isinstance(post, dict):
+        raise _bad(path, f"post_processor = {shown(post)}, expected an object or null")
+    steps = post.get("processors") if post.get("type") == "Sequence" else [post]
+    if not isinstance(steps, list) or not all(isinstance(p, dict) for p in steps):
+        raise _bad(path, f"post_processor.processors = {shown(steps)}, expected a list of objects")
+    added: tuple[int | None, int | None] = (None, None)
+    for step in steps:
+        if step.get("type") == "ByteLevel":  # offsets only
+            continue
+        if step.get("type") != "TemplateProcessing":
+            raise CheckpointError(
+                f"{path}: post_processor {shown(step.get('type'))} is not one quantkit can restate for llama.cpp (ByteLevel, TemplateProcessing); "
+                "fix: convert a tokenizer.json with one of those post-processors"
+            )
+        single, specials = step.get("single"), step.get("special_tokens") or {}
+        if not isinstance(single, list) or not isinstance(specials, dict):
+            raise _bad(path, f"post_processor TemplateProcessing single = {shown(single)}, expected a list, and special_tokens an object")
+        added = (_template_end(single, specials, path, n_vocab), _template_end(single[::-1], specials, path, n_vocab))
+    return added
 
 
 def bpe_vocab(path: Path, n_vocab: int) -> Vocab:
@@ -376,7 +513,8 @@ def bpe_vocab(path: Path, n_vocab: int) -> Vocab:
     merges = _merges(model.get("merges"), path)
     _check_unicode(list(by_id.values()), path, "token")
     _check_unicode(merges, path, "merge")
-    return Vocab("gpt2", pre, _finish(tokens, path), None, [int(t) for t in types], merges, str(path))
+    post = _post_specials(tj.get("post_processor"), path, n_vocab)
+    return Vocab("gpt2", pre, _finish(tokens, path), None, [int(t) for t in types], merges, str(path), post_specials=post)
 
 
 _ID_KEY = re.compile(r"(?:0|[1-9][0-9]{0,11})", re.ASCII)
@@ -499,9 +637,20 @@ def vocab_metadata(vocab: Vocab, tcfg: dict[str, Any], config: dict[str, Any]) -
             tid = raw[0] if isinstance(raw, list) and raw else raw
         if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < len(vocab.tokens):
             md[key] = MetaValue(tid, V.UINT32)
-    add_bos = tcfg.get("add_bos_token", vocab.model == "llama")
-    md[K.ADD_BOS] = MetaValue(bool(add_bos), V.BOOL)
-    md[K.ADD_EOS] = MetaValue(bool(tcfg.get("add_eos_token", False)), V.BOOL)
+    add_bos = bool(tcfg.get("add_bos_token", vocab.model == "llama"))
+    add_eos = bool(tcfg.get("add_eos_token", False))
+    if vocab.post_specials is not None:  # tokenizer.json's post_processor is what tokenizers adds: it wins, as in gguf-py
+        bos, eos = vocab.post_specials
+        add_bos, add_eos = bos is not None, eos is not None
+        if bos is not None:  # llama.cpp adds its BOS: the token the template adds
+            md[K.BOS_ID] = MetaValue(bos, V.UINT32)
+        if eos is not None and eos != (md[K.EOS_ID].value if K.EOS_ID in md else None):
+            raise CheckpointError(
+                f"{vocab.source}: post_processor appends token {eos} ({shown(vocab.tokens[eos])}), which is not the end-of-sequence token; "
+                "llama.cpp can only append its EOS; fix: make the template append the eos_token or nothing"
+            )
+    md[K.ADD_BOS] = MetaValue(add_bos, V.BOOL)
+    md[K.ADD_EOS] = MetaValue(add_eos, V.BOOL)
     if vocab.model == "llama":
         md[K.ADD_PREFIX] = MetaValue(vocab.adds_space_prefix, V.BOOL)
     template = tcfg.get("chat_template")

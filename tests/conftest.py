@@ -59,6 +59,21 @@ def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+#: per model_type, what a small random model of the family needs beyond the common sizes (one line a family)
+ARCH_DEFAULTS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    # norm_topk_prob: what published Qwen3 MoE checkpoints say (the config class defaults to false)
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
+    # routed experts and the shared expert of their own widths (the config class's defaults are Qwen1.5-MoE's sizes)
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96),
+    # as many KV heads as query heads: llama.cpp's olmoe graph has no grouped-query attention
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4),
+    # Granite's four multipliers away from 1, each visible in the logits (the published 12 / 0.22 / 1/64 / 6 shrink the layers' share below the tolerance)
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.25, logits_scaling=0.5),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.25, logits_scaling=0.5),
+}
+
+
 def random_model(
     path: Path,
     model_type: str,
@@ -66,24 +81,23 @@ def random_model(
     seed: int = 0,
     max_shard_size: str | None = None,
     dtype: str = "bfloat16",
+    fused: bool = False,
     **overrides,
 ) -> Path:
     """A randomly initialised HF model (every weight perturbed, norms too) with a copied tokenizer."""
     import torch
     import transformers
 
-    cls = {"mixtral": "Mixtral", "mistral": "Mistral", "llama": "Llama"}[model_type]
     cfg = dict(
         vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
-    if model_type == "mixtral":
-        cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    cfg.update(ARCH_DEFAULTS.get(model_type, {}))
     cfg.update(overrides)
-    config = getattr(transformers, f"{cls}Config")(**cfg)
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{cls}ForCausalLM")(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
@@ -91,7 +105,9 @@ def random_model(
             else:
                 p.copy_(torch.randn_like(p) * (0.6 / p.shape[-1] ** 0.5 if "embed" not in name else 1.0))
     model = model.to(getattr(torch, dtype))
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    kwargs: dict = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if fused:  # transformers 5's own layout: mlp.experts.gate_up_proj [E, 2F, H] / down_proj [E, H, F]
+        kwargs["save_original_format"] = False
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     for f in TOKENIZER_FILES:
         if (tokenizer_dir / f).exists():

@@ -175,7 +175,7 @@ CASES = {
     "expert missing": (lambda d: _drop_tensor(d, "model.layers.1.block_sparse_moe.experts.2.w3.weight"), ["experts.2.w3", "missing"]),
     "tensor left over": (lambda d: _rename_tensor(d, "model.layers.0.input_layernorm.weight", "model.layers.0.mystery.weight"), ["mystery", "matches no known tensor"]),
     "lm_head missing, not tied": (lambda d: _drop_tensor(d, "lm_head.weight"), ["lm_head.weight", "tie_word_embeddings"]),
-    "unknown model_type": (lambda d: _set_config(d, model_type="gpt_neox"), ["gpt_neox", "supported: llama, mistral, mixtral"]),
+    "unknown model_type": (lambda d: _set_config(d, model_type="gpt_neox"), ["gpt_neox", "supported:", "mixtral"]),
     "config value wrong type": (lambda d: _set_config(d, hidden_size="128"), ["hidden_size", "expected an integer"]),
     "missing tokenizer": (lambda d: (d / "tokenizer.model").unlink(), ["tokenizer.model", "tokenizer.json"]),
     "corrupt tokenizer.model": (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), ["tokenizer.model", "SentencePiece"]),
@@ -210,6 +210,14 @@ CASES = {
     "tie_word_embeddings a string": (lambda d: _set_config(d, tie_word_embeddings="false"), ["tie_word_embeddings", "true or false"]),
     "sliding_window a string": (lambda d: _set_config(d, sliding_window="4096"), ["sliding_window", "expected an integer"]),
     "odd head_dim": (lambda d: _set_config(d, num_attention_heads=128, num_key_value_heads=64, head_dim=1), ["head_dim", "even"]),
+    # olmoe configs llama.cpp's olmoe graph cannot compute (refused from config.json, before any tensor is read)
+    "olmoe with GQA": (lambda d: _set_config(d, model_type="olmoe"), ["num_key_value_heads = 2", "olmoe graph", "as many KV heads as query heads"]),
+    "olmoe norm_topk_prob true": (lambda d: _set_config(d, model_type="olmoe", num_key_value_heads=4, norm_topk_prob=True), ["norm_topk_prob = True", "never"]),
+    "olmoe clip_qkv": (lambda d: _set_config(d, model_type="olmoe", num_key_value_heads=4, clip_qkv=8.0), ["clip_qkv = 8.0", "does not clamp"]),
+    "olmoe head_dim not hidden/heads": (lambda d: _set_config(d, model_type="olmoe", num_key_value_heads=4, head_dim=48), ["head_dim = 48", "hidden_size = 128"]),
+    # granitemoe configs llama.cpp's granite graph would compute differently (refused from config.json; more in test_granitemoe.py)
+    "granitemoe hidden_act gelu": (lambda d: _set_config(d, model_type="granitemoe", hidden_act="gelu"), ["hidden_act = 'gelu'", "granite graph", "SiLU"]),
+    "granitemoe residual_multiplier 0": (lambda d: _set_config(d, model_type="granitemoe", residual_multiplier=0), ["residual_multiplier = 0", "llama.cpp reads 0 as no residual scaling"]),
     "integer of 5000 digits": (_huge_int_config, ["config.json", "not valid JSON"]),
     # tokenizer_config.json
     "tokenizer_config.json a JSON list": (lambda d: (d / "tokenizer_config.json").write_text("[]"), ["tokenizer_config.json", "expected a JSON object", "array"]),
@@ -239,6 +247,9 @@ CASES = {
     "tokenizer.json two added tokens alike": (lambda d: _bpe(d, lambda t: t["added_tokens"].append({"id": 7, "content": "<s>", "special": True})), ["tokenizer.json", "tokens 3 and 7 are both '<s>'"]),
     "tokenizer.json token with a NUL": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update({"a\u0000b": 6})), ["tokenizer.json", "token 6", "NUL"]),
     "tokenizer.json lone surrogate": (lambda d: _bpe(d, lambda t: t["model"]["vocab"].update({"\ud800": 5})), ["tokenizer.json", "not valid Unicode"]),
+    # a split regex no llama.cpp pre-tokenizer has: never written as llama.cpp's 'default' (it would tokenise differently)
+    "tokenizer.json unknown split regex": (lambda d: _bpe(d, lambda t: t.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": r"\p{L}+|\s+"}, "behavior": "Isolated"}, {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]})), ["tokenizer.json", "matches none of the llama.cpp pre-tokenizers", "qwen2"]),
+    "tokenizer.json ByteLevel add_prefix_space": (lambda d: _bpe(d, lambda t: t["pre_tokenizer"].update(add_prefix_space=True)), ["tokenizer.json", "add_prefix_space = true"]),
 }
 
 

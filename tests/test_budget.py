@@ -233,3 +233,23 @@ def test_budget_with_an_importance_matrix(tmp_path):
     ckpt.close()
     damage = lambda p: [t.reason for t in p.plan.tensors]  # noqa: E731
     assert damage(plain) != damage(weighted)  # the measured errors changed with the weights
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_budget_on_fused_expert_layout(tmp_path, model_type):
+    """transformers 5's fused experts (one [E, 2F, H] source): every expert sampled, not only the first.
+
+    The sampler rebound the fused array while iterating over it: from the second expert on it sampled
+    one column (a ValueError, or heap corruption in the kernel) -- a crash of --target-bpw on every fused checkpoint.
+    """
+    from conftest import random_model
+
+    src = random_model(tmp_path / "hf", model_type, fused=True, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
+                       num_attention_heads=4, head_dim=64) if model_type == "qwen3_moe" else \
+        random_model(tmp_path / "hf", model_type, fused=True, hidden_size=256, intermediate_size=256, head_dim=64)
+    t = next(t for t in prepare(src, "f16")[1].tensors if t.name == "blk.0.ffn_up_exps.weight")
+    rows = list(budget.expert_rows(t))
+    assert len(rows) == t.shape[0] and all(r.shape[1] == t.shape[-1] for r in rows)
+    r = convert(src, tmp_path / "b.gguf", target=Target(bpw=4.5))
+    got = 8 * sum(int(t.n_bytes) for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors) / r.n_params
+    assert 4.5 * 0.98 <= got <= 4.5, got

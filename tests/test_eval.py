@@ -42,7 +42,7 @@ def test_perplexity_rule_matches_transformers(fixture_gguf, text):
     from transformers import MixtralForCausalLM
 
     from quantkit.evals.perplexity import perplexity
-    from quantkit.evals.session import EvalSession
+    from quantkit.session import EvalSession
 
     ours = perplexity(fixture_gguf("f32"), text, n_ctx=CTX, n_chunks=3)
     s = EvalSession(fixture_gguf("f32"), CTX)
@@ -102,7 +102,7 @@ def test_router_capture_matches_transformers(fixture_gguf, text):
     import torch
     from transformers import MixtralForCausalLM
 
-    from quantkit.evals.session import EvalSession
+    from quantkit.session import EvalSession
 
     s = EvalSession(fixture_gguf("f32"), 64, capture_router=True)
     ids = s.tokenize(text)[:64]

@@ -257,7 +257,7 @@ def no_loading(monkeypatch, fixture_gguf):
     import quantkit.convert
     import quantkit.evals.kld as kld
     import quantkit.evals.perplexity as ppl
-    import quantkit.evals.session as session
+    import quantkit.session as session
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded or converted before the arguments were checked")
@@ -316,7 +316,7 @@ def test_kld_hf_base_ctx_checked_against_config_json(no_loading, tmp_path):
                                          (4096, "trained context of 2048"), (1_000_000_000, "trained context of 2048"), (64.5, "whole number")])
 @pytest.mark.parametrize("source", ["gguf", "hf"])
 def test_imatrix_ctx_checked_before_loading_or_converting(fixture_gguf, no_loading, ctx, needle, source):
-    from quantkit.imatrix import collect_from_source
+    from quantkit.imatrix_collect import collect_from_source
 
     src = fixture_gguf("bf16") if source == "gguf" else FIXTURE
     with pytest.raises(QuantkitError) as e:
@@ -338,7 +338,7 @@ def test_chunks_and_threads_checked_before_loading(fixture_gguf, no_loading, tmp
     from quantkit.evals.kld import base_logprobs
     from quantkit.evals.matrix import run_matrix
     from quantkit.evals.perplexity import perplexity
-    from quantkit.imatrix import collect_from_source
+    from quantkit.imatrix_collect import collect_from_source
     from quantkit.sensitivity import measure_checkpoint
 
     n_chunks, threads = kwargs.get("n_chunks"), kwargs.get("threads")
@@ -388,7 +388,8 @@ def test_hf_base_ctx_beyond_available_memory_is_refused(no_loading, monkeypatch,
 def test_ctx_beyond_available_memory_is_refused(fixture_gguf, no_loading, monkeypatch):
     """A context within the trained one whose KV cache and logits alone exceed MemAvailable: refused, not allocated."""
     from quantkit import runtime
-    from quantkit.evals.perplexity import model_limits, perplexity
+    from quantkit.evals.perplexity import perplexity
+    from quantkit.limits import model_limits
 
     limits = model_limits(fixture_gguf("q8_0"))
     # the fixture: 4 layers x 2 KV heads x (64 + 64) x 2 bytes per token, 3000-token vocabulary
@@ -438,7 +439,7 @@ def test_cli_range_errors(fixture_gguf, no_loading, tmp_path, args, needle, code
 def test_empty_text_is_refused_before_loading(fixture_gguf, no_loading, tmp_path):
     from quantkit.evals.kld import base_logprobs
     from quantkit.evals.perplexity import perplexity
-    from quantkit.imatrix import collect_imatrix
+    from quantkit.imatrix_collect import collect_imatrix
 
     for call in (lambda: perplexity(fixture_gguf("q8_0"), "", n_ctx=64), lambda: base_logprobs(fixture_gguf("q8_0"), "", 64, None, cache_dir=tmp_path),
                  lambda: collect_imatrix(fixture_gguf("bf16"), "", n_ctx=64, dataset="calib.txt")):
@@ -451,8 +452,8 @@ def test_empty_text_is_refused_before_loading(fixture_gguf, no_loading, tmp_path
 def test_short_text_names_tokens_needed_and_found(fixture_gguf, tmp_path, text):
     from quantkit.evals.kld import base_logprobs
     from quantkit.evals.perplexity import perplexity
-    from quantkit.evals.session import EvalSession
-    from quantkit.imatrix import collect_imatrix
+    from quantkit.session import EvalSession
+    from quantkit.imatrix_collect import collect_imatrix
 
     s = EvalSession(fixture_gguf("q8_0"), 64)
     found = len(s.tokenize(text))

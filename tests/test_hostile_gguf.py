@@ -369,7 +369,7 @@ def test_non_utf8_name_and_tokens_do_not_break_evaluation(tmp_path, f32):
     tokens[2999] = b"\xff\xfe".decode("utf-8", "surrogateescape")  # a token that is not UTF-8
     bad = rewrite(f32, tmp_path / "bad.gguf", {"general.name": MetaValue(b"tiny\xff\xfe", V.STRING),
                                                 "tokenizer.ggml.tokens": MetaValue(tokens, V.ARRAY, V.STRING)})
-    from quantkit.evals.session import EvalSession
+    from quantkit.session import EvalSession
 
     s = EvalSession(bad, 64, threads=2)
     try:

@@ -424,7 +424,7 @@ def _prepare_or_refuse(tiny: Path, files: dict[str, bytes | None]) -> str:
     Returns "ok" or "refused"; any other exception (and MemoryError) propagates and fails the property.
     A prepared model's metadata and generated tensors must also encode: GGUF's fixed-width fields hold them.
     """
-    from quantkit.convert import ARCH_NAME, prepare
+    from quantkit.convert import prepare
     from quantkit.gguf_write import encode_header
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -442,7 +442,7 @@ def _prepare_or_refuse(tiny: Path, files: dict[str, bytes | None]) -> str:
                 _event(f"refused: {str(e).split(': ')[1][:40] if ': ' in str(e) else e}")
                 return "refused"
             try:
-                encode_header(ARCH_NAME, prep.metadata, ((tp.name, tp.shape, tp.qtype, tp.nbytes) for tp in prep.plan.tensors))
+                encode_header(prep.arch, prep.metadata, ((tp.name, tp.shape, tp.qtype, tp.nbytes) for tp in prep.plan.tensors))
                 for t in prep.tensors:
                     if t.data is not None:
                         t.data()

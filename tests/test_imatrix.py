@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from conftest import FIXTURE, ROOT, fused_copy, read_config
 from quantkit.cli import app
 from quantkit.errors import QuantkitError
-from quantkit.imatrix import Entry, Imatrix, check_matches, collect_imatrix, coverage, expert_weights, read_imatrix, write_imatrix
+from quantkit.imatrix import Entry, Imatrix, check_matches, coverage, expert_weights, read_imatrix, write_imatrix
+from quantkit.imatrix_collect import collect_imatrix
 
 Q = gguf.GGMLQuantizationType
 REF = ROOT / "evals" / "reference" / "imatrix-fixture.gguf"
@@ -241,7 +242,7 @@ def test_collection_is_bit_identical_to_a_local_llama_imatrix(fixture_gguf, text
 
 def test_ggml_tensor_layout_against_the_gguf(fixture_gguf):
     """GGMLTensor's ne / type / src agree with libggml's accessors and with the weights' shapes in the file."""
-    from quantkit.evals.session import GGMLTensor, EvalSession, _ggml_fns, check_tensor_layout
+    from quantkit.session import GGMLTensor, EvalSession, _ggml_fns, check_tensor_layout
     from quantkit.gguf_read import read_gguf
 
     path = fixture_gguf("bf16")
@@ -302,8 +303,8 @@ def test_all_experts_covers_every_expert(routed, every):
 
 def test_all_experts_down_inputs_are_llama_cpps(fixture_gguf, text):
     """For the tokens the router did send to an expert, the numpy ffn_down input equals llama.cpp's (to activation rounding)."""
-    from quantkit.evals.session import EvalSession, tensor_array
-    from quantkit.imatrix import _Collector, _ExpertWeights
+    from quantkit.session import EvalSession, tensor_array
+    from quantkit.imatrix_collect import _Collector, _ExpertWeights
 
     path = fixture_gguf("bf16")
     captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -331,7 +332,7 @@ def test_all_experts_down_inputs_are_llama_cpps(fixture_gguf, text):
 
 def test_all_experts_flushes_in_batches(fixture_gguf, text, every, monkeypatch):
     """Running the experts after every chunk instead of once at the end: the same statistics (up to summation order)."""
-    import quantkit.imatrix as imatrix
+    import quantkit.imatrix_collect as imatrix
 
     monkeypatch.setattr(imatrix, "FLUSH_BYTES", 1)
     often = collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, all_experts=True)

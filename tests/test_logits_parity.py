@@ -44,6 +44,27 @@ RANDOM_CASES = {
     "llama-linear-rope-f32": dict(model_type="llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}, dtype="float32"),
     # Llama 3 style rope (generated rope_freqs tensor)
     "llama-llama3-rope": dict(model_type="llama", max_position_embeddings=2048, rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}),
+    # Qwen3 MoE: q/k norms, NeoX rope (no permutation), head_dim != hidden/heads, experts of their own width, per-expert keys
+    "qwen3moe-qknorm-headdim": dict(model_type="qwen3_moe", head_dim=48),
+    # Qwen3 MoE in transformers 5's fused layout (gate_up_proj halves), GQA 4:1, top-3 of 6, sharded, rope base 1e6
+    "qwen3moe-fused-gqa-sharded": dict(model_type="qwen3_moe", fused=True, num_key_value_heads=1, num_experts=6, num_experts_per_tok=3,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, max_shard_size="400KB"),
+    # OLMoE: q/k norms over the whole projection, NeoX rope (no permutation), unnormalised top-k weights, per-expert keys, yarn rope
+    "olmoe-qknorm-yarn": dict(model_type="olmoe", max_position_embeddings=2048,
+                              rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0}),
+    # OLMoE in transformers 5's fused layout, tied embeddings (the graph needs output: a copy), top-3 of 6, sharded
+    "olmoe-fused-tied-sharded": dict(model_type="olmoe", fused=True, tie_word_embeddings=True, num_experts=6, num_experts_per_tok=3, max_shard_size="400KB"),
+    # Qwen1.5/2 MoE: q/k/v biases, NeoX rope, unnormalised top-k weights, a sigmoid-gated shared expert, GQA 2:1, per-expert keys, rope base 1e6
+    "qwen2moe-qkvbias-shexp-gqa": dict(model_type="qwen2_moe", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Qwen2 MoE in transformers 5's fused layout, GQA 4:1, top-3 of 6, shared expert wider than the model, tied (output: a copy), sharded
+    "qwen2moe-fused-gqa4-tied-sharded": dict(model_type="qwen2_moe", fused=True, num_key_value_heads=1, num_experts=6, num_experts_per_tok=3,
+                                             shared_expert_intermediate_size=192, tie_word_embeddings=True, max_shard_size="400KB"),
+    # Granite MoE: the four multipliers (attention scale replaces 1/sqrt(head_dim)), fused input_linear [E, 2F, H] halves in IBM's layout,
+    # llama rope (q/k rows and biases permuted), q/k/v/o biases, head_dim != hidden/heads
+    "granitemoe-multipliers-bias-headdim": dict(model_type="granitemoe", attention_bias=True, head_dim=48),
+    # Granite MoE shared in transformers 5's layout (experts.gate_up_proj), the shared MLP's fused [2S, H] halves, GQA 4:1, top-3 of 6, tied, sharded
+    "granitemoeshared-fused-gqa4-tied-sharded": dict(model_type="granitemoeshared", fused=True, num_key_value_heads=1, num_local_experts=6, num_experts_per_tok=3,
+                                                     tie_word_embeddings=True, max_shard_size="400KB"),
 }
 
 

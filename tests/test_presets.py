@@ -60,6 +60,10 @@ REAL_WITH_IMATRIX = ("Q2_K_S", "IQ3_XXS", "IQ3_XS")
 #: fixture (8.6M weights) for three presets.
 REAL_CASES = [("moe8-L8-ffn256-rows32", p, im) for p, im in CASES if p not in SLOW_KERNELS and (not im or p in REAL_WITH_IMATRIX)]
 REAL_CASES += [("fixture", p, False) for p in ("Q8_0", "Q4_K_M", "Q3_K_M")]
+REAL_CASES += [("qwen3moe-e8-L8", p, False) for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [("olmoe-e8-L16", p, False) for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [("qwen2moe-e8-L8-shexp", p, False) for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [("granitemoeshared-e8-L8-tied", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 
 
 # --------------------------------------------------------------------------- llama.cpp as the oracle
@@ -195,6 +199,32 @@ RANDOM = {
     "llama-L80-70b-shape": dict(
         model_type="llama", num_hidden_layers=80, hidden_size=64, intermediate_size=32,
         num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+    ),
+    # qwen3moe (another GGUF architecture): 8 experts of width 256 (k-quants on every expert), GQA 2,
+    # q/k norms (1-D, F32), attention rows 256, 8 layers
+    "qwen3moe-e8-L8": dict(
+        model_type="qwen3_moe", num_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256,
+        intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    ),
+    # olmoe (GGUF arch olmoe): 8 experts, 16 layers (OLMoE-1B-7B's depth), no GQA (8 experts: attn_v bumps),
+    # q/k norms over the whole projection (1-D, F32), rows 256 except ffn_down_exps (128: falls back)
+    "olmoe-e8-L16": dict(
+        model_type="olmoe", num_experts=8, num_hidden_layers=16, hidden_size=256, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=4,
+    ),
+    # qwen2moe (GGUF arch qwen2moe): 8 experts of width 256 (k-quants on every expert), GQA 2, q/k/v biases
+    # (1-D, F32), a shared expert: ffn_gate_inp_shexp one row (never quantised), ffn_{gate,up}_shexp rows 256,
+    # ffn_down_shexp rows 64 (falls back); two ffn_down tensors per block for llama.cpp's i_ffn_down counter
+    "qwen2moe-e8-L8-shexp": dict(
+        model_type="qwen2_moe", num_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256,
+        shared_expert_intermediate_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    ),
+    # granitemoe (GGUF arch granitemoe, from granitemoeshared): 8 experts of width 256, a shared MLP of width 256
+    # (ffn_{gate,up,down}_shexp: two ffn_down tensors per block for llama.cpp's i_ffn_down counter), GQA 2,
+    # q/k/v/o biases (1-D, F32), tied embeddings (token_embd takes the output rules), as granite-3.1 is
+    "granitemoeshared-e8-L8-tied": dict(
+        model_type="granitemoeshared", num_local_experts=8, num_hidden_layers=8, hidden_size=256, intermediate_size=256,
+        shared_intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True,
     ),
 }
 

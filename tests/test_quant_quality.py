@@ -69,7 +69,7 @@ def test_quantised_fixture_generates_sensible_text(quantised):
     """Greedy text from Q4_K_M: the base model finds it likely (random tokens would score PPL ~ vocab size)."""
     from llama_cpp import Llama
 
-    from quantkit.evals.perplexity import log_softmax
+    from quantkit.session import log_softmax
 
     llm = Llama(str(quantised["Q4_K_M"]), n_ctx=256, verbose=False, seed=0)
     prompt = "HAMLET:\nTo be, or not to be"

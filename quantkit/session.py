@@ -274,3 +274,11 @@ class EvalSession:
         self.batch.close()
         self.ctx.close()
         self.model.close()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of logit rows, in float64 on the way (what KL-divergence and sensitivity compare)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x.astype(np.float32)
