@@ -114,6 +114,12 @@ class Hparams:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Hparams:
+        act = config.get("hidden_act", "silu")
+        if act != "silu":  # llama.cpp's llama (and qwen3moe) graphs gate every FFN with SiLU, whatever the file says
+            raise CheckpointError(
+                f"config.json: hidden_act = {shown(act)}: llama.cpp's graph for this family gates its feed-forward layers with SiLU "
+                "and would compute another model; fix: only checkpoints with hidden_act = \"silu\" can be converted"
+            )
         n_embd = _get(config, "hidden_size", int)
         n_head = _get(config, "num_attention_heads", int)
         n_head_kv = _get(config, "num_key_value_heads", int, n_head)

@@ -32,7 +32,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
-import gguf
 import numpy as np
 from gguf import quants
 
@@ -43,11 +42,11 @@ from quantkit.gguf_write import type_nbytes
 from quantkit.mapping import OutTensor, Role
 
 log = logging.getLogger(__name__)
-Q = gguf.GGMLQuantizationType
+Q = gguf_spec.GGMLQuantizationType
 
 #: Candidate types for rows of 256 (k-quants) and for other row lengths (32-blocks), cheapest first.
-CANDIDATES_256: tuple[gguf.GGMLQuantizationType, ...] = (Q.Q2_K, Q.Q3_K, Q.IQ4_XS, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
-CANDIDATES_32: tuple[gguf.GGMLQuantizationType, ...] = (Q.Q4_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+CANDIDATES_256: tuple[gguf_spec.GGMLQuantizationType, ...] = (Q.Q2_K, Q.Q3_K, Q.IQ4_XS, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+CANDIDATES_32: tuple[gguf_spec.GGMLQuantizationType, ...] = (Q.Q4_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 #: Priors for the cost of relative error where it was not measured (``--calib-text`` measures it,
 #: quantkit.sensitivity).  From a probe of the bundled fixture (KLD of quantising one tensor alone to
 #: Q2_K, divided by its relative error): the output projection costs ~30x a median matrix, the token
@@ -86,7 +85,7 @@ class OutOfReach(QuantkitError):
 
 @dataclass(frozen=True)
 class Option:
-    qtype: gguf.GGMLQuantizationType
+    qtype: gguf_spec.GGMLQuantizationType
     nbytes: int
     damage: float
 
@@ -97,7 +96,7 @@ class Choice:
     reason: str
 
 
-def candidates(t: OutTensor) -> tuple[gguf.GGMLQuantizationType, ...]:
+def candidates(t: OutTensor) -> tuple[gguf_spec.GGMLQuantizationType, ...]:
     """Candidate types for a matrix: k-quants when rows are multiples of 256, else 32-block types.
 
     None for what always stays F32: routers, norms, 1-D and generated tensors.
@@ -134,7 +133,7 @@ def expert_rows(t: OutTensor, max_rows: int = MAX_ROWS) -> Iterator[np.ndarray]:
         yield to_f32(np.ascontiguousarray(m[idx]), dtype).reshape(len(idx), -1)
 
 
-def relative_error(x: np.ndarray, qtype: gguf.GGMLQuantizationType, w: np.ndarray | None) -> float:
+def relative_error(x: np.ndarray, qtype: gguf_spec.GGMLQuantizationType, w: np.ndarray | None) -> float:
     """Importance-weighted relative squared error of quantising rows ``x`` as ``qtype``."""
     qw = None if w is None else np.ascontiguousarray(w, dtype=np.float32)
     raw = ggml.quantize(x, qtype, qw)
@@ -149,7 +148,7 @@ def relative_error(x: np.ndarray, qtype: gguf.GGMLQuantizationType, w: np.ndarra
 Importance = Callable[[str], tuple[np.ndarray | None, np.ndarray | None]]
 
 
-def rel_errors(t: OutTensor, importance: Importance | None = None, max_rows: int = MAX_ROWS) -> dict[gguf.GGMLQuantizationType, float]:
+def rel_errors(t: OutTensor, importance: Importance | None = None, max_rows: int = MAX_ROWS) -> dict[gguf_spec.GGMLQuantizationType, float]:
     """``rel(q)`` of every candidate type of ``t``, expert ratios averaged by router share."""
     types = candidates(t)
     if not types:
@@ -178,7 +177,7 @@ def prior_weight(t: OutTensor, n_layer: int) -> float:
     return w
 
 
-def options(t: OutTensor, rel: Mapping[gguf.GGMLQuantizationType, float], weight: float) -> list[Option]:
+def options(t: OutTensor, rel: Mapping[gguf_spec.GGMLQuantizationType, float], weight: float) -> list[Option]:
     return [Option(q, type_nbytes(q, t.shape), weight * r) for q, r in rel.items()]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import logging
 import stat
 import traceback
@@ -381,13 +382,18 @@ def _path(path: str | Path, command: str) -> Path:
 
 
 def save_history(history: History, path: str | Path) -> Path:
-    """Write the conversation as JSON (atomically; an existing regular file is replaced)."""
+    """Write the conversation as JSON, atomically; an existing file is replaced only when it is an earlier /save."""
     path = _path(path, "/save")
     fix = f"fix: /save {path / 'chat.json'}" if path.is_dir() else "fix: /save a path to a regular file"
     if path.is_dir():
         raise QuantkitError(f"{path}: is a directory; {fix}")
     if path.exists() and not path.is_file():  # a device, FIFO or socket: renaming over it would replace it
         raise QuantkitError(f"{path}: exists and is not a regular file (a device, FIFO or socket); {fix}")
+    if os.path.lexists(path):  # only an earlier /save is replaced: never a model, a text or a dangling link
+        try:
+            load_history(path)
+        except QuantkitError:
+            raise QuantkitError(f"{path}: already exists and is not a conversation saved by /save; fix: /save another file name") from None
     try:
         text = json.dumps(history_to_json(history), indent=2, ensure_ascii=False) + "\n"
         data = text.encode("utf-8")

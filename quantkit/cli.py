@@ -268,7 +268,7 @@ def imatrix_command(
     from quantkit.imatrix_collect import collect_from_source
     from quantkit.output import check_target
 
-    _run(lambda: check_target(output, force))
+    _run(lambda: check_target(output, force, inputs=(src, text)))
     body = _run(lambda: read_text(text, None))
     body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
     show = progress and err.is_terminal and not as_json

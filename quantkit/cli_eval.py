@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,12 +45,24 @@ def read_text(text: Optional[Path], corpus: Optional[str]) -> str:
 MAX_TEXT_BYTES = 1 << 30
 
 
+def _open_text(path: Path) -> Any:
+    """Open for reading; a FIFO without a writer gives end-of-file at once instead of blocking forever
+    (a pipe from a running process, ``--text <(zcat corpus.gz)``, is read as usual)."""
+    import stat
+
+    if not stat.S_ISFIFO(os.stat(path).st_mode):
+        return path.open("rb")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_text_file(path: Path, what: str) -> str:
     """A whole UTF-8 text file, or one line saying why it cannot be one."""
     path = Path(path)
     parts: list[bytes] = []
     try:
-        with path.open("rb") as f:  # in pieces: a pipe or a device (/dev/zero) has no size to check first
+        with _open_text(path) as f:  # in pieces: a pipe or a device (/dev/zero) has no size to check first
             size = 0
             while piece := f.read(1 << 24):
                 size += len(piece)
@@ -117,14 +130,27 @@ def _write_file(path: Path, text: str, force: bool) -> None:
     cli._run(write)
 
 
-def _check_outputs(force: bool, *paths: Optional[Path]) -> None:
-    """Refuse unwritable report paths before the evaluation, not after it ('-' is stdout)."""
+def _check_outputs(force: bool, paths: tuple[Optional[Path], ...], inputs: tuple[Optional[Path], ...]) -> None:
+    """Refuse unwritable report paths before the evaluation, not after it ('-' is stdout).
+
+    An output may not be one of the command's inputs, nor the same file as another output.
+    """
     from quantkit.output import check_target
 
     cli = _cli()
-    for path in paths:
-        if path is not None and str(path) != "-":
-            cli._run(lambda: check_target(path, force))
+    given = [p for p in paths if p is not None and str(p) != "-"]
+    reads = tuple(p for p in inputs if p is not None)
+    seen: dict[Path, Path] = {}
+    for path in given:
+        cli._run(lambda: check_target(path, force, inputs=reads))
+        key = path.resolve()
+        if key in seen:
+            cli._run(lambda: _refuse(f"{path}: given for two outputs ({seen[key]} and {path}); fix: give each output its own file"))
+        seen[key] = path
+
+
+def _refuse(message: str) -> None:
+    raise QuantkitError(message)
 
 
 @eval_app.command("ppl")
@@ -143,7 +169,7 @@ def ppl(
     from quantkit.evals.perplexity import perplexity
 
     cli = _cli()
-    _check_outputs(force, json_out)
+    _check_outputs(force, (json_out,), (model, text))
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("perplexity", progress and str(json_out) != "-")
     with bar:
@@ -178,7 +204,7 @@ def kld(
     from quantkit.evals.kld import base_logprobs, compare
 
     cli = _cli()
-    _check_outputs(force, json_out)
+    _check_outputs(force, (json_out,), (base, model, text))
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("base", progress and str(json_out) != "-")
     with bar:
@@ -251,9 +277,9 @@ def gate_command(
         _write_file(baseline, json.dumps(data, indent=2) + "\n", force=True)
         cli.out.line(f"baseline {baseline} updated from {report}")
         return
-    _check_outputs(force, json_out, junit)
+    _check_outputs(force, (json_out, junit), (report, baseline, thresholds))
     if markdown is not None:
-        cli._run(lambda: _check_appendable(markdown))
+        cli._run(lambda: _check_appendable(markdown, (report, baseline, thresholds), (json_out, junit)))
     verdict = cli._run(lambda: g.gate(report, baseline, thresholds))
     _write_json(verdict.to_json(), json_out, force)
     if markdown is not None:
@@ -280,12 +306,19 @@ def _make_parent(path: Path) -> None:
         raise QuantkitError(f"--baseline {path}: cannot create {path.parent} ({e.strerror}); fix: choose another path") from None
 
 
-def _check_appendable(path: Path) -> None:
-    """--markdown appends (GitHub's step summary is one file for the whole job): its directory must exist."""
+def _check_appendable(path: Path, inputs: tuple[Optional[Path], ...], outputs: tuple[Optional[Path], ...]) -> None:
+    """--markdown appends (GitHub's step summary is one file for the whole job): its directory must exist,
+    and it may be neither an input nor another output."""
+    key = path.resolve()
+    for other in (*inputs, *outputs):
+        if other is not None and Path(other).resolve() == key:
+            raise QuantkitError(f"--markdown {path}: is also {other} (an input or another output); fix: give the Markdown its own file")
     if path.is_dir():
         raise QuantkitError(f"--markdown {path}: is a directory; fix: give a file, e.g. \"$GITHUB_STEP_SUMMARY\"")
     if not path.parent.is_dir():
         raise QuantkitError(f"--markdown {path}: directory {path.parent} does not exist; fix: create it first (mkdir -p {path.parent})")
+    if path.exists() and not path.is_file():  # a FIFO would block the gate forever
+        raise QuantkitError(f"--markdown {path}: not a regular file; fix: give a file, e.g. \"$GITHUB_STEP_SUMMARY\"")
 
 
 def _append(path: Path, text: str) -> None:

@@ -438,7 +438,7 @@ def convert(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    check_target(out, force)
+    check_target(out, force, inputs=(src,))
     ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize)
     with ckpt:
         plan = prep.plan

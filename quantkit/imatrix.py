@@ -244,7 +244,7 @@ def _read_gguf(path: Path) -> Imatrix:
             s, c = infos.get(name + SUM_SUFFIX), infos.get(name + COUNT_SUFFIX)
             if s is None or c is None:
                 raise _fail(path, f"{name!r} has {'no' if s is None else 'a'} {SUM_SUFFIX} but {'no' if c is None else 'a'} {COUNT_SUFFIX} tensor")
-            if s.qtype != gguf.GGMLQuantizationType.F32 or c.qtype != gguf.GGMLQuantizationType.F32:
+            if s.qtype != gguf_spec.GGMLQuantizationType.F32 or c.qtype != gguf_spec.GGMLQuantizationType.F32:
                 raise _fail(path, f"{name!r}: sums and counts must be F32, found {s.qtype.name} and {c.qtype.name}")
             n_expert = c.n_elements
             if n_expert < 1 or s.n_elements % n_expert or s.n_elements == 0 or (len(s.ne) > 1 and s.ne[1] != n_expert):

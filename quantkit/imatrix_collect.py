@@ -45,6 +45,7 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
+from quantkit import gguf_spec
 from quantkit.errors import QuantkitError
 from quantkit.imatrix import _EXPERT_NAME, Entry, Imatrix
 
@@ -95,7 +96,7 @@ class _ExpertWeights:
         per = t.nbytes // t.ne[2]
         start = self.file.data_offset + t.offset + expert * per
         raw = self.mm[start : start + per]
-        Q = gguf.GGMLQuantizationType
+        Q = gguf_spec.GGMLQuantizationType
         if t.qtype == Q.F32:
             return np.array(raw.view(np.float32)).reshape(n_rows, n_cols)
         if t.qtype in (Q.F16, Q.BF16):

@@ -22,13 +22,31 @@ from quantkit.errors import OutputError
 log = logging.getLogger(__name__)
 
 
-def check_target(path: Path, force: bool) -> None:
+def check_target(path: Path, force: bool, inputs: tuple[Path | str, ...] = ()) -> None:
     """Refuse a missing parent directory, a directory target, or an existing file without force.
 
     A symbolic link at the target counts as existing even when it dangles: replacing it
-    needs ``--force`` like any other file.
+    needs ``--force`` like any other file.  ``inputs`` are the files (or directories) the
+    command reads: the output may not be one of them or lie inside one, even with ``--force``.
     """
+    raw = os.fspath(path)
+    if raw.endswith(os.sep) or raw in ("", "."):
+        raise OutputError(f"{raw!r}: names a directory, not a file; fix: give a file name such as {Path(raw or '.') / 'model.gguf'}")
     path = Path(path)
+    try:
+        _check_target(path, force, inputs)
+    except OSError as e:  # a name too long, a path through a file, no permission to look
+        raise OutputError(f"{raw[:200]}: cannot be used as an output path ({e.strerror or e}); fix: choose another path") from None
+
+
+def _check_target(path: Path, force: bool, inputs: tuple[Path | str, ...]) -> None:
+    if len(os.fsencode(path.name)) > 255:  # NAME_MAX: the rename at the end would fail after all the work
+        raise OSError(36, "File name too long")
+    target = path.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if target == src or src in target.parents:
+            raise OutputError(f"{path}: is {'inside ' if target != src else ''}the input {given}; fix: write the output elsewhere")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory; fix: give a file name such as {path / 'model.gguf'}")
     if not path.parent.is_dir():

@@ -27,30 +27,29 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
-import gguf
 import numpy as np
 from gguf import quants
 
-from quantkit import budget, ggml
+from quantkit import budget, ggml, gguf_spec
 from quantkit.encode import f32_to_bf16, to_f32
 from quantkit.errors import QuantkitError
 from quantkit.mapping import OutTensor
 
 log = logging.getLogger(__name__)
-Q = gguf.GGMLQuantizationType
+Q = gguf_spec.GGMLQuantizationType
 PROBE_256 = Q.Q3_K  # probe type for rows of 256: the middle of the range budgets choose from
 PROBE_32 = Q.Q4_0
 _STORED = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
 
 
-def probe_type(t: OutTensor) -> gguf.GGMLQuantizationType | None:
+def probe_type(t: OutTensor) -> gguf_spec.GGMLQuantizationType | None:
     c = budget.candidates(t)
     if not c:
         return None
     return PROBE_256 if c is budget.CANDIDATES_256 else PROBE_32
 
 
-def simulate(raw: bytes, stored: gguf.GGMLQuantizationType, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, weights: np.ndarray | None) -> bytes:
+def simulate(raw: bytes, stored: gguf_spec.GGMLQuantizationType, shape: tuple[int, ...], qtype: gguf_spec.GGMLQuantizationType, weights: np.ndarray | None) -> bytes:
     """Stored bytes of a tensor -> the same tensor quantised to ``qtype`` and back, in the stored type."""
     dtype = _STORED[stored]
     npdt = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[dtype]
@@ -95,7 +94,7 @@ def measure(
     importance: budget.Importance | None = None,
     threads: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
-) -> dict[str, tuple[gguf.GGMLQuantizationType, float]]:
+) -> dict[str, tuple[gguf_spec.GGMLQuantizationType, float]]:
     """Mean KLD per quantisable tensor of ``model`` (an unquantised GGUF that may be modified and restored)."""
     from quantkit.limits import check_ctx, model_limits
     from quantkit.session import log_softmax
@@ -120,7 +119,7 @@ def measure(
             return [log_softmax(session.eval_chunk(c, half)).astype(np.float64) for c in chunks]
 
         base = logp()
-        out: dict[str, tuple[gguf.GGMLQuantizationType, float]] = {}
+        out: dict[str, tuple[gguf_spec.GGMLQuantizationType, float]] = {}
         fd = os.open(model, os.O_RDWR)
         try:
             for t in tensors:
@@ -158,7 +157,7 @@ def measure_checkpoint(
     threads: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
     work_dir: Path | None = None,
-) -> Mapping[str, tuple[gguf.GGMLQuantizationType, float]]:
+) -> Mapping[str, tuple[gguf_spec.GGMLQuantizationType, float]]:
     """:func:`measure` for an HF checkpoint: written as an unquantised GGUF in a temporary directory first."""
     from quantkit.convert import convert, prepare
     from quantkit.limits import check_ctx, model_limits

@@ -311,3 +311,79 @@ def test_types_llama_cpp_cannot_compute_with_are_refused_as_rules(qtype):
     result = _invoke(["plan", FIXTURE, "--tensor-type", f"attn_q={qtype}"])
     _no_crash(result)
     assert result.exit_code == 1 and "not a weight type" in result.output, result.output
+
+
+def test_output_may_not_be_an_input_even_with_force(tmp_path, fixture_gguf):
+    """Each of these destroyed its own input with --force and exited 0."""
+    src = tmp_path / "fx"
+    import shutil
+
+    shutil.copytree(FIXTURE, src)
+    model = tmp_path / "m.gguf"
+    shutil.copy(fixture_gguf("q8_0"), model)
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score " * 50)
+    cases = [
+        ["convert", src, "-o", src / "model.safetensors", "--type", "f16", "--force"],
+        ["convert", model, "-o", model, "--type", "q8_0", "--force"],
+        ["eval", "ppl", model, "--text", text, "--json", model, "--force"],
+        ["eval", "ppl", model, "--text", text, "--json", text, "--force"],
+        ["imatrix", model, "--text", text, "-o", model, "--force"],
+    ]
+    before = {p: p.read_bytes() for p in (src / "model.safetensors", model, text)}
+    for args in cases:
+        result = _invoke(args)
+        _no_crash(result)
+        assert result.exit_code == 1 and "input" in result.output and "fix:" in result.output, (args, result.output)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_gate_outputs_must_be_distinct_files(tmp_path):
+    base = ROOT / "evals" / "baselines" / "tiny-mixtral-Q4_K_M.json"
+    o = tmp_path / "o.json"
+    for a, b in (("--json", "--junit"), ("--junit", "--markdown"), ("--json", "--markdown")):
+        result = _invoke(["gate", base, "--baseline", base, a, o, b, o])
+        _no_crash(result)
+        assert result.exit_code == 1 and ("two outputs" in result.output or "another output" in result.output), result.output
+        assert not o.exists()
+    result = _invoke(["gate", base, "--baseline", base, "--json", base, "--force"])
+    assert result.exit_code == 1 and "input" in result.output
+
+
+def test_output_names_the_os_cannot_take(tmp_path):
+    for out in (tmp_path / ("n" * 300 + ".gguf"), tmp_path / ("n" * 300) / "m.gguf"):
+        result = _invoke(["convert", FIXTURE, "-o", out, "--type", "f16"])
+        _no_crash(result)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fifo_inputs_do_not_hang(tmp_path):
+    """A FIFO nobody writes to: one line at once (was: blocked forever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    base = ROOT / "evals" / "baselines" / "tiny-mixtral-Q4_K_M.json"
+    for args in (["eval", "ppl", "m.gguf", "--text", fifo], ["gate", base, "--baseline", base, "--markdown", fifo],
+                 ["convert", FIXTURE, "-o", tmp_path / "o.gguf", "--target-bpw", "5", "--calib-text", fifo]):
+        p = subprocess.run([sys.executable, "-m", "quantkit.cli", *map(str, args)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith("error:"), p.stderr
+
+
+def test_chat_save_replaces_only_an_earlier_save(tmp_path):
+    """/save m.gguf turned the running model into a JSON file: only a conversation saved before is replaced."""
+    from quantkit.chat import History, load_history, save_history
+    from quantkit.errors import QuantkitError
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF model bytes")
+    h = History(system="s").add("hi", "hello")
+    with pytest.raises(QuantkitError, match="not a conversation saved by /save"):
+        save_history(h, model)
+    assert model.read_bytes() == b"GGUF model bytes"
+    dangling = tmp_path / "link.json"
+    dangling.symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(QuantkitError, match="not a conversation"):
+        save_history(h, dangling)
+    chat = save_history(History(), tmp_path / "c.json")
+    save_history(h, chat)  # an earlier /save is replaced
+    assert load_history(chat) == h
