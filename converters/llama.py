@@ -82,8 +82,11 @@ def _rope(config: dict[str, Any]) -> dict[str, Any]:
             rope[k] = _get(rope, k, float, shown_key=f"{key}.{k}")
     if rope.get("original_max_position_embeddings") is not None:
         rope["original_max_position_embeddings"] = _get(rope, "original_max_position_embeddings", int, shown_key=f"{key}.original_max_position_embeddings")
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in ("linear", "yarn", "llama3") and rope.get("factor") is None:  # llama.cpp would read no scaling at all
+        raise CheckpointError(f"config.json: key '{key}' has rope_type {kind!r} without a 'factor'; fix: restore the original value")
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    if rope.get("rope_type", rope.get("type")) == "llama3" and low == high:
+    if kind == "llama3" and low == high:
         raise CheckpointError(f"config.json: key '{key}.high_freq_factor' = {high!r} equals low_freq_factor, which llama3 rope scaling divides by the difference of; fix: restore the original values")
     return rope
 

@@ -245,7 +245,9 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     if len(blob) != n:
         raise _fail(path, f"truncated safetensors file: header needs {8 + n} bytes, read {8 + len(blob)}", redownload)
     try:
-        header = json.loads(blob)
+        header = json.loads(blob, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _fail(path, f"corrupt safetensors header (tensor {shown(e.args[0])} listed twice)", redownload) from None
     except RecursionError:
         raise _fail(path, "corrupt safetensors header (JSON nested too deeply)", redownload) from None
     except json.JSONDecodeError as e:
@@ -254,7 +256,9 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
         raise _fail(path, f"corrupt safetensors header (not UTF-8 JSON: {str(e)[:80]})", redownload) from None
     if not isinstance(header, dict):
         raise _fail(path, "corrupt safetensors header (not a JSON object)", redownload)
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _fail(path, "corrupt safetensors header (__metadata__ is not an object of strings)", redownload)
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
@@ -384,6 +388,20 @@ def weight_files(root: Path, allow_pickle: bool = False, weight_map: dict[str, s
 
 #: weight files that are Python pickles (torch.load runs code from them): refused wherever a model directory is read
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: a safetensors header naming a tensor twice is corrupt (JSON keeps the last)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 def open_checkpoint(root: str | os.PathLike[str], allow_pickle: bool = False) -> Checkpoint:

@@ -108,6 +108,8 @@ def convert(
                   f"{j['quant_type']}, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
         return
 
+    if bnb_type != "nf4" or compute_dtype != "bf16" or not double_quant:
+        raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
     target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat)

@@ -85,6 +85,22 @@ def _set_config(d, **kv):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _raw_header_edit(d, edit):
+    """Rewrite the first shard's header text (for headers json.dumps cannot write, e.g. a key listed twice)."""
+    path = _shards(d)[0]
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    blob = edit(raw[8 : 8 + n].decode())
+    blob = blob.encode() + b" " * (-len(blob.encode()) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+
+
+def _duplicate_first_entry(text):
+    header = json.loads(text)
+    name = next(k for k in header if k != "__metadata__")
+    return text.replace("{", "{" + json.dumps(name) + ": " + json.dumps(header[name]) + ", ", 1)
+
+
 def _key(d, pattern):
     return next(k for k in _index(d)["weight_map"] if pattern in k)
 
@@ -177,6 +193,9 @@ CASES = {
     "lm_head missing, not tied": (lambda d: _drop_tensor(d, "lm_head.weight"), ["lm_head.weight", "tie_word_embeddings"]),
     "unknown model_type": (lambda d: _set_config(d, model_type="gpt_neox"), ["gpt_neox", "supported:", "mixtral"]),
     "config value wrong type": (lambda d: _set_config(d, hidden_size="128"), ["hidden_size", "expected an integer"]),
+    "tensor listed twice in a header": (lambda d: _raw_header_edit(d, _duplicate_first_entry), ["listed twice", ".safetensors"]),
+    "__metadata__ not an object": (lambda d: _rewrite_header(_shards(d)[0], lambda h: h.__setitem__("__metadata__", ["pt"])), ["__metadata__", "not an object"]),
+    "linear rope without factor": (lambda d: _set_config(d, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}), ["linear", "factor", "fix:"]),
     "hidden_act not silu": (lambda d: _set_config(d, hidden_act="gelu"), ["hidden_act", "gelu", "SiLU", "fix:"]),
     "missing tokenizer": (lambda d: (d / "tokenizer.model").unlink(), ["tokenizer.model", "tokenizer.json"]),
     "corrupt tokenizer.model": (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), ["tokenizer.model", "SentencePiece"]),

@@ -387,3 +387,11 @@ def test_chat_save_replaces_only_an_earlier_save(tmp_path):
     chat = save_history(History(), tmp_path / "c.json")
     save_history(h, chat)  # an earlier /save is replaced
     assert load_history(chat) == h
+
+
+def test_bnb_options_with_gguf_output_are_refused(tmp_path):
+    """--bnb-type nf9 with a GGUF output was silently ignored."""
+    result = _invoke(["convert", FIXTURE, "-o", tmp_path / "o.gguf", "--type", "q8_0", "--bnb-type", "nf9"])
+    _no_crash(result)
+    assert result.exit_code == 2 and "apply to --format bnb" in result.output
+    assert not (tmp_path / "o.gguf").exists()
