@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -188,6 +188,45 @@ HEAD_RULES: tuple[Rule, ...] = (
 )
 #: Buffers some checkpoints store that carry no weights.
 IGNORE: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+
+
+# Shared by the MoE families transformers models with ``mlp.gate`` + ``mlp.experts`` (Qwen2/3 MoE, OLMoE):
+#: embeddings and the attention projections as they are (NeoX rotary: llama.cpp takes q/k rows unpermuted)
+NEOX_ATTENTION_RULES: tuple[Rule, ...] = (
+    _p("model.embed_tokens.weight", T.TOKEN_EMBD, Role.EMBEDDINGS, lambda h: (h.n_vocab, h.n_embd)),
+    _p("model.layers.{bid}.input_layernorm.weight", T.ATTN_NORM, Role.NORM, lambda h: (h.n_embd,)),
+    _p("model.layers.{bid}.self_attn.q_proj.weight", T.ATTN_Q, Role.ATTENTION, lambda h: (h.n_head * h.head_dim, h.n_embd)),
+    _p("model.layers.{bid}.self_attn.k_proj.weight", T.ATTN_K, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
+    _p("model.layers.{bid}.self_attn.v_proj.weight", T.ATTN_V, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
+    _p("model.layers.{bid}.self_attn.o_proj.weight", T.ATTN_OUT, Role.ATTENTION, lambda h: (h.n_embd, h.n_head * h.head_dim)),
+    _p("model.layers.{bid}.post_attention_layernorm.weight", T.FFN_NORM, Role.NORM, lambda h: (h.n_embd,)),
+)
+#: graphs that always read ``output``: a tied checkpoint (no ``lm_head``) gets the embeddings again
+TIED_OUTPUT_RULE = _p("model.embed_tokens.weight", T.OUTPUT, Role.OUTPUT, lambda h: (h.n_vocab, h.n_embd))
+
+
+def moe_rules(names: list[str], width: Callable[[Any], int]) -> tuple[Rule, ...]:
+    """Router ``mlp.gate`` and routed experts of ``width(h)`` rows: per-expert ``mlp.experts.{xid}.gate_proj/up_proj/down_proj``
+    keys, or transformers 5's fused ``mlp.experts.gate_up_proj`` [E, 2F, H] (gate first) / ``down_proj`` [E, H, F]."""
+    router = _p("model.layers.{bid}.mlp.gate.weight", T.FFN_GATE_INP, Role.ROUTER, lambda h: (h.n_expert, h.n_embd))
+    if any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
+        return (
+            router,
+            _p("model.layers.{bid}.mlp.experts.gate_up_proj", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * width(h), h.n_embd), Transform.FIRST_HALF),
+            _p("model.layers.{bid}.mlp.experts.gate_up_proj", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * width(h), h.n_embd), Transform.SECOND_HALF),
+            _p("model.layers.{bid}.mlp.experts.down_proj", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_expert, h.n_embd, width(h))),
+        )
+    return (
+        router,
+        _p("model.layers.{bid}.mlp.experts.{xid}.gate_proj.weight", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (width(h), h.n_embd)),
+        _p("model.layers.{bid}.mlp.experts.{xid}.up_proj.weight", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (width(h), h.n_embd)),
+        _p("model.layers.{bid}.mlp.experts.{xid}.down_proj.weight", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_embd, width(h))),
+    )
+
+
+def head_rules(names: list[str], always_output: bool = False) -> tuple[Rule, ...]:
+    """``output_norm`` and ``output``; with ``always_output`` a tied checkpoint's embeddings are written as ``output`` too."""
+    return HEAD_RULES + ((TIED_OUTPUT_RULE,) if always_output and "lm_head.weight" not in names else ())
 
 
 def rules(names: list[str]) -> tuple[Rule, ...]:

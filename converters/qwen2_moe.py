@@ -41,12 +41,12 @@ from typing import Any
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
-from quantkit.converters.llama import HEAD_RULES, IGNORE, T, Hparams, _get, _p
+from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
-from quantkit.mapping import OutTensor, Role, Rule, Transform
+from quantkit.mapping import OutTensor, Role, Rule
 
 MODEL_TYPE = "qwen2_moe"
 ARCH = "qwen2moe"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2MOE]
@@ -142,16 +142,6 @@ def _bias(hf: str, tensor: str, shape) -> Rule:
     return Rule(hf, tensor + ".bias", Role.ATTENTION, shape)
 
 
-ATTENTION_RULES: tuple[Rule, ...] = (
-    _p("model.embed_tokens.weight", T.TOKEN_EMBD, Role.EMBEDDINGS, lambda h: (h.n_vocab, h.n_embd)),
-    _p("model.layers.{bid}.input_layernorm.weight", T.ATTN_NORM, Role.NORM, lambda h: (h.n_embd,)),
-    _p("model.layers.{bid}.self_attn.q_proj.weight", T.ATTN_Q, Role.ATTENTION, lambda h: (h.n_head * h.head_dim, h.n_embd)),
-    _p("model.layers.{bid}.self_attn.k_proj.weight", T.ATTN_K, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
-    _p("model.layers.{bid}.self_attn.v_proj.weight", T.ATTN_V, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
-    _p("model.layers.{bid}.self_attn.o_proj.weight", T.ATTN_OUT, Role.ATTENTION, lambda h: (h.n_embd, h.n_head * h.head_dim)),
-    _p("model.layers.{bid}.post_attention_layernorm.weight", T.FFN_NORM, Role.NORM, lambda h: (h.n_embd,)),
-    _p("model.layers.{bid}.mlp.gate.weight", T.FFN_GATE_INP, Role.ROUTER, lambda h: (h.n_expert, h.n_embd)),
-)
 BIAS_RULES: tuple[Rule, ...] = (
     _bias("model.layers.{bid}.self_attn.q_proj.bias", T.ATTN_Q, lambda h: (h.n_head * h.head_dim,)),
     _bias("model.layers.{bid}.self_attn.k_proj.bias", T.ATTN_K, lambda h: (h.n_head_kv * h.head_dim,)),
@@ -165,25 +155,11 @@ SHARED_EXPERT_RULES: tuple[Rule, ...] = (
     _p("model.layers.{bid}.mlp.shared_expert.up_proj.weight", T.FFN_UP_SHEXP, Role.FFN, lambda h: (h.n_ff_shexp, h.n_embd)),
     _p("model.layers.{bid}.mlp.shared_expert.down_proj.weight", T.FFN_DOWN_SHEXP, Role.FFN, lambda h: (h.n_embd, h.n_ff_shexp)),
 )
-PER_EXPERT_RULES: tuple[Rule, ...] = (
-    _p("model.layers.{bid}.mlp.experts.{xid}.gate_proj.weight", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (h.n_ff_exp, h.n_embd)),
-    _p("model.layers.{bid}.mlp.experts.{xid}.up_proj.weight", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (h.n_ff_exp, h.n_embd)),
-    _p("model.layers.{bid}.mlp.experts.{xid}.down_proj.weight", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_embd, h.n_ff_exp)),
-)
-FUSED_RULES: tuple[Rule, ...] = (
-    _p("model.layers.{bid}.mlp.experts.gate_up_proj", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * h.n_ff_exp, h.n_embd), Transform.FIRST_HALF),
-    _p("model.layers.{bid}.mlp.experts.gate_up_proj", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * h.n_ff_exp, h.n_embd), Transform.SECOND_HALF),
-    _p("model.layers.{bid}.mlp.experts.down_proj", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_expert, h.n_embd, h.n_ff_exp)),
-)
-#: llama.cpp's qwen2moe graph always reads ``output``: a checkpoint without ``lm_head`` (tied) gets the embeddings again
-TIED_OUTPUT_RULE = _p("model.embed_tokens.weight", T.OUTPUT, Role.OUTPUT, lambda h: (h.n_vocab, h.n_embd))
-
-
 def rules(names: list[str]) -> tuple[Rule, ...]:
-    fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
     biased = any(n.endswith(".self_attn.q_proj.bias") for n in names)  # then every block needs all three (qkv_bias is checked in check())
-    head = HEAD_RULES if "lm_head.weight" in names else HEAD_RULES + (TIED_OUTPUT_RULE,)
-    return ATTENTION_RULES + (BIAS_RULES if biased else ()) + SHARED_EXPERT_RULES + (FUSED_RULES if fused else PER_EXPERT_RULES) + head
+    # llama.cpp's qwen2moe graph always reads ``output``: a tied checkpoint gets the embeddings again
+    return (NEOX_ATTENTION_RULES + (BIAS_RULES if biased else ()) + SHARED_EXPERT_RULES + moe_rules(names, lambda h: h.n_ff_exp)
+            + head_rules(names, always_output=True))
 
 
 def check(h: Qwen2MoeHparams, tensors: list[OutTensor]) -> None:

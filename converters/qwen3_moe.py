@@ -25,12 +25,12 @@ from typing import Any
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
-from quantkit.converters.llama import HEAD_RULES, IGNORE, T, Hparams, _get, _p
+from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
 from quantkit.gguf_write import MetaValue
-from quantkit.mapping import OutTensor, Role, Rule, Transform
+from quantkit.mapping import OutTensor, Role, Rule
 
 MODEL_TYPE = "qwen3_moe"
 ARCH = "qwen3moe"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3MOE]
@@ -66,36 +66,12 @@ def hparams(config: dict[str, Any]) -> QwenMoeHparams:
     return QwenMoeHparams(**{**fields, "n_expert": n_expert, "n_expert_used": n_used, "n_ff_exp": _get(config, "moe_intermediate_size", int)})
 
 
-def _attention() -> tuple[Rule, ...]:
-    return (
-        _p("model.embed_tokens.weight", T.TOKEN_EMBD, Role.EMBEDDINGS, lambda h: (h.n_vocab, h.n_embd)),
-        _p("model.layers.{bid}.input_layernorm.weight", T.ATTN_NORM, Role.NORM, lambda h: (h.n_embd,)),
-        _p("model.layers.{bid}.self_attn.q_proj.weight", T.ATTN_Q, Role.ATTENTION, lambda h: (h.n_head * h.head_dim, h.n_embd)),
-        _p("model.layers.{bid}.self_attn.k_proj.weight", T.ATTN_K, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
-        _p("model.layers.{bid}.self_attn.v_proj.weight", T.ATTN_V, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
-        _p("model.layers.{bid}.self_attn.o_proj.weight", T.ATTN_OUT, Role.ATTENTION, lambda h: (h.n_embd, h.n_head * h.head_dim)),
+def rules(names: list[str]) -> tuple[Rule, ...]:
+    qk_norms = (  # RMS norm per head on queries and keys, before rope
         _p("model.layers.{bid}.self_attn.q_norm.weight", T.ATTN_Q_NORM, Role.NORM, lambda h: (h.head_dim,)),
         _p("model.layers.{bid}.self_attn.k_norm.weight", T.ATTN_K_NORM, Role.NORM, lambda h: (h.head_dim,)),
-        _p("model.layers.{bid}.post_attention_layernorm.weight", T.FFN_NORM, Role.NORM, lambda h: (h.n_embd,)),
-        _p("model.layers.{bid}.mlp.gate.weight", T.FFN_GATE_INP, Role.ROUTER, lambda h: (h.n_expert, h.n_embd)),
     )
-
-
-PER_EXPERT_RULES = (
-    _p("model.layers.{bid}.mlp.experts.{xid}.gate_proj.weight", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (h.n_ff_exp, h.n_embd)),
-    _p("model.layers.{bid}.mlp.experts.{xid}.up_proj.weight", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (h.n_ff_exp, h.n_embd)),
-    _p("model.layers.{bid}.mlp.experts.{xid}.down_proj.weight", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_embd, h.n_ff_exp)),
-)
-FUSED_RULES = (
-    _p("model.layers.{bid}.mlp.experts.gate_up_proj", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * h.n_ff_exp, h.n_embd), Transform.FIRST_HALF),
-    _p("model.layers.{bid}.mlp.experts.gate_up_proj", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * h.n_ff_exp, h.n_embd), Transform.SECOND_HALF),
-    _p("model.layers.{bid}.mlp.experts.down_proj", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_expert, h.n_embd, h.n_ff_exp)),
-)
-
-
-def rules(names: list[str]) -> tuple[Rule, ...]:
-    fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
-    return _attention() + (FUSED_RULES if fused else PER_EXPERT_RULES) + HEAD_RULES
+    return NEOX_ATTENTION_RULES + qk_norms + moe_rules(names, lambda h: h.n_ff_exp) + head_rules(names)
 
 
 def check(h: QwenMoeHparams, tensors: list[OutTensor]) -> None:
