@@ -205,6 +205,17 @@ NEOX_ATTENTION_RULES: tuple[Rule, ...] = (
 TIED_OUTPUT_RULE = _p("model.embed_tokens.weight", T.OUTPUT, Role.OUTPUT, lambda h: (h.n_vocab, h.n_embd))
 
 
+def moe_counts(config: dict[str, Any]) -> tuple[int, int]:
+    """(experts, experts per token) of the families that call them ``num_experts`` (transformers 5 also writes
+    its alias ``num_local_experts``) and ``num_experts_per_tok``, checked against each other."""
+    key = "num_experts" if "num_experts" in config else "num_local_experts"
+    n_expert = _get(config, key, int)
+    n_used = _get(config, "num_experts_per_tok", int)
+    if not 1 <= n_used <= n_expert:
+        raise CheckpointError(f"config.json: num_experts_per_tok = {n_used}, expected 1..{key} = {n_expert}; fix: restore the original config.json")
+    return n_expert, n_used
+
+
 def moe_rules(names: list[str], width: Callable[[Any], int]) -> tuple[Rule, ...]:
     """Router ``mlp.gate`` and routed experts of ``width(h)`` rows: per-expert ``mlp.experts.{xid}.gate_proj/up_proj/down_proj``
     keys, or transformers 5's fused ``mlp.experts.gate_up_proj`` [E, 2F, H] (gate first) / ``down_proj`` [E, H, F]."""

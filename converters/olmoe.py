@@ -28,7 +28,7 @@ from typing import Any
 
 from quantkit.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
-from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_rules
+from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -63,18 +63,11 @@ def _check_config(config: dict[str, Any], h: Hparams) -> None:
     bias = config.get("attention_bias", False)
     if bias not in (False, None):
         raise _refuse("attention_bias", bias, "llama.cpp's olmoe graph has no attn_output bias", "only checkpoints with attention_bias = false (every published OLMoE) can be converted")
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise _refuse("hidden_act", act, "llama.cpp's olmoe graph gates its experts with SiLU", "only checkpoints with hidden_act = \"silu\" can be converted")
 
 
 def hparams(config: dict[str, Any]) -> Hparams:
     base = Hparams.from_config({k: v for k, v in config.items() if k not in _NOT_READ})
-    key = "num_experts" if "num_experts" in config else "num_local_experts"  # transformers' name; num_local_experts is its alias
-    n_expert = _get(config, key, int)
-    n_used = _get(config, "num_experts_per_tok", int)
-    if not 1 <= n_used <= n_expert:
-        raise CheckpointError(f"config.json: num_experts_per_tok = {n_used}, expected 1..{key} = {n_expert}; fix: restore the original config.json")
+    n_expert, n_used = moe_counts(config)
     _check_config(config, base)
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
     return Hparams(**{**fields, "n_expert": n_expert, "n_expert_used": n_used})

@@ -41,7 +41,7 @@ from typing import Any
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
-from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_rules
+from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -115,18 +115,11 @@ def _check_config(config: dict[str, Any], h: Hparams) -> None:
     if h.head_dim * h.n_head != h.n_embd:
         raise _refuse("head_dim", h.head_dim, f"head_dim * num_attention_heads = {h.head_dim * h.n_head} differs from hidden_size = {h.n_embd}, which llama.cpp's qwen2moe graph "
                       "requires (attn_q and attn_output are hidden_size wide)", "remove head_dim (it is hidden_size / num_attention_heads in Qwen MoE models)")
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise _refuse("hidden_act", act, "llama.cpp's qwen2moe graph gates its experts and the shared expert with SiLU", "only checkpoints with hidden_act = \"silu\" can be converted")
 
 
 def hparams(config: dict[str, Any]) -> Qwen2MoeHparams:
     base = Hparams.from_config({k: v for k, v in config.items() if k not in _NOT_READ})
-    key = "num_experts" if "num_experts" in config else "num_local_experts"  # transformers' name; num_local_experts is its alias
-    n_expert = _get(config, key, int)
-    n_used = _get(config, "num_experts_per_tok", int)
-    if not 1 <= n_used <= n_expert:
-        raise CheckpointError(f"config.json: num_experts_per_tok = {n_used}, expected 1..{key} = {n_expert}; fix: restore the original config.json")
+    n_expert, n_used = moe_counts(config)
     _check_config(config, base)
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
     return Qwen2MoeHparams(**{

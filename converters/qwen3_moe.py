@@ -25,7 +25,7 @@ from typing import Any
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
-from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_rules
+from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -43,11 +43,7 @@ class QwenMoeHparams(Hparams):
 
 def hparams(config: dict[str, Any]) -> QwenMoeHparams:
     base = Hparams.from_config({k: v for k, v in config.items() if k not in ("num_local_experts", "num_experts")})
-    key = "num_experts" if "num_experts" in config else "num_local_experts"  # the original name; transformers 5 writes both
-    n_expert = _get(config, key, int)
-    n_used = _get(config, "num_experts_per_tok", int)
-    if not 1 <= n_used <= n_expert:
-        raise CheckpointError(f"config.json: num_experts_per_tok = {n_used}, expected 1..{key} = {n_expert}; fix: restore the original config.json")
+    n_expert, n_used = moe_counts(config)
     norm = config.get("norm_topk_prob", False)
     if norm is not True:
         raise CheckpointError(
