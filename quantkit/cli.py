@@ -546,6 +546,10 @@ def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, 
     return prep.history.add(user, result.text) if result.text or result.finish_reason != "interrupted" else prep.history
 
 
+#: signals that arrived (SIGTERM/SIGHUP): one caught by click or typer outside a library call still ends the run as 128+N
+_signalled: list[int] = []
+
+
 def _terminate_like_interrupt() -> None:
     """SIGTERM and SIGHUP unwind the command like Ctrl-C (partial outputs removed, one line, exit 128+N).
 
@@ -554,6 +558,7 @@ def _terminate_like_interrupt() -> None:
     import signal
 
     def handler(signum: int, frame: object) -> None:
+        _signalled.append(signum)
         raise Terminated(signum)
 
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -589,6 +594,9 @@ def run() -> None:
             traceback.print_exc()
         err.say("error:", "bold red", cap(f"internal error ({type(e).__name__}: {' '.join(str(e).split())}); fix: rerun with --debug and report it as a quantkit bug"))
         code = 70  # EX_SOFTWARE
+    if _signalled and code != 128 + _signalled[0]:  # arrived while typer/click parsed or set up (they report it as Ctrl-C)
+        err.say("terminated:", "yellow", f"signal {_signalled[0]}; nothing was written at the output path")
+        code = 128 + _signalled[0]
     if os.environ.get("QUANTKIT_SLOW_EXIT"):
         sys.exit(code)
     if code is None:
