@@ -42,6 +42,40 @@ class Routing:
     silu_gated_experts: bool = True
 
 
+@dataclass(frozen=True)
+class HfExperts:
+    """Where a MoE family's routed experts and router live in transformers: what ``convert --format bnb``
+    writes and ``quantkit.load_bnb`` rebuilds.
+
+    Keys are templates (``{bid}`` = block, ``{xid}`` = expert) of the per-expert layout ``save_pretrained``
+    writes, each expert's gate / up / down projection a ``[rows, cols]`` weight of its own.  In memory
+    transformers 5 fuses a block's experts into one module, ``{block}.experts`` (3-D ``gate_up_proj`` /
+    ``down_proj``), beside the router ``{block}.gate``: the loader swaps that module for per-expert 4-bit
+    linears.  Everything else (attention, norms, a shared expert and its gate) is stored under its own
+    module path and needs no entry.
+    """
+
+    router: str  # e.g. "model.layers.{bid}.mlp.gate.weight"
+    gate: str  # e.g. "model.layers.{bid}.mlp.experts.{xid}.gate_proj.weight"
+    up: str
+    down: str
+    block: str = "model.layers.{bid}.mlp"  # the transformers 5 module holding ``gate`` and ``experts``
+
+    @property
+    def projections(self) -> tuple[str, str, str]:
+        """The gate, up and down leaf names (``gate_proj`` / ``up_proj`` / ``down_proj``, Mixtral's ``w1`` / ``w3`` / ``w2``)."""
+        return tuple(k.removesuffix(".weight").rpartition(".")[2] for k in (self.gate, self.up, self.down))  # type: ignore[return-value]
+
+
+#: transformers' ``mlp.gate`` + ``mlp.experts.{xid}.gate_proj/up_proj/down_proj`` (Qwen2/3 MoE, OLMoE)
+MLP_EXPERTS = HfExperts(
+    router="model.layers.{bid}.mlp.gate.weight",
+    gate="model.layers.{bid}.mlp.experts.{xid}.gate_proj.weight",
+    up="model.layers.{bid}.mlp.experts.{xid}.up_proj.weight",
+    down="model.layers.{bid}.mlp.experts.{xid}.down_proj.weight",
+)
+
+
 def _no_check(h: Any, tensors: list[OutTensor]) -> None:
     return None
 
@@ -64,6 +98,7 @@ class Converter:
     ignore: tuple[str, ...] = ()  # regexes of source tensors that are dropped on purpose
     hf_architectures: tuple[str, ...] = ()  # config.json ``architectures`` entries of this family
     routing: Routing | None = None  # None: a dense model
+    hf_experts: HfExperts | None = None  # a MoE family's transformers expert layout (--format bnb); None: not declared
     notes: tuple[str, ...] = field(default=())  # what differs from transformers, said in docs and plan
 
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:

@@ -12,7 +12,7 @@ Experts are stacked per block into 3-D ``ffn_{gate,up,down}_exps`` tensors
 
 from __future__ import annotations
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import Converter, HfExperts, Routing, register
 from quantkit.converters.llama import ARCH, BASE_RULES, HEAD_RULES, IGNORE, Hparams, T, _p, generated_tensors, metadata
 from quantkit.converters.llama import check_hparams as _check_dense
 from quantkit.errors import CheckpointError
@@ -51,4 +51,11 @@ CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=Hparams.from_config, rules=rules, metadata=metadata, check=check_hparams,
     generated=generated_tensors, ignore=IGNORE, hf_architectures=("MixtralForCausalLM",),
     routing=Routing(scoring="softmax", normalize_top_k=True),  # softmax, top-k, renormalised: llama.cpp's llama graph computes the same
+    hf_experts=HfExperts(  # transformers' per-expert Mixtral keys (w1 gate, w3 up, w2 down), what --format bnb writes
+        router="model.layers.{bid}.block_sparse_moe.gate.weight",
+        gate="model.layers.{bid}.block_sparse_moe.experts.{xid}.w1.weight",
+        up="model.layers.{bid}.block_sparse_moe.experts.{xid}.w3.weight",
+        down="model.layers.{bid}.block_sparse_moe.experts.{xid}.w2.weight",
+        block="model.layers.{bid}.mlp",
+    ),
 ))

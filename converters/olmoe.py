@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantkit.checkpoint import shown
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
@@ -101,4 +101,5 @@ def metadata(h: Hparams) -> dict[str, MetaValue]:
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("OlmoeForCausalLM",), routing=Routing(scoring="softmax", normalize_top_k=False),
+    hf_experts=MLP_EXPERTS,  # --format bnb: experts under mlp.experts.{xid}, router mlp.gate
 ))

@@ -24,7 +24,7 @@ from typing import Any
 
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
@@ -87,4 +87,5 @@ def metadata(h: QwenMoeHparams) -> dict[str, MetaValue]:
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("Qwen3MoeForCausalLM",), routing=Routing(scoring="softmax", normalize_top_k=True),
+    hf_experts=MLP_EXPERTS,  # --format bnb: experts under mlp.experts.{xid}, router mlp.gate
 ))

@@ -5,7 +5,11 @@ Fails when a metric regresses past its threshold (``allowed = max(abs, rel *
 limits) or when the setup differs (tokenizer, ctx, chunks, text, base model,
 variant label, llama.cpp version): numbers from different setups are not
 compared.  Renders the verdict as JSON, Markdown (CI job summaries) and JUnit
-XML.
+XML.  Reports are checked key by key against what each metric can be
+(:data:`REPORT_SCHEMA`: KL-divergences >= 0, rates in [0, 1], perplexities > 0,
+counts whole): a value no evaluation can produce is an error naming the file
+and the key, never a verdict; a NaN or infinite metric fails its check (and is
+never recorded as a baseline).
 
 Not for: computing the metrics (``quantkit.evals.kld``).
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,15 +66,22 @@ def _show(value: Any, cap: int = 80) -> str:
 
 
 def _read(path: Path, what: str, fix: str) -> str:
-    """The text of a small file, every failure one line."""
+    """The text of a small regular file, every failure one line (a FIFO or a device is refused, never waited on)."""
     path = Path(path)
     try:
         if path.is_dir():
             raise QuantkitError(f"{path}: {what} is a directory, expected a file; fix: {fix}")
-        size = path.stat().st_size
-        if size > MAX_REPORT_BYTES:
-            raise QuantkitError(f"{path}: {what} is {size} bytes, more than {MAX_REPORT_BYTES} (not a quantkit file); fix: {fix}")
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise QuantkitError(f"{path}: {what} is not a regular file (a device, pipe or socket); fix: {fix}")
+            if st.st_size > MAX_REPORT_BYTES:
+                raise QuantkitError(f"{path}: {what} is {st.st_size} bytes, more than {MAX_REPORT_BYTES} (not a quantkit file); fix: {fix}")
+            data = f.read(MAX_REPORT_BYTES + 1)
+        if len(data) > MAX_REPORT_BYTES:  # grew while being read
+            raise QuantkitError(f"{path}: {what} is more than {MAX_REPORT_BYTES} bytes (not a quantkit file); fix: {fix}")
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise QuantkitError(f"{path}: {what} not found; fix: {fix}") from None
     except UnicodeDecodeError as e:
@@ -77,8 +90,152 @@ def _read(path: Path, what: str, fix: str) -> str:
         raise QuantkitError(f"{path}: {what} cannot be read ({e.strerror or e}); fix: {fix}") from None
 
 
-def load_json(path: Path, what: str) -> dict[str, Any]:
-    """An ``eval kld`` report (or baseline): a JSON object of kind ``quantkit.kld`` with a ``setup`` object."""
+@dataclass(frozen=True)
+class Domain:
+    """The values a report key can hold: a number within [lo, hi] (``lo_open``: above lo), or a whole number."""
+
+    text: str  # for messages: "a rate in [0, 1]"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    whole: bool = False
+    nullable: bool = False
+
+    def holds(self, v: float) -> bool:
+        """Whether the finite number ``v`` lies in the domain."""
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+
+#: KL-divergences are >= 0, but one computed from float32 log-probabilities can come out a hair below
+#: (llama-perplexity prints such minima too): rounding, never a real value
+KLD_ROUNDING = 1e-4
+#: a difference of two probabilities, each rounded in float32
+DP_ROUNDING = 1e-6
+
+_KLD = Domain("a KL-divergence >= 0", lo=-KLD_ROUNDING)
+_RATE = Domain("a rate in [0, 1]", lo=0.0, hi=1.0)
+_STDERR = Domain("a standard error >= 0", lo=0.0)
+_DP = Domain("a change of probability in [-1, 1]", lo=-1.0 - DP_ROUNDING, hi=1.0 + DP_ROUNDING)
+_RMS = Domain("a root-mean-square change of probability in [0, 1]", lo=0.0, hi=1.0 + DP_ROUNDING)
+_PPL = Domain("a perplexity > 0", lo=0.0, lo_open=True)
+_RATIO = Domain("a ratio > 0", lo=0.0, lo_open=True)
+_REAL = Domain("a finite number")
+_SECONDS = Domain("a duration >= 0", lo=0.0)
+_COUNT = Domain("a count (a whole number >= 0)", lo=0, whole=True)
+_SIZE = Domain("a whole number >= 1", lo=1, whole=True)
+
+_PERCENTILES = ("max", "p99_9", "p99", "p95", "p90", "median", "p10", "p5", "p1", "min")  # quantkit.evals.kld.PERCENTILES
+_FLIPS = {"margin": [_RATE], "positions": _COUNT, "flip_rate": Domain("a rate in [0, 1] or null", lo=0.0, hi=1.0, nullable=True)}
+_LAYER = {
+    "positions": _COUNT, "topk_exact": _RATE, "topk_jaccard": _RATE, "top1": _RATE, "router_kld": _KLD,
+    "load_base": [_RATE], "load_cand": [_RATE],
+    "dead_experts_base": _COUNT, "dead_experts_cand": _COUNT, "overloaded_experts_cand": _COUNT,
+    "flips_by_margin": [_FLIPS],
+}
+#: What ``quantkit eval kld --json`` writes (``quantkit.evals.kld.compare``, ``quantkit.evals.routing``), key by key:
+#: a Domain, a nested object, or ``[item]`` for a list of such items.  Keys outside it are not checked (the gate
+#: refuses any metric it compares that is not a number); keys in it may be absent (a missing gated metric fails its check).
+REPORT_SCHEMA: dict[str, Any] = {
+    "kld_mean": _KLD, "kld_mean_stderr": _STDERR, **{f"kld_{p}": _KLD for p in _PERCENTILES},
+    "same_top": _RATE, "same_top_stderr": _STDERR,
+    "dp_mean": _DP, "dp_mean_stderr": _STDERR, "dp_rms": _RMS, **{f"dp_{p}": _DP for p in _PERCENTILES},
+    "ppl_base": _PPL, "ppl": _PPL, "ln_ppl_ratio": _REAL, "ln_ppl_ratio_stderr": _STDERR, "ppl_ratio": _RATIO,
+    "seconds": _SECONDS,
+    "routing": {
+        "k": _COUNT, "topk_exact": _RATE, "topk_exact_min": _RATE, "topk_jaccard": _RATE, "top1": _RATE,
+        "router_kld": _KLD, "dead_experts_cand": _COUNT, "layers": [_LAYER],
+    },
+}
+_TEXT = "text"
+#: the report's ``setup``: what quantkit writes there (strings and whole numbers)
+SETUP_SCHEMA: dict[str, Any] = {
+    **{k: _TEXT for k in ("base", "base_sha256", "model", "model_sha256", "label", "text_sha256", "vocab", "llama_cpp")},
+    "n_ctx": _SIZE, "n_chunks": _SIZE, "n_positions": _SIZE,
+}
+
+
+def _check_value(path: Path, key: str, value: Any, domain: Domain, finite: bool, fix: str) -> None:
+    """One value of a report against its domain: one QuantkitError line naming the file and the key otherwise.
+
+    NaN and infinities pass unless ``finite`` (the gate turns them into a failed check: an evaluation that
+    produced them did run); a finite value outside the domain never does (no evaluation can produce it).
+    """
+    if value is None and domain.nullable:
+        return
+    if domain.whole:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QuantkitError(f"{path}: key {key!r} must be {domain.text} ({_show(value)}); fix: {fix}")
+        if not domain.holds(value):
+            raise QuantkitError(f"{path}: key {key!r} must be {domain.text} ({_show(value)}); fix: {fix}")
+        return
+    v = _number(path, f"key {key!r}", value, fix)
+    if not math.isfinite(v):
+        if finite:
+            raise QuantkitError(f"{path}: key {key!r} must be {domain.text}, a finite number ({_show(v)}); fix: {fix}")
+        return
+    if not domain.holds(v):
+        raise QuantkitError(f"{path}: key {key!r} must be {domain.text} ({_show(value)}); fix: {fix}")
+
+
+def _check_schema(path: Path, obj: dict[str, Any], schema: dict[str, Any], prefix: str, finite: bool, fix: str) -> None:
+    """Every key of ``schema`` that ``obj`` holds, recursively (the schema is a few levels deep: so is this)."""
+    for key, want in schema.items():
+        if key not in obj:
+            continue
+        value, name = obj[key], f"{prefix}{key}"
+        if isinstance(want, Domain):
+            _check_value(path, name, value, want, finite, fix)
+        elif isinstance(want, dict):
+            if not isinstance(value, dict):
+                raise QuantkitError(f"{path}: key {name!r} must be a JSON object ({_show(value)}); fix: {fix}")
+            _check_schema(path, value, want, name + ".", finite, fix)
+        else:  # [item]: a list of items
+            if not isinstance(value, list):
+                raise QuantkitError(f"{path}: key {name!r} must be a JSON array ({_show(value)}); fix: {fix}")
+            (item,) = want
+            for i, v in enumerate(value):
+                if isinstance(item, Domain):
+                    _check_value(path, f"{name}[{i}]", v, item, finite, fix)
+                elif not isinstance(v, dict):
+                    raise QuantkitError(f"{path}: key {f'{name}[{i}]'!r} must be a JSON object ({_show(v)}); fix: {fix}")
+                else:
+                    _check_schema(path, v, item, f"{name}[{i}].", finite, fix)
+
+
+def _check_setup(path: Path, setup: dict[str, Any], fix: str) -> None:
+    for key, want in SETUP_SCHEMA.items():
+        if key not in setup:
+            continue
+        if want is _TEXT:
+            if not isinstance(setup[key], str):
+                raise QuantkitError(f"{path}: setup.{key} must be a string ({_show(setup[key])}); fix: {fix}")
+        else:
+            _check_value(path, f"setup.{key}", setup[key], want, True, fix)
+
+
+def _non_finite(data: Any) -> str | None:
+    """The dotted key of the first NaN or infinity anywhere in ``data`` (iteratively: any depth json.loads accepted)."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        key, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return key
+        if isinstance(v, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{key}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
+def load_json(path: Path, what: str, *, finite: bool = True) -> dict[str, Any]:
+    """An ``eval kld`` report (or baseline), fully checked: a JSON object of kind ``quantkit.kld`` with a ``setup`` object,
+    every key quantkit writes within its domain (:data:`REPORT_SCHEMA`, :data:`SETUP_SCHEMA`).
+
+    ``finite`` (the default, for a report about to be recorded as a baseline) refuses NaN and infinities anywhere;
+    the gate itself passes ``finite=False`` and fails the check of a non-finite metric instead.
+    """
     fix = "check the path (record a baseline with --update-baseline)" if what == "baseline" else "pass the JSON written by quantkit eval kld --json"
     text = _read(path, what, fix)
     try:
@@ -93,6 +250,11 @@ def load_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(setup, dict):
         found = "missing" if setup is None else f"a {type(setup).__name__}"
         raise QuantkitError(f"{path}: key 'setup' of the {what} must be a JSON object ({found}); fix: regenerate it with quantkit eval kld --json")
+    regen = "regenerate it with quantkit eval kld --json"
+    _check_setup(path, setup, regen)
+    _check_schema(path, data, REPORT_SCHEMA, "", finite, regen)
+    if finite and (key := _non_finite(data)) is not None:
+        raise QuantkitError(f"{path}: key {_show(key)} is not a finite number (NaN or infinity); fix: {regen}")
     return data
 
 
@@ -146,6 +308,11 @@ def load_thresholds(path: Path | None) -> dict[str, Any]:
     keys = setup.get("must_match", [])
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise QuantkitError(f"{path}: setup.must_match must be a list of key names ({_show(keys)}); fix: {fix}")
+    if not metrics:
+        raise QuantkitError(
+            f"{path}: no [metrics.NAME] rule, the gate would pass every report (no checks); "
+            f"fix: add one, e.g. [metrics.kld_mean] with direction = \"lower\" and abs = 0.0005 (see quantkit's evals/thresholds.toml)"
+        )
     return t
 
 
@@ -188,11 +355,16 @@ def check_metric(name: str, rule: dict[str, Any], value: Any, base: Any) -> Chec
 
 def gate(report_path: Path, baseline_path: Path, thresholds_path: Path | None = None) -> Verdict:
     """The verdict on ``report_path`` against ``baseline_path``; malformed inputs raise QuantkitError naming the file and key."""
-    report = load_json(report_path, "report")
-    baseline = load_json(baseline_path, "baseline")
+    report = load_json(report_path, "report", finite=False)
+    baseline = load_json(baseline_path, "baseline", finite=False)
     t = load_thresholds(thresholds_path)
     checks: list[Check] = []
     for key in t.get("setup", {}).get("must_match", []):
+        if key not in report["setup"] and key not in baseline["setup"]:  # a typo, or reports of another tool: nothing would be compared
+            raise QuantkitError(
+                f"{thresholds_path or DEFAULT_THRESHOLDS}: setup.must_match names {_show(key)}, a key neither the report nor the baseline has in its setup; "
+                f"fix: correct the name (keys quantkit writes: {', '.join(SETUP_SCHEMA)})"
+            )
         a, b = report["setup"].get(key), baseline["setup"].get(key)
         for path, v in ((report_path, a), (baseline_path, b)):
             if not isinstance(v, (str, int, float, type(None))):  # quantkit writes strings and numbers only
@@ -243,7 +415,7 @@ def to_markdown(v: Verdict) -> str:
 
 def to_junit(v: Verdict) -> str:
     fails = sum(not c.ok for c in v.checks)
-    out = [f'<?xml version="1.0" encoding="UTF-8"?>', f'<testsuite name="quantkit.gate" tests="{len(v.checks)}" failures="{fails}">']
+    out = ['<?xml version="1.0" encoding="UTF-8"?>', f'<testsuite name="quantkit.gate" tests="{len(v.checks)}" failures="{fails}">']
     for c in v.checks:
         out.append(f'  <testcase classname="quantkit.gate" name={quoteattr(_xml(c.name))}>')
         if not c.ok:

@@ -1,24 +1,29 @@
 """bitsandbytes 4-bit checkpoints whose MoE experts really are 4-bit: export and load.
 
-``export_bnb`` streams a Hugging Face checkpoint (Mixtral, per-expert or fused
-expert layout; also Mistral / Llama) into a directory of sharded safetensors in
-the per-expert HF Mixtral key layout that bitsandbytes' ``Linear4bit`` writes:
-``model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight`` (packed 4-bit) plus
+``export_bnb`` streams a Hugging Face checkpoint (Mixtral, Qwen2 MoE, Qwen3 MoE,
+OLMoE, per-expert or fused expert layout; also Mistral / Llama) into a directory
+of sharded safetensors in the family's per-expert HF key layout (what
+``save_pretrained`` writes, declared per family as
+``quantkit.converters.HfExperts``) as bitsandbytes' ``Linear4bit`` serialises it:
+``model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight`` (Mixtral) or
+``model.layers.{i}.mlp.experts.{e}.gate_proj.weight`` (packed 4-bit) plus
 ``.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map`` and
 ``.quant_state.bitsandbytes__nf4``.  Roles come from the converter tables
 (``quantkit.converters``), never from substrings: every expert matrix is
-quantised on its own (its own blocks and absmax), attention and dense FFN
-projections are quantised, and routers, norms, token embeddings and lm_head are
-copied byte for byte in the source dtype.  ``config.json`` gets a
+quantised on its own (its own blocks and absmax), attention, dense FFN and
+shared-expert projections are quantised, and routers (a shared expert's gate
+too), norms, biases, token embeddings and lm_head are copied byte for byte in
+the source dtype under their own keys.  ``config.json`` gets a
 ``quantization_config`` whose ``llm_int8_skip_modules`` lists the kept modules
 by full path.  Tensors are read lazily and written one at a time, and the
 directory is built beside the target and renamed into place.
 
 ``load_bnb`` rebuilds a transformers 5 model from such a directory: attention
-linears become ``bitsandbytes.nn.Linear4bit`` and each MoE block's fused
-``MixtralExperts`` is replaced by :class:`Experts4bit` (per-expert
-``Linear4bit`` w1 / w3 / w2 running ``bitsandbytes.matmul_4bit``), so the
-experts stay 4-bit in memory; every other tensor is used exactly as stored.
+(and dense / shared-expert) linears become ``bitsandbytes.nn.Linear4bit`` and
+each MoE block's fused experts module (``MixtralExperts``, ``Qwen3MoeExperts``,
+``OlmoeExperts``, ``Qwen2MoeExperts``) is replaced by an ``Experts4bit``
+(per-expert ``Linear4bit`` gate / up / down running ``bitsandbytes.matmul_4bit``),
+so the experts stay 4-bit in memory; every other tensor is used exactly as stored.
 
 Not for: GGUF output (``quantkit.convert``) or argument parsing (``quantkit.cli``).
 """
@@ -39,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import gguf
 import numpy as np
 
 from quantkit.checkpoint import Checkpoint, TensorRef, load_config, open_checkpoint
-from quantkit.converters import for_model_type
+from quantkit.converters import CONVERTERS, Converter, HfExperts, for_model_type
 from quantkit.encode import to_f32
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
+from quantkit.gguf_spec import TensorName, block_of
 from quantkit.mapping import OutTensor, Role, Transform
 from quantkit.output import check_free_space, clean_stale_partials, fsync_dir, partial_prefix
 
@@ -61,6 +66,7 @@ COMPUTE_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 BLOCKSIZE = 64  # elements per absmax block (bitsandbytes' default for 4-bit)
 NESTED_BLOCKSIZE = 256  # absmax values per nested block (fixed by bitsandbytes' double quantisation)
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+CPU_PACK_ROWS = 32  # rows per group of bitsandbytes' AVX512-BF16 CPU weight packing (``_convert_weight_packed_for_cpu``)
 QUANTISED_ROLES = frozenset({Role.ATTENTION, Role.EXPERTS, Role.FFN})
 DEFAULT_SHARD_BYTES = 2 * 2**30
 WRITE_CHUNK = 16 * 2**20  # bytes of a kept tensor copied per write (then its source pages are dropped)
@@ -73,28 +79,9 @@ INDEX = "model.safetensors.index.json"
 ST_DTYPES = {"uint8": "U8", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # torch dtype name -> safetensors
 ITEMSIZE = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4}
 
-T = gguf.MODEL_TENSOR
-#: GGUF tensor kind (the converter tables' target) -> key in the output, HF per-expert Mixtral layout.
-HF_NAMES: dict[gguf.MODEL_TENSOR, str] = {
-    T.TOKEN_EMBD: "model.embed_tokens.weight",
-    T.ATTN_NORM: "model.layers.{bid}.input_layernorm.weight",
-    T.ATTN_Q: "model.layers.{bid}.self_attn.q_proj.weight",
-    T.ATTN_K: "model.layers.{bid}.self_attn.k_proj.weight",
-    T.ATTN_V: "model.layers.{bid}.self_attn.v_proj.weight",
-    T.ATTN_OUT: "model.layers.{bid}.self_attn.o_proj.weight",
-    T.FFN_NORM: "model.layers.{bid}.post_attention_layernorm.weight",
-    T.FFN_GATE_INP: "model.layers.{bid}.block_sparse_moe.gate.weight",
-    T.FFN_GATE_EXP: "model.layers.{bid}.block_sparse_moe.experts.{xid}.w1.weight",
-    T.FFN_UP_EXP: "model.layers.{bid}.block_sparse_moe.experts.{xid}.w3.weight",
-    T.FFN_DOWN_EXP: "model.layers.{bid}.block_sparse_moe.experts.{xid}.w2.weight",
-    T.FFN_GATE: "model.layers.{bid}.mlp.gate_proj.weight",
-    T.FFN_UP: "model.layers.{bid}.mlp.up_proj.weight",
-    T.FFN_DOWN: "model.layers.{bid}.mlp.down_proj.weight",
-    T.OUTPUT_NORM: "model.norm.weight",
-    T.OUTPUT: "lm_head.weight",
-}
-EXPERT_KEY = re.compile(r"model\.layers\.(?P<bid>\d+)\.block_sparse_moe\.experts\.(?P<xid>\d+)\.(?P<w>w[123])\.weight\Z")
-ROUTER_KEY = re.compile(r"model\.layers\.(?P<bid>\d+)\.block_sparse_moe\.gate\.weight\Z")
+#: the converter tables' routed-expert kinds (GGUF names) -> the HfExperts field naming their per-expert key
+EXPERT_KINDS = {TensorName.FFN_GATE_EXP + ".weight": "gate", TensorName.FFN_UP_EXP + ".weight": "up", TensorName.FFN_DOWN_EXP + ".weight": "down"}
+ROUTER_KIND = TensorName.FFN_GATE_INP + ".weight"
 QUANT_AUX_KEY = re.compile(r"(?P<base>.+\.weight)\.(?P<part>absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)\Z")
 
 
@@ -114,7 +101,8 @@ class Item:
 
     @property
     def quantised(self) -> bool:
-        return self.role in QUANTISED_ROLES
+        """Weight matrices of the quantised roles; biases (1-D) stay in source precision beside them."""
+        return self.role in QUANTISED_ROLES and len(self.shape) == 2 and self.key.endswith(".weight")
 
     @property
     def module(self) -> str:
@@ -158,26 +146,44 @@ def quant_entries(key: str, n: int, quant_type: str, double_quant: bool, blocksi
     return out + [Entry(quant_state_key(key, quant_type), "U8", None)]
 
 
-def _kinds(n_layer: int) -> dict[str, tuple[gguf.MODEL_TENSOR, int]]:
-    """GGUF tensor name -> (kind, block) for every kind in HF_NAMES."""
-    names = gguf.TENSOR_NAMES
-    return {names[k].format(bid=b) + ".weight": (k, b) for k in HF_NAMES for b in range(max(1, n_layer))}
+def expert_layout(conv: Converter, where: str) -> HfExperts | None:
+    """A family's transformers expert layout (None for a dense family); a MoE family without one is refused."""
+    layout = conv.hf_experts
+    if layout is None and conv.routing is not None:
+        exported = sorted(c.model_type for c in CONVERTERS.values() if c.routing is None or c.hf_experts)
+        raise QuantkitError(f"{where}: --format bnb does not export model_type {conv.model_type!r} (its converter declares no transformers expert layout; "
+                            f"bnb exports {', '.join(exported)}); fix: convert it to GGUF")
+    return layout
 
 
-def plan_items(tensors: Sequence[OutTensor], n_layer: int) -> list[Item]:
-    """Converter-table tensors -> output weights in the per-expert HF layout (experts split one by one)."""
-    kinds = _kinds(n_layer)
+def _kind(name: str) -> tuple[str, int | None]:
+    """GGUF tensor name -> (its template with ``{bid}``, block)."""
+    bid = block_of(name)
+    return (name if bid is None else "blk.{bid}." + name[len(f"blk.{bid}.") :]), bid
+
+
+def plan_items(tensors: Sequence[OutTensor], layout: HfExperts | None) -> list[Item]:
+    """Converter-table tensors -> output weights in the family's per-expert HF layout (experts split one by one).
+
+    Routed experts and the router go under ``layout``'s keys; every other tensor keeps its checkpoint key
+    (the same in both expert layouts), once: an ``output`` a graph reads from the tied embeddings is not
+    written again (config.json's ``tie_word_embeddings`` says so).
+    """
     items: list[Item] = []
+    keys: set[str] = set()
     for t in tensors:
         if t.data is not None:  # generated for GGUF only (rope_freqs); not an HF weight
             continue
-        if t.name not in kinds:
-            raise CheckpointError(f"checkpoint: tensor {t.sources[0].name!r} ({t.name}) has no place in a bitsandbytes checkpoint; fix: convert this model to GGUF instead")
-        kind, bid = kinds[t.name]
-        template = HF_NAMES[kind]
+        kind, bid = _kind(t.name)
         if t.role is not Role.EXPERTS:
-            items.append(Item(template.format(bid=bid), t.role, t.sources[0].shape, t.sources[0]))
+            key = layout.router.format(bid=bid) if layout is not None and kind == ROUTER_KIND else t.sources[0].name
+            if key not in keys:
+                keys.add(key)
+                items.append(Item(key, t.role, t.sources[0].shape, t.sources[0]))
             continue
+        if layout is None or kind not in EXPERT_KINDS:
+            raise CheckpointError(f"checkpoint: tensor {t.sources[0].name!r} ({t.name}) has no place in a bitsandbytes checkpoint; fix: convert this model to GGUF instead")
+        template = getattr(layout, EXPERT_KINDS[kind])
         fused = len(t.sources[0].shape) == 3  # one [E, rows, cols] source (mlp.experts.*) instead of one per expert
         for e in range(t.shape[0]):
             ref = t.sources[0] if fused else t.sources[e]
@@ -198,12 +204,12 @@ def skip_modules(items: Sequence[Item]) -> list[str]:
     or as a suffix, older versions as a substring: none may select a
     quantised module, which is checked here.
     """
-    kept = [i.module for i in items if not i.quantised]
+    kept = [i.module for i in items if not i.quantised and i.key.endswith(".weight")]  # modules, not their biases
     quantised = [i.module for i in items if i.quantised]
     for k in kept:
         boundary = re.compile(rf"(?:{k})(?:(?<=\.)|(?=\.|$))")
         clash = next((q for q in quantised if k in q or boundary.match(q) or q.endswith(k)), None)
-        if clash is not None:  # cannot happen with the HF Mixtral / Llama names; guards new tables
+        if clash is not None:  # cannot happen with the declared HF names; guards new tables
             raise QuantkitError(f"skip module {k!r} would also select the quantised module {clash!r}; fix: report this as a quantkit bug")
     return kept
 
@@ -454,11 +460,10 @@ def _check_options(quant_type: str, compute_dtype: str) -> None:
 def prepare_bnb(ckpt: Checkpoint) -> tuple[str, list[Item]]:
     """Map a checkpoint with its converter table; returns (model_type, output weights)."""
     conv = for_model_type(ckpt.model_type, where=str(ckpt.root / "config.json"))
-    if conv.arch != "llama":  # the export writes transformers' Mixtral/Mistral/Llama module names
-        raise QuantkitError(f"{ckpt.root}: --format bnb exports Mixtral, Mistral and Llama checkpoints, not model_type {ckpt.model_type!r} yet; fix: convert it to GGUF")
-    hp, tensors = conv.map(ckpt)
+    layout = expert_layout(conv, str(ckpt.root))
+    _, tensors = conv.map(ckpt)  # the name table accounts for every tensor; the family's checks (made for llama.cpp) run too
     tensors = [t for t in tensors if t.data is None]  # generated tensors (rope_freqs) are not checkpoint weights
-    return ckpt.model_type, plan_items(tensors, hp.n_layer)
+    return ckpt.model_type, plan_items(tensors, layout)
 
 
 def export_bnb(
@@ -625,14 +630,20 @@ class StoredWeights:
             raise CheckpointError(f"{qs_ref.shard.path}: tensor {qs_key!r}: bitsandbytes rejects the quant_state ({e}); fix: re-export the model") from None
 
 
-def _linear4bit(stored: StoredWeights, key: str, out_features: int, in_features: int) -> nn.Module:
+def _linear4bit(stored: StoredWeights, key: str, out_features: int, in_features: int, bias: bool = False) -> nn.Module:
+    """A ``Linear4bit`` holding the stored 4-bit ``key``; a bias stays a meta parameter until its tensor is set."""
     import torch
     from bitsandbytes.nn import Linear4bit
 
     s = stored.settings
-    layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=getattr(torch, s.compute_dtype),
+    layer = Linear4bit(in_features, out_features, bias=bias, compute_dtype=getattr(torch, s.compute_dtype),
                        compress_statistics=s.double_quant, quant_type=s.quant_type, device="meta")
     layer.weight = stored.params4bit(key, (out_features, in_features), module=layer)
+    if in_features % layer.weight.quant_state.blocksize or out_features % CPU_PACK_ROWS or s.compute_dtype != "bfloat16":
+        # bitsandbytes' AVX512-BF16 CPU path repacks the weight on the first forward assuming whole blocks per row
+        # and rows in groups of 32 (it fails otherwise, e.g. on a 96-wide shared expert), and then multiplies in
+        # bf16 with bf16 absmax whatever the compute dtype: the generic path (dequantise, then matmul) is used instead
+        layer.support_avx512bf16_for_cpu = False
     return layer
 
 
@@ -640,22 +651,27 @@ def _experts_class() -> type:
     from torch import nn
 
     class Experts4bit(nn.Module):
-        """Drop-in for transformers 5's ``MixtralExperts``: per-expert 4-bit w1 (gate), w3 (up), w2 (down).
+        """Drop-in for transformers 5's fused experts (``MixtralExperts``, ``Qwen3MoeExperts``, ``OlmoeExperts``,
+        ``Qwen2MoeExperts``): per-expert 4-bit gate, up and down projections.
 
-        Each expert is three ``bitsandbytes.nn.Linear4bit`` layers with their own
-        QuantStates; the forward pass routes tokens exactly as ``MixtralExperts``
-        does and multiplies with ``bitsandbytes.matmul_4bit`` (CPU and CUDA).
+        Each expert is a ``ModuleDict`` of three ``bitsandbytes.nn.Linear4bit`` layers with their own
+        QuantStates, named as the family's checkpoint names them (Mixtral's ``w1`` / ``w3`` / ``w2``,
+        ``gate_proj`` / ``up_proj`` / ``down_proj``); the forward pass routes tokens exactly as the fused
+        module does (``down(act(gate x) * up x)`` times the token's routing weight) and multiplies with
+        ``bitsandbytes.matmul_4bit`` (CPU and CUDA).
         """
 
-        def __init__(self, experts: list[dict[str, nn.Module]], act_fn: Callable[[Any], Any]) -> None:
+        def __init__(self, experts: list[dict[str, nn.Module]], act_fn: Callable[[Any], Any], names: tuple[str, str, str]) -> None:
             super().__init__()
             self.num_experts = len(experts)
             self.experts = nn.ModuleList(nn.ModuleDict(e) for e in experts)
             self.act_fn = act_fn
+            self.names = names  # gate, up, down
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
             import torch
 
+            gate, up, down = self.names
             out = torch.zeros_like(hidden_states)
             with torch.no_grad():
                 mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, tokens)
@@ -664,11 +680,39 @@ def _experts_class() -> type:
                 pos, token = torch.where(mask[e])
                 x = hidden_states[token]
                 ex = self.experts[e]
-                y = ex["w2"](self.act_fn(ex["w1"](x)) * ex["w3"](x)) * top_k_weights[token, pos, None]
+                y = ex[down](self.act_fn(ex[gate](x)) * ex[up](x)) * top_k_weights[token, pos, None]
                 out.index_add_(0, token, y.to(out.dtype))
             return out
 
     return Experts4bit
+
+
+def _key_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{bid\}", r"\d+").replace(r"\{xid\}", r"\d+") + r"\Z")
+
+
+def _load_experts(model: nn.Module, stored: StoredWeights, layout: HfExperts) -> None:
+    """Swap every MoE block's fused experts for per-expert ``Linear4bit`` layers and set its router as stored."""
+    experts_cls = _experts_class()
+    names = layout.projections
+    for bid in range(len(model.get_submodule("model.layers"))):
+        block = layout.block.format(bid=bid)
+        try:
+            moe = model.get_submodule(block)
+        except AttributeError:
+            continue
+        fused = getattr(moe, "experts", None)
+        if fused is None or getattr(fused, "down_proj", None) is None or getattr(fused.down_proj, "ndim", 0) != 3:
+            continue  # a dense block
+        n_expert, hidden, ff = fused.down_proj.shape  # [E, H, F]
+        shapes = {layout.gate: (ff, hidden), layout.up: (ff, hidden), layout.down: (hidden, ff)}
+        experts = [
+            {name: _linear4bit(stored, template.format(bid=bid, xid=e), *shape) for name, (template, shape) in zip(names, shapes.items())}
+            for e in range(n_expert)
+        ]
+        moe.experts = experts_cls(experts, fused.act_fn, names)
+        router = layout.router.format(bid=bid)
+        _set_parameter(model, f"{block}.gate.weight", stored.tensor(router), stored.where(router))
 
 
 @contextlib.contextmanager
@@ -719,6 +763,7 @@ def load_bnb(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
     config = load_config(path)
     settings = read_settings(path, config)
     with open_checkpoint(path) as ckpt:
+        layout = expert_layout(for_model_type(config.get("model_type"), where=str(path / "config.json")), str(path))
         stored = StoredWeights(ckpt, settings, device)
         embed = ckpt.tensors.get("model.embed_tokens.weight")
         if embed is None:
@@ -727,38 +772,24 @@ def load_bnb(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version")})
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        layers = model.get_submodule("model.layers")
-        experts_cls = _experts_class()
-        n_expert = int(config.get("num_local_experts") or 0)
-        for bid, layer in enumerate(layers):
-            moe = getattr(layer, "mlp", None)
-            if n_expert and moe is not None and hasattr(moe, "experts"):
-                ff, hidden = moe.experts.down_proj.shape[-1], moe.experts.down_proj.shape[-2]
-                shapes = {"w1": (ff, hidden), "w3": (ff, hidden), "w2": (hidden, ff)}
-                experts = [
-                    {w: _linear4bit(stored, f"model.layers.{bid}.block_sparse_moe.experts.{e}.{w}.weight", *shape) for w, shape in shapes.items()}
-                    for e in range(n_expert)
-                ]
-                act = moe.experts.act_fn
-                moe.experts = experts_cls(experts, act)
-                router = f"model.layers.{bid}.block_sparse_moe.gate.weight"
-                _set_parameter(model, f"model.layers.{bid}.mlp.gate.weight", stored.tensor(router), stored.where(router))
-        for key in sorted(ckpt.tensors):
-            if key in stored.used or QUANT_AUX_KEY.match(key):
-                continue
-            if EXPERT_KEY.match(key) or ROUTER_KEY.match(key):
-                raise CheckpointError(f"{stored.where(key)}: tensor {key!r} belongs to no MoE block of the model built from config.json; fix: use the config.json that belongs to these weights")
+        if layout is not None:
+            _load_experts(model, stored, layout)
+            moe_keys = [_key_pattern(t) for t in (layout.router, layout.gate, layout.up, layout.down)]
+            stray = next((k for k in sorted(ckpt.tensors) if k not in stored.used and any(p.match(k) for p in moe_keys)), None)
+            if stray is not None:
+                raise CheckpointError(f"{stored.where(stray)}: tensor {stray!r} belongs to no MoE block of the model built from config.json; fix: use the config.json that belongs to these weights")
+        rest = [k for k in sorted(ckpt.tensors) if k not in stored.used and not QUANT_AUX_KEY.match(k)]
+        for key in [k for k in rest if k in stored.quantised]:  # linears first: a kept bias then lands on its Linear4bit
             module_name = key.removesuffix(".weight")
-            if key in stored.quantised:
-                try:
-                    old = model.get_submodule(module_name)
-                except AttributeError:
-                    old = None
-                if type(old) is not nn.Linear:
-                    raise CheckpointError(f"{stored.where(key)}: tensor {key!r} is stored 4-bit but {module_name!r} is not a linear layer of the model; fix: use the config.json that belongs to these weights")
-                model.set_submodule(module_name, _linear4bit(stored, key, old.out_features, old.in_features))
-            else:
-                _set_parameter(model, key, stored.tensor(key), stored.where(key))
+            try:
+                old = model.get_submodule(module_name)
+            except AttributeError:
+                old = None
+            if type(old) is not nn.Linear:
+                raise CheckpointError(f"{stored.where(key)}: tensor {key!r} is stored 4-bit but {module_name!r} is not a linear layer of the model; fix: use the config.json that belongs to these weights")
+            model.set_submodule(module_name, _linear4bit(stored, key, old.out_features, old.in_features, bias=old.bias is not None))
+        for key in [k for k in rest if k not in stored.quantised]:
+            _set_parameter(model, key, stored.tensor(key), stored.where(key))
         if getattr(hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.tensors:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         unused = sorted(set(ckpt.tensors) - stored.used)

@@ -76,7 +76,7 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = PROGRESS,
 ) -> None:
-    """Convert a Hugging Face Mixtral / Mistral / Llama checkpoint to GGUF, or to a bitsandbytes 4-bit directory (--format bnb)."""
+    """Convert a Hugging Face checkpoint of a supported family to GGUF, or to a bitsandbytes 4-bit directory (--format bnb)."""
     from quantkit.convert import convert as do_convert
 
     if out_format not in ("gguf", "bnb"):

@@ -253,8 +253,22 @@ def _read_gguf(path: Path) -> Imatrix:
             counts = _read_f32(f, g.data_offset + c.offset, n_expert)
             if not (np.isfinite(sums).all() and np.isfinite(counts).all()):
                 raise _fail(path, f"{name!r} holds non-finite values (llama-quantize refuses them)")
+            _check_signs(path, name, sums, counts)
             entries[name] = Entry(sums, counts)
     return Imatrix(entries, tuple(datasets), int(md[KEY_CHUNK_COUNT]), int(md[KEY_CHUNK_SIZE]), str(path))
+
+
+def _check_signs(path: Path, name: str, sums: np.ndarray, counts: np.ndarray, legacy: bool = False) -> None:
+    """Sums of squares and token counts are never negative: a file holding one is corrupt (or not an importance matrix).
+
+    llama-quantize would hand a negative weight to the kernels (or divide by a negative count) without a word.
+    """
+    parts = ((f"{name!r} values", sums, "mean squares"), (f"{name!r} call count", counts, "a count")) if legacy else (
+        (repr(name + SUM_SUFFIX), sums, "sums of squares"), (repr(name + COUNT_SUFFIX), counts, "token counts"))
+    for what, a, meaning in parts:
+        neg = np.flatnonzero(a < 0)
+        if neg.size:
+            raise _fail(path, f"{what} holds {neg.size} negative value(s) (e.g. {float(a.flat[neg[0]])!r} at index {int(neg[0])}), impossible for {meaning}")
 
 
 def _read_f32(f: Any, offset: int, n: int) -> np.ndarray:
@@ -300,6 +314,7 @@ def _read_legacy(path: Path) -> Imatrix:
         sums = np.frombuffer(take(4 * nval, f"{name!r} values"), dtype="<f4").astype(np.float32)
         if not np.isfinite(sums).all():
             raise _fail(path, f"{name!r} holds non-finite values (llama-quantize refuses them)")
+        _check_signs(path, name, sums, np.array([ncall], dtype=np.float32), legacy=True)
         entries[name] = Entry(sums.reshape(1, -1), np.array([ncall], dtype=np.float32))
     chunk_count, datasets = 0, ()
     if pos < len(data):  # optional trailer: chunk count, dataset name

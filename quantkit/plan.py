@@ -12,6 +12,7 @@ Not for: encoding bytes (``quantkit.encode``).
 from __future__ import annotations
 
 import logging
+import functools
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -111,8 +112,13 @@ class Override:
     source: str = "override"
     layers: tuple[int, int] | None = None  # first, last block (negative: from the end)
 
+    @functools.cached_property
+    def regex(self) -> re.Pattern[str]:
+        """The pattern compiled once (re's own cache holds 512: a long recipe would recompile per tensor x rule)."""
+        return re.compile(self.pattern)
+
     def matches(self, name: str, n_layer: int) -> bool:
-        if not re.search(self.pattern, name):
+        if not self.regex.search(name):
             return False
         if self.layers is None:
             return True
@@ -133,7 +139,7 @@ class Override:
             return False
         if t.role is Role.ROUTER:
             at = t.name.find(ROUTER_KEY)
-            return at >= 0 and any(m.start() <= at and m.end() >= at + len(ROUTER_KEY) for m in re.finditer(self.pattern, t.name))
+            return at >= 0 and any(m.start() <= at and m.end() >= at + len(ROUTER_KEY) for m in self.regex.finditer(t.name))
         return True
 
     @classmethod
@@ -141,7 +147,7 @@ class Override:
         try:
             re.compile(pattern)
         except re.error as e:
-            raise QuantkitError(f"{source}: pattern {pattern!r} is not a valid regex ({e}); fix: correct it") from None
+            raise QuantkitError(f"{source}: pattern {pattern[:80]!r} is not a valid regex ({e}); fix: correct it") from None
         known = ", ".join(q.name for q in Q if q not in NOT_WEIGHT_TYPES)
         try:
             qtype = Q[type_name.upper()]
@@ -263,6 +269,7 @@ def make_plan(
     chooses the rest from measured sensitivity (``importance``: imatrix weights).
     """
     key = check_outtype(outtype).lower() if target is None else outtype.lower()
+    _check_layer_ranges(overrides, hparams.n_layer if hparams is not None else _n_layer(tensors))
     hit_any: set[Override] = set()
     if target is not None:
         n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
@@ -300,6 +307,18 @@ def make_plan(
         plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
     _warn_unused(overrides, used)
     return Plan(name, ftype, tuple(plans))
+
+
+def _check_layer_ranges(overrides: Sequence[Override], n_layer: int) -> None:
+    """A ``layers = [first, last]`` range, negatives counted from the end, must not be empty for this model."""
+    for o in overrides:
+        if o.layers is not None:
+            first, last = (x + n_layer if x < 0 else x for x in o.layers)
+            if first > last:
+                raise QuantkitError(
+                    f"{o.source}: pattern {o.pattern[:80]!r} layers {list(o.layers)} is block {first} to block {last} of this "
+                    f"{n_layer}-block model, an empty range; fix: give layers = [first, last] with first <= last"
+                )
 
 
 def _warn_unused(overrides: Sequence[Override], used: set[Override]) -> None:

@@ -10,6 +10,11 @@ check fails when the experts are wired wrongly).  Also: the fused expert
 layout gives the same files as the per-expert one, transformers 5.23's native
 loader cannot load per-expert 4-bit Mixtral experts (documented below), and
 corrupt or mismatched quant_states are one-line errors naming the key.
+Qwen3 MoE, OLMoE and Qwen2 MoE (shared expert) export through their
+converters' declared expert layouts: every weight accounted for (4-bit or the
+source bytes), both layouts give the same files, and the loaded model equals
+transformers' own model running the dequantised 4-bit weights; a MoE family
+without a declared layout is refused in one line.
 """
 
 from __future__ import annotations
@@ -406,3 +411,260 @@ def test_cli_fp4_without_double_quant_f32_compute(random_pair, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output and "--force" in again.output
     mixed = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "x"), "--format", "bnb", "--type", "q8_0"])
     assert mixed.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- (e) the other MoE families
+
+# model_type -> per-block weights kept in source precision besides the two RMS norms every block has.
+# Everything else (attention, every routed expert, a shared expert) must be 4-bit.
+MOE_FAMILIES = {
+    # per-head q/k RMS norms; the router mlp.gate
+    "qwen3_moe": ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate.weight"),
+    # q/k RMS norms over the whole projections; the router
+    "olmoe": ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate.weight"),
+    # q/k/v biases beside their 4-bit projections; the router and the shared expert's one-row sigmoid gate
+    # (a router too); the shared expert itself is a 4-bit MLP (96 wide: rows that are no whole number of
+    # 64-value blocks, which bitsandbytes' AVX512-BF16 CPU path cannot repack)
+    "qwen2_moe": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "mlp.gate.weight", "mlp.shared_expert_gate.weight"),
+}
+PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _family_kept(model_type: str, config: dict) -> set[str]:
+    kept = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    for i in range(config["num_hidden_layers"]):
+        kept |= {f"model.layers.{i}.{k}" for k in ("input_layernorm.weight", "post_attention_layernorm.weight", *MOE_FAMILIES[model_type])}
+    return kept
+
+
+def _family_4bit(model_type: str, config: dict, n_expert: int) -> set[str]:
+    out = set()
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out |= {f"{p}self_attn.{w}.weight" for w in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        out |= {f"{p}mlp.experts.{e}.{w}.weight" for e in range(n_expert) for w in PROJ}
+        if model_type == "qwen2_moe":
+            out |= {f"{p}mlp.shared_expert.{w}.weight" for w in PROJ}
+    return out
+
+
+@pytest.fixture(scope="module", params=list(MOE_FAMILIES))
+def family(request, tmp_path_factory):
+    """A random model of the family in both layouts transformers writes, each exported with the defaults (NF4, double quant, bf16)."""
+    model_type = request.param
+    base = tmp_path_factory.mktemp(model_type)
+    src = random_model(base / "per-expert", model_type, seed=5)
+    fused = random_model(base / "fused", model_type, seed=5, fused=True)
+    a = export_bnb(src, base / "bnb")
+    b = export_bnb(fused, base / "bnb-fused")
+    assert a.n_shards == b.n_shards == 1
+    return {"model_type": model_type, "src": src, "fused": fused, "out": base / "bnb", "out_fused": base / "bnb-fused"}
+
+
+def _n_expert(config: dict) -> int:
+    return config.get("num_experts") or config["num_local_experts"]
+
+
+def test_family_every_expert_4bit_with_its_own_blocks_kept_tensors_byte_identical(family):
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+    mt, src, out = family["model_type"], family["src"], family["out"]
+    config = read_config(src)
+    n_expert = _n_expert(config)
+    stored = _stored(out)
+    assert {k for k, v in stored.items() if not v["bits4"]} == _family_kept(mt, config)
+    assert {k for k, v in stored.items() if v["bits4"]} == _family_4bit(mt, config, n_expert)
+    with open_checkpoint(src) as s, open_checkpoint(out) as o:
+        assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
+        for key in sorted(_family_kept(mt, config)):  # routers, norms, biases: the source's bf16 bytes
+            a, b = s.tensors[key], o.tensors[key]
+            assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("BF16", a.shape), key
+            assert bytes(b.raw()) == bytes(a.raw()), key
+        t = o.tensors
+        for key in sorted(k for k in _family_4bit(mt, config, n_expert) if ".experts." in k):
+            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".")}
+            assert set(stats) == {"absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"}, key
+            assert t[key].dtype == "U8", key
+            qs = QuantState.from_dict(stats, device="cpu")
+            assert tuple(qs.shape) == s.tensors[key].shape, key
+            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+            want = torch.from_numpy(np.abs(to_f32(s.tensors[key].array(), "BF16")).reshape(-1, 64).max(axis=1))
+            assert torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key  # this expert's blocks, not another's
+
+
+def test_family_fused_layout_exports_the_same_files(family):
+    a, b = family["out"], family["out_fused"]
+    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+
+
+def test_family_skip_modules_select_no_quantised_module(family):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    mt, out = family["model_type"], family["out"]
+    config = read_config(out)
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    assert sorted(skip) == sorted(k.removesuffix(".weight") for k in _family_kept(mt, config) if k.endswith(".weight"))  # modules, not biases
+    quantised = [k.removesuffix(".weight") for k in _family_4bit(mt, config, _n_expert(config))]
+    quantised += [f"model.layers.{i}.mlp.experts{s}" for i in range(config["num_hidden_layers"]) for s in ("", ".gate_up_proj", ".down_proj")]
+    for name in quantised:
+        assert should_convert_module(name, skip), name
+        assert not any(s in name for s in skip), name
+
+
+def _dequantised_model(src: Path, out: Path, dtype: torch.dtype):
+    """transformers' own model of ``src`` with every weight stored 4-bit in ``out`` replaced by its dequantised values."""
+    import re
+
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    expert = re.compile(r"(?P<block>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight\Z")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    replaced = 0
+    with open_checkpoint(out) as ckpt, torch.no_grad():
+        t = ckpt.tensors
+        for key in sorted(t):
+            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".") and QUANT_AUX_KEY.match(k)}
+            if QUANT_AUX_KEY.match(key) or not stats:
+                continue
+            w = dequantize_4bit(torch.from_numpy(np.array(t[key].array())), QuantState.from_dict(stats, device="cpu")).to(dtype)
+            m = expert.match(key)
+            if m is None:
+                model.get_parameter(key).copy_(w)
+            else:  # transformers 5's fused experts: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F]
+                ex, e = model.get_submodule(m["block"]), int(m["e"])
+                f = ex.down_proj.shape[-1]
+                target = ex.down_proj[e] if m["w"] == "down_proj" else ex.gate_up_proj[e, :f] if m["w"] == "gate_proj" else ex.gate_up_proj[e, f:]
+                assert target.shape == w.shape, key
+                target.copy_(w)
+            replaced += 1
+    assert replaced == len(_family_4bit(read_config(src)["model_type"], read_config(src), _n_expert(read_config(src))))
+    return model
+
+
+def _generic_4bit_path(model):
+    """Every Linear4bit through bitsandbytes' portable path (dequantise, then matmul): what a CPU without AVX512-BF16 runs."""
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def test_family_loaded_model_keeps_experts_4bit_and_equals_the_dequantised_model(family, monkeypatch):
+    import bitsandbytes
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from transformers import AutoModelForCausalLM
+
+    mt, src, out = family["model_type"], family["src"], family["out"]
+    config = read_config(src)
+    n_expert = _n_expert(config)
+    model = load_bnb(out)
+    expert_weights = {}
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts.experts
+        assert len(experts) == n_expert
+        for e, ex in enumerate(experts):
+            for w in PROJ:
+                assert isinstance(ex[w], Linear4bit) and isinstance(ex[w].weight, Params4bit) and ex[w].weight.dtype == torch.uint8, (i, e, w)
+                expert_weights[id(ex[w].weight)] = (i, e, w)
+        assert all(isinstance(getattr(layer.self_attn, p), Linear4bit) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if mt == "qwen2_moe":
+            assert all(isinstance(getattr(layer.mlp.shared_expert, p), Linear4bit) for p in PROJ)
+    float_params = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
+    assert float_params == sum(v["n"] for v in _stored(out).values() if not v["bits4"])
+    with open_checkpoint(out) as o:
+        for key in sorted(_family_kept(mt, config)):  # routers, norms and biases are used exactly as stored
+            assert model.get_parameter(key).detach().view(torch.int16).numpy().tobytes() == bytes(o.tensors[key].raw()), key
+
+    ids = torch.randint(0, config["vocab_size"], (96,), generator=torch.Generator().manual_seed(7)).tolist()
+    used = set()
+    real = bitsandbytes.matmul_4bit
+
+    def spy(A, B, *args, **kwargs):
+        used.add(id(B))
+        return real(A, B, *args, **kwargs)
+
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", spy)
+    got = _logprobs(model, ids)
+    monkeypatch.undo()
+    hit = {expert_weights[k] for k in used if k in expert_weights}
+    assert len(hit) >= 0.9 * len(expert_weights)  # 96 tokens x top-2 of 4 experts: (nearly) every expert multiplies in 4-bit
+    # On this path (bitsandbytes' AVX512-BF16 CPU kernel where the CPU has it) the loaded model stays
+    # within the bar the Mixtral tests set against the unquantised model.
+    base = _logprobs(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    assert _compare(base, got, ids)["kl"] < MAX_MEAN_KL
+
+    # Through bitsandbytes' portable path, the loaded model is transformers' own model computing with the
+    # dequantised 4-bit weights: logits within the logits-parity bar (5e-4 of the logit scale), same argmax.
+    # Measured: identical (max |diff| 0.0) for all three families.
+    ref = _dequantised_model(src, out, torch.bfloat16)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
+    scale = want.abs().max().item()
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, scale)
+    assert torch.equal(have.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
+def test_family_tied_embeddings_are_stored_once(model_type, tmp_path):
+    """olmoe / qwen2moe graphs read ``output`` even when tied (the table maps the embeddings twice): one weight here, tied on load."""
+    src = random_model(tmp_path / "src", model_type, tie_word_embeddings=True)
+    export_bnb(src, tmp_path / "bnb")
+    stored = _stored(tmp_path / "bnb")
+    assert "lm_head.weight" not in stored and not stored["model.embed_tokens.weight"]["bits4"]
+    model = _generic_4bit_path(load_bnb(tmp_path / "bnb"))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 3000, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        want = _dequantised_model(src, tmp_path / "bnb", torch.bfloat16)(torch.tensor([ids])).logits[0].float()
+        have = model(torch.tensor([ids])).logits[0].float()
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+
+
+def test_family_run_from_the_cli(family, tmp_path):
+    src = family["fused"]
+    out = tmp_path / "bnb"
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "--format", "bnb", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model_type"] == family["model_type"]
+    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+
+
+def test_family_without_an_expert_layout_is_refused_in_one_line(tmp_path):
+    """granitemoe declares no transformers expert layout: one line naming the family, nothing written."""
+    from quantkit.errors import QuantkitError
+
+    src = random_model(tmp_path / "granite", "granitemoe")
+    with pytest.raises(QuantkitError) as e:
+        export_bnb(src, tmp_path / "out")
+    msg = str(e.value)
+    assert "'granitemoe'" in msg and "fix:" in msg and "\n" not in msg, msg
+    assert "qwen3_moe" in msg and "olmoe" in msg  # it says what does export
+    assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "--format", "bnb"])
+    assert r.exit_code == 1 and "granitemoe" in r.output
+
+
+def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
+    """Each family's HfExperts names the keys its own name table reads from a per-expert checkpoint."""
+    from quantkit.bnb import EXPERT_KINDS, ROUTER_KIND
+    from quantkit.converters import CONVERTERS, for_model_type
+
+    for_model_type("mixtral")  # discovers every family
+    layouts = {mt: c.hf_experts for mt, c in CONVERTERS.items()}
+    assert {mt for mt, lay in layouts.items() if lay} >= {"mixtral", *MOE_FAMILIES}
+    for mt, layout in layouts.items():
+        if layout is None:
+            continue
+        table = {r.gguf: r.hf for r in CONVERTERS[mt].rules([])}  # no fused names: the per-expert table
+        assert table[ROUTER_KIND] == layout.router, mt
+        for kind, field in EXPERT_KINDS.items():
+            assert table[kind] == getattr(layout, field), (mt, kind)

@@ -123,7 +123,7 @@ def _nest(depth: int) -> str:
         ("nested metric a string", _report(routing_topk_exact="high"), ["key 'routing.topk_exact' must be a number"]),
         ("metric an enormous integer", '{"kind": "quantkit.kld", "setup": {}, "kld_mean": 1' + "0" * 400 + "}", ["key 'kld_mean' is out of range"]),
         ("integer of 5000 digits", '{"kind": "quantkit.kld", "setup": {}, "kld_mean": 1' + "0" * 5000 + "}", ["not valid JSON"]),
-        ("setup value an object", {**_report(), "setup": {**_report()["setup"], "label": {"a": 1}}}, ["setup.label must be a string or a number"]),
+        ("setup value an object", {**_report(), "setup": {**_report()["setup"], "label": {"a": 1}}}, ["setup.label must be a string", "{'a': 1}"]),
         ("not an object", [1, 2, 3], ["not a quantkit eval kld report"]),
         ("another kind", {**_report(), "kind": "quantkit.ppl"}, ["not a quantkit eval kld report"]),
         ("not JSON", "{kld_mean: 1", ["not valid JSON"]),
@@ -159,6 +159,193 @@ def test_update_baseline_refuses_a_malformed_report(tmp_path):
     result = CliRunner().invoke(app, ["gate", str(bad), "--baseline", str(base), "--update-baseline"], terminal_width=300)
     _cli_one_line(result, str(bad), "key 'setup'")
     assert not base.exists()
+
+
+def _edit(report: dict, dotted: str, value) -> dict:
+    """``report`` with the value at ``dotted`` (``a.b``, ``a.b[0].c``) replaced, the path created as needed."""
+    cur = report
+    parts = dotted.replace("[", ".[").split(".")
+    for part, nxt in zip(parts, parts[1:] + [None]):
+        key = int(part[1:-1]) if part.startswith("[") else part
+        if nxt is None:
+            cur[key] = value
+        else:
+            cur = cur[key]
+    return report
+
+
+def _full_report() -> dict:
+    """A report with every key quantkit writes, routing layers included: the committed baseline of the fixture."""
+    return json.loads((Path(g.__file__).parent / "baselines" / "tiny-mixtral-q8_0.json").read_text())
+
+
+#: values no evaluation can produce (the audit: kld_mean = -5.0 and same_top = 1.5 passed the gate)
+OUT_OF_DOMAIN = [
+    ("kld_mean", -5.0, "a KL-divergence >= 0"),
+    ("kld_mean", -0.001, "a KL-divergence >= 0"),  # beyond float32 rounding
+    ("kld_p99", -1, "a KL-divergence >= 0"),
+    ("kld_min", -0.5, "a KL-divergence >= 0"),
+    ("same_top", 1.5, "a rate in [0, 1]"),
+    ("same_top", -0.01, "a rate in [0, 1]"),
+    ("same_top_stderr", -0.1, "a standard error >= 0"),
+    ("ppl_ratio", 0.0, "a ratio > 0"),
+    ("ppl_ratio", -1.2, "a ratio > 0"),
+    ("ppl", 0, "a perplexity > 0"),
+    ("ppl_base", -3.0, "a perplexity > 0"),
+    ("dp_max", 1.5, "a change of probability in [-1, 1]"),
+    ("dp_rms", -0.2, "in [0, 1]"),
+    ("seconds", -1.0, "a duration >= 0"),
+    ("routing.topk_exact", 1.2, "a rate in [0, 1]"),
+    ("routing.top1", -0.5, "a rate in [0, 1]"),
+    ("routing.router_kld", -2.0, "a KL-divergence >= 0"),
+    ("routing.k", 2.5, "a count (a whole number >= 0)"),
+    ("routing.k", -1, "a count (a whole number >= 0)"),
+    ("routing.dead_experts_cand", True, "a count"),
+    ("routing.layers[1].top1", 7.0, "a rate in [0, 1]"),
+    ("routing.layers[0].load_cand[3]", 1.5, "a rate in [0, 1]"),
+    ("routing.layers[2].flips_by_margin[0].flip_rate", -0.5, "a rate in [0, 1] or null"),
+    ("routing.layers[0].positions", 12.5, "a count"),
+    ("routing.layers[0]", "layer", "must be a JSON object"),
+    ("routing.layers", {"top1": 1.0}, "must be a JSON array"),
+    ("routing", [0.9], "must be a JSON object"),
+    ("setup.n_ctx", 256.0, "a whole number >= 1"),
+    ("setup.n_chunks", 0, "a whole number >= 1"),
+    ("setup.vocab", 12345, "must be a string"),
+]
+
+
+@pytest.mark.parametrize("which", ["report", "baseline"])
+@pytest.mark.parametrize("key, value, needle", OUT_OF_DOMAIN, ids=[f"{k}={v!r}" for k, v, _ in OUT_OF_DOMAIN])
+def test_a_value_outside_its_domain_is_one_line(tmp_path, which, key, value, needle):
+    good = _write(tmp_path / "good.json", _full_report())
+    bad = _write(tmp_path / "bad.json", _edit(_full_report(), key, value))
+    report, base = (bad, good) if which == "report" else (good, bad)
+    with pytest.raises(QuantkitError) as e:
+        g.gate(report, base)
+    _one_line(e, str(bad), key, needle)
+    _cli_one_line(CliRunner().invoke(app, ["gate", str(report), "--baseline", str(base)], terminal_width=300), str(bad), key)
+
+
+@pytest.mark.parametrize("key, value", [("kld_min", -3e-7), ("kld_p1", -1e-6), ("routing.router_kld", -1e-9), ("dp_max", 1.0), ("same_top", 1), ("kld_mean", 0)])
+def test_values_at_the_edge_of_their_domain_pass(tmp_path, key, value):
+    """A KL-divergence a hair below 0 is float32 rounding (llama-perplexity prints such minima too); 1 and 0 are in range."""
+    report = _write(tmp_path / "r.json", _edit(_full_report(), key, value))
+    g.load_json(report, "report")
+    assert g.gate(report, report).ok
+
+
+def test_every_key_the_fixture_baselines_hold_is_checked():
+    """The schema covers what ``eval kld --json`` writes: a key it does not know would go unchecked."""
+    def keys(obj, schema, prefix=""):
+        for k, v in obj.items():
+            assert k in schema, f"{prefix}{k} is not in gate.REPORT_SCHEMA"
+            want = schema[k]
+            if isinstance(want, dict):
+                yield from keys(v, want, f"{prefix}{k}.")
+            elif isinstance(want, list) and isinstance(want[0], dict):
+                for item in v:
+                    yield from keys(item, want[0], f"{prefix}{k}[].")
+            yield k
+
+    for path in (Path(g.__file__).parent / "baselines").glob("*.json"):
+        data = json.loads(path.read_text())
+        setup = data.pop("setup")
+        assert set(setup) <= set(g.SETUP_SCHEMA), path
+        data.pop("kind")
+        assert list(keys(data, g.REPORT_SCHEMA)), path
+        g.load_json(path, "baseline")
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("kld_mean", math.nan, "kld_mean"),
+        ("same_top", math.inf, "same_top"),
+        ("routing.top1", -math.inf, "routing.top1"),
+        ("kld_mean_stderr", math.nan, "kld_mean_stderr"),  # not gated, still not a baseline
+        ("routing.layers[0].load_base[0]", math.nan, "routing.layers[0].load_base[0]"),
+        ("extra.note", math.nan, "extra.note"),  # a key quantkit does not write: no NaN there either
+        ("kld_mean", -5.0, "a KL-divergence >= 0"),
+        ("same_top", 1.5, "a rate in [0, 1]"),
+        ("setup.n_ctx", 256.5, "setup.n_ctx"),
+    ],
+)
+def test_update_baseline_refuses_a_nan_or_impossible_metric(tmp_path, key, value, needle):
+    """The audit: `gate REPORT --baseline NEW --update-baseline` wrote a NaN or a negative KLD into the baseline, exit 0."""
+    full = _full_report()
+    full["extra"] = {"note": 1.0}
+    bad = _write(tmp_path / "r.json", _edit(full, key, value))
+    new, old = tmp_path / "new.json", _write(tmp_path / "old.json", _full_report())
+    before = old.read_bytes()
+    for base in (new, old):
+        result = CliRunner().invoke(app, ["gate", str(bad), "--baseline", str(base), "--update-baseline"], terminal_width=300)
+        _cli_one_line(result, str(bad), needle)
+    assert not new.exists() and old.read_bytes() == before
+    with pytest.raises(QuantkitError) as e:
+        g.load_json(bad, "report")
+    _one_line(e, str(bad), needle)
+
+
+def test_update_baseline_records_a_valid_report(tmp_path):
+    report = _write(tmp_path / "r.json", _full_report())
+    base = tmp_path / "sub" / "b.json"
+    result = CliRunner().invoke(app, ["gate", str(report), "--baseline", str(base), "--update-baseline"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert json.loads(base.read_text()) == _full_report()
+    assert g.gate(report, base).ok
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "",  # an empty file
+        "# nothing but a comment\n",
+        "[metrics]\n",
+        '[setup]\nmust_match = ["label"]\n',  # setup only: no metric is compared
+    ],
+)
+def test_thresholds_without_a_metric_rule_are_refused(tmp_path, baseline, toml):
+    """The audit: an empty thresholds file passed every report."""
+    t = _write(tmp_path / "t.toml", toml)
+    with pytest.raises(QuantkitError) as e:
+        g.gate(baseline, baseline, t)
+    _one_line(e, str(t), "no checks", "[metrics.")
+    _cli_one_line(CliRunner().invoke(app, ["gate", str(baseline), "--baseline", str(baseline), "--thresholds", str(t)], terminal_width=300), str(t), "no checks")
+
+
+def test_must_match_naming_a_key_neither_report_has_is_refused(tmp_path, baseline):
+    """The audit: a typo in must_match (a key in neither file) compared None with None and passed."""
+    t = _write(tmp_path / "t.toml", '[metrics.kld_mean]\ndirection = "lower"\nabs = 0.1\n[setup]\nmust_match = ["label", "lable"]\n')
+    with pytest.raises(QuantkitError) as e:
+        g.gate(baseline, baseline, t)
+    _one_line(e, str(t), "setup.must_match", "'lable'")
+    _cli_one_line(CliRunner().invoke(app, ["gate", str(baseline), "--baseline", str(baseline), "--thresholds", str(t)], terminal_width=300), str(t), "'lable'")
+    # a key only one side has is a setup difference: a failed check, not an error
+    r = _report()
+    r["setup"]["lable"] = "x"
+    v = g.gate(_write(tmp_path / "r.json", r), baseline, t)
+    assert not v.ok and not next(c for c in v.checks if c.name == "setup.lable").ok
+
+
+@pytest.mark.parametrize("which", ["report", "baseline", "thresholds"])
+def test_a_fifo_is_refused_without_waiting(tmp_path, baseline, which):
+    """The audit: `quantkit gate FIFO` blocked forever in open(); a subprocess so the test fails instead of hanging."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = {"report": (fifo, baseline, None), "baseline": (baseline, fifo, None), "thresholds": (baseline, baseline, fifo)}[which]
+    code = (
+        "import sys; from pathlib import Path; from quantkit.errors import QuantkitError; from quantkit.evals import gate as g\n"
+        "a = [None if x == 'None' else Path(x) for x in sys.argv[1:]]\n"
+        "try:\n    g.gate(*a)\nexcept QuantkitError as e:\n    print(e)\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gate waited on a FIFO given as the {which}")
+    assert out.returncode == 0 and str(fifo) in out.stdout and "not a regular file" in out.stdout, out
 
 
 @pytest.mark.parametrize(
