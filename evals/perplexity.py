@@ -28,7 +28,7 @@ import numpy as np
 from quantkit import ggml
 from quantkit.errors import QuantkitError
 from quantkit.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
-from quantkit.session import EvalSession, log_softmax
+from quantkit.session import EvalSession, check_logits, log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool =
     first = n_ctx // 2
     bos = session.bos
     step = getattr(session, "n_seq", 1)
+    model = getattr(session, "path", "the model")
+    engine = "llama.cpp" if isinstance(session, EvalSession) else "transformers"
     for start in range(0, n_chunks, step):
         group = []
         for i in range(start, min(n_chunks, start + step)):
@@ -189,10 +191,13 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool =
         if nll_only:  # numpy releases the GIL in exp and sums: the chunks of a batch in parallel
             nlls = list(ggml.pool().map(target_nll, scored, targets)) if len(group) > 1 else [target_nll(scored[0], targets[0])]
             for i, t, nll in zip(idx, targets, nlls):
+                check_logits(nll, i, model, engine)  # a NaN or +inf logit makes its row's NLL NaN
                 yield Chunk(i, None, t, router, nll)
         else:
             for i, t, sc in zip(idx, targets, scored):
-                yield Chunk(i, log_softmax(sc), t, router)
+                lp = log_softmax(sc)
+                check_logits(lp, i, model, engine)
+                yield Chunk(i, lp, t, router)
 
 
 #: llama-perplexity's default batch: n_seq = 2048 / n_ctx chunks are decoded together.

@@ -8,6 +8,9 @@ so every core works.
 :func:`install_abort_message` makes a ``GGML_ASSERT`` / ``GGML_ABORT`` inside
 llama.cpp say why before the process dies (llama-cpp-python points stderr at
 /dev/null while it loads a model, so llama.cpp's own message is lost).
+:func:`prepare_llama` readies the process before llama.cpp runs anything: that
+message, no gdb backtrace, and exceptions (signals) raised inside the Python
+callbacks llama.cpp calls kept for :func:`raise_pending` instead of lost.
 
 Not for: deciding which type a tensor gets (``quantkit.plan``).
 """
@@ -32,16 +35,28 @@ from quantkit import gguf_spec
 from quantkit.errors import QuantkitError
 
 _SUFFIX = {"linux": ".so", "darwin": ".dylib", "win32": ".dll"}
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # an abort inside ggml must not start gdb (a 190-line backtrace); read when it aborts
 
 
 def _load(stem: str) -> ctypes.CDLL:
+    """The copy of ``lib<stem>`` that libllama itself links to.
+
+    The wheel ships ``libggml-base.so``, ``.so.0`` and ``.so.0.25.3`` as three separate files (not
+    links); libllama's DT_NEEDED names ``libggml-base.so.0``.  Loading another of them maps a second
+    copy of ggml with its own globals: an abort callback set there is never seen by llama.cpp.
+    The versioned name with the fewest parts (``.so.0``) is the one the loader picks.
+    """
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         raise QuantkitError("llama-cpp-python is not installed; fix: pip install llama-cpp-python")
     prefix = "" if sys.platform == "win32" else "lib"
-    path = Path(spec.origin).parent / "lib" / f"{prefix}{stem}{_SUFFIX.get(sys.platform, '.so')}"
+    folder = Path(spec.origin).parent / "lib"
+    path = folder / f"{prefix}{stem}{_SUFFIX.get(sys.platform, '.so')}"
+    versioned = sorted(folder.glob(f"{path.name}.*"), key=lambda p: (p.name.count("."), p.name)) if sys.platform == "linux" else []
+    if versioned:
+        path = versioned[0]
     if not path.exists():
         raise QuantkitError(f"{path}: llama.cpp's {stem} library is missing; fix: reinstall llama-cpp-python")
     return ctypes.CDLL(str(path))
@@ -127,6 +142,119 @@ def _set_abort_callback(so: ctypes.CDLL) -> None:
         callback = _ABORT_PROTO(on_abort)
         register(callback)
         _abort_hook = (callback, fd)
+
+
+# --- Python code that llama.cpp calls back into -------------------------------------------------------------------------
+#
+# A Python exception cannot unwind through C: ctypes prints "Exception ignored on calling ctypes callback"
+# and returns to llama.cpp, which carries on.  Ctrl-C (KeyboardInterrupt) and SIGTERM / SIGHUP (the CLI
+# raises quantkit.errors.Terminated) arrive exactly there while llama.cpp runs, since a Python signal
+# handler runs in the next Python code of the main thread: a callback.  So every exception raised in a
+# callback is kept here (the first one), llama.cpp is asked to stop (:data:`ABORT_CALLBACK`, which llama.cpp
+# polls after every graph node, returns true) and :func:`raise_pending` raises it once the llama.cpp call
+# returns.  A handler may even run before a callback's first line (a ``try`` cannot cover that), or in
+# llama-cpp-python's own callbacks (its log and sampler callbacks): a ``sys.unraisablehook`` keeps
+# those interrupts too.
+
+_pending: list[BaseException] = []  # at most one: the first exception raised inside a callback
+_pending_lock = threading.RLock()
+
+
+def keep_pending(e: BaseException) -> None:
+    """Remember ``e`` (raised inside a callback) for :func:`raise_pending`; the first one wins."""
+    with _pending_lock:
+        if not _pending:
+            _pending.append(e)
+
+
+def raise_pending() -> None:
+    """Raise the exception a callback kept while llama.cpp ran (call it right after each llama.cpp call returns)."""
+    with _pending_lock:
+        e = _pending.pop() if _pending else None
+    if e is not None:
+        raise e
+
+
+def guarded(fn: Callable[..., Any], on_error: Any = False) -> Callable[..., Any]:
+    """``fn`` for use as a C callback: any exception (BaseException included) is kept and ``on_error`` returned."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except BaseException as e:  # noqa: BLE001  (nothing may unwind into C: raised again by raise_pending)
+            keep_pending(e)
+            return on_error
+
+    return call
+
+
+def _abort_requested(_data: Any) -> bool:
+    """llama.cpp's ``abort_callback``: true (stop the graph now) once a callback has kept an exception."""
+    try:
+        return bool(_pending)
+    except BaseException as e:  # noqa: BLE001  (a signal handler ran here: stop)
+        keep_pending(e)
+        return True
+
+
+_ABORT_PROTO_BOOL = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)  # ggml_abort_callback: bool (*)(void *)
+ABORT_CALLBACK = _ABORT_PROTO_BOOL(_abort_requested)  # module-level: alive as long as any context that holds it
+
+
+def _on_unraisable(u: Any) -> None:
+    """``sys.unraisablehook``: an interrupt raised inside any ctypes callback is kept, not printed and lost."""
+    exc = getattr(u, "exc_value", None)
+    if isinstance(exc, BaseException) and not isinstance(exc, Exception) and "ctypes callback" in (getattr(u, "err_msg", None) or ""):
+        keep_pending(exc)
+        return
+    _previous_hook(u)
+
+
+_previous_hook: Callable[[Any], None] = sys.unraisablehook
+_prepared = False
+
+
+def prepare_llama() -> None:
+    """Call before llama-cpp-python loads llama.cpp: ggml prints no gdb backtrace on an abort
+    (``GGML_NO_BACKTRACE``), libggml-base is the copy libllama uses (:func:`_load`), an abort says why
+    in one line (:func:`install_abort_message`), and interrupts inside callbacks are kept (see above)."""
+    global _prepared, _previous_hook
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+    install_abort_message()
+    if sys.unraisablehook is not _on_unraisable:  # again if someone replaced it since (pytest does, per test)
+        _previous_hook = sys.unraisablehook
+        sys.unraisablehook = _on_unraisable
+    if not _prepared:
+        _prepared = True
+        _filter_llama_log()
+
+
+_log_hook: Any = None  # the C callback: alive for the process
+
+
+def _filter_llama_log() -> None:
+    """llama-cpp-python's log callback, guarded, and only when its logger is verbose (quantkit's ``--debug``).
+
+    Its level table is off by one for this llama.cpp (``GGML_LOG_LEVEL_WARN`` = 3 counts as an error), so
+    warnings reached stderr beside quantkit's one line ("n_ctx is not divisible by n_seq_max", and after an
+    interrupt "decode: removing memory module entries ...").  Nothing is logged while an exception is pending.
+    """
+    global _log_hook
+    try:
+        import logging
+
+        import llama_cpp
+        from llama_cpp import _logger
+    except ImportError:  # ggml's kernels without llama-cpp-python's bindings: nothing to filter
+        return
+    inner = _logger.llama_log_callback
+
+    def log(level: int, text: bytes, user_data: Any) -> None:
+        if not _pending and _logger.logger.isEnabledFor(logging.DEBUG):
+            inner(level, text, user_data)
+
+    _log_hook = llama_cpp.llama_log_callback(guarded(log, None))
+    llama_cpp.llama_log_set(_log_hook, ctypes.c_void_p(0))
 
 
 def row_size(qtype: gguf_spec.GGMLQuantizationType, n_per_row: int) -> int:

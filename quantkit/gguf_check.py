@@ -16,8 +16,14 @@ bad file gets one line naming the key or tensor, what was found and the fix:
   and embedding length, expert counts that agree with each other and with the
   router and stacked expert tensors, query heads a multiple of KV heads, a known
   RoPE scaling type, a vocabulary of distinct tokens as long as ``token_embd`` /
-  ``output`` have rows (with byte tokens for an SPM vocabulary), no empty tensor,
-  F32 norms and 1-D tensors, no tensor in a type llama.cpp cannot compute with;
+  ``output`` have rows (with byte tokens for an SPM vocabulary, merges for a BPE one, and
+  never "no vocabulary": llama.cpp aborts on the first text it tokenises), no empty tensor,
+  F32 norms and 1-D tensors holding finite numbers, no tensor in a type llama.cpp cannot
+  compute with; float hyperparameters finite and in the range llama.cpp computes with
+  (:data:`F32_RANGES`: a negative epsilon aborts, a RoPE base <= 0 gives NaN), a context
+  length llama-cpp-python can read (int32); the file laid out as every GGUF writer lays it
+  out (zero padding, nothing after the last tensor's padding: a tensor count lowered in
+  the header is read by llama.cpp without a word);
 - the ``llama`` architecture (Mixtral, Mistral, Llama: what quantkit converts):
   every tensor llama.cpp loads present with the shape it expects, nothing else.
 
@@ -45,14 +51,35 @@ LLAMA_MAX_LAYERS = 512  # llama-hparams.h
 LLAMA_MAX_EXPERTS = 1024
 MAX_VOCAB = 1 << 22  # token ids are int32; real vocabularies hold up to a few 100k tokens
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama-model.cpp LLAMA_ROPE_SCALING_TYPES
-NO_VOCAB = ("no_vocab", "none")  # tokenizer.ggml.model values that need no token list
-TOKENIZERS = ("llama", "bert", "gpt2", "hybriddna", "whitespace", "t5", "rwkv", "plamo2", "gemma4", *NO_VOCAB)  # llama-vocab.cpp load()
+#: tokenizer.ggml.model values llama.cpp loads as "no vocabulary": it then aborts (GGML_ASSERT "Tokenizer not
+#: initialized") on the first text it tokenises, and every quantkit use of a model tokenises text
+NO_VOCAB = ("no_vocab", "none")
+TOKENIZERS = ("llama", "bert", "gpt2", "hybriddna", "whitespace", "t5", "rwkv", "plamo2", "gemma4")  # llama-vocab.cpp load()
+BPE_MERGES = ("gpt2", "hybriddna", "whitespace", "gemma4")  # need tokenizer.ggml.merges ("cannot find tokenizer merges")
+MAX_INT32 = 2**31 - 1  # llama-cpp-python reads n_ctx_train and n_embd as int32: a larger UINT32 turns negative there
 FIX = "fix: re-convert the model with quantkit convert (or re-download it)"
 #: keys llama.cpp reads per layer: one UINT32 for all layers, or an array of block_count ints
 PER_LAYER = ("attention.head_count", "attention.head_count_kv", "feed_forward_length", "expert_used_count")
 U32_KEYS = ("attention.key_length", "attention.value_length", "rope.dimension_count", "vocab_size", "expert_group_count",
             "expert_group_used_count", "nextn_predict_layers", "rope.scaling.original_context_length", "attention.sliding_window")
-F32_KEYS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base", "rope.scaling.factor")
+#: FLOAT32 hyperparameters llama.cpp reads for the architectures quantkit writes (llama-model.cpp load_hparams and
+#: src/models/{llama,qwen2moe,qwen3moe,olmoe,granite-moe}.cpp) -> the values it computes sensibly with.  Out of range,
+#: it aborts (a negative epsilon: GGML_ASSERT(eps >= 0)) or computes NaN or garbage logits without a word.
+#: Every other float under "{arch}." must at least be finite.  key -> (rule, expected, architectures: None for all)
+GRANITE = ("granite", "granitemoe", "granitehybrid")
+F32_RANGES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
+    "attention.layer_norm_rms_epsilon": (">=0", "a finite epsilon >= 0", None),
+    "attention.layer_norm_epsilon": (">=0", "a finite epsilon >= 0", None),
+    "rope.freq_base": (">0", "a finite RoPE base > 0 (e.g. 10000.0)", None),
+    "rope.freq_base_swa": (">0", "a finite RoPE base > 0 (e.g. 10000.0)", None),
+    "rope.scaling.factor": (">=0", "a finite factor > 0 (0 means no scaling to llama.cpp)", None),
+    "rope.scale_linear": (">=0", "a finite factor > 0 (0 means no scaling to llama.cpp)", None),
+    "rope.scaling.attn_factor": (">0", "a finite factor > 0 (1.0 by default)", None),
+    "logit_scale": (">0", "a finite scale > 0 (llama.cpp divides the logits by it)", GRANITE),
+    "embedding_scale": (">=0", "a finite scale > 0 (0 means none to llama.cpp)", GRANITE),
+    "residual_scale": (">=0", "a finite scale > 0 (0 means none to llama.cpp)", GRANITE),
+    "attention.scale": (">=0", "a finite scale > 0 (0 means 1/sqrt(head size) to llama.cpp)", GRANITE),
+}
 SPECIAL_IDS = ("bos", "eos")  # tokenizer.ggml.<x>_token_id: the ones llama.cpp tokenises and stops with
 _Q = GGMLQuantizationType
 NOT_WEIGHT_TYPES = _spec.NOT_WEIGHT_TYPES
@@ -71,7 +98,7 @@ def check_before_load(path: str | Path) -> GGUFFile:
 
     g = read_gguf(path, keep=keep_key)
     check_model(g)
-    ggml.install_abort_message()
+    ggml.prepare_llama()
     return g
 
 
@@ -118,15 +145,23 @@ class _Model:
             raise self.bad(key, v, f"a UINT32 (found type {_vt(self.vtype(key))})")
         return int(v)
 
-    def f32(self, key: str) -> float | None:
+    def f32(self, key: str, rule: str = "", expected: str = "a finite number") -> float | None:
+        """A FLOAT32 hyperparameter: finite, and ``> 0`` / ``>= 0`` per ``rule``."""
         if key not in self.md:
             return None
         v = self.md[key]
         if self.vtype(key) != VT.FLOAT32:
             raise self.bad(key, v, f"a FLOAT32 (found type {_vt(self.vtype(key))})")
-        if not np.isfinite(v):
-            raise self.bad(key, v, "a finite number")
-        return float(v)
+        x = float(v)
+        if not np.isfinite(x) or (rule == ">0" and not x > 0) or (rule == ">=0" and not x >= 0):
+            raise self.bad(key, v, expected)
+        return x
+
+    def floats_finite(self, prefix: str) -> None:
+        """Every FLOAT32 / FLOAT64 scalar under ``prefix`` finite: no hyperparameter is meant to be NaN or infinity."""
+        for key, (vtype, _) in self.g.types.items():
+            if key.startswith(prefix) and vtype in (VT.FLOAT32, VT.FLOAT64) and not np.isfinite(float(self.md[key])):
+                raise self.bad(key, self.md[key], "a finite number")
 
     def string(self, key: str, required: bool = False) -> str | None:
         if key not in self.md:
@@ -162,8 +197,9 @@ class _Model:
         p = arch + "."
         for k in U32_KEYS:
             self.u32(p + k)
-        for k in F32_KEYS:
-            self.f32(p + k)
+        for k, (rule, expected, archs) in F32_RANGES.items():
+            self.f32(p + k, rule if archs is None or arch in archs else "", expected)
+        self.floats_finite(p)
         n_layer = self.u32(p + "block_count", required=True)
         assert n_layer is not None
         if not 1 <= n_layer <= LLAMA_MAX_LAYERS:
@@ -171,11 +207,12 @@ class _Model:
         nextn = self.u32(p + "nextn_predict_layers") or 0
         if nextn > n_layer:
             raise self.bad(p + "nextn_predict_layers", nextn, f"at most the block count {n_layer}")
-        if not self.u32(p + "context_length", required=True):
-            raise self.bad(p + "context_length", 0, "a positive number of tokens")
+        n_ctx_train = self.u32(p + "context_length", required=True)
+        if not n_ctx_train or n_ctx_train > MAX_INT32:
+            raise self.bad(p + "context_length", n_ctx_train, f"a positive number of tokens up to {MAX_INT32}")
         n_embd = self.u32(p + "embedding_length", required=True)
-        if not n_embd:
-            raise self.bad(p + "embedding_length", 0, "a positive width")
+        if not n_embd or n_embd > MAX_INT32:
+            raise self.bad(p + "embedding_length", n_embd, f"a positive width up to {MAX_INT32}")
         heads = self.per_layer(p + "attention.head_count", n_layer, (0,) * n_layer)
         kv_heads = self.per_layer(p + "attention.head_count_kv", n_layer, heads)
         self.per_layer(p + "feed_forward_length", n_layer, (0,) * n_layer)
@@ -190,6 +227,8 @@ class _Model:
         n_expert = self._check_experts(p, n_layer)
         n_vocab = self._check_vocab()
         self._check_tensors(n_layer, n_expert, n_vocab)
+        self._check_layout()
+        self._check_vectors_finite()
         if arch == "llama":
             _Llama(self, n_layer, n_embd, heads, kv_heads, n_expert, n_vocab).check()
 
@@ -218,10 +257,17 @@ class _Model:
         """The token list llama-vocab.cpp builds: distinct strings (two equal ones abort), scores and types for each."""
         key = "tokenizer.ggml.tokens"
         model = self.string("tokenizer.ggml.model", required=True)
+        if model in NO_VOCAB:
+            raise self.fail(f"metadata tokenizer.ggml.model = {_cap(model)}: a model without a vocabulary, which llama.cpp cannot "
+                            "tokenise text for (it aborts on the first text)", "fix: re-convert the model with its tokenizer (quantkit convert)")
         if model not in TOKENIZERS:
             raise self.bad("tokenizer.ggml.model", model, f"a tokenizer llama.cpp knows ({', '.join(TOKENIZERS)})")
-        if model in NO_VOCAB:
-            return None
+        if model in BPE_MERGES and not (model != "gemma4" and self.md.get("tokenizer.ggml.pre") == "kimi-k2"):
+            merges = "tokenizer.ggml.merges"
+            if merges not in self.md:
+                raise self.fail(f"metadata {merges} is missing (llama.cpp's BPE tokenizer, tokenizer.ggml.model {_cap(model)}, needs its merges)")
+            if self.g.types[merges] != (VT.ARRAY, VT.STRING):
+                raise self.bad(merges, self.md[merges], "an array of strings")
         if key not in self.md:
             raise self.fail(f"metadata {key} is missing (no vocabulary)")
         tokens, (vtype, sub) = self.md[key], self.g.types[key]
@@ -292,6 +338,67 @@ class _Model:
                 t = self.tensors.get(name)
                 if t is not None and len(t.ne) == 2 and t.ne[1] != n_vocab:
                     raise self.fail(f"tensor {name!r} has {t.ne[1]} rows but tokenizer.ggml.tokens has {n_vocab} tokens (one row per token)")
+
+
+    def _check_layout(self) -> None:
+        """The bytes around the tensor data, as every GGUF writer lays them out (gguf.cpp, gguf-py's GGUFWriter, quantkit):
+        zeros from the end of the tensor table to the aligned data section, and after the last tensor's data nothing but
+        its zero padding to the alignment (accepted shorter or absent).  A tensor count lowered by one in the header leaves
+        the table's last entry in the header padding (or shifts the data section): llama.cpp reads the file all the same,
+        without that tensor (a missing output.weight becomes the tied embeddings) or with every tensor shifted."""
+        g = self.g
+        if not g.table_end or not g.tensors or not g.file_size:
+            return
+        n = len(g.tensors)
+        count = f"the header's tensor count ({n}) may be lower than the tensors the file holds"
+        end = g.data_offset + max(t.offset + t.nbytes for t in g.tensors)
+        padded = -(-end // g.alignment) * g.alignment
+        if g.file_size > padded:
+            raise self.fail(f"{g.file_size - end} bytes follow the data of the last tensor (at most {padded - end} bytes of padding "
+                            f"expected; {count}, or data was appended)", "fix: re-download the file or re-convert it")
+        for start, stop, what in ((g.table_end, g.data_offset, "between the tensor table and the tensor data"),
+                                  (end, g.file_size, "after the last tensor's data")):
+            at = _first_nonzero(g.path, start, stop)
+            if at is not None:
+                raise self.fail(f"the padding {what} (bytes {start}..{stop - 1}) is not zeros (byte {at}); {count}",
+                                "fix: re-download the file or re-convert it")
+
+
+    def _check_vectors_finite(self) -> None:
+        """Norms, biases and the other 1-D tensors (F32, a few KB each) hold finite numbers.  A NaN there does not
+        always give NaN logits: ggml rounds the NaN activations it quantises for a quantised matmul to integers, and
+        llama.cpp then computes finite garbage (the big matrices are not read: that would be the whole file)."""
+        g = self.g
+        if not g.file_size:
+            return
+        block = 1 << 22  # bytes read at a time: a hostile file may declare one huge 1-D tensor
+        with open(g.path, "rb") as f:
+            for t in g.tensors:
+                if len(t.ne) != 1 or t.qtype != _Q.F32:
+                    continue
+                f.seek(g.data_offset + t.offset)
+                for first in range(0, t.nbytes, block):
+                    x = np.frombuffer(f.read(min(block, t.nbytes - first)), dtype="<f4")
+                    bad = np.flatnonzero(~np.isfinite(x))
+                    if bad.size:
+                        at = first // 4 + int(bad[0])
+                        raise self.fail(f"tensor {t.name!r} holds non-finite values (first at index {at}: {x[bad[0]]}); "
+                                        "llama.cpp computes garbage or NaN logits from it", "fix: re-download the file or re-convert it")
+
+
+def _first_nonzero(path: Path, start: int, stop: int, block: int = 1 << 20) -> int | None:
+    """Offset of the first non-zero byte of ``path[start:stop]``, or None."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while start < stop:
+            chunk = f.read(min(block, stop - start))
+            if not chunk:
+                return None
+            nz = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8))
+            if nz.size:
+                return start + int(nz[0])
+            start += len(chunk)
+    return None
 
 
 class _Llama:

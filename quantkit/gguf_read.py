@@ -8,7 +8,7 @@ that is not GGUF, is truncated, or declares absurd sizes raises
 :class:`GGUFFormatError` with a one-line reason.
 
 The container rules are llama.cpp's own (``ggml/src/gguf.cpp``), so that a file
-read here is one llama.cpp opens: no empty or duplicate keys and no duplicate
+read here is one llama.cpp opens: no empty or duplicate keys, no array of arrays, no duplicate
 tensor names (refused as soon as the second one is read), ``general.alignment``
 a UINT32 power of two, tensor names shorter than 64 bytes, and tensor data laid
 out back to back in table order, each tensor padded to the alignment (so no two
@@ -40,7 +40,6 @@ SCALARS: dict[int, tuple[str, int]] = {
 }
 MAX_STRING = 64 * 1024 * 1024
 MAX_DIMS = 4
-MAX_DEPTH = 3
 MAX_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses a tensor name of 64 bytes or more
 MAX_KEYS = 1 << 16  # real files hold tens of keys (arrays are one key each); millions would take seconds to walk
 MAX_TENSORS = 1 << 18  # the largest MoE GGUFs hold a few thousand (experts stacked); each costs a few 100 bytes here
@@ -91,6 +90,7 @@ class GGUFFile:
     file_size: int = 0
     warnings: list[str] = field(default_factory=list)
     types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (value type, array item type)
+    table_end: int = 0  # where the tensor table ends: the bytes from here to data_offset are padding
 
 
 class _Reader:
@@ -174,20 +174,19 @@ class _Reader:
             self.pos = pos
         return out
 
-    def value(self, vtype: int, what: str, depth: int = 0, keep: bool = False) -> Any:
+    def value(self, vtype: int, what: str, keep: bool = False) -> Any:
         """One value; ``keep``: a top-level array of at most MAX_KEEP items is read whole even in a summary read."""
         if vtype in SCALARS:
             return self.scalar(vtype, what)
         if vtype == VT.STRING:
             return self.string(what)
         if vtype == VT.ARRAY:
-            if depth >= MAX_DEPTH:
-                raise self.fail(f"{what}: arrays nested deeper than {MAX_DEPTH}")
             itype = self.u32(f"{what} item type")
-            if depth == 0:
-                self.item_type = itype
+            if itype == VT.ARRAY:  # gguf.cpp: "key has invalid GGUF type" (gguf-py writes and reads them; llama.cpp never)
+                raise self.fail(f"{what}: an array of arrays, which llama.cpp's GGUF reader refuses")
+            self.item_type = itype
             count = self.u64(f"{what} count")
-            whole = depth == 0 and (self.full or (keep and count <= MAX_KEEP))
+            whole = self.full or (keep and count <= MAX_KEEP)
             if itype in SCALARS:
                 size = SCALARS[itype][1]
                 if count > (self.size - self.pos) // size:
@@ -196,19 +195,12 @@ class _Reader:
                     return np.frombuffer(self.read(count * size, what), dtype=SCALARS[itype][0])
                 head = [self.scalar(itype, what) for _ in range(min(count, ARRAY_HEAD))]
                 self.skip((count - len(head)) * size, what)
-            elif itype in (VT.STRING, VT.ARRAY):
+            elif itype == VT.STRING:
                 if count > (self.size - self.pos) // 8:
                     raise self.fail(f"{what}: array of {count} items cannot fit in the file")
-                if itype == VT.STRING:
-                    head = self.strings(count, what, count if whole else ARRAY_HEAD, exact=whole)
-                    if whole:
-                        return head
-                else:
-                    head = []
-                    for i in range(count):
-                        v = self.value(itype, what, depth + 1)
-                        if i < ARRAY_HEAD:
-                            head.append(v)
+                head = self.strings(count, what, count if whole else ARRAY_HEAD, exact=whole)
+                if whole:
+                    return head
             else:
                 raise self.fail(f"{what}: unknown array item type {itype}")
             if count <= ARRAY_HEAD:
@@ -303,7 +295,7 @@ def _parse(r: _Reader, path: Path, size: int, keep: Callable[[str], bool] | None
         end = data_offset + t.offset + t.nbytes
         if end > size:
             raise GGUFFormatError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, file has {size}; fix: re-download or re-convert the file")
-    return GGUFFile(path, version, md, infos, data_offset, alignment, size, types=types)
+    return GGUFFile(path, version, md, infos, data_offset, alignment, size, types=types, table_end=r.pos)
 
 
 def _cap(s: str, n: int = 80) -> str:

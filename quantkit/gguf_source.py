@@ -110,9 +110,7 @@ def source_metadata(g: GGUFFile) -> dict[str, MetaValue]:
     for key, value in g.metadata.items():
         if key.startswith("quantize.imatrix."):
             continue
-        vtype, sub = g.types[key]
-        if vtype == V.ARRAY and sub == V.ARRAY:
-            raise CheckpointError(f"{g.path}: metadata {key!r} is a nested array, which quantkit does not copy; fix: remove the key")
+        vtype, sub = g.types[key]  # nested arrays never get here: the reader refuses them, as llama.cpp does
         md[key] = MetaValue(value, V(vtype), None if sub is None else V(sub))
     return md
 

@@ -115,16 +115,11 @@ class _Collector:
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_mat,) int64
     pending: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer -> inputs of ffn_gate_exps (all_experts)
     pending_bytes: int = 0
-    error: BaseException | None = None
     checked: bool = False
 
     def __call__(self, t: int, ask: bool) -> bool:
-        try:
-            return self._on_tensor(t, ask)
-        except BaseException as e:  # noqa: BLE001  (nothing may escape a C callback: re-raised after the decode)
-            if self.error is None:
-                self.error = e
-            return False
+        """The eval callback; an exception stops the decode and is raised when it returns (``EvalSession``'s guard)."""
+        return self._on_tensor(t, ask)
 
     def _on_tensor(self, t: int, ask: bool) -> bool:
         from quantkit.session import GGMLTensor, _ggml_fns, check_tensor_layout
@@ -281,7 +276,7 @@ def collect_imatrix(
     chunks evaluated (default: all whole chunks of the text).
     """
     from quantkit.limits import check_ctx, model_limits
-    from quantkit.session import EvalSession
+    from quantkit.session import EvalSession, check_logits
 
     gguf_path = Path(gguf_path)
     check_args(n_ctx, n_chunks, threads, text, dataset)
@@ -302,9 +297,8 @@ def collect_imatrix(
             chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
             if bos is not None:
                 chunk[0] = bos
-            session.eval_chunk(chunk)
-            if collector.error is not None:
-                raise collector.error
+            logits = session.eval_chunks([chunk], copy=False)[0]  # an exception of the callback is raised here
+            check_logits(logits, i, gguf_path)
             if on_chunk is not None:
                 on_chunk(Progress(i + 1, total, (i + 1) * n_ctx, time.perf_counter() - t0))
         if experts is not None:

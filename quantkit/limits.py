@@ -25,6 +25,7 @@ MIN_CTX = 8
 #: ggml's GGML_MAX_N_THREADS (ggml.h): ggml sizes its per-thread tables (CPU masks, thread states) for at most this many
 MAX_THREADS = 512
 GIB = 1 << 30
+KV_PAD = 256  # llama.cpp rounds each sequence's KV cells up to this (GGML_PAD(n_ctx_seq, 256) in llama-context.cpp)
 
 
 def _whole(value: Any, flag: str, fix: str) -> int:
@@ -152,7 +153,10 @@ def check_ctx(
     from quantkit import runtime
 
     cells = n * n_seq
-    need = cells * (limits.kv_bytes_per_token or 0) + int(cells * outputs) * limits.n_vocab * 4
+    # llama.cpp pads each sequence's share of the KV cache to a multiple of KV_PAD cells (n_ctx_seq, llama-context.cpp):
+    # --ctx 16 over 128 sequences allocates 32768 cells, not 2048
+    kv_cells = -(-n // KV_PAD) * KV_PAD * n_seq if limits.gguf else cells
+    need = kv_cells * (limits.kv_bytes_per_token or 0) + int(cells * outputs) * limits.n_vocab * 4
     avail = runtime.mem_available()
     if avail is not None and need > avail and not (limits.gguf and runtime.gpu_offload_supported()):
         what = "llama.cpp's KV cache and logits" if limits.gguf else "the float32 logits"

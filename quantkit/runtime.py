@@ -525,6 +525,9 @@ def _chat_templates_deferred() -> Iterator[None]:
 
 def construct(path: Path, kwargs: dict[str, Any], cpu_patterns: Sequence[str] = ()) -> Llama:
     """``Llama(path, **kwargs)`` with tensors matching ``cpu_patterns`` kept in CPU memory."""
+    from quantkit import ggml
+
+    ggml.prepare_llama()  # one line (not gdb) if llama.cpp aborts; Ctrl-C / SIGTERM inside its callbacks kept
     from llama_cpp import Llama
 
     overrides = cpu_buft_overrides(cpu_patterns) if cpu_patterns else None
@@ -532,7 +535,13 @@ def construct(path: Path, kwargs: dict[str, Any], cpu_patterns: Sequence[str] = 
         with _chat_templates_deferred(), _model_params_with(overrides):
             llm = Llama(str(path), **kwargs)
     except ValueError as e:
+        ggml.raise_pending()  # an interrupt caught in llama.cpp's log callback while it loaded
         raise QuantkitError(f"{path}: llama.cpp could not load the model ({clipped(e)}); fix: re-convert it with quantkit convert") from None
+    try:
+        ggml.raise_pending()
+    except BaseException:
+        llm.close()
+        raise
     llm._quantkit_overrides = overrides  # type: ignore[attr-defined]  # keep the C strings alive with the model
     return llm
 
@@ -748,6 +757,8 @@ def complete(
     kw = sampling.kwargs()
     if sampling.ignore_eos and llm.token_eos() >= 0:
         kw["logit_bias"] = {llm.token_eos(): float("-inf")}
+    from quantkit import ggml
+
     pieces: list[str] = []
     finish = None
     t0 = time.perf_counter()
@@ -755,12 +766,14 @@ def complete(
         stream = llm.create_completion(tokens, stream=True, stop=list(stop), **kw)
         try:
             for chunk in stream:
+                ggml.raise_pending()  # Ctrl-C / SIGTERM that llama-cpp-python's callbacks (log, sampler) swallowed
                 choice = chunk["choices"][0]
                 finish = choice.get("finish_reason") or finish
                 if choice["text"]:
                     pieces.append(choice["text"])
                     if on_text:
                         on_text(choice["text"])
+            ggml.raise_pending()
         except KeyboardInterrupt:
             if not interruptible:
                 raise

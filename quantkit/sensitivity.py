@@ -97,7 +97,7 @@ def measure(
 ) -> dict[str, tuple[gguf_spec.GGMLQuantizationType, float]]:
     """Mean KLD per quantisable tensor of ``model`` (an unquantised GGUF that may be modified and restored)."""
     from quantkit.limits import check_ctx, model_limits
-    from quantkit.session import log_softmax
+    from quantkit.session import check_logits, log_softmax
     from quantkit.session import EvalSession
     from quantkit.gguf_read import read_gguf
 
@@ -116,7 +116,12 @@ def measure(
         half = n_ctx // 2
 
         def logp() -> list[np.ndarray]:
-            return [log_softmax(session.eval_chunk(c, half)).astype(np.float64) for c in chunks]
+            out = []
+            for i, c in enumerate(chunks):
+                lp = log_softmax(session.eval_chunk(c, half)).astype(np.float64)
+                check_logits(lp, i, model)  # a broken file (or probe) must not turn into a measured sensitivity
+                out.append(lp)
+            return out
 
         base = logp()
         out: dict[str, tuple[gguf_spec.GGMLQuantizationType, float]] = {}

@@ -9,6 +9,13 @@ hand every graph node to a caller's ``on_tensor`` (``quantkit.imatrix``).
 exports no accessor for (``ne``, ``nb``, ``src``); :func:`check_tensor_layout`
 proves the layout against the accessors it does export.
 
+Python code that llama.cpp calls (the eval callback) cannot raise into C: an exception
+there, a Ctrl-C or SIGTERM included (a signal handler runs in the next Python code of
+the main thread, which during a decode is a callback), is kept, llama.cpp's abort
+callback stops the decode, and :meth:`EvalSession.eval_chunks` raises it once
+``llama_decode`` returns (:func:`quantkit.ggml.guarded`).  :func:`check_logits` refuses
+NaN or infinite logits, which llama.cpp returns without a word.
+
 Not for: generation (``quantkit.runtime``).
 """
 
@@ -128,7 +135,11 @@ class EvalSession:
         self, path: str | Path, n_ctx: int, threads: int | None = None, capture_router: bool = False,
         gpu_layers: int | None = None, n_seq: int = 1, on_tensor: Callable[[int, bool], bool] | None = None,
     ) -> None:
-        """``on_tensor(tensor_address, ask)`` is llama.cpp's eval callback without user data (see ``cb_eval``)."""
+        """``on_tensor(tensor_address, ask)`` is llama.cpp's eval callback without user data (see ``cb_eval``);
+        an exception it raises stops the decode and is raised by :meth:`eval_chunks`."""
+        from quantkit import ggml
+
+        ggml.prepare_llama()  # before llama.cpp is loaded: one abort line, no gdb, interrupts in callbacks kept
         import llama_cpp
         from llama_cpp import _internals as internals
 
@@ -146,7 +157,25 @@ class EvalSession:
         try:
             self.model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
         except ValueError as e:
+            ggml.raise_pending()  # Ctrl-C / SIGTERM caught in llama.cpp's log callback while it loaded
             raise QuantkitError(f"{self.path}: llama.cpp could not load the model ({e}); fix: re-convert it") from None
+        self.ctx = self.batch = None
+        try:
+            ggml.raise_pending()
+            self._open_context(n_ctx, threads, capture_router, gpu_layers, n_seq, on_tensor, physical_cores)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_context(
+        self, n_ctx: int, threads: int | None, capture_router: bool, gpu_layers: int | None, n_seq: int,
+        on_tensor: Callable[[int, bool], bool] | None, physical_cores: Callable[[], int],
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import _internals as internals
+
+        from quantkit import ggml
+
         if capture_router and n_seq != 1:
             raise ValueError("router capture needs one sequence per decode")
         if capture_router and on_tensor is not None:
@@ -163,10 +192,14 @@ class EvalSession:
         if capture_router or on_tensor is not None:
             self._ggml = _ggml_fns()
             handler = self._on_tensor if on_tensor is None else (lambda t, ask, _user: on_tensor(t, ask))
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(handler)
+            # an exception (a signal's included) is kept, false stops this part of the graph, the abort callback the rest
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(ggml.guarded(handler, on_error=False))
             cparams.cb_eval = self._cb
             cparams.cb_eval_user_data = None
+        cparams.abort_callback = ggml.ABORT_CALLBACK  # polled after every graph node: stops the decode once a callback failed
+        cparams.abort_callback_data = None
         self.ctx = internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        ggml.raise_pending()
         self.batch = internals.LlamaBatch(n_tokens=n_ctx * n_seq, embd=0, n_seq_max=n_seq, verbose=False)
         self.n_ctx = n_ctx
         self.n_seq = n_seq
@@ -249,7 +282,7 @@ class EvalSession:
             self._layout = layout
         np.ctypeslib.as_array(b.token, shape=(n,))[:] = np.concatenate([np.asarray(c, dtype=np.int32) for c in chunks])
         b.n_tokens = n
-        self.ctx.decode(self.batch)
+        self._decode()
         rows = [len(c) - first_output for c in chunks]
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(sum(rows), self.n_vocab))
         out, at = [], 0
@@ -257,6 +290,20 @@ class EvalSession:
             out.append(logits[at : at + r].copy() if copy else logits[at : at + r])
             at += r
         return out
+
+    def _decode(self) -> None:
+        """``llama_decode`` of the batch; an exception a callback kept meanwhile (Ctrl-C, SIGTERM, an error) is raised here."""
+        import llama_cpp
+
+        from quantkit import ggml
+
+        rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
+        ggml.raise_pending()  # before rc: an interrupt makes llama.cpp abort the decode (rc 2)
+        if rc != 0:
+            raise QuantkitError(
+                f"{self.path}: llama.cpp could not evaluate a chunk of {self.batch.batch.n_tokens} tokens (llama_decode returned {rc}); "
+                "fix: lower --ctx or check the model with quantkit inspect"
+            )
 
     def vocab_fingerprint(self) -> str:
         """Hash of every token's text (its bytes: a token need not be UTF-8): equal fingerprints mean the same vocabulary."""
@@ -271,9 +318,19 @@ class EvalSession:
         return h.hexdigest()
 
     def close(self) -> None:
-        self.batch.close()
-        self.ctx.close()
-        self.model.close()
+        for part in (self.batch, self.ctx, self.model):
+            if part is not None:
+                part.close()
+
+
+def check_logits(values: np.ndarray, chunk: int, model: str | Path, engine: str = "llama.cpp") -> None:
+    """QuantkitError unless every value is finite: the logits of chunk ``chunk`` (0-based), or numbers computed from
+    all of them (NLLs, log-probabilities).  One float64 sum: NaN and infinity propagate into it, finite float32 never overflow it."""
+    if not np.isfinite(np.sum(values, dtype=np.float64)):
+        raise QuantkitError(
+            f"{engine} computed non-finite logits for chunk {chunk + 1} of {model}; the file is broken (NaN or infinity in a weight, "
+            "or a hyperparameter the engine accepts but cannot compute with); fix: re-convert it"
+        )
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -186,6 +186,26 @@ ABORTS = {
     "expert_count 0 with experts used": ({"llama.expert_count": MetaValue(0, U32)}, "expert_used_count = 2 is more than llama.expert_count = 0"),
     "unknown rope scaling": ({"llama.rope.scaling.type": MetaValue("xyz", V.STRING)}, "rope.scaling.type = 'xyz'"),
     "key/value head sizes differ": ({"llama.attention.value_length": MetaValue(32, U32)}, "value_length 32"),
+    "negative rms epsilon": ({"llama.attention.layer_norm_rms_epsilon": MetaValue(-1.0, V.FLOAT32)},  # GGML_ASSERT(eps >= 0) at the first decode
+                             "layer_norm_rms_epsilon = -1.0, expected a finite epsilon >= 0"),
+    "no vocabulary ('none')": ({"tokenizer.ggml.model": MetaValue("none", V.STRING)}, "'none': a model without a vocabulary"),  # "Tokenizer not initialized"
+    "no vocabulary ('no_vocab')": ({"tokenizer.ggml.model": MetaValue("no_vocab", V.STRING)}, "'no_vocab': a model without a vocabulary"),
+}
+# loaded by llama.cpp, which then computes NaN or garbage logits without a word (or llama-cpp-python fails on them)
+GARBAGE = {
+    "rope base 0": ({"llama.rope.freq_base": MetaValue(0.0, V.FLOAT32)}, "llama.rope.freq_base = 0.0, expected a finite RoPE base > 0"),
+    "rope base negative": ({"llama.rope.freq_base": MetaValue(-10000.0, V.FLOAT32)}, "llama.rope.freq_base = -10000.0"),
+    "rope base infinite": ({"llama.rope.freq_base": MetaValue(float("inf"), V.FLOAT32)}, "llama.rope.freq_base = inf"),
+    "rope scaling factor negative": ({"llama.rope.scaling.factor": MetaValue(-2.0, V.FLOAT32)}, "llama.rope.scaling.factor = -2.0, expected a finite factor"),
+    "rope scaling factor NaN": ({"llama.rope.scaling.factor": MetaValue(float("nan"), V.FLOAT32)}, "llama.rope.scaling.factor = nan"),
+    "rope attention factor 0": ({"llama.rope.scaling.attn_factor": MetaValue(0.0, V.FLOAT32)}, "llama.rope.scaling.attn_factor = 0.0"),
+    "epsilon infinite": ({"llama.attention.layer_norm_rms_epsilon": MetaValue(float("inf"), V.FLOAT32)}, "layer_norm_rms_epsilon = inf"),
+    "any float hyperparameter NaN": ({"llama.rope.scaling.yarn_log_multiplier": MetaValue(float("nan"), V.FLOAT32)},
+                                     "llama.rope.scaling.yarn_log_multiplier = nan, expected a finite number"),
+    "a FLOAT64 hyperparameter infinite": ({"llama.x_scale": MetaValue(float("-inf"), V.FLOAT64)}, "llama.x_scale = -inf"),
+    # llama-cpp-python reads n_ctx_train as an int32: "ValueError: Array length must be >= 0" (an internal error, exit 70)
+    "context length 2^31": ({"llama.context_length": MetaValue(2**31, U32)}, "llama.context_length = 2147483648, expected a positive number of tokens up to 2147483647"),
+    "context length 2^32-1": ({"llama.context_length": MetaValue(2**32 - 1, U32)}, "llama.context_length = 4294967295"),
 }
 # refused by llama.cpp with "failed to load model" and the reason hidden: now the reason is on the line
 REFUSED = {
@@ -200,16 +220,41 @@ REFUSED = {
     "per-layer heads of the wrong length": ({"llama.attention.head_count": MetaValue([4, 4], V.ARRAY, V.INT32)}, "one value per layer (4"),
     "bos outside the vocabulary": ({"tokenizer.ggml.bos_token_id": MetaValue(3000, U32)}, "below the vocabulary size 3000"),
     "unknown tokenizer": ({"tokenizer.ggml.model": MetaValue("sentencepiece", V.STRING)}, "a tokenizer llama.cpp knows"),
+    "BPE tokenizer without merges": ({"tokenizer.ggml.model": MetaValue("gpt2", V.STRING)}, "tokenizer.ggml.merges is missing"),
+    "BPE merges not strings": ({"tokenizer.ggml.model": MetaValue("gpt2", V.STRING), "tokenizer.ggml.merges": MetaValue([1, 2], V.ARRAY, V.INT32)},
+                               "tokenizer.ggml.merges = [1, 2], expected an array of strings"),
 }
 
 
-@pytest.mark.parametrize("case", list(ABORTS) + list(REFUSED))
+@pytest.mark.parametrize("case", list(ABORTS) + list(REFUSED) + list(GARBAGE))
 def test_hyperparameters_are_checked_before_loading(tmp_path, f32, case):
-    md, needle = {**ABORTS, **REFUSED}[case]
+    md, needle = {**ABORTS, **REFUSED, **GARBAGE}[case]
     path = rewrite(f32, tmp_path / "x.gguf", md)
     with pytest.raises(GGUFFormatError) as e:
         check_before_load(path)
     _one_line(str(e.value), str(path), needle)
+
+
+@pytest.mark.parametrize("md", [
+    {"llama.attention.layer_norm_rms_epsilon": MetaValue(0.0, V.FLOAT32)},  # GGML_ASSERT(eps >= 0): zero is allowed
+    {"llama.rope.scaling.factor": MetaValue(0.0, V.FLOAT32)},  # llama.cpp reads 0 as "no scaling"
+    {"llama.rope.scaling.factor": MetaValue(4.0, V.FLOAT32), "llama.rope.freq_base": MetaValue(1e6, V.FLOAT32)},
+    {"llama.logit_scale": MetaValue(0.0, V.FLOAT32)},  # read (and divided by) only by the granite architectures
+    {"tokenizer.ggml.model": MetaValue("gpt2", V.STRING), "tokenizer.ggml.merges": MetaValue(["a b"], V.ARRAY, V.STRING)},
+    {"tokenizer.ggml.model": MetaValue("gpt2", V.STRING), "tokenizer.ggml.pre": MetaValue("kimi-k2", V.STRING)},  # llama.cpp: no merges needed
+    {"llama.context_length": MetaValue(2**31 - 1, U32)},
+], ids=["eps 0", "rope factor 0", "rope scaled", "llama logit_scale 0", "gpt2 with merges", "kimi-k2 without merges", "context 2^31-1"])
+def test_hyperparameters_llama_cpp_takes_pass(tmp_path, f32, md):
+    check_before_load(rewrite(f32, tmp_path / "x.gguf", md))
+
+
+def test_requantise_refuses_files_llama_cpp_aborts_on_or_misreads(tmp_path, f32):
+    """Before, requantising wrote a new file from each of these (eval refused them, or aborted)."""
+    out = tmp_path / "out" / "o.gguf"
+    out.parent.mkdir()
+    for i, case in enumerate(("negative rms epsilon", "no vocabulary ('none')", "BPE tokenizer without merges", "rope base negative", "context length 2^31")):
+        md, needle = {**ABORTS, **REFUSED, **GARBAGE}[case]
+        _requantise_refused(rewrite(f32, tmp_path / f"{i}.gguf", md), out, needle)
 
 
 def test_vocabulary_is_checked_before_loading(tmp_path, f32):
