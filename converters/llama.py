@@ -91,6 +91,14 @@ def _rope(config: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
+def _context_length(config: dict[str, Any]) -> int:
+    """``max_position_embeddings``: llama.cpp's context keys are uint32, but llama-cpp-python reads the trained context as an int32."""
+    n = _get(config, "max_position_embeddings", int, 4096)
+    if n > 2**31 - 1:
+        raise CheckpointError(f"config.json: key 'max_position_embeddings' = {n}, more than the 2147483647 llama.cpp's runtime can take; fix: restore the original value")
+    return n
+
+
 def _optional_count(config: dict[str, Any], key: str) -> int | None:
     """A size that may be absent, null or 0 (None then), else a positive uint32."""
     value = _get(config, key, int, 0, positive=False)
@@ -147,7 +155,7 @@ class Hparams:
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_ctx=_get(config, "max_position_embeddings", int, 4096),
+            n_ctx=_context_length(config),
             norm_eps=_get(config, "rms_norm_eps", float, 1e-6),
             rope_theta=theta if theta is not None else rope.get("rope_theta", 10000.0),
             rope=rope,
