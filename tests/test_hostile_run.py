@@ -206,6 +206,7 @@ JINJA_PIECES = st.sampled_from(
 )  # no "*": a random product of powers could ask for gigabytes
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(st.lists(JINJA_PIECES, max_size=30).map("".join))
 def test_any_template_renders_or_fails_in_one_line(source):
@@ -445,6 +446,7 @@ JSON = st.recursive(
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", 1]), "content": st.text(max_size=5) | st.integers()})
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(st.one_of(JSON, st.builds(lambda m: {"format": "quantkit-chat", "version": 1, "messages": m}, st.lists(MESSAGE, max_size=5))))
 def test_any_json_loads_as_a_history_or_one_line(obj):

@@ -263,6 +263,7 @@ def _toml_value(v) -> str:
 
 
 @pytest.mark.fuzz
+@pytest.mark.fuzz
 def test_recipe_fuzz_one_line_or_recipe():
     """Any values where a recipe's go: a Recipe or one QuantkitError line naming the file (never TypeError & co)."""
     import os
