@@ -384,6 +384,10 @@ def _path(path: str | Path, command: str) -> Path:
 def save_history(history: History, path: str | Path) -> Path:
     """Write the conversation as JSON, atomically; an existing file is replaced only when it is an earlier /save."""
     path = _path(path, "/save")
+    try:
+        path.is_dir()
+    except OSError as e:  # a name too long, a loop: as one line, the chat goes on
+        raise QuantkitError(f"{shown(str(path))}: cannot be used ({e.strerror or e}); fix: /save a shorter plain file name") from None
     fix = f"fix: /save {path / 'chat.json'}" if path.is_dir() else "fix: /save a path to a regular file"
     if path.is_dir():
         raise QuantkitError(f"{path}: is a directory; {fix}")

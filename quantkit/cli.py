@@ -323,7 +323,14 @@ def inspect(
     """Show a GGUF file's metadata, tensors and bits per weight per tensor group (safe on untrusted files)."""
     from quantkit.gguf_read import read_gguf, to_json
 
-    j = to_json(_run(lambda: read_gguf(file)))
+    g = _run(lambda: read_gguf(file))
+    j = to_json(g)
+    from quantkit.gguf_check import layout_problem
+
+    problem = layout_problem(g)
+    if problem is not None:  # shown, since llama.cpp's library reads it, but run/eval/convert refuse it
+        j["warnings"] = [problem]
+        err.say("warning:", "yellow", cap(problem))
     if as_json:
         _print_json(j)
         return

@@ -273,6 +273,8 @@ def gate_command(
     cli = _cli()
     if update_baseline:
         data = cli._run(lambda: g.load_json(report, "report"))
+        if baseline.is_symlink() and not baseline.exists():
+            cli._run(lambda: _refuse(f"--baseline {baseline}: a symbolic link to a missing file; fix: give the baseline's real path"))
         cli._run(lambda: _make_parent(baseline))
         _write_file(baseline, json.dumps(data, indent=2) + "\n", force=True)
         cli.out.line(f"baseline {baseline} updated from {report}")

@@ -102,6 +102,16 @@ def check_before_load(path: str | Path) -> GGUFFile:
     return g
 
 
+def layout_problem(g: GGUFFile) -> str | None:
+    """What is wrong with the bytes around the tensor data (see ``_Model._check_layout``), or None: for ``inspect``,
+    which shows such a file (llama.cpp's GGUF library reads it) but says why run/eval/convert refuse it."""
+    try:
+        _Model(g)._check_layout()
+    except GGUFFormatError as e:
+        return str(e)
+    return None
+
+
 def check_model(g: GGUFFile) -> None:
     """GGUFFormatError for the first hyperparameter, vocabulary or tensor llama.cpp would abort on or refuse."""
     _Model(g).check()

@@ -44,7 +44,10 @@ def _check_target(path: Path, force: bool, inputs: tuple[Path | str, ...]) -> No
         raise OSError(36, "File name too long")
     target = path.resolve()
     for given in inputs:
-        src = Path(given).resolve()
+        try:
+            src = Path(given).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: no file the output could be (reading it fails with its own error)
+            continue
         if target == src or src in target.parents:
             raise OutputError(f"{path}: is {'inside ' if target != src else ''}the input {given}; fix: write the output elsewhere")
     if path.is_dir():

@@ -395,3 +395,38 @@ def test_bnb_options_with_gguf_output_are_refused(tmp_path):
     _no_crash(result)
     assert result.exit_code == 2 and "apply to --format bnb" in result.output
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_rerun_audit_leftovers(tmp_path, fixture_gguf):
+    """The second audit's last findings: a symlink loop as the source, /save with a name the OS refuses,
+    a GGUF whose header hides its last tensor (inspect warns), --update-baseline onto a dangling link."""
+    import struct
+
+    from quantkit.chat import History, save_history
+    from quantkit.errors import QuantkitError
+
+    loop = tmp_path / "loop1.gguf"
+    loop.symlink_to(tmp_path / "loop2.gguf")
+    (tmp_path / "loop2.gguf").symlink_to(loop)
+    result = _invoke(["convert", loop, "-o", tmp_path / "o.gguf", "--type", "q8_0"])
+    _no_crash(result)
+    assert result.exit_code == 1 and "internal error" not in result.output and not (tmp_path / "o.gguf").exists()
+
+    with pytest.raises(QuantkitError, match="cannot be used"):
+        save_history(History(), tmp_path / ("n" * 300 + ".json"))
+
+    raw = fixture_gguf("q8_0").read_bytes()
+    (n,) = struct.unpack("<Q", raw[8:16])
+    short = tmp_path / "short.gguf"
+    short.write_bytes(raw[:8] + struct.pack("<Q", n - 1) + raw[16:])
+    result = _invoke(["inspect", short, "--json"])
+    _no_crash(result)
+    assert result.exit_code == 0 and "tensor count" in result.output
+    assert "warnings" not in json.loads(_invoke(["inspect", fixture_gguf("q8_0"), "--json"]).output)
+
+    base = ROOT / "evals" / "baselines" / "tiny-mixtral-Q4_K_M.json"
+    dangling = tmp_path / "b.json"
+    dangling.symlink_to(tmp_path / "nowhere" / "b.json")
+    result = _invoke(["gate", base, "--baseline", dangling, "--update-baseline"])
+    _no_crash(result)
+    assert result.exit_code == 1 and "missing file" in result.output and dangling.is_symlink()
