@@ -56,7 +56,7 @@ def main(
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or a GGUF file to requantise."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb)."),
+    output_arg: str = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb)."),
     out_format: str = typer.Option("gguf", "--format", help="gguf (one llama.cpp file) or bnb (bitsandbytes 4-bit HF directory, every expert 4-bit)."),
     bnb_type: str = typer.Option("nf4", "--bnb-type", help="--format bnb: 4-bit data type, nf4 or fp4."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="--format bnb: quantise the absmax statistics too (bitsandbytes double quantisation)."),
@@ -81,6 +81,7 @@ def convert(
 
     if out_format not in ("gguf", "bnb"):
         raise typer.BadParameter(f"{out_format!r} is not supported; use gguf or bnb", param_hint="--format")
+    output = _file_arg(output_arg, "--output") if out_format == "gguf" else Path(output_arg)
     show = progress and err.is_terminal and not as_json
     if out_format == "bnb":
         from quantkit.bnb import export_bnb
@@ -135,6 +136,13 @@ def convert(
     out.print(f"wrote [bold]{esc(j['output'])}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
     if target is not None or overrides:  # a mixed plan: say what was chosen (quantkit plan shows it tensor by tensor)
         out.print("types: " + ", ".join(f"{esc(k)} x{v['tensors']} ({8 * v['bytes'] / max(1, v['params']):.2f} bpw, {v['bytes'] / 2**20:.1f} MiB)" for k, v in j["types"].items()))
+
+
+def _file_arg(value: str, hint: str) -> Path:
+    """An output file given on the command line: a name ending in a slash asks for a directory (typer's Path would drop it)."""
+    if not value or value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{value!r} names a directory, not a file; give a file name such as {os.path.join(value or '.', 'model.gguf')}", param_hint=hint)
+    return Path(value)
 
 
 def _type_and_rules(
@@ -252,7 +260,7 @@ def _load_imatrix(path: Path | None) -> Any:
 def imatrix_command(
     src: Path = typer.Argument(..., help="A GGUF model (F32/F16/BF16 or quantised), or a Hugging Face directory (converted to a temporary BF16 GGUF first)."),
     text: Path = typer.Option(..., "--text", help="UTF-8 calibration text."),
-    output: Path = typer.Option(..., "-o", "--output", help="The importance matrix to write (.gguf, llama-imatrix's format)."),
+    output_arg: str = typer.Option(..., "-o", "--output", help="The importance matrix to write (.gguf, llama-imatrix's format)."),
     ctx: int = typer.Option(512, "--ctx", min=16, help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Evaluate only the first N chunks (default: the whole text)."),
     all_experts: bool = typer.Option(False, "--all-experts", help="Send calibration tokens through all experts (statistics only, outputs still gated by the router), so rare experts are covered."),
@@ -263,6 +271,7 @@ def imatrix_command(
     progress: bool = PROGRESS,
 ) -> None:
     """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
+    output = _file_arg(output_arg, "--output")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from quantkit.cli_eval import read_text

@@ -194,7 +194,7 @@ def kld(
     ctx: int = CTX,
     chunks: Optional[int] = CHUNKS,
     label: Optional[str] = typer.Option(None, "--label", help="Variant name recorded in the report (default: file stem)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where base log-probs are cached (default ~/.cache/quantkit)."),
+    cache_arg: Optional[str] = typer.Option(None, "--cache-dir", help="Where base log-probs are cached (default ~/.cache/quantkit)."),
     threads: Optional[int] = THREADS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     force: bool = FORCE,
@@ -204,6 +204,9 @@ def kld(
     from quantkit.evals.kld import base_logprobs, compare
 
     cli = _cli()
+    if cache_arg is not None and not cache_arg.strip():
+        raise typer.BadParameter("empty; give a directory (or leave it out for ~/.cache/quantkit)", param_hint="--cache-dir")
+    cache_dir = Path(cache_arg) if cache_arg is not None else None
     _check_outputs(force, (json_out,), (base, model, text))
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("base", progress and str(json_out) != "-")

@@ -631,7 +631,10 @@ def vocab_metadata(vocab: Vocab, tcfg: dict[str, Any], config: dict[str, Any]) -
         md[K.MERGES] = MetaValue(vocab.merges, V.ARRAY, V.STRING)
     index = {t: i for i, t in enumerate(vocab.tokens)}
     for role, key, cfg_key in (("bos", K.BOS_ID, "bos_token_id"), ("eos", K.EOS_ID, "eos_token_id"), ("unk", K.UNK_ID, None), ("pad", K.PAD_ID, "pad_token_id")):
-        tid = index.get(_token_str(tcfg.get(f"{role}_token")) or "\0")
+        named = _token_str(tcfg.get(f"{role}_token"))
+        tid = index.get(named or "\0")
+        if named and tid is None and role in ("bos", "eos"):  # llama.cpp would start or stop on some other token
+            raise CheckpointError(f"tokenizer_config.json: {role}_token = {shown(named)} is not a token of the vocabulary; fix: restore the model's tokenizer_config.json")
         if tid is None and cfg_key is not None:
             raw = config.get(cfg_key)
             tid = raw[0] if isinstance(raw, list) and raw else raw

@@ -197,6 +197,7 @@ CASES = {
     "__metadata__ not an object": (lambda d: _rewrite_header(_shards(d)[0], lambda h: h.__setitem__("__metadata__", ["pt"])), ["__metadata__", "not an object"]),
     "linear rope without factor": (lambda d: _set_config(d, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}), ["linear", "factor", "fix:"]),
     "context beyond int32": (lambda d: _set_config(d, max_position_embeddings=2**31), ["max_position_embeddings", "2147483647", "fix:"]),
+    "bos_token not in the vocabulary": (lambda d: (d / "tokenizer_config.json").write_text(json.dumps({**json.loads((d / "tokenizer_config.json").read_text()), "bos_token": "<nope>"})), ["bos_token", "<nope>", "not a token"]),
     "hidden_act not silu": (lambda d: _set_config(d, hidden_act="gelu"), ["hidden_act", "gelu", "SiLU", "fix:"]),
     "missing tokenizer": (lambda d: (d / "tokenizer.model").unlink(), ["tokenizer.model", "tokenizer.json"]),
     "corrupt tokenizer.model": (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), ["tokenizer.model", "SentencePiece"]),

@@ -430,3 +430,20 @@ def test_rerun_audit_leftovers(tmp_path, fixture_gguf):
     result = _invoke(["gate", base, "--baseline", dangling, "--update-baseline"])
     _no_crash(result)
     assert result.exit_code == 1 and "missing file" in result.output and dangling.is_symlink()
+
+
+def test_last_low_audit_findings(tmp_path):
+    """-o DIR/ names a directory (typer's Path dropped the slash and wrote a file DIR); --cache-dir '' is no directory."""
+    result = _invoke(["convert", FIXTURE, "-o", str(tmp_path / "newdir") + "/", "--type", "q8_0"])
+    _no_crash(result)
+    assert result.exit_code == 2 and "names a directory" in _flat(result.output) and not (tmp_path / "newdir").exists()
+    result = _invoke(["imatrix", "m.gguf", "--text", "t.txt", "-o", str(tmp_path) + "/"])
+    assert result.exit_code == 2 and "names a directory" in _flat(result.output)
+    result = _invoke(["eval", "kld", "a.gguf", "b.gguf", "--corpus", "heldout", "--cache-dir", ""])
+    _no_crash(result)
+    assert result.exit_code == 2 and "--cache-dir" in _flat(result.output)
+
+
+def _flat(text: str) -> str:
+    """typer's usage-error box as one line of words."""
+    return " ".join(text.replace("│", " ").split())
