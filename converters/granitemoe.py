@@ -48,7 +48,7 @@ import numpy as np
 from quantkit import gguf_spec
 from quantkit.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
-from quantkit.converters.llama import HEAD_RULES, IGNORE, T, Hparams, _get, _p, generated_tensors
+from quantkit.converters.llama import BASE_RULES, HEAD_RULES, IGNORE, T, Hparams, _get, _p, generated_tensors
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -132,18 +132,14 @@ def _bias(hf: str, gguf: str, shape, transform: Transform = Transform.NONE) -> R
     return Rule(hf, gguf + ".bias", Role.ATTENTION, shape, transform, optional=True)
 
 
+#: llama's attention rows (q/k permuted to llama.cpp's rotary layout) with optional biases, q/k biases permuted like their rows
 ATTENTION_RULES: tuple[Rule, ...] = (
-    _p("model.embed_tokens.weight", T.TOKEN_EMBD, Role.EMBEDDINGS, lambda h: (h.n_vocab, h.n_embd)),
-    _p("model.layers.{bid}.input_layernorm.weight", T.ATTN_NORM, Role.NORM, lambda h: (h.n_embd,)),
-    _p("model.layers.{bid}.self_attn.q_proj.weight", T.ATTN_Q, Role.ATTENTION, lambda h: (h.n_head * h.head_dim, h.n_embd), Transform.PERMUTE_Q),
-    _p("model.layers.{bid}.self_attn.k_proj.weight", T.ATTN_K, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd), Transform.PERMUTE_K),
-    _p("model.layers.{bid}.self_attn.v_proj.weight", T.ATTN_V, Role.ATTENTION, lambda h: (h.n_head_kv * h.head_dim, h.n_embd)),
-    _p("model.layers.{bid}.self_attn.o_proj.weight", T.ATTN_OUT, Role.ATTENTION, lambda h: (h.n_embd, h.n_head * h.head_dim)),
-    _bias("model.layers.{bid}.self_attn.q_proj.bias", T.ATTN_Q, lambda h: (h.n_head * h.head_dim,)),  # permuted: BIAS_PERMUTE
-    _bias("model.layers.{bid}.self_attn.k_proj.bias", T.ATTN_K, lambda h: (h.n_head_kv * h.head_dim,)),
+    *BASE_RULES[:6],
+    _bias("model.layers.{bid}.self_attn.q_proj.bias", T.ATTN_Q, lambda h: (h.n_head * h.head_dim,), Transform.PERMUTE_Q),
+    _bias("model.layers.{bid}.self_attn.k_proj.bias", T.ATTN_K, lambda h: (h.n_head_kv * h.head_dim,), Transform.PERMUTE_K),
     _bias("model.layers.{bid}.self_attn.v_proj.bias", T.ATTN_V, lambda h: (h.n_head_kv * h.head_dim,)),
     _bias("model.layers.{bid}.self_attn.o_proj.bias", T.ATTN_OUT, lambda h: (h.n_embd,)),
-    _p("model.layers.{bid}.post_attention_layernorm.weight", T.FFN_NORM, Role.NORM, lambda h: (h.n_embd,)),
+    BASE_RULES[6],  # post_attention_layernorm
 )
 
 
@@ -173,16 +169,8 @@ def rules(names: list[str]) -> tuple[Rule, ...]:
     return ATTENTION_RULES + expert_rules(names) + HEAD_RULES
 
 
-#: q/k biases are permuted like their rows.  quantkit.mapping derives a transformed tensor's shape from
-#: its rows (2-D), so the permutation of these 1-D tensors is attached after mapping (GraniteConverter.map).
-BIAS_PERMUTE: dict[str, Transform] = {"attn_q.bias": Transform.PERMUTE_Q, "attn_k.bias": Transform.PERMUTE_K}
 #: the bias rows ``attention_bias: true`` gives every block
 BIAS_RULES = tuple(r for r in ATTENTION_RULES if r.gguf.endswith(".bias"))
-
-
-def _permuted_bias(t: OutTensor) -> OutTensor:
-    transform = BIAS_PERMUTE.get(t.name.split(".", 2)[-1])
-    return t if transform is None else dataclasses.replace(t, transform=transform)
 
 
 def stored_views(t: OutTensor) -> OutTensor:
@@ -216,11 +204,11 @@ def stored_views(t: OutTensor) -> OutTensor:
 
 @dataclass(frozen=True)
 class GraniteConverter(Converter):
-    """A converter whose fused tensors become views of their stored bytes (:func:`stored_views`), q/k biases permuted."""
+    """A converter whose fused tensors become views of their stored bytes (:func:`stored_views`)."""
 
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
         hp, tensors = super().map(ckpt)
-        return hp, [_permuted_bias(stored_views(t)) for t in tensors]
+        return hp, [stored_views(t) for t in tensors]
 
 
 def check(h: GraniteHparams, tensors: list[OutTensor]) -> None:
