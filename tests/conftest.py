@@ -145,3 +145,22 @@ def fused_copy(src: Path, dst: Path) -> Path:
         if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copy(f, dst / f.name)
     return dst
+
+
+def assert_convert_refused(model: Path, tmp_path: Path, needles: list[str]) -> None:
+    """``quantkit convert MODEL`` fails with exit 1 and one ``error:`` line holding every needle and a fix; nothing is written."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    result = CliRunner().invoke(app, ["convert", str(model), "-o", str(outdir / "m.gguf"), "--type", "q8_0"])
+    assert result.exit_code == 1, result.output
+    msg = result.output.strip()
+    assert msg.startswith("error:") and len(msg.splitlines()) == 1, msg
+    flat = " ".join(msg.split())
+    for needle in needles:
+        assert needle in flat, f"{needle!r} not in {flat!r}"
+    assert "fix:" in flat
+    assert list(outdir.iterdir()) == []

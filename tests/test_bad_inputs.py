@@ -14,7 +14,7 @@ import struct
 import pytest
 from typer.testing import CliRunner
 
-from conftest import random_model
+from conftest import assert_convert_refused, random_model
 from quantkit.cli import app
 
 
@@ -279,17 +279,7 @@ CASES = {
 def test_bad_input_is_one_clear_line_and_leaves_nothing(model, tmp_path, case):
     breaker, needles = CASES[case]
     breaker(model)
-    outdir = tmp_path / "out"
-    outdir.mkdir()
-    result = CliRunner().invoke(app, ["convert", str(model), "-o", str(outdir / "m.gguf"), "--type", "q8_0"])
-    assert result.exit_code == 1, result.output
-    msg = result.output.strip()
-    assert msg.startswith("error:") and len(msg.splitlines()) == 1, msg
-    flat = " ".join(msg.split())
-    for needle in needles:
-        assert needle in flat, f"{needle!r} not in {flat!r}"
-    assert "fix:" in flat
-    assert list(outdir.iterdir()) == []
+    assert_convert_refused(model, tmp_path, needles)
 
 
 def test_debug_shows_traceback(model, tmp_path):

@@ -15,10 +15,8 @@ import shutil
 
 import gguf
 import pytest
-from typer.testing import CliRunner
 
-from conftest import random_model
-from quantkit.cli import app
+from conftest import assert_convert_refused, random_model
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +77,7 @@ REFUSED = {
 def test_refused_with_one_line(model, tmp_path, case):
     breaker, needles = REFUSED[case]
     breaker(model)
-    out = tmp_path / "out"
-    out.mkdir()
-    result = CliRunner().invoke(app, ["convert", str(model), "-o", str(out / "m.gguf"), "--type", "q8_0"])
-    assert result.exit_code == 1, result.output
-    msg = result.output.strip()
-    assert msg.startswith("error:") and len(msg.splitlines()) == 1, msg
-    flat = " ".join(msg.split())
-    for needle in needles:
-        assert needle in flat, f"{needle!r} not in {flat!r}"
-    assert "fix:" in flat
-    assert list(out.iterdir()) == []
+    assert_convert_refused(model, tmp_path, needles)
 
 
 def test_shared_expert_gate_and_biases_stay_f32(good):
