@@ -41,24 +41,15 @@ def _ggml_fns() -> Any:
 
     so = ggml.lib()
     if not hasattr(so, "_qk_eval_ready"):
-        so.ggml_get_name.argtypes = [ctypes.c_void_p]
-        so.ggml_get_name.restype = ctypes.c_char_p
-        so.ggml_nelements.argtypes = [ctypes.c_void_p]
-        so.ggml_nelements.restype = ctypes.c_int64
-        so.ggml_nrows.argtypes = [ctypes.c_void_p]
-        so.ggml_nrows.restype = ctypes.c_int64
-        so.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
-        so.ggml_is_contiguous.restype = ctypes.c_bool
-        so.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-        so.ggml_backend_tensor_get.restype = None
-        so.ggml_op_desc.argtypes = [ctypes.c_void_p]
-        so.ggml_op_desc.restype = ctypes.c_char_p
-        so.ggml_op_name.argtypes = [ctypes.c_int]
-        so.ggml_op_name.restype = ctypes.c_char_p
-        so.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        so.ggml_nbytes.restype = ctypes.c_size_t
-        so.ggml_tensor_overhead.argtypes = []
-        so.ggml_tensor_overhead.restype = ctypes.c_size_t
+        p, c = ctypes.c_void_p, ctypes  # name -> (argument types, result type) of the ggml functions the callback uses
+        for name, args, res in (
+            ("ggml_get_name", [p], c.c_char_p), ("ggml_nelements", [p], c.c_int64), ("ggml_nrows", [p], c.c_int64),
+            ("ggml_is_contiguous", [p], c.c_bool), ("ggml_backend_tensor_get", [p, p, c.c_size_t, c.c_size_t], None),
+            ("ggml_op_desc", [p], c.c_char_p), ("ggml_op_name", [c.c_int], c.c_char_p), ("ggml_nbytes", [p], c.c_size_t),
+            ("ggml_tensor_overhead", [], c.c_size_t),
+        ):
+            fn = getattr(so, name)
+            fn.argtypes, fn.restype = args, res
         so._qk_eval_ready = True
     return so
 
