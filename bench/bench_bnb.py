@@ -72,7 +72,7 @@ def measure(cmd: list[str], out: Path, log: Path) -> tuple[float, float]:
 
 def count_4bit(out: Path) -> dict[str, float]:
     """Parameters stored 4-bit in an output directory, counted from its safetensors headers and quant_states."""
-    from quantkit.checkpoint import open_checkpoint
+    from quantkit.hf.checkpoint import open_checkpoint
 
     params = bits4 = expert = expert4 = 0
     with open_checkpoint(out) as ckpt:

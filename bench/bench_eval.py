@@ -30,7 +30,7 @@ from bench_convert import compile_bytecode
 
 ROOT = Path(__file__).resolve().parent.parent
 # The `quantkit` command as users run it (the console script next to this Python); `python -m quantkit.cli`
-# would load cli.py twice (as __main__ and as quantkit.cli, which the eval commands import).
+# would load cli.py twice (as __main__ and as quantkit.cli.main, which the eval commands import).
 _SCRIPT = Path(sys.executable).with_name("quantkit")
 QK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "quantkit.cli"]
 

@@ -10,7 +10,7 @@ Three parts, each selected by a flag (none given: all three):
                 llama.cpp reads the model's BF16 GGUF (made by ``quantkit convert
                 --type bf16``, bit-identical to llama.cpp's converter, see
                 RESULTS.md); quantkit is timed from the HF directory (one pass)
-                and, where ``quantkit.convert.convert`` accepts a ``.gguf``
+                and, where ``quantkit.pipeline.convert.convert`` accepts a ``.gguf``
                 source, from the same BF16 GGUF.  Both outputs are compared
                 tensor by tensor (type, shape, bytes).
 ``--two-step``  on the synthetic model: quantkit HF -> Q4_K_M in one pass vs
@@ -67,7 +67,7 @@ IMATRIX_CTX, IMATRIX_CHUNKS = 512, 100  # quantkit imatrix defaults (ctx 512), f
 # Children: each prints one JSON line with the seconds spent after its imports.
 QK_CHILD = """
 import json, sys, time
-from quantkit.convert import convert
+from quantkit.pipeline.convert import convert
 t0 = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], sys.argv[3], force=True)
 print(json.dumps({"work_s": time.perf_counter() - t0}))
@@ -166,7 +166,7 @@ def bf16_gguf(src: Path, name: str) -> Path:
     path = WORK / f"{name}-bf16.gguf"
     newest = max(p.stat().st_mtime for p in src.iterdir())
     if not path.exists() or path.stat().st_mtime < newest:
-        from quantkit.convert import convert
+        from quantkit.pipeline.convert import convert
 
         print(f"  converting {src.name} -> {path.name}", file=sys.stderr)
         convert(src, path, "bf16", force=True)
@@ -307,15 +307,15 @@ def render_two_step(info: dict[str, Any], res: dict[str, Any]) -> str:
 
 
 def part_quality(args: argparse.Namespace) -> dict[str, Any]:
-    from quantkit import sensitivity
-    from quantkit.convert import _importance, convert, prepare
+    from quantkit.pipeline import sensitivity
+    from quantkit.pipeline.convert import _importance, convert, prepare
     from quantkit.evals import corpora
     from quantkit.evals.kld import base_logprobs, compare
     from quantkit.evals.matrix import pareto_front
-    from quantkit.imatrix import write_imatrix
-    from quantkit.imatrix_collect import collect_from_source
-    from quantkit.plan import Target
-    from quantkit.recipe import load_recipe
+    from quantkit.policy.imatrix import write_imatrix
+    from quantkit.pipeline.imatrix_collect import collect_from_source
+    from quantkit.policy.plan import Target
+    from quantkit.policy.recipe import load_recipe
 
     src = args.model
     name = "fixture" if src.resolve() == FIXTURE.resolve() else src.name

@@ -7,8 +7,8 @@ what its router computes) and passes it to :func:`register`.  Modules are
 discovered, not listed: adding a family is adding ``converters/<model_type>.py``
 (and its test parameters).  Installed as ``quantkit.converters``.
 
-Not for: reading files (``quantkit.checkpoint``), tokenizers (``quantkit.vocab``)
-or type choice (``quantkit.plan``).
+Not for: reading files (``quantkit.hf.checkpoint``), tokenizers (``quantkit.hf.vocab``)
+or type choice (``quantkit.policy.plan``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from quantkit.errors import CheckpointError
-from quantkit.mapping import OutTensor, Role, Rule, map_tensors
+from quantkit.hf.mapping import OutTensor, Role, Rule, map_tensors
 
 if TYPE_CHECKING:
-    from quantkit.checkpoint import Checkpoint
-    from quantkit.gguf_write import MetaValue
+    from quantkit.hf.checkpoint import Checkpoint
+    from quantkit.format.gguf_write import MetaValue
 
 
 @dataclass(frozen=True)

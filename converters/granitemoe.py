@@ -45,18 +45,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantkit import gguf_spec
-from quantkit.checkpoint import shown
+from quantkit.format import gguf_spec
+from quantkit.hf.checkpoint import shown
 from quantkit.converters import Converter, Routing, register
 from quantkit.converters.llama import BASE_RULES, HEAD_RULES, IGNORE, T, Hparams, _get, _p, generated_tensors
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
-from quantkit.gguf_write import MetaValue
-from quantkit.mapping import OutTensor, Role, Rule, Transform
+from quantkit.format.gguf_write import MetaValue
+from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
 
 if TYPE_CHECKING:
-    from quantkit.checkpoint import Checkpoint
+    from quantkit.hf.checkpoint import Checkpoint
 
 MODEL_TYPE = "granitemoe"
 ARCH = "granitemoe"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GRANITE_MOE]; granitemoeshared writes it too

@@ -27,7 +27,7 @@ from quantkit.converters.granitemoe import check as _check_granite
 from quantkit.converters.granitemoe import hparams as _granite_hparams
 from quantkit.converters.llama import HEAD_RULES, T, _get, _p
 from quantkit.errors import CheckpointError
-from quantkit.mapping import OutTensor, Role, Rule, Transform
+from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
 
 MODEL_TYPE = "granitemoeshared"
 

@@ -6,7 +6,7 @@ name table, llama.cpp's rotary permutation of q/k rows, rope scaling
 (linear, yarn, llama3 via a generated ``rope_freqs`` tensor) and the GGUF
 metadata block.  ``mistral`` and ``mixtral`` extend it.
 
-Not for: tokenizer metadata (``quantkit.vocab``) or type choice (``quantkit.plan``).
+Not for: tokenizer metadata (``quantkit.hf.vocab``) or type choice (``quantkit.policy.plan``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from quantkit import gguf_spec
-from quantkit.checkpoint import shown
+from quantkit.format import gguf_spec
+from quantkit.hf.checkpoint import shown
 from quantkit.converters import Converter, register
 from quantkit.errors import CheckpointError
-from quantkit.gguf_write import MetaValue
-from quantkit.mapping import OutTensor, Role, Rule, Transform
+from quantkit.format.gguf_write import MetaValue
+from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
 
 MODEL_TYPE = "llama"
 ARCH = gguf_spec.ARCH_LLAMA

@@ -16,7 +16,7 @@ from quantkit.converters import Converter, HfExperts, Routing, register
 from quantkit.converters.llama import ARCH, BASE_RULES, HEAD_RULES, IGNORE, Hparams, T, _p, generated_tensors, metadata
 from quantkit.converters.llama import check_hparams as _check_dense
 from quantkit.errors import CheckpointError
-from quantkit.mapping import OutTensor, Role, Transform
+from quantkit.hf.mapping import OutTensor, Role, Transform
 
 MODEL_TYPE = "mixtral"
 

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantkit.checkpoint import shown
+from quantkit.hf.checkpoint import shown
 from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
-from quantkit.gguf_write import MetaValue
-from quantkit.mapping import OutTensor, Role, Rule
+from quantkit.format.gguf_write import MetaValue
+from quantkit.hf.mapping import OutTensor, Role, Rule
 
 MODEL_TYPE = "olmoe"
 ARCH = "olmoe"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.OLMOE]

@@ -22,15 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quantkit import gguf_spec
-from quantkit.checkpoint import shown
+from quantkit.format import gguf_spec
+from quantkit.hf.checkpoint import shown
 from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
-from quantkit.gguf_write import MetaValue
-from quantkit.mapping import OutTensor, Role, Rule
+from quantkit.format.gguf_write import MetaValue
+from quantkit.hf.mapping import OutTensor, Role, Rule
 
 MODEL_TYPE = "qwen3_moe"
 ARCH = "qwen3moe"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3MOE]

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-mixtral"
 BASELINES = ROOT / "evals" / "baselines"
-#: The gated variants: the converter's own q8_0 and llama.cpp presets (type plans of quantkit.presets).
+#: The gated variants: the converter's own q8_0 and llama.cpp presets (type plans of quantkit.policy.presets).
 GATED_TYPES: tuple[str, ...] = ("q8_0", "Q4_K_M")
 N_CTX = 256
 N_CHUNKS = 16
@@ -28,7 +28,7 @@ N_CHUNKS = 16
 
 def fixture_reports(work: Path, types: tuple[str, ...] = GATED_TYPES) -> dict[str, dict[str, Any]]:
     """Convert and evaluate every gated type; returns label -> eval kld report."""
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
     from quantkit.evals.corpora import heldout_text
     from quantkit.evals.kld import base_logprobs, compare
 

@@ -1,13 +1,13 @@
 """Models run by transformers: an HF directory (float32, the reference) or a bitsandbytes export.
 
-Same interface as :class:`quantkit.session.EvalSession` (tokenize,
+Same interface as :class:`quantkit.engine.session.EvalSession` (tokenize,
 eval_chunk, router, vocab_fingerprint, bos), so ``eval kld`` can take an HF
 directory as its base: logits from transformers' own model code and router
 logits from ``output_router_logits``.  Tokenisation uses the model's own
 tokenizer library (sentencepiece for ``tokenizer.model``, tokenizers for
 ``tokenizer.json``), which llama.cpp matches (tests/test_tokenizer_parity.py).
 
-Not for: GGUF models (``quantkit.session``).
+Not for: GGUF models (``quantkit.engine.session``).
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit.checkpoint import load_config
+from quantkit.hf.checkpoint import load_config
 from quantkit.converters import for_model_type
 from quantkit.errors import CheckpointError, QuantkitError
-from quantkit.vocab import load_vocab, vocab_metadata
+from quantkit.hf.vocab import load_vocab, vocab_metadata
 
 
 def check_weights(path: Path) -> None:
     """Refuse an HF directory whose weights are not safetensors, before transformers sees it.
 
-    ``quantkit.checkpoint.open_checkpoint`` validates the index and every safetensors header
+    ``quantkit.hf.checkpoint.open_checkpoint`` validates the index and every safetensors header
     (one-line errors for corrupt shards) and refuses a directory without safetensors shards;
     a pickle (``pytorch_model.bin``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) is named in that error.
     """
-    from quantkit.checkpoint import PICKLE_SUFFIXES, open_checkpoint
+    from quantkit.hf.checkpoint import PICKLE_SUFFIXES, open_checkpoint
 
     has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
     if not has_safetensors:
@@ -65,7 +65,7 @@ class HFSession:
 
         hf_logging.disable_progress_bar()
         if "quantization_config" in config:  # a quantkit bitsandbytes export: experts stay 4-bit
-            from quantkit.bnb import load_bnb
+            from quantkit.policy.bnb import load_bnb
 
             self.model = load_bnb(self.path).eval()
         else:

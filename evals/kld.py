@@ -28,9 +28,9 @@ import numpy as np
 
 from quantkit.errors import QuantkitError
 from quantkit.evals.perplexity import Background, cache_root, iter_chunks, llama_cpp_version, plan_chunks, sha256_file, sha256_text
-from quantkit.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
+from quantkit.engine.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
 from quantkit.evals.routing import RoutingStats
-from quantkit.session import EvalSession
+from quantkit.engine.session import EvalSession
 
 log = logging.getLogger(__name__)
 PERCENTILES = {"max": 100.0, "p99_9": 99.9, "p99": 99.0, "p95": 95.0, "p90": 90.0, "median": 50.0, "p10": 10.0, "p5": 5.0, "p1": 1.0, "min": 0.0}

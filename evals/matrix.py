@@ -44,9 +44,9 @@ def run_matrix(
     src: Path, types: Sequence[str], text: str, out_dir: Path, n_ctx: int = 512, n_chunks: int | None = None,
     threads: int | None = None, on_step: Callable[[str], None] | None = None,
 ) -> list[Variant]:
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
     from quantkit.evals.kld import base_logprobs, compare_values
-    from quantkit.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
+    from quantkit.engine.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
 
     check_ctx_value(n_ctx)  # every argument before the first conversion
     check_chunks(n_chunks)

@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from quantkit import ggml
+from quantkit.format import ggml
 from quantkit.errors import QuantkitError
-from quantkit.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
-from quantkit.session import EvalSession, check_logits, log_softmax
+from quantkit.engine.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
+from quantkit.engine.session import EvalSession, check_logits, log_softmax
 
 log = logging.getLogger(__name__)
 

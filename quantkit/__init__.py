@@ -1,6 +1,6 @@
 """quantkit: convert, run and check quantised Mixture-of-Experts language models.
 
-Python API: ``quantkit.convert.convert`` (HF -> GGUF), ``quantkit.export_bnb`` /
+Python API: ``quantkit.pipeline.convert.convert`` (HF -> GGUF), ``quantkit.export_bnb`` /
 ``quantkit.load_bnb`` (bitsandbytes 4-bit), ``quantkit.evals`` (ppl, KLD, gate).
 """
 
@@ -20,7 +20,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 def __getattr__(name: str) -> Any:  # lazy: importing quantkit must not import torch/bitsandbytes
     if name in ("export_bnb", "load_bnb"):
-        from quantkit import bnb
+        from quantkit.policy import bnb
 
         return getattr(bnb, name)
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

@@ -19,7 +19,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 
 
 def convert(src: Path, out: Path, outtype: str = "f32") -> Path:
-    from quantkit.convert import convert as do_convert
+    from quantkit.pipeline.convert import convert as do_convert
 
     do_convert(src, out, outtype, force=True)
     return out
@@ -151,7 +151,7 @@ def assert_convert_refused(model: Path, tmp_path: Path, needles: list[str]) -> N
     """``quantkit convert MODEL`` fails with exit 1 and one ``error:`` line holding every needle and a fix; nothing is written."""
     from typer.testing import CliRunner
 
-    from quantkit.cli import app
+    from quantkit.cli.main import app
 
     outdir = tmp_path / "out"
     outdir.mkdir()

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import assert_convert_refused, random_model
-from quantkit.cli import app
+from quantkit.cli.main import app
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def test_refuses_to_overwrite_without_force(model, tmp_path):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError(28, "No space left on device")])
 def test_interrupt_or_full_disk_mid_write_leaves_no_file(model, tmp_path, exc):
     """An interrupt or ENOSPC half-way through keeps the previous file intact and leaves no temp file."""
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
     target = tmp_path / "m.gguf"
     target.write_bytes(b"old")
@@ -343,7 +343,7 @@ def test_output_file_gets_the_usual_mode(tmp_path):
     import os
 
     from conftest import FIXTURE
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
     old = os.umask(0o022)
     try:

@@ -31,10 +31,10 @@ from typer.testing import CliRunner
 
 from conftest import FIXTURE, fused_copy, random_model, read_config, sp_ids
 from quantkit import export_bnb, load_bnb
-from quantkit.bnb import QUANT_AUX_KEY
-from quantkit.checkpoint import open_checkpoint
-from quantkit.cli import app
-from quantkit.encode import to_f32
+from quantkit.policy.bnb import QUANT_AUX_KEY
+from quantkit.hf.checkpoint import open_checkpoint
+from quantkit.cli.main import app
+from quantkit.format.encode import to_f32
 from quantkit.errors import CheckpointError, OutputError
 from quantkit.evals.corpora import heldout_text
 
@@ -655,7 +655,7 @@ def test_family_without_an_expert_layout_is_refused_in_one_line(tmp_path):
 
 def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
     """Each family's HfExperts names the keys its own name table reads from a per-expert checkpoint."""
-    from quantkit.bnb import EXPERT_KINDS, ROUTER_KIND
+    from quantkit.policy.bnb import EXPERT_KINDS, ROUTER_KIND
     from quantkit.converters import CONVERTERS, for_model_type
 
     for_model_type("mixtral")  # discovers every family

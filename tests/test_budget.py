@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE
-from quantkit import budget
-from quantkit.budget import Option, parse_size, solve
-from quantkit.convert import convert, prepare
+from quantkit.policy import budget
+from quantkit.policy.budget import Option, parse_size, solve
+from quantkit.pipeline.convert import convert, prepare
 from quantkit.errors import QuantkitError
-from quantkit.plan import Override, Target
+from quantkit.policy.plan import Override, Target
 
 Q = gguf.GGMLQuantizationType
 
@@ -149,7 +149,7 @@ def calib_text():
 
 @pytest.fixture(scope="module")
 def measured(calib_text):
-    from quantkit import sensitivity
+    from quantkit.pipeline import sensitivity
 
     return sensitivity.measure_checkpoint(FIXTURE, calib_text, n_ctx=256, n_chunks=4)
 
@@ -157,7 +157,7 @@ def measured(calib_text):
 def test_probe_restores_the_file_and_sees_every_matrix(tmp_path, fixture_gguf, calib_text):
     import shutil
 
-    from quantkit import sensitivity
+    from quantkit.pipeline import sensitivity
 
     path = tmp_path / "m.gguf"
     shutil.copy(fixture_gguf("bf16"), path)
@@ -220,7 +220,7 @@ def test_cli_budget_plan_json_and_errors(tmp_path, calib_text):
 def test_budget_with_an_importance_matrix(tmp_path):
     """The imatrix weights each column's error and each expert's share; the budget still lands within 1%."""
     from conftest import ROOT
-    from quantkit.imatrix import read_imatrix
+    from quantkit.policy.imatrix import read_imatrix
 
     imat = read_imatrix(ROOT / "evals" / "reference" / "imatrix-fixture.gguf")
     out = tmp_path / "i.gguf"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from quantkit import runtime
-from quantkit.chat import (
+from quantkit.engine import runtime
+from quantkit.engine.chat import (
     COMMANDS,
     FALLBACK_TEMPLATES,
     ChatTemplate,
@@ -37,7 +37,7 @@ from quantkit.chat import (
     unescape,
 )
 from quantkit.errors import QuantkitError
-from quantkit.gguf_read import read_gguf
+from quantkit.format.gguf_read import read_gguf
 
 from conftest import FIXTURE, ROOT
 
@@ -127,7 +127,7 @@ def test_parse_command_errors(line, message):
 
 
 def test_every_command_is_in_help():
-    from quantkit.chat import help_text
+    from quantkit.engine.chat import help_text
 
     text = help_text()
     assert all(f"/{c.name}" in text for c in COMMANDS)
@@ -222,7 +222,7 @@ def test_gguf_template_is_used_when_present():
 
 
 def test_fallback_template_warns_and_renders_chatml(caplog):
-    with caplog.at_level(logging.WARNING, logger="quantkit.chat"):
+    with caplog.at_level(logging.WARNING, logger="quantkit.engine.chat"):
         t = chat_template({"general.name": "x"}, bos_token="<s>", eos_token="</s>", source="m.gguf")
     assert t.name == "chatml" and t.source == FALLBACK_TEMPLATES["chatml"][0]
     assert "m.gguf has no tokenizer.chat_template; using the 'chatml' fallback" in caplog.text
@@ -608,7 +608,7 @@ def test_run_chat_json_reports_the_template_and_prompt(tmp_path):
 
 @pytest.fixture(scope="module")
 def bnb_dir(tmp_path_factory):
-    from quantkit.bnb import export_bnb
+    from quantkit.policy.bnb import export_bnb
 
     out = tmp_path_factory.mktemp("bnb") / "tiny-mixtral-nf4"
     export_bnb(FIXTURE, out)
@@ -619,8 +619,8 @@ def test_run_on_a_bitsandbytes_directory_is_greedy_like_its_model(bnb_dir):
     """`run` on a bnb export: the first greedy token is the argmax of the 4-bit model's own logits."""
     import torch
 
-    from quantkit.bnb import load_bnb
-    from quantkit.hf_runtime import TransformersLlama
+    from quantkit.policy.bnb import load_bnb
+    from quantkit.engine.hf_runtime import TransformersLlama
 
     prompt = "HAMLET. To be, or not to be"
     j = run_json(bnb_dir, "-p", prompt, "-n", "8", "--repeat-penalty", "1", "--ignore-eos")

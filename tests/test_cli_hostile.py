@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE, ROOT
-from quantkit.cli import MAX_ERROR_CHARS, app
+from quantkit.cli.main import MAX_ERROR_CHARS, app
 
 MARKUP = ["[/INST] evil", "[red]x[/red]", "[bold]", "trailing\\", "[/]"]
 
@@ -89,7 +89,7 @@ def _quantkit(*args, env=None, **kw):
 # the partial file then certainly exists, with all its bytes, when the signal arrives.
 _SLOW_CONVERT = """
 import contextlib, sys, time
-import quantkit.convert as c
+import quantkit.pipeline.convert as c
 orig = c.atomic_file
 @contextlib.contextmanager
 def slow(path, force=False):
@@ -98,7 +98,7 @@ def slow(path, force=False):
         (path.parent / "ready").touch()
         time.sleep(60)
 c.atomic_file = slow
-from quantkit.cli import run
+from quantkit.cli.main import run
 sys.argv = ["quantkit", *sys.argv[1:]]
 run()
 """
@@ -247,11 +247,11 @@ def test_out_of_range_options_are_refused_before_loading(args):
 
 _CRASH = """
 import sys
-import quantkit.gguf_read as g
+import quantkit.format.gguf_read as g
 def boom(*a, **k):
     raise RuntimeError("an unexpected [/bug]")
 g.read_gguf = boom
-from quantkit.cli import run
+from quantkit.cli.main import run
 sys.argv = ["quantkit", *sys.argv[1:]]
 run()
 """
@@ -288,7 +288,7 @@ def test_streamed_text_loses_control_characters_on_a_terminal(monkeypatch):
     """A hostile vocabulary cannot send escape sequences to the user's terminal; pipes get the text as it is."""
     import io
 
-    from quantkit import cli
+    from quantkit.cli import main as cli
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -371,7 +371,7 @@ def test_fifo_inputs_do_not_hang(tmp_path):
 
 def test_chat_save_replaces_only_an_earlier_save(tmp_path):
     """/save m.gguf turned the running model into a JSON file: only a conversation saved before is replaced."""
-    from quantkit.chat import History, load_history, save_history
+    from quantkit.engine.chat import History, load_history, save_history
     from quantkit.errors import QuantkitError
 
     model = tmp_path / "m.gguf"
@@ -402,7 +402,7 @@ def test_rerun_audit_leftovers(tmp_path, fixture_gguf):
     a GGUF whose header hides its last tensor (inspect warns), --update-baseline onto a dangling link."""
     import struct
 
-    from quantkit.chat import History, save_history
+    from quantkit.engine.chat import History, save_history
     from quantkit.errors import QuantkitError
 
     loop = tmp_path / "loop1.gguf"

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE, ROOT, convert
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
 
 CTX = 256
@@ -42,7 +42,7 @@ def test_perplexity_rule_matches_transformers(fixture_gguf, text):
     from transformers import MixtralForCausalLM
 
     from quantkit.evals.perplexity import perplexity
-    from quantkit.session import EvalSession
+    from quantkit.engine.session import EvalSession
 
     ours = perplexity(fixture_gguf("f32"), text, n_ctx=CTX, n_chunks=3)
     s = EvalSession(fixture_gguf("f32"), CTX)
@@ -102,7 +102,7 @@ def test_router_capture_matches_transformers(fixture_gguf, text):
     import torch
     from transformers import MixtralForCausalLM
 
-    from quantkit.session import EvalSession
+    from quantkit.engine.session import EvalSession
 
     s = EvalSession(fixture_gguf("f32"), 64, capture_router=True)
     ids = s.tokenize(text)[:64]
@@ -159,8 +159,8 @@ def variants(fixture_gguf, tmp_path_factory):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from quantkit.convert import convert as do_convert
-    from quantkit.plan import Override
+    from quantkit.pipeline.convert import convert as do_convert
+    from quantkit.policy.plan import Override
 
     d = tmp_path_factory.mktemp("variants")
     out = {"base": fixture_gguf("bf16"), "q8_0": fixture_gguf("q8_0")}
@@ -280,7 +280,7 @@ def test_eval_matrix_writes_table_and_plots(tmp_path):
 
 def test_bitsandbytes_directory_as_candidate(tmp_path, text, cache):
     """A `convert --format bnb` export is evaluated through transformers, routing included."""
-    from quantkit.bnb import export_bnb
+    from quantkit.policy.bnb import export_bnb
     from quantkit.evals.kld import base_logprobs, compare
 
     export_bnb(FIXTURE, tmp_path / "bnb")
@@ -326,7 +326,7 @@ def test_background_result_and_error():
 
 
 def test_quantkit_command_exit_path(fixture_gguf, tmp_path, text) -> None:
-    """The `quantkit` command skips interpreter teardown (quantkit.cli.run): output and exit codes must not suffer."""
+    """The `quantkit` command skips interpreter teardown (quantkit.cli.main.run): output and exit codes must not suffer."""
     import subprocess
     import sys
 
@@ -359,8 +359,8 @@ def test_eval_ppl_imports_no_ui_or_heavy_modules(fixture_gguf, tmp_path, text) -
     probe = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "import quantkit.cli\n"
-        f"r = CliRunner().invoke(quantkit.cli.app, ['eval', 'ppl', {str(fixture_gguf('q8_0'))!r}, '--text', {str(path)!r}, '--ctx', '128', '--chunks', '2'])\n"
+        "import quantkit.cli.main\n"
+        f"r = CliRunner().invoke(quantkit.cli.main.app, ['eval', 'ppl', {str(fixture_gguf('q8_0'))!r}, '--text', {str(path)!r}, '--ctx', '128', '--chunks', '2'])\n"
         "assert r.exit_code == 0 and 'PPL = ' in r.output, r.output\n"
         "print(','.join(sorted(m for m in ('rich', 'gguf', 'yaml', 'pydantic', 'torch', 'transformers') if m in sys.modules)))\n"
     )

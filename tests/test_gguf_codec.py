@@ -13,9 +13,9 @@ import gguf
 import numpy as np
 import pytest
 
-from quantkit.gguf_read import read_gguf
-from quantkit.gguf_source import source_metadata
-from quantkit.gguf_write import MetaValue, StreamingGGUFWriter, encode_header, file_nbytes
+from quantkit.format.gguf_read import read_gguf
+from quantkit.pipeline.gguf_source import source_metadata
+from quantkit.format.gguf_write import MetaValue, StreamingGGUFWriter, encode_header, file_nbytes
 
 V = gguf.GGUFValueType
 Q = gguf.GGMLQuantizationType
@@ -148,8 +148,8 @@ def _members(enum_cls: type) -> dict[str, int]:
 
 
 def test_spec_matches_gguf_py() -> None:
-    """quantkit.gguf_spec restates gguf-py's constants (to keep gguf-py's import off the hot paths): every value must equal gguf-py's."""
-    from quantkit import gguf_spec as spec
+    """quantkit.format.gguf_spec restates gguf-py's constants (to keep gguf-py's import off the hot paths): every value must equal gguf-py's."""
+    from quantkit.format import gguf_spec as spec
 
     for ours, theirs in ((spec.GGMLQuantizationType, gguf.GGMLQuantizationType), (spec.LlamaFileType, gguf.LlamaFileType),
                          (spec.GGUFValueType, gguf.GGUFValueType), (spec.TokenType, gguf.TokenType)):
@@ -177,7 +177,7 @@ def test_spec_matches_gguf_py() -> None:
                                     (1_500, 1_500, 0, 0), (3_000_000_000_000, 3_000_000_000_000, 0, 0), (123_456_789, 23_456_789, 12_500_000, 8),
                                     (7_241_732_096, 7_241_732_096, 0, 0), (100_000_000, 100_000, 99_900_000, 128)])
 def test_size_label_matches_gguf_py(counts: tuple[int, int, int, int]) -> None:
-    from quantkit import gguf_spec as spec
+    from quantkit.format import gguf_spec as spec
 
     assert spec.size_label(*counts) == gguf.size_label(*counts)
 
@@ -193,13 +193,13 @@ def test_hot_paths_do_not_import_heavy_modules() -> None:
 
     probe = (
         "import sys\n"
-        "import quantkit.cli, quantkit.cli_eval\n"
-        "from quantkit.convert import convert, prepare\n"
+        "import quantkit.cli.main, quantkit.cli.eval_commands\n"
+        "from quantkit.pipeline.convert import convert, prepare\n"
         "from quantkit.evals import perplexity\n"
-        "from quantkit import session, limits\n"
-        "from quantkit import runtime\n"
+        "from quantkit.engine import session, limits\n"
+        "from quantkit.engine import runtime\n"
         "from typer.testing import CliRunner\n"
-        "r = CliRunner().invoke(quantkit.cli.app, ['eval', 'ppl', '/nonexistent.gguf', '--text', '/nonexistent.txt'])\n"
+        "r = CliRunner().invoke(quantkit.cli.main.app, ['eval', 'ppl', '/nonexistent.gguf', '--text', '/nonexistent.txt'])\n"
         "assert r.exit_code != 0, r.output\n"
         "heavy = sorted(m for m in ('gguf', 'yaml', 'pydantic', 'torch', 'transformers', 'safetensors.torch') if m in sys.modules)\n"
         "print(','.join(heavy))\n"

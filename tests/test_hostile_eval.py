@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE, TOKENIZER_FILES
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
 from quantkit.evals import gate as g
 
@@ -441,17 +441,17 @@ def test_gate_fuzz_one_line_or_verdict(tmp_path_factory):
 @pytest.fixture
 def no_loading(monkeypatch, fixture_gguf):
     """Any attempt to load a model (llama.cpp, transformers) or to convert one fails the test (the fixture GGUFs are made first)."""
-    import quantkit.convert
+    import quantkit.pipeline.convert
     import quantkit.evals.kld as kld
     import quantkit.evals.perplexity as ppl
-    import quantkit.session as session
+    import quantkit.engine.session as session
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded or converted before the arguments were checked")
 
     fixture_gguf("q8_0"), fixture_gguf("bf16")
 
-    for mod, name in ((ppl, "EvalSession"), (session, "EvalSession"), (kld, "open_session"), (quantkit.convert, "convert")):
+    for mod, name in ((ppl, "EvalSession"), (session, "EvalSession"), (kld, "open_session"), (quantkit.pipeline.convert, "convert")):
         monkeypatch.setattr(mod, name, boom)
 
 
@@ -503,7 +503,7 @@ def test_kld_hf_base_ctx_checked_against_config_json(no_loading, tmp_path):
                                          (4096, "trained context of 2048"), (1_000_000_000, "trained context of 2048"), (64.5, "whole number")])
 @pytest.mark.parametrize("source", ["gguf", "hf"])
 def test_imatrix_ctx_checked_before_loading_or_converting(fixture_gguf, no_loading, ctx, needle, source):
-    from quantkit.imatrix_collect import collect_from_source
+    from quantkit.pipeline.imatrix_collect import collect_from_source
 
     src = fixture_gguf("bf16") if source == "gguf" else FIXTURE
     with pytest.raises(QuantkitError) as e:
@@ -525,8 +525,8 @@ def test_chunks_and_threads_checked_before_loading(fixture_gguf, no_loading, tmp
     from quantkit.evals.kld import base_logprobs
     from quantkit.evals.matrix import run_matrix
     from quantkit.evals.perplexity import perplexity
-    from quantkit.imatrix_collect import collect_from_source
-    from quantkit.sensitivity import measure_checkpoint
+    from quantkit.pipeline.imatrix_collect import collect_from_source
+    from quantkit.pipeline.sensitivity import measure_checkpoint
 
     n_chunks, threads = kwargs.get("n_chunks"), kwargs.get("threads")
     call = {
@@ -547,7 +547,7 @@ def test_chunks_and_threads_checked_before_loading(fixture_gguf, no_loading, tmp
 
 @pytest.mark.parametrize("ctx, needle", [(0, "--calib-ctx 0: expected a number >= 8"), (4096, "--calib-ctx 4096: more than the model's trained context")])
 def test_sensitivity_ctx_checked_before_converting(no_loading, ctx, needle):
-    from quantkit.sensitivity import measure_checkpoint
+    from quantkit.pipeline.sensitivity import measure_checkpoint
 
     with pytest.raises(QuantkitError) as e:
         measure_checkpoint(FIXTURE, TEXT, ctx, 2)
@@ -563,7 +563,7 @@ def test_perplexity_of_a_directory_is_one_line(no_loading):
 
 
 def test_hf_base_ctx_beyond_available_memory_is_refused(no_loading, monkeypatch, tmp_path):
-    from quantkit import runtime
+    from quantkit.engine import runtime
     from quantkit.evals.kld import base_logprobs
 
     monkeypatch.setattr(runtime, "mem_available", lambda: 1 << 20)
@@ -574,9 +574,9 @@ def test_hf_base_ctx_beyond_available_memory_is_refused(no_loading, monkeypatch,
 
 def test_ctx_beyond_available_memory_is_refused(fixture_gguf, no_loading, monkeypatch):
     """A context within the trained one whose KV cache and logits alone exceed MemAvailable: refused, not allocated."""
-    from quantkit import runtime
+    from quantkit.engine import runtime
     from quantkit.evals.perplexity import perplexity
-    from quantkit.limits import model_limits
+    from quantkit.engine.limits import model_limits
 
     limits = model_limits(fixture_gguf("q8_0"))
     # the fixture: 4 layers x 2 KV heads x (64 + 64) x 2 bytes per token, 3000-token vocabulary
@@ -626,7 +626,7 @@ def test_cli_range_errors(fixture_gguf, no_loading, tmp_path, args, needle, code
 def test_empty_text_is_refused_before_loading(fixture_gguf, no_loading, tmp_path):
     from quantkit.evals.kld import base_logprobs
     from quantkit.evals.perplexity import perplexity
-    from quantkit.imatrix_collect import collect_imatrix
+    from quantkit.pipeline.imatrix_collect import collect_imatrix
 
     for call in (lambda: perplexity(fixture_gguf("q8_0"), "", n_ctx=64), lambda: base_logprobs(fixture_gguf("q8_0"), "", 64, None, cache_dir=tmp_path),
                  lambda: collect_imatrix(fixture_gguf("bf16"), "", n_ctx=64, dataset="calib.txt")):
@@ -639,8 +639,8 @@ def test_empty_text_is_refused_before_loading(fixture_gguf, no_loading, tmp_path
 def test_short_text_names_tokens_needed_and_found(fixture_gguf, tmp_path, text):
     from quantkit.evals.kld import base_logprobs
     from quantkit.evals.perplexity import perplexity
-    from quantkit.session import EvalSession
-    from quantkit.imatrix_collect import collect_imatrix
+    from quantkit.engine.session import EvalSession
+    from quantkit.pipeline.imatrix_collect import collect_imatrix
 
     s = EvalSession(fixture_gguf("q8_0"), 64)
     found = len(s.tokenize(text))
@@ -685,7 +685,7 @@ def test_unwritable_cache_dir_is_one_line(fixture_gguf, tmp_path):
 
 @pytest.mark.parametrize("content, needle", [(None, "is a directory"), (b"\x00\xff\xfe binary", "NUL bytes"), (b"\xff\xfe binary", "not UTF-8"), (b"", "empty")])
 def test_cli_text_that_is_no_text_is_one_line(fixture_gguf, tmp_path, content, needle):
-    """quantkit.cli_eval.read_text_file (the CLI's reader) for eval and imatrix."""
+    """quantkit.cli.eval_commands.read_text_file (the CLI's reader) for eval and imatrix."""
     text = tmp_path / "t.txt"
     text.mkdir() if content is None else text.write_bytes(content)
     for args in (["eval", "ppl", str(fixture_gguf("q8_0"))], ["imatrix", str(fixture_gguf("bf16")), "-o", str(tmp_path / "im.gguf")]):
@@ -756,8 +756,8 @@ def test_kld_candidate_pickle_directory_is_refused(fixture_gguf, tmp_path):
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.ckpt"])
 def test_bnb_loader_never_unpickles(tmp_path, name):
-    """quantkit.bnb.load_bnb (eval kld candidates, run, chat) reads safetensors through open_checkpoint only."""
-    from quantkit.bnb import load_bnb
+    """quantkit.policy.bnb.load_bnb (eval kld candidates, run, chat) reads safetensors through open_checkpoint only."""
+    from quantkit.policy.bnb import load_bnb
 
     d, marker = _pickle_dir(tmp_path, name, bnb=True)
     with pytest.raises(QuantkitError) as e:

@@ -4,7 +4,7 @@ Each bad file is a small valid one (the bundled fixture converted to F32 or
 BF16) with one thing changed: a metadata value, the token list, the tensor
 table, a few header bytes.  The rules are llama.cpp's (``ggml/src/gguf.cpp`` for
 the container, ``src/llama-model.cpp`` / ``src/llama-vocab.cpp`` for the model);
-``quantkit.gguf_check`` restates the model ones.  Anything that could make
+``quantkit.engine.gguf_check`` restates the model ones.  Anything that could make
 llama.cpp abort the process runs in a subprocess.
 """
 
@@ -27,14 +27,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import FIXTURE
-from quantkit import gguf_spec
-from quantkit.cli import app
-from quantkit.convert import convert
+from quantkit.format import gguf_spec
+from quantkit.cli.main import app
+from quantkit.pipeline.convert import convert
 from quantkit.errors import GGUFFormatError, QuantkitError
-from quantkit.gguf_check import check_before_load
-from quantkit.gguf_read import read_gguf
-from quantkit.gguf_source import open_gguf
-from quantkit.gguf_write import MetaValue, encode_header, pad
+from quantkit.engine.gguf_check import check_before_load
+from quantkit.format.gguf_read import read_gguf
+from quantkit.pipeline.gguf_source import open_gguf
+from quantkit.format.gguf_write import MetaValue, encode_header, pad
 
 V = gguf_spec.GGUFValueType
 U32 = V.UINT32
@@ -294,7 +294,7 @@ def test_cli_eval_and_run_refuse_instead_of_aborting(tmp_path, f32, case):
 
 ABORT = """
 import sys
-from quantkit import ggml
+from quantkit.format import ggml
 assert ggml.install_abort_message()
 import llama_cpp
 from llama_cpp import _internals
@@ -414,7 +414,7 @@ def test_non_utf8_name_and_tokens_do_not_break_evaluation(tmp_path, f32):
     tokens[2999] = b"\xff\xfe".decode("utf-8", "surrogateescape")  # a token that is not UTF-8
     bad = rewrite(f32, tmp_path / "bad.gguf", {"general.name": MetaValue(b"tiny\xff\xfe", V.STRING),
                                                 "tokenizer.ggml.tokens": MetaValue(tokens, V.ARRAY, V.STRING)})
-    from quantkit.session import EvalSession
+    from quantkit.engine.session import EvalSession
 
     s = EvalSession(bad, 64, threads=2)
     try:

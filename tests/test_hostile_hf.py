@@ -9,7 +9,7 @@ Table-driven CLI cases for malformed files live in ``test_bad_inputs.py``.  Here
 * what must keep working (a symlinked snapshot directory, merges with spaces);
 * property tests (hypothesis): the safetensors header, config.json and the
   tokenizer files of a tiny valid model, broken at random, go through
-  ``quantkit.convert.prepare`` and the GGUF header encoder; anything but a
+  ``quantkit.pipeline.convert.prepare`` and the GGUF header encoder; anything but a
   :class:`QuantkitError` or a clean success fails, and each example runs with
   its address space capped at :data:`FUZZ_CAP` more than the process already has.
   ``QK_FUZZ_EXAMPLES`` sets the examples per property (60 by default; ``make fuzz`` runs 2000).
@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import FIXTURE, ROOT, random_model
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
 
 #: address space a subprocess conversion of the tiny models below may map (it needs about 350 MB)
@@ -151,9 +151,9 @@ def test_nan_weights_unquantised_are_copied_with_a_warning(model, tmp_path, capl
     """bf16 copies the stored bytes file to file: the check reads them on the side."""
     _poison(model, EXPERT, bits=0x7F80, count=3)  # three +inf
     _poison(model, "model.layers.1.input_layernorm.weight", count=1)  # a norm: F32 in every output
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
-    with caplog.at_level(logging.WARNING, logger="quantkit.convert"):
+    with caplog.at_level(logging.WARNING, logger="quantkit.pipeline.convert"):
         convert(model, tmp_path / "m.gguf", outtype)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("blk.0.ffn_gate_exps.weight" in m and EXPERT in m and "3 of" in m for m in warned), warned
@@ -163,17 +163,17 @@ def test_nan_weights_unquantised_are_copied_with_a_warning(model, tmp_path, capl
 def test_nan_in_a_norm_is_a_warning_even_when_quantising(model, tmp_path, caplog):
     """Norms stay F32 (never quantised): llama-quantize copies them, so the conversion goes through, with a warning."""
     _poison(model, "model.norm.weight", count=2)
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
-    with caplog.at_level(logging.WARNING, logger="quantkit.convert"):
+    with caplog.at_level(logging.WARNING, logger="quantkit.pipeline.convert"):
         convert(model, tmp_path / "m.gguf", "q8_0")
     assert any("output_norm.weight" in r.getMessage() and "2 of" in r.getMessage() for r in caplog.records)
 
 
 def test_clean_weights_log_nothing(good, tmp_path, caplog):
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
-    with caplog.at_level(logging.WARNING, logger="quantkit.convert"):
+    with caplog.at_level(logging.WARNING, logger="quantkit.pipeline.convert"):
         convert(good, tmp_path / "m.gguf", "q8_0")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -190,7 +190,7 @@ def _reference_nonfinite(bits: np.ndarray, dtype: str) -> int:
 
 @pytest.mark.parametrize("dtype", list(_WIDTHS))
 def test_nonfinite_counts_edge_patterns(dtype):
-    from quantkit.encode import nonfinite
+    from quantkit.format.encode import nonfinite
 
     unsigned = _WIDTHS[dtype][0]
     bits = 8 * np.dtype(unsigned).itemsize
@@ -207,7 +207,7 @@ def test_nonfinite_counts_edge_patterns(dtype):
 @FUZZ
 @given(dtype=st.sampled_from(list(_WIDTHS)), data=st.data())
 def test_nonfinite_matches_numpy(dtype, data):
-    from quantkit.encode import nonfinite
+    from quantkit.format.encode import nonfinite
 
     unsigned = _WIDTHS[dtype][0]
     top = 2 ** (8 * np.dtype(unsigned).itemsize) - 1
@@ -221,8 +221,8 @@ def test_nonfinite_matches_numpy(dtype, data):
 
 @pytest.mark.parametrize("name", ["", " ", "q9_k", "f8"])
 def test_unknown_or_empty_type_is_refused_by_the_library(name):
-    from quantkit.convert import prepare
-    from quantkit.plan import check_outtype
+    from quantkit.pipeline.convert import prepare
+    from quantkit.policy.plan import check_outtype
 
     with pytest.raises(QuantkitError, match=r"--type .*(known: f32, f16, bf16 .*Q4_K_M.*); fix:"):
         check_outtype(name)
@@ -232,7 +232,7 @@ def test_unknown_or_empty_type_is_refused_by_the_library(name):
 
 @pytest.mark.parametrize(("name", "canonical"), [("f16", "f16"), ("F16", "f16"), ("bf16", "bf16"), ("q4_k", "Q4_K_M"), ("q8_0", "Q8_0"), ("iq4_xs", "IQ4_XS")])
 def test_type_names_resolve(name, canonical):
-    from quantkit.plan import check_outtype
+    from quantkit.policy.plan import check_outtype
 
     assert check_outtype(name) == canonical
 
@@ -260,7 +260,7 @@ def test_symlinked_snapshot_converts(good, tmp_path):
     for f in good.iterdir():
         shutil.copy(f, blobs / f.name)
         (snap / f.name).symlink_to(os.path.relpath(blobs / f.name, snap))
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
     convert(snap, tmp_path / "m.gguf", "q8_0")
     assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
@@ -275,7 +275,7 @@ def test_bpe_merges_with_spaces_are_encoded_as_gguf_py_does(model, tmp_path):
         "added_tokens": [],
     }
     (model / "tokenizer.json").write_text(json.dumps(tj))
-    from quantkit.vocab import load_vocab
+    from quantkit.hf.vocab import load_vocab
 
     vocab, _ = load_vocab(model, 3000)
     assert vocab.merges == ["a\u0120b c"]
@@ -290,7 +290,7 @@ def test_padding_names_avoid_real_tokens(model):
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
     }
     (model / "tokenizer.json").write_text(json.dumps(tj))
-    from quantkit.vocab import load_vocab
+    from quantkit.hf.vocab import load_vocab
 
     vocab, _ = load_vocab(model, 3000)
     assert vocab.tokens[:6] == ["a", "b", "[PAD3]", "[PAD3]__", "[PAD3]_", "[PAD5]"]
@@ -298,7 +298,7 @@ def test_padding_names_avoid_real_tokens(model):
 
 
 def test_named_chat_templates_keep_the_default(model):
-    from quantkit.vocab import load_vocab, vocab_metadata
+    from quantkit.hf.vocab import load_vocab, vocab_metadata
 
     templates = [{"name": "tool_use", "template": "{% if %}"}, {"name": "default", "template": "{{ messages[0]['content'] }}"}]
     _edit_json(model / "tokenizer_config.json", lambda c: c.update(chat_template=templates))
@@ -310,7 +310,7 @@ def test_a_pipe_is_not_read(model):
     """A named pipe where a file should be is refused at once (opening it would block)."""
     (model / "tokenizer_config.json").unlink()
     os.mkfifo(model / "tokenizer_config.json")
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
 
     with pytest.raises(QuantkitError, match="tokenizer_config.json: is not a regular file"):
         prepare(model, "f16")
@@ -382,7 +382,7 @@ def tiny(tmp_path_factory):
     ({"num_local_experts": 1025, "num_experts_per_tok": 2, "intermediate_size": 16}, ["num_local_experts = 1025", "1024"]),
 ], ids=["513 layers", "1025 experts"])
 def test_llama_cpp_limits(tmp_path, config, needles):
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
 
     d = _write_tiny(tmp_path / "hf", **config)
     with pytest.raises(QuantkitError) as e:
@@ -392,7 +392,7 @@ def test_llama_cpp_limits(tmp_path, config, needles):
 
 def test_dense_model_with_an_expert_count_is_refused(tmp_path):
     """A dense llama whose config.json names experts got llama.expert_count and no expert tensors: llama.cpp aborts (GGML_ASSERT n_expert_used_max > 0)."""
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
 
     good = random_model(tmp_path / "hf", "llama", num_local_experts=4)
     with pytest.raises(QuantkitError, match="num_local_experts = 4, but the checkpoint has no expert tensors"):
@@ -424,8 +424,8 @@ def _prepare_or_refuse(tiny: Path, files: dict[str, bytes | None]) -> str:
     Returns "ok" or "refused"; any other exception (and MemoryError) propagates and fails the property.
     A prepared model's metadata and generated tensors must also encode: GGUF's fixed-width fields hold them.
     """
-    from quantkit.convert import prepare
-    from quantkit.gguf_write import encode_header
+    from quantkit.pipeline.convert import prepare
+    from quantkit.format.gguf_write import encode_header
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -609,8 +609,8 @@ def test_chat_template_jinja_file_is_read_and_checked(tmp_path):
     """transformers 5 saves the template as chat_template.jinja beside tokenizer_config.json; it wins, as in transformers."""
     import shutil
 
-    from quantkit.cli import app
-    from quantkit.gguf_read import read_gguf
+    from quantkit.cli.main import app
+    from quantkit.format.gguf_read import read_gguf
     from typer.testing import CliRunner
 
     src = tmp_path / "m"
@@ -634,7 +634,7 @@ def test_templates_llama_cpp_compiles_are_accepted(template):
     """The conversion-time check compiles in the environment llama-cpp-python renders in: what it accepts passes."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from quantkit.vocab import check_chat_template
+    from quantkit.hf.vocab import check_chat_template
 
     Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")  # the reference accepts it
     check_chat_template(template, "tokenizer_config.json: chat_template")

@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
-from quantkit.imatrix import Entry, Imatrix, read_imatrix, write_imatrix
+from quantkit.policy.imatrix import Entry, Imatrix, read_imatrix, write_imatrix
 
 NAME = "blk.0.attn_q.weight"
 

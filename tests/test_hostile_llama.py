@@ -29,12 +29,12 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE
-from quantkit import ggml, gguf_spec
-from quantkit.convert import convert
+from quantkit.format import ggml, gguf_spec
+from quantkit.pipeline.convert import convert
 from quantkit.errors import GGUFFormatError, QuantkitError
-from quantkit.gguf_check import check_before_load
-from quantkit.gguf_read import read_gguf
-from quantkit.gguf_write import MetaValue
+from quantkit.engine.gguf_check import check_before_load
+from quantkit.format.gguf_read import read_gguf
+from quantkit.format.gguf_write import MetaValue
 from test_hostile_gguf import _gguf_py_copy, rewrite, tensor_list
 
 V = gguf_spec.GGUFValueType
@@ -65,7 +65,7 @@ def _lines(stderr: str) -> list[str]:
 #: the quantkit command, with a marker on stdout once the first chunk is handed to llama.cpp
 MARKED = """
 import sys
-from quantkit import session
+from quantkit.engine import session
 decode = session.EvalSession.eval_chunks
 def marked(self, *args, **kwargs):
     if not getattr(marked, "said", False):
@@ -75,7 +75,7 @@ def marked(self, *args, **kwargs):
     return decode(self, *args, **kwargs)
 session.EvalSession.eval_chunks = marked
 sys.argv = ["quantkit", *sys.argv[1:]]
-from quantkit.cli import run
+from quantkit.cli.main import run
 run()
 """
 
@@ -155,10 +155,10 @@ def test_an_interrupt_in_any_ctypes_callback_is_kept_and_raised_after_the_call()
 #: the quantkit command with quantkit's model check switched off, so that llama.cpp's own assert fires
 UNCHECKED = """
 import sys
-from quantkit import gguf_check
+from quantkit.engine import gguf_check
 gguf_check.check_model = lambda g: None
 sys.argv = ["quantkit", *sys.argv[1:]]
-from quantkit.cli import run
+from quantkit.cli.main import run
 run()
 """
 
@@ -222,7 +222,7 @@ def _non_finite(e: pytest.ExceptionInfo, model: Path) -> None:
 def test_non_finite_logits_fail_perplexity_kld_and_imatrix(tmp_path, f32, nan_model):
     from quantkit.evals.kld import base_logprobs, compare
     from quantkit.evals.perplexity import perplexity
-    from quantkit.imatrix_collect import collect_imatrix
+    from quantkit.pipeline.imatrix_collect import collect_imatrix
 
     text = TEXT * 40
     check_before_load(nan_model)  # nothing in the header is wrong

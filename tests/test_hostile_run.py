@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quantkit import runtime
-from quantkit.chat import ChatTemplate, History, MAX_HISTORY_BYTES, Turn, history_from_json, load_history, save_history
+from quantkit.engine import runtime
+from quantkit.engine.chat import ChatTemplate, History, MAX_HISTORY_BYTES, Turn, history_from_json, load_history, save_history
 from quantkit.errors import QuantkitError
-from quantkit.gguf_read import GGUFFile, read_gguf
+from quantkit.format.gguf_read import GGUFFile, read_gguf
 
 from conftest import ROOT
 
@@ -190,7 +190,7 @@ def test_template_errors_are_one_capped_line_with_the_line_number(source, line, 
 
 
 def test_template_too_large_or_not_text():
-    from quantkit.chat import MAX_TEMPLATE_CHARS, chat_template
+    from quantkit.engine.chat import MAX_TEMPLATE_CHARS, chat_template
 
     with pytest.raises(QuantkitError, match=r"^m.gguf: tokenizer.chat_template: 1,048,577 characters, more than 1,048,576"):
         ChatTemplate("gguf", "x" * (MAX_TEMPLATE_CHARS + 1), origin="m.gguf").check()

@@ -21,10 +21,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE, ROOT, fused_copy, read_config
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
-from quantkit.imatrix import Entry, Imatrix, check_matches, coverage, expert_weights, read_imatrix, write_imatrix
-from quantkit.imatrix_collect import collect_imatrix
+from quantkit.policy.imatrix import Entry, Imatrix, check_matches, coverage, expert_weights, read_imatrix, write_imatrix
+from quantkit.pipeline.imatrix_collect import collect_imatrix
 
 Q = gguf.GGMLQuantizationType
 REF = ROOT / "evals" / "reference" / "imatrix-fixture.gguf"
@@ -242,8 +242,8 @@ def test_collection_is_bit_identical_to_a_local_llama_imatrix(fixture_gguf, text
 
 def test_ggml_tensor_layout_against_the_gguf(fixture_gguf):
     """GGMLTensor's ne / type / src agree with libggml's accessors and with the weights' shapes in the file."""
-    from quantkit.session import GGMLTensor, EvalSession, _ggml_fns, check_tensor_layout
-    from quantkit.gguf_read import read_gguf
+    from quantkit.engine.session import GGMLTensor, EvalSession, _ggml_fns, check_tensor_layout
+    from quantkit.format.gguf_read import read_gguf
 
     path = fixture_gguf("bf16")
     seen: dict[str, tuple] = {}
@@ -303,8 +303,8 @@ def test_all_experts_covers_every_expert(routed, every):
 
 def test_all_experts_down_inputs_are_llama_cpps(fixture_gguf, text):
     """For the tokens the router did send to an expert, the numpy ffn_down input equals llama.cpp's (to activation rounding)."""
-    from quantkit.session import EvalSession, tensor_array
-    from quantkit.imatrix_collect import _Collector, _ExpertWeights
+    from quantkit.engine.session import EvalSession, tensor_array
+    from quantkit.pipeline.imatrix_collect import _Collector, _ExpertWeights
 
     path = fixture_gguf("bf16")
     captured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -332,7 +332,7 @@ def test_all_experts_down_inputs_are_llama_cpps(fixture_gguf, text):
 
 def test_all_experts_flushes_in_batches(fixture_gguf, text, every, monkeypatch):
     """Running the experts after every chunk instead of once at the end: the same statistics (up to summation order)."""
-    import quantkit.imatrix_collect as imatrix
+    import quantkit.pipeline.imatrix_collect as imatrix
 
     monkeypatch.setattr(imatrix, "FLUSH_BYTES", 1)
     often = collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, all_experts=True)
@@ -389,7 +389,7 @@ def tensors_of(path) -> dict[str, tuple[Q, bytes]]:
 @pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K_S", pytest.param("IQ3_XXS", marks=pytest.mark.slow)])
 def test_quantised_bytes_equal_llama_quantize_with_the_same_imatrix(fixture_gguf, ref, tmp_path, preset):
     """Q2_K_S and IQ3_XXS cannot be written without an imatrix; Q4_K_M can, and the imatrix changes its bytes."""
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
     ours = convert(FIXTURE, tmp_path / "ours.gguf", preset, imatrix=ref).output
     llama_quantize(fixture_gguf("bf16"), tmp_path / "llama.gguf", preset, ref)
@@ -409,7 +409,7 @@ def test_quantised_bytes_equal_llama_quantize_with_the_same_imatrix(fixture_gguf
 
 def test_fused_expert_sources_use_each_experts_own_weights(ref, tmp_path):
     """A fused 3-D source is split per expert: the bytes equal those from one source per expert."""
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
     fused = fused_copy(FIXTURE, tmp_path / "fused")
     a = tensors_of(convert(FIXTURE, tmp_path / "per-expert.gguf", "Q4_K_M", imatrix=ref).output)
@@ -433,7 +433,7 @@ def _variant(ref: Imatrix, rename: dict[str, str] | None = None, drop: str | Non
 
 @pytest.mark.parametrize("how", ["names", "columns"])
 def test_imatrix_of_another_model_is_refused_and_nothing_written(ref, tmp_path, how):
-    from quantkit.convert import convert
+    from quantkit.pipeline.convert import convert
 
     if how == "names":  # a model with more layers
         im, needle = _variant(ref, rename={"blk.3.attn_q.weight": "blk.31.attn_q.weight"}), "'blk.31.attn_q.weight' names no tensor"
@@ -448,8 +448,8 @@ def test_imatrix_of_another_model_is_refused_and_nothing_written(ref, tmp_path, 
 
 
 def test_partial_imatrix_warns_and_refuses_types_that_need_weights(ref, caplog):
-    from quantkit.convert import prepare
-    from quantkit.plan import Override
+    from quantkit.pipeline.convert import prepare
+    from quantkit.policy.plan import Override
 
     partial = _variant(ref, drop="blk.0.attn_q.weight")
     ckpt, prep = prepare(FIXTURE, "Q4_K_M", imatrix=partial)

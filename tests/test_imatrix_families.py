@@ -22,9 +22,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import convert, random_model
-from quantkit.cli import app
-from quantkit.imatrix import read_imatrix, write_imatrix
-from quantkit.imatrix_collect import collect_imatrix
+from quantkit.cli.main import app
+from quantkit.policy.imatrix import read_imatrix, write_imatrix
+from quantkit.pipeline.imatrix_collect import collect_imatrix
 from test_imatrix import local_llama_imatrix
 
 CTX, CHUNKS = 64, 3  # every blk.* MUL_MAT sees 64 >= 16 tokens per decode; 192 tokens in all

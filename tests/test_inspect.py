@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import GGUFFormatError
-from quantkit.gguf_read import read_gguf
+from quantkit.format.gguf_read import read_gguf
 
 
 def test_inspect_json_matches_gguf_package(fixture_gguf):

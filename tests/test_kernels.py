@@ -1,4 +1,4 @@
-"""quantkit.ggml.quantize: blocked, multi-threaded, widening in the threads -- same bytes as one plain kernel call.
+"""quantkit.format.ggml.quantize: blocked, multi-threaded, widening in the threads -- same bytes as one plain kernel call.
 
 The reference is llama.cpp's ``ggml_quantize_chunk`` called once on the whole
 float32 matrix (one thread, no blocks); BF16 is widened for it with numpy's exact
@@ -12,7 +12,7 @@ import pytest
 
 import gguf
 
-from quantkit import ggml
+from quantkit.format import ggml
 
 Q = gguf.GGMLQuantizationType
 
@@ -91,7 +91,7 @@ def _pieces(log: list[str], kinds: str):
 
 def test_in_flight_order():
     """convert's writer loop: a quantised piece's successor starts before it is waited for; a plain piece is written before the next is made."""
-    from quantkit.convert import _in_flight
+    from quantkit.pipeline.convert import _in_flight
 
     log: list[str] = []
     for _, data in _in_flight(_pieces(log, "qqpq")):

@@ -1,12 +1,12 @@
 """Imports flow one way: each module imports only its own layer and the layers below (read from the source).
 
-The layers, lowest first, as the package is built:
-format (GGUF spec, reader, writer, roles, kernels) -> checkpoint (HF files, name table, tokenizers)
--> architectures (``converters/``) -> policy (presets, plans, budgets, importance data, bnb format)
--> llama.cpp (sessions, run limits, load checks, runtime, chat) -> pipeline (convert, requantise,
-importance collection, sensitivity) -> evals (``evals/``) -> cli.  Function-level imports count too:
-a lazy import is still a dependency.  The package root (``quantkit/__init__.py``: version, lazy
-``load_bnb``) is the public facade and is left out.
+The layers are the subpackages of ``quantkit``, lowest first:
+``errors`` -> ``format`` (GGUF spec, reader, writer, roles, kernels) -> ``hf`` (HF files, name table, tokenizers)
+-> ``converters`` (architectures) -> ``policy`` (presets, plans, budgets, importance data, bnb format)
+-> ``engine`` (llama.cpp sessions, run limits, load checks, runtime, chat; the transformers runtime)
+-> ``pipeline`` (convert, requantise, importance collection, sensitivity) -> ``evals`` -> ``cli``.
+Function-level imports count too: a lazy import is still a dependency.  The package root
+(``quantkit/__init__.py``: version, lazy ``load_bnb``) is the public facade and is left out.
 """
 
 from __future__ import annotations
@@ -16,31 +16,23 @@ from pathlib import Path
 
 from conftest import ROOT
 
-LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("format", ("errors", "gguf_spec", "gguf_read", "gguf_write", "roles", "output", "encode", "ggml")),
-    ("checkpoint", ("checkpoint", "mapping", "vocab")),
-    ("architectures", ("converters", "converters.*")),
-    ("policy", ("presets", "plan", "recipe", "budget", "imatrix", "bnb")),
-    ("llama.cpp", ("session", "limits", "gguf_check", "chat", "runtime", "hf_runtime")),
-    ("pipeline", ("convert", "gguf_source", "imatrix_collect", "sensitivity")),
-    ("evals", ("evals", "evals.*")),
-    ("cli", ("cli_ui", "cli_eval", "cli")),
-)
+LAYERS: tuple[str, ...] = ("errors", "format", "hf", "converters", "policy", "engine", "pipeline", "evals", "cli")
 FOLDERS = {"quantkit": ROOT / "quantkit", "quantkit.converters": ROOT / "converters", "quantkit.evals": ROOT / "evals"}
 
 
 def _modules() -> dict[str, Path]:
     mods = {}
     for pkg, folder in FOLDERS.items():
-        for f in folder.glob("*.py"):
-            mods[pkg if f.stem == "__init__" else f"{pkg}.{f.stem}"] = f
+        for f in folder.rglob("*.py"):
+            parts = f.relative_to(folder).with_suffix("").parts
+            name = ".".join((pkg, *parts)).removesuffix(".__init__").removesuffix(".__main__")
+            mods.setdefault(name, f)
     return mods
 
 
 def _layer(module: str) -> int | None:
-    short = module.removeprefix("quantkit.")
-    wild = short.split(".")[0] + ".*" if "." in short else short
-    return next((i for i, (_, names) in enumerate(LAYERS) if short in names or wild in names), None)
+    top = module.removeprefix("quantkit.").split(".")[0]
+    return LAYERS.index(top) if top in LAYERS else None
 
 
 def _imports(path: Path, mods: dict[str, Path]) -> set[str]:
@@ -69,7 +61,7 @@ def test_imports_only_go_down():
         for target in sorted(_imports(path, mods) - {module, "quantkit"}):
             theirs = _layer(target)
             if theirs is not None and mine is not None and theirs > mine:
-                up.append(f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
+                up.append(f"{module} ({LAYERS[mine]}) imports {target} ({LAYERS[theirs]})")
     assert not up, "imports against the layers:\n" + "\n".join(up)
 
 

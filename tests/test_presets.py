@@ -1,4 +1,4 @@
-"""``quantkit.presets`` picks, tensor for tensor, the type llama.cpp's quantiser picks.
+"""``quantkit.policy.presets`` picks, tensor for tensor, the type llama.cpp's quantiser picks.
 
 The reference is ``llama_cpp.llama_model_quantize`` (llama-quantize in process,
 llama-cpp-python 0.3.36) on GGUF files written by ``quantkit convert``: the
@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE, convert, random_model
-from quantkit import presets
+from quantkit.policy import presets
 from quantkit.errors import QuantkitError
 
 Q = gguf.GGMLQuantizationType
@@ -154,7 +154,7 @@ class Model:
 
 
 def _load(src: Path, path: Path) -> Model:
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
 
     ckpt, prep = prepare(src, "f32")
     ckpt.close()
@@ -294,7 +294,7 @@ TENSOR_TYPE_RULES = (
 @pytest.mark.parametrize("preset", ["Q4_K_M", "Q3_K_S"])
 def test_rules_fall_back_like_llama_cpp(model, tmp_path, name, preset):
     """A rule's type goes through tensor_type_fallback exactly as llama-quantize's --tensor-type does."""
-    from quantkit.plan import Override, make_plan
+    from quantkit.policy.plan import Override, make_plan
 
     m = model(name)
     ref = llama_quantize(m.gguf, tmp_path / "out.gguf", preset, False, dry_run=True, overrides=TENSOR_TYPE_RULES)
@@ -352,7 +352,7 @@ def test_default_types_and_file_types_match_llama_cpp():
     """PRESETS restates llama_ftype_get_default_type and the LLAMA_FTYPE constants."""
     import llama_cpp
 
-    from quantkit.ggml import _load
+    from quantkit.format.ggml import _load
 
     default_type = _load("llama")._Z28llama_ftype_get_default_type11llama_ftype  # C++ linkage (llama-ext.h)
     default_type.argtypes, default_type.restype = [ctypes.c_int], ctypes.c_int

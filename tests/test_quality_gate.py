@@ -22,7 +22,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.evals.ci import GATED_TYPES, baseline_path, fixture_reports
 
 

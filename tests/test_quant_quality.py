@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE
-from quantkit.convert import convert
-from quantkit.plan import Override, Target
-from quantkit.recipe import load_recipe
+from quantkit.pipeline.convert import convert
+from quantkit.policy.plan import Override, Target
+from quantkit.policy.recipe import load_recipe
 
 Q = gguf.GGMLQuantizationType
 LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -69,7 +69,7 @@ def test_quantised_fixture_generates_sensible_text(quantised):
     """Greedy text from Q4_K_M: the base model finds it likely (random tokens would score PPL ~ vocab size)."""
     from llama_cpp import Llama
 
-    from quantkit.session import log_softmax
+    from quantkit.engine.session import log_softmax
 
     llm = Llama(str(quantised["Q4_K_M"]), n_ctx=256, verbose=False, seed=0)
     prompt = "HAMLET:\nTo be, or not to be"

@@ -82,7 +82,7 @@ def test_refused_with_one_line(model, tmp_path, case):
 
 def test_shared_expert_gate_and_biases_stay_f32(good):
     """ffn_gate_inp_shexp (one row) and attn_{q,k,v}.bias are F32 under --type f16 / q8_0 and any preset, as llama.cpp keeps them."""
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
 
     for outtype in ("f16", "q8_0", "Q4_K_M", "Q2_K"):
         ckpt, prep = prepare(good, outtype)

@@ -8,14 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE
-from quantkit.cli import app
+from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
-from quantkit.plan import Override
-from quantkit.recipe import builtin_names, load_recipe, parse
+from quantkit.policy.plan import Override
+from quantkit.policy.recipe import builtin_names, load_recipe, parse
 
 
 def _plan(outtype, rules=()):
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
 
     ckpt, prep = prepare(FIXTURE, outtype, overrides=rules)
     ckpt.close()
@@ -182,7 +182,7 @@ def test_too_many_rules_are_refused_at_once():
 def test_the_most_rules_a_recipe_may_hold_parse_in_linear_time():
     import time
 
-    from quantkit.recipe import MAX_RULES
+    from quantkit.policy.recipe import MAX_RULES
 
     text = 'base = "Q8_0"\n' + "".join(f'[[rules]]\npattern = "blk\\\\.{i}\\\\.attn_q"\ntype = "Q6_K"\n' for i in range(MAX_RULES))
     t0 = time.perf_counter()
@@ -296,9 +296,9 @@ def test_recipe_fuzz_one_line_or_recipe():
 def test_a_layer_range_empty_for_this_model_is_refused():
     """[2, -3] on a 4-block model is blocks 2..1: refused once the depth is known (was: a warning, the rule silently unused)."""
     from conftest import FIXTURE
-    from quantkit.convert import prepare
+    from quantkit.pipeline.convert import prepare
     from quantkit.errors import QuantkitError
-    from quantkit.plan import Override
+    from quantkit.policy.plan import Override
 
     rule = Override("attn_q", Override.parse("attn_q", "q4_0").qtype, "recipe", layers=(2, -3))
     with pytest.raises(QuantkitError, match=r"block 2 to block 1 .* empty range"):

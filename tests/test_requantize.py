@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE, llama_logits
-from quantkit.convert import convert
+from quantkit.pipeline.convert import convert
 from quantkit.errors import QuantkitError
 
 Q = gguf.GGMLQuantizationType

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import convert, random_model
-from quantkit.cli import app
+from quantkit.cli.main import app
 
 #: each family with the config keys that name its expert count and top-k
 FAMILIES = {

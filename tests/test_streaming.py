@@ -47,7 +47,7 @@ def _checkpoint(path, layers):
 def _peak_rss_mib(src, out, outtype):
     # VmHWM belongs to this process image (ru_maxrss would inherit the parent's peak across fork)
     code = (
-        "from quantkit.convert import convert; "
+        "from quantkit.pipeline.convert import convert; "
         f"convert({str(src)!r}, {str(out)!r}, {outtype!r}, force=True); "
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     )

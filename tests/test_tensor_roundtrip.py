@@ -94,7 +94,7 @@ def test_every_tensor_matches_source(fixture_gguf, src, outtype):
 
 def test_bf16_file_is_byte_identical_to_source(fixture_gguf):
     """bf16 -> bf16 is a pure pass-through: no rounding anywhere."""
-    from quantkit.checkpoint import open_checkpoint
+    from quantkit.hf.checkpoint import open_checkpoint
 
     tensors = _tensors(fixture_gguf("bf16"))
     with open_checkpoint(FIXTURE) as ck:

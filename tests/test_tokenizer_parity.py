@@ -103,7 +103,7 @@ def _pre_tokenizer(kind: str):
     """The pre_tokenizer each family's tokenizer.json holds (transformers' conversions and the published files)."""
     from tokenizers import Regex, pre_tokenizers as pt
 
-    from quantkit.vocab import LLAMA3_REGEX
+    from quantkit.hf.vocab import LLAMA3_REGEX
 
     return {
         "gpt-2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -282,7 +282,7 @@ def test_real_tokenizers_get_llama_cpp_converter_names(tmp_path, name):
     """The name quantkit reads from a published tokenizer's structure is the one llama.cpp's converter finds by hashing its tokens."""
     from tokenizers import Tokenizer
 
-    from quantkit.vocab import _bpe_pre
+    from quantkit.hf.vocab import _bpe_pre
 
     tok_json, _ = _real(tmp_path / "tok", name)
     chkhsh = sha256(str(Tokenizer.from_file(str(tok_json)).encode(CHKTXT).ids).encode()).hexdigest()
@@ -307,7 +307,7 @@ def _abc_tokenizer(path: Path, ignore_merges: bool) -> Path:
     ("b c" ranks before "a b"): with ignore_merges it is taken whole, otherwise it is a + bc."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers as pt
 
-    from quantkit.vocab import LLAMA3_REGEX
+    from quantkit.hf.vocab import LLAMA3_REGEX
 
     alphabet = sorted(pt.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)} | {"bc": 256, "ab": 257, "abc": 258}
@@ -389,7 +389,7 @@ def test_bpe_tokenizer_llama_cpp_cannot_match_is_refused(tmp_path, case):
     import copy
 
     from quantkit.errors import CheckpointError
-    from quantkit.vocab import bpe_vocab
+    from quantkit.hf.vocab import bpe_vocab
 
     edit, needles = REFUSED[case]
     tj = copy.deepcopy(_TJ)
@@ -430,8 +430,8 @@ def test_sentencepiece_reader_matches_sentencepiece(tmp_path, options):
     """quantkit reads tokenizer.model's protobuf itself: pieces, scores, types and the space prefix as sentencepiece gives them."""
     import sentencepiece as spm
 
-    from quantkit.gguf_spec import TokenType as TT
-    from quantkit.vocab import read_sentencepiece
+    from quantkit.format.gguf_spec import TokenType as TT
+    from quantkit.hf.vocab import read_sentencepiece
 
     data = _train_spm(tmp_path, **options)
     sp = spm.SentencePieceProcessor()

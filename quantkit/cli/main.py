@@ -1,0 +1,630 @@
+"""The ``quantkit`` command line: thin typer wrappers around library functions.
+
+Each command parses arguments, calls one library function, and renders its
+result (rich tables / progress bars on a terminal, ``--json`` for scripts).
+Errors from the library are :class:`QuantkitError`: printed as one line, exit
+code 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+from quantkit.cli.eval_commands import PROGRESS, read_text_file
+from quantkit.cli.eval_commands import register as _register_eval
+from quantkit.cli.ui import MAX_ERROR_CHARS, _plain, _print_json, _run, _state, add_row, cap, err, error_line, esc, out  # noqa: F401
+from quantkit.errors import QuantkitError, Terminated
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+    from quantkit.engine.chat import ChatTemplate, Command, History
+    from quantkit.engine.runtime import LoadPlan, Sampling
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run and check quantised Mixture-of-Experts models.")
+_register_eval(app)
+
+
+# Bit-budget options, shared by convert and plan (one declaration, the same flags and help on both).
+TARGET_BPW = typer.Option(None, "--target-bpw", min=1.0, max=32.0, help="Bit budget: choose per-tensor types for this many bits per weight (instead of --type).")
+TARGET_SIZE = typer.Option(None, "--target-size", help="Bit budget: the largest file, e.g. 12GiB or 800MB (instead of --type).")
+CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors.")
+CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
+CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
+
+TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or a GGUF file to requantise."),
+    output_arg: str = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb)."),
+    out_format: str = typer.Option("gguf", "--format", help="gguf (one llama.cpp file) or bnb (bitsandbytes 4-bit HF directory, every expert 4-bit)."),
+    bnb_type: str = typer.Option("nf4", "--bnb-type", help="--format bnb: 4-bit data type, nf4 or fp4."),
+    double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="--format bnb: quantise the absmax statistics too (bitsandbytes double quantisation)."),
+    compute_dtype: str = typer.Option("bf16", "--compute-dtype", help="--format bnb: dtype of the 4-bit matmuls, bf16, f16 or f32."),
+    outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name (moe-q3, moe-q4, moe-q5): base preset + rules."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file (or, with --format bnb, model directory)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix or quantkit imatrix GGUF, or legacy .dat) weighting the quantisation, as llama-quantize --imatrix."),
+    target_bpw: Optional[float] = TARGET_BPW,
+    target_size: Optional[str] = TARGET_SIZE,
+    calib_text: Optional[Path] = CALIB_TEXT,
+    calib_ctx: int = CALIB_CTX,
+    calib_chunks: int = CALIB_CHUNKS,
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+    progress: bool = PROGRESS,
+) -> None:
+    """Convert a Hugging Face checkpoint of a supported family to GGUF, or to a bitsandbytes 4-bit directory (--format bnb)."""
+    from quantkit.pipeline.convert import convert as do_convert
+
+    if out_format not in ("gguf", "bnb"):
+        raise typer.BadParameter(f"{out_format!r} is not supported; use gguf or bnb", param_hint="--format")
+    output = _file_arg(output_arg, "--output") if out_format == "gguf" else Path(output_arg)
+    show = progress and err.is_terminal and not as_json
+    if out_format == "bnb":
+        from quantkit.policy.bnb import export_bnb
+
+        if imatrix is not None:
+            raise typer.BadParameter("--imatrix applies to --format gguf (llama.cpp quantisation)", param_hint="--format bnb")
+        if outtype is not None or recipe is not None or tensor_type:
+            raise typer.BadParameter("--type, --recipe and --tensor-type apply to --format gguf; use --bnb-type, --double-quant and --compute-dtype", param_hint="--format bnb")
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), console=err.console, disable=not show)
+        task = bar.add_task("bnb", total=None)
+        with bar:
+            result = _run(
+                lambda: export_bnb(
+                    src, output, quant_type=bnb_type, double_quant=double_quant, compute_dtype=compute_dtype, force=force,
+                    allow_pickle=allow_pickle, on_tensor=lambda name: bar.update(task, description=f"{name:<64}"),
+                )
+            )
+        j = result.to_json()
+        if as_json:
+            _print_json(j)
+            return
+        out.print(f"wrote [bold]{esc(j['output'])}[/]: {j['weights']} weights in {j['shards']} shard(s), {j['params']:,} params, {100 * j['share_4bit']:.1f}% 4-bit "
+                  f"{j['quant_type']}, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+        return
+
+    if bnb_type != "nf4" or compute_dtype != "bf16" or not double_quant:
+        raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
+    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
+    imat = _load_imatrix(imatrix)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat)
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err.console, disable=not show)
+    task = bar.add_task("convert", total=None)
+    with bar:
+        result = _run(
+            lambda: do_convert(
+                src, output, outtype, force=force, allow_pickle=allow_pickle, overrides=overrides, target=target, allow_requantize=allow_requantize,
+                on_start=lambda plan: bar.update(task, total=plan.nbytes),
+                on_bytes=lambda n: bar.advance(task, n),
+                on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
+                imatrix=imat,
+            )
+        )
+    if as_json:
+        _print_json(result.to_json())
+        return
+    j = result.to_json()
+    out.print(f"wrote [bold]{esc(j['output'])}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+    if target is not None or overrides:  # a mixed plan: say what was chosen (quantkit plan shows it tensor by tensor)
+        out.print("types: " + ", ".join(f"{esc(k)} x{v['tensors']} ({8 * v['bytes'] / max(1, v['params']):.2f} bpw, {v['bytes'] / 2**20:.1f} MiB)" for k, v in j["types"].items()))
+
+
+def _file_arg(value: str, hint: str) -> Path:
+    """An output file given on the command line: a name ending in a slash asks for a directory (typer's Path would drop it)."""
+    if not value or value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{value!r} names a directory, not a file; give a file name such as {os.path.join(value or '.', 'model.gguf')}", param_hint=hint)
+    return Path(value)
+
+
+def _type_and_rules(
+    outtype: str | None, recipe: str | None, tensor_type: list[str], target_bpw: float | None = None, target_size: str | None = None
+) -> tuple[str, list[Any]]:
+    """--type / --recipe / --tensor-type -> (preset or type name, ordered rules); --tensor-type rules come first."""
+    if target_bpw is not None or target_size is not None:
+        if outtype is not None or recipe is not None:
+            raise QuantkitError("give --type/--recipe or a bit budget (--target-bpw/--target-size), not both; --tensor-type rules still apply to a budget")
+        if target_bpw is not None and target_size is not None:
+            raise QuantkitError("give one of --target-bpw and --target-size")
+        return "budget", _overrides(tensor_type)
+    rules = _overrides(tensor_type)
+    if recipe is None:
+        return (outtype if outtype is not None else "f16"), rules
+    if outtype is not None:
+        raise QuantkitError("give --type or --recipe, not both (a recipe names its base preset)")
+    from quantkit.policy.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    return r.base, rules + list(r.rules)
+
+
+def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None) -> Any:
+    """The bit budget of --target-bpw/--target-size, measured on --calib-text when given (None without a budget)."""
+    if bpw is None and size is None:
+        if calib is not None:
+            raise typer.BadParameter("--calib-text measures sensitivity for a bit budget; add --target-bpw or --target-size", param_hint="--calib-text")
+        return None
+    from quantkit.policy.budget import parse_size
+    from quantkit.policy.plan import Target
+
+    nbytes = _run(lambda: parse_size(size)) if size is not None else None
+    _run(lambda: Target(bpw=bpw, size=nbytes))  # validate before the slow part
+    measured = None
+    if calib is not None:
+        from quantkit.pipeline import sensitivity
+        from quantkit.pipeline.convert import _importance, prepare
+
+        text = _run(lambda: read_text_file(calib, "--calib-text"))
+        ckpt, prep = _run(lambda: prepare(src, "f32"))
+        ckpt.close()
+        n = sum(1 for t in prep.tensors if sensitivity.probe_type(t) is not None)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err.console, disable=not show)
+        task = bar.add_task("sensitivity", total=n)
+        with bar:
+            measured = _run(lambda: sensitivity.measure_checkpoint(
+                src, text, ctx, chunks, importance=_importance(imat, prep.tensors), on_tensor=lambda name: bar.update(task, advance=1, description=f"probe {name:<28}")))
+    return Target(bpw=bpw, size=nbytes, measured=measured)
+
+
+def _overrides(specs: list[str]) -> list[Any]:
+    from quantkit.policy.plan import Override
+
+    out = []
+    for spec in specs:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern:
+            raise QuantkitError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down_exps=q8_0'")
+        out.append(Override.parse(pattern, type_name, source="--tensor-type"))
+    return out
+
+
+@app.command()
+def plan(
+    src: Path = typer.Argument(..., help="Hugging Face model directory, or a GGUF file to requantise."),
+    outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: plan already-quantised tensors to be quantised again."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix, as for convert (checked against the model; some presets choose differently with one)."),
+    target_bpw: Optional[float] = TARGET_BPW,
+    target_size: Optional[str] = TARGET_SIZE,
+    calib_text: Optional[Path] = CALIB_TEXT,
+    calib_ctx: int = CALIB_CTX,
+    calib_chunks: int = CALIB_CHUNKS,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
+    from quantkit.pipeline.convert import prepare
+    from quantkit.hf.mapping import group_totals
+
+    outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
+    imat = _load_imatrix(imatrix)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat)
+    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize))
+    ckpt.close()
+    p = prep.plan
+    rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]
+    summary = {"type": p.outtype, "file_type": int(p.file_type), "tensor_bytes": p.nbytes, "params": p.n_elements,
+               "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p.tensors)}
+    if as_json:
+        _print_json({**summary, "tensors": rows})
+        return
+    from rich.table import Table
+
+    t = Table(title=_plain(f"{src} as {p.outtype}"))
+    for c in ("tensor", "type", "bytes", "bpw", "why"):
+        t.add_column(c, justify="right" if c in ("bytes", "bpw") else "left", overflow="fold")
+    for r in rows:
+        add_row(t, r["name"], r["type"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.2f}", r["why"])
+    out.print(t)
+    out.print(f"total: {p.nbytes / 2**20:.2f} MiB of tensors, {summary['bits_per_weight']:.3f} bits per weight")
+
+
+def _load_imatrix(path: Path | None) -> Any:
+    from quantkit.policy.imatrix import read_imatrix
+
+    return None if path is None else _run(lambda: read_imatrix(path))
+
+
+@app.command("imatrix")
+def imatrix_command(
+    src: Path = typer.Argument(..., help="A GGUF model (F32/F16/BF16 or quantised), or a Hugging Face directory (converted to a temporary BF16 GGUF first)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 calibration text."),
+    output_arg: str = typer.Option(..., "-o", "--output", help="The importance matrix to write (.gguf, llama-imatrix's format)."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Evaluate only the first N chunks (default: the whole text)."),
+    all_experts: bool = typer.Option(False, "--all-experts", help="Send calibration tokens through all experts (statistics only, outputs still gated by the router), so rare experts are covered."),
+    min_tokens: int = typer.Option(16, "--min-tokens", min=0, help="Report experts that saw fewer calibration tokens than this."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report (with the coverage) instead of text."),
+    progress: bool = PROGRESS,
+) -> None:
+    """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
+    output = _file_arg(output_arg, "--output")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from quantkit.cli.eval_commands import read_text
+    from quantkit.policy.imatrix import summary, write_imatrix
+    from quantkit.pipeline.imatrix_collect import collect_from_source
+    from quantkit.format.output import check_target
+
+    _run(lambda: check_target(output, force, inputs=(src, text)))
+    body = _run(lambda: read_text(text, None))
+    body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
+    show = progress and err.is_terminal and not as_json
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=err.console, disable=not show)
+    task = bar.add_task("imatrix", total=None, info="")
+    last: list[Any] = []
+
+    def tick(p: Any) -> None:
+        last[:] = [p]
+        bar.update(task, description="imatrix", total=p.n_chunks, completed=p.chunk, info=f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s")
+
+    with bar:
+        im = _run(lambda: collect_from_source(
+            src, body, workdir=output.parent, on_convert=lambda: bar.update(task, description="convert to BF16"),
+            n_ctx=ctx, n_chunks=chunks, all_experts=all_experts, threads=threads, on_chunk=tick, dataset=str(text),
+        ))
+    _run(lambda: write_imatrix(im, output, force=force))
+    seconds = last[0].seconds if last else 0.0
+    j = {"output": str(output), **summary(im, min_tokens), "all_experts": all_experts, "seconds": round(seconds, 3),
+         "tokens_per_second": round(last[0].tokens / max(seconds, 1e-9), 1) if last else 0.0}
+    if as_json:
+        _print_json(j)
+        return
+    out.print(f"wrote [bold]{esc(output)}[/]: {j['entries']} tensors, {j['chunks']} chunks of {j['chunk_size']} tokens "
+              f"({j['tokens']:,} tokens, {j['tokens_per_second']:,.0f} tok/s)", highlight=False)
+    cov = j["coverage"]
+    if not cov["below"]:
+        out.print("no expert tensors (dense model)" if not cov["expert_matrices"] else f"every expert saw at least {min_tokens} tokens ({cov['expert_matrices']} expert matrices)")
+        return
+    out.print(f"[yellow]{len(cov['below'])} of {cov['expert_matrices']} expert matrices saw fewer than {min_tokens} tokens[/] "
+              "(quantised with weaker or, at 0 tokens, no importance weights; --all-experts covers them)", highlight=False)
+    from rich.table import Table
+
+    t = Table()
+    for c in ("layer", "tensor", "expert", "tokens"):
+        t.add_column(c, justify="left" if c == "tensor" else "right")
+    for r in cov["below"][:40]:
+        add_row(t, r["layer"], r["tensor"], r["expert"], r["tokens"])
+    out.print(t)
+    if len(cov["below"]) > 40:
+        out.print(f"… and {len(cov['below']) - 40} more (--json lists them all)")
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help="A .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Show the tensor table."),
+) -> None:
+    """Show a GGUF file's metadata, tensors and bits per weight per tensor group (safe on untrusted files)."""
+    from quantkit.format.gguf_read import read_gguf, to_json
+
+    g = _run(lambda: read_gguf(file))
+    j = to_json(g)
+    from quantkit.engine.gguf_check import layout_problem
+
+    problem = layout_problem(g)
+    if problem is not None:  # shown, since llama.cpp's library reads it, but run/eval/convert refuse it
+        j["warnings"] = [problem]
+        err.say("warning:", "yellow", cap(problem))
+    if as_json:
+        _print_json(j)
+        return
+    from rich.table import Table
+
+    meta = Table(title=_plain(f"{file} (GGUF v{j['version']}, {j['file_bytes']:,} bytes)"), show_lines=False)
+    meta.add_column("key")
+    meta.add_column("value", overflow="fold")
+    for k, v in j["metadata"].items():
+        if isinstance(v, dict) and "array" in v:
+            v = f"[{v['array']} x {v['count']}] {v['head'][:6]}…"
+        elif isinstance(v, str) and len(v) > 120:
+            v = v[:117] + "…"
+        add_row(meta, k, v)
+    out.print(meta)
+    if tensors:
+        tt = Table(title="tensors")
+        for c in ("name", "shape", "type", "bytes", "group"):
+            tt.add_column(c, justify="right" if c == "bytes" else "left")
+        for t in j["tensors"]:
+            add_row(tt, t["name"], "x".join(map(str, t["shape"])), t["type"], f"{t['bytes']:,}", t["group"])
+        out.print(tt)
+    gt = Table(title="groups")
+    for c in ("group", "tensors", "params", "bytes", "bits/weight"):
+        gt.add_column(c, justify="left" if c == "group" else "right")
+    for name, g in j["groups"].items():
+        add_row(gt, name, g["tensors"], f"{g['params']:,}", f"{g['bytes']:,}", f"{g['bits_per_weight']:.3f}")
+    tot = j["totals"]
+    add_row(gt, _plain("total", "bold"), tot["tensors"], f"{tot['params']:,}", f"{tot['bytes']:,}", f"{tot['bits_per_weight']:.3f}")
+    out.print(gt)
+
+
+# Options shared by `run` and `chat`: one definition each, so the two cannot drift apart.
+TEMPERATURE = typer.Option(0.8, "--temperature", min=0.0, help="0 is greedy.")
+TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0)
+TOP_K = typer.Option(40, "--top-k", min=0, help="0 keeps every token.")
+MIN_P = typer.Option(0.05, "--min-p", min=0.0, max=1.0)
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise typer.BadParameter(f"{value} is not above 0")
+    return value
+
+
+REPEAT_PENALTY = typer.Option(1.1, "--repeat-penalty", callback=_positive, help="Above 0; 1 is no penalty.")
+SEED = typer.Option(None, "--seed", min=0, max=2**32 - 2, help="Sampling seed (default: random).")
+MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens per answer.")
+IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence (benchmarks, tests).")
+CTX = typer.Option(2048, "--ctx", min=16, help="Context window in tokens.")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload (default: all when a GPU backend exists; -1 all).")
+CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep MoE expert tensors in CPU memory while the rest is offloaded to the GPU.")
+MODEL = typer.Argument(..., help="A .gguf file.")
+CHAT_TEMPLATE = typer.Option(None, "--chat-template", help="Use this built-in chat template (chatml) instead of the model's own (e.g. when the GGUF's is broken).")
+#: the longest prompt read from standard input (``-p -``)
+MAX_PROMPT_CHARS = 1 << 26
+
+
+def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool) -> tuple[LoadPlan, Llama]:
+    """Plan (memory check, backend) and open the model; notes about ignored options go to stderr."""
+    from quantkit.engine.runtime import open_model, plan_load
+
+    plan = _run(lambda: plan_load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, cpu_moe=cpu_moe))
+    for note in plan.notes:
+        err.say("note:", "yellow", note)
+    return plan, _run(lambda: open_model(plan))
+
+
+#: C0 controls but tab and newline, DEL, C1 controls: what a model's output may not send to a terminal
+_CONTROL = None
+
+
+def _stream(text: str) -> None:
+    """Generated text to stdout; on a terminal without its control characters (a hostile
+    vocabulary could otherwise send escape sequences: retitle the window, rewrite the screen)."""
+    global _CONTROL
+    if sys.stdout.isatty():
+        if _CONTROL is None:
+            import re
+
+            _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+        text = _CONTROL.sub("\ufffd", text)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+def run(
+    model: Path = MODEL,
+    prompt: str = typer.Option(..., "-p", "--prompt", help="Prompt text ('-' reads stdin)."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (with --chat)."),
+    chat_template: Optional[str] = CHAT_TEMPLATE,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY,
+    seed: Optional[int] = SEED,
+    max_tokens: int = MAX_TOKENS,
+    ignore_eos: bool = IGNORE_EOS,
+    ctx: int = CTX,
+    threads: Optional[int] = THREADS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    cpu_moe: bool = CPU_MOE,
+    as_json: bool = typer.Option(False, "--json", help="Print text, prompt, token counts, timings and placement as JSON."),
+) -> None:
+    """Generate once from a prompt and print the text to stdout."""
+    from quantkit.engine.runtime import Sampling, generate
+
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.read(MAX_PROMPT_CHARS + 1)
+        except UnicodeDecodeError:
+            raise typer.BadParameter("standard input is not UTF-8 text", param_hint="--prompt -") from None
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise typer.BadParameter(f"standard input holds more than {MAX_PROMPT_CHARS:,} characters, far beyond any context window", param_hint="--prompt -")
+    sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
+    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
+    if chat_template is not None and not chat:
+        raise typer.BadParameter("applies to --chat", param_hint="--chat-template")
+    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream, chat_template=chat_template))
+    if as_json:
+        _print_json({**result.to_json(), "load": plan.to_json()})
+    else:
+        sys.stdout.write("\n")
+        err.print(f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f}s ({result.tokens_per_second} tok/s)[/]")
+
+
+@app.command()
+def chat(
+    model: Path = MODEL,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    chat_template: Optional[str] = CHAT_TEMPLATE,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    repeat_penalty: float = REPEAT_PENALTY,
+    seed: Optional[int] = SEED,
+    max_tokens: int = MAX_TOKENS,
+    ignore_eos: bool = IGNORE_EOS,
+    ctx: int = CTX,
+    threads: Optional[int] = THREADS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    cpu_moe: bool = CPU_MOE,
+) -> None:
+    """Chat with a model in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
+    from quantkit.engine.chat import History, check_reserve
+    from quantkit.engine.runtime import Sampling, chat_template_for
+
+    sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
+    _run(lambda: check_reserve(ctx, max_tokens))
+    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
+    template = _run(lambda: chat_template_for(llm, override=chat_template))
+    err.print(f"[dim]{esc(model.name)}: {esc(plan.describe())}; chat template: {esc(template.name)}[/]", highlight=False, soft_wrap=True)
+    err.print("[dim]Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits.[/]", highlight=False)
+    _chat_loop(llm, template, History(system=system), sampling, ctx)
+
+
+def _chat_loop(llm: Llama, template: ChatTemplate, history: History, sampling: Sampling, n_ctx: int) -> None:
+    """Read messages and commands until /exit or Ctrl-D."""
+    from quantkit.engine.chat import parse_command, read_message, unescape
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    while True:
+        try:
+            text = read_message(input)
+            command = parse_command(text)
+            if command is None and text.strip():
+                history = _chat_turn(llm, template, history, unescape(text), sampling, n_ctx)
+            elif command is not None:
+                if command.name == "exit":
+                    return
+                history = _chat_command(command, history)
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            err.print("[dim](/exit or Ctrl-D quits)[/]")
+        except QuantkitError as e:
+            error_line(e)
+
+
+def _chat_command(command: Command, history: History) -> History:
+    """Apply /help, /reset, /save or /load; returns the new history."""
+    from quantkit.engine.chat import help_text, load_history, save_history
+
+    if command.name == "help":
+        err.print(help_text(), highlight=False, markup=False)
+    elif command.name == "reset":
+        history = history.reset()
+        err.print("[dim]conversation cleared[/]")
+    elif command.name == "save":
+        path = save_history(history, command.arg)
+        err.print(f"[dim]saved {len(history.turns)} turns to {esc(path)}[/]", highlight=False)
+    elif command.name == "load":
+        history = load_history(command.arg)
+        err.print(f"[dim]loaded {len(history.turns)} turns from {esc(command.arg)}[/]", highlight=False)
+    return history
+
+
+def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, sampling: Sampling, n_ctx: int) -> History:
+    """Fit the history into the context, stream one answer, and return the history with it."""
+    from quantkit.engine.chat import prepare_turn
+    from quantkit.engine.runtime import chat_tokens, complete
+
+    prep = prepare_turn(history, user, template.render, lambda p: chat_tokens(llm, p), n_ctx, sampling.max_tokens)
+    if prep.dropped:
+        err.print(
+            f"[yellow]context full:[/] dropped the {prep.dropped} oldest turn(s) to fit --ctx {n_ctx}; {len(prep.history.turns)} kept",
+            highlight=False, soft_wrap=True,
+        )
+    result = complete(llm, list(prep.tokens), sampling, stop=template.stop, on_text=_stream, interruptible=True)
+    sys.stdout.write("\n")
+    if result.finish_reason == "interrupted":
+        err.print("[yellow]stopped[/]")
+    err.print(f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f}s ({result.tokens_per_second} tok/s)[/]", highlight=False)
+    return prep.history.add(user, result.text) if result.text or result.finish_reason != "interrupted" else prep.history
+
+
+#: signals that arrived (SIGTERM/SIGHUP): one caught by click or typer outside a library call still ends the run as 128+N
+_signalled: list[int] = []
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM and SIGHUP unwind the command like Ctrl-C (partial outputs removed, one line, exit 128+N).
+
+    Without this Python dies at once on them and leaves ``*.partial`` files behind.
+    """
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        _signalled.append(signum)
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, handler)
+
+
+def run() -> None:
+    """The ``quantkit`` command: run it, then leave without the interpreter's teardown.
+
+    When a command returns, what it wrote is closed (``with`` blocks, atomic renames) and
+    the exit handlers still run here (logging, thread pools, temporary files); what is
+    skipped is the clean-up of every module and the final garbage collection, ~0.1 s once
+    llama-cpp-python (thousands of ctypes bindings) is loaded: a tenth of a short
+    ``eval ppl`` (bench/RESULTS.md).  ``QUANTKIT_SLOW_EXIT=1`` exits the usual way.
+    """
+    import atexit
+
+    _terminate_like_interrupt()
+    try:
+        app(prog_name="quantkit")
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    except Terminated as e:  # arrived outside a library call
+        err.say("terminated:", "yellow", f"signal {e.signum}")
+        code = 128 + e.signum
+    except KeyboardInterrupt:
+        err.say("interrupted:", "yellow", "stopped")
+        code = 130
+    except Exception as e:  # a bug: one line instead of a traceback (--debug shows it)
+        if _state["debug"]:
+            traceback.print_exc()
+        err.say("error:", "bold red", cap(f"internal error ({type(e).__name__}: {' '.join(str(e).split())}); fix: rerun with --debug and report it as a quantkit bug"))
+        code = 70  # EX_SOFTWARE
+    if _signalled and code != 128 + _signalled[0]:  # arrived while typer/click parsed or set up (they report it as Ctrl-C)
+        err.say("terminated:", "yellow", f"signal {_signalled[0]}; nothing was written at the output path")
+        code = 128 + _signalled[0]
+    if os.environ.get("QUANTKIT_SLOW_EXIT"):
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+

@@ -1,0 +1,125 @@
+"""What the command line shows: consoles, one-line errors, tables of untrusted text, the library-call wrapper.
+
+Shared by ``quantkit.cli.main`` and ``quantkit.cli.eval_commands`` (which import it; it imports neither).
+Untrusted strings (file names, GGUF keys and values, tensor names, error text) are
+never read as rich markup; an error is one capped line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any, Callable
+
+import typer
+
+from quantkit.errors import QuantkitError, Terminated
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _Console:
+    """rich's Console for stdout or stderr, made on first use.
+
+    rich takes ~40 ms to import; a short command in a pipeline (``eval ppl`` printing
+    one line, no terminal for a progress bar) never needs it.
+    """
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        stream = sys.stderr if self._stderr else sys.stdout
+        if self._console is None and not (stream.isatty() or any(k in os.environ for k in ("FORCE_COLOR", "TTY_COMPATIBLE", "FORCE_TERMINAL"))):
+            return False  # what rich would say, without importing it
+        return self.console.is_terminal
+
+    def say(self, label: str, style: str, message: str) -> None:
+        """``label: message`` on one line: the label styled, the message shown as it is (never read as markup)."""
+        if not self.is_terminal:
+            (sys.stderr if self._stderr else sys.stdout).write(f"{label} {message}\n")
+            return
+        from rich.text import Text
+
+        self.console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
+
+    def line(self, text: str) -> None:
+        """One plain line (no markup): through rich on a terminal, written as is otherwise."""
+        if self.is_terminal:
+            self.console.print(text, markup=False)
+        else:
+            (sys.stderr if self._stderr else sys.stdout).write(text + "\n")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+out = _Console()
+err = _Console(stderr=True)
+_state = {"debug": False}
+
+#: the longest error line printed; the rest is cut (a file can put megabytes into a key or value)
+MAX_ERROR_CHARS = 2000
+
+
+def esc(value: object) -> str:
+    """``value`` as text that rich prints as it is: file names, keys and values from files are untrusted."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def _plain(value: object, style: str = "") -> Any:
+    """A table cell or title shown as it is (rich reads plain strings in tables as markup)."""
+    from rich.text import Text
+
+    return value if isinstance(value, Text) else Text(str(value), style=style)
+
+
+def add_row(table: Any, *cells: object) -> None:
+    """``table.add_row`` with every cell shown as it is: names and values from files are untrusted."""
+    table.add_row(*(_plain(c) for c in cells))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call library code; turn its errors into one line and an exit code."""
+    try:
+        return fn()
+    except QuantkitError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        error_line(e)
+        raise typer.Exit(1) from None
+    except Terminated as e:
+        err.say("terminated:", "yellow", f"signal {e.signum}; nothing was written at the output path")
+        raise typer.Exit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        err.say("interrupted:", "yellow", "nothing was written at the output path")
+        raise typer.Exit(130) from None
+
+
+def error_line(e: BaseException) -> None:
+    """The one line a user sees for an error: newlines folded, length capped, never read as markup."""
+    err.say("error:", "bold red", cap(" ".join(str(e).split("\n"))))
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

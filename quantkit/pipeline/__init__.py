@@ -1,0 +1,2 @@
+"""Pipelines: HF directory or GGUF -> plan -> GGUF / bnb checkpoint (convert, requantise), importance collection and
+sensitivity measurement."""

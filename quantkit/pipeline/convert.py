@@ -1,0 +1,477 @@
+"""``quantkit convert``: a Hugging Face checkpoint -> one GGUF file, streamed.
+
+Reads tensors lazily from memory-mapped shards, transforms and encodes one
+piece at a time (a stacked expert tensor is written expert by expert, large
+matrices in row chunks) and drops the source pages it has read, so the peak
+resident set does not grow with model size.  Output is atomic
+(``quantkit.format.output``).  The same function is the Python API and the CLI's body.
+
+With an importance matrix (``quantkit.policy.imatrix``) every quantised matrix is
+encoded with the weights llama-quantize would give it, expert by expert (rows
+of a stacked expert tensor use their own expert's weights), so the bytes equal
+``llama_model_quantize``'s given the same matrix; the file records it in
+llama-quantize's ``quantize.imatrix.*`` keys.
+
+Not for: argument parsing or terminal output (``quantkit.cli.main``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from quantkit import __version__
+from quantkit.format import ggml, gguf_spec
+from quantkit.hf.checkpoint import DTYPES, open_checkpoint
+from quantkit.converters import for_model_type
+from quantkit.format.encode import SAME, encode, nonfinite
+from quantkit.errors import CheckpointError, OutputError, QuantkitError
+from quantkit.format.gguf_write import MetaValue, StreamingGGUFWriter, alignment_of, file_nbytes
+from quantkit.hf.mapping import OutTensor, Role, group_totals
+from quantkit.format.output import atomic_file, check_free_space, check_target
+from quantkit.policy.plan import Override, Plan, Target, TensorPlan, make_plan
+from quantkit.hf.vocab import load_vocab, vocab_metadata
+
+if TYPE_CHECKING:
+    from quantkit.policy.imatrix import Imatrix
+
+log = logging.getLogger(__name__)
+V = gguf_spec.GGUFValueType
+_LOCAL = threading.local()  # per thread: the reused buffer of the quantised pieces (ggml.Scratch)
+CHUNK_BYTES = 16 * 1024 * 1024  # source bytes encoded per piece: bounds transient copies and resident pages
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: str
+    model_type: str
+    outtype: str
+    n_tensors: int
+    n_params: int
+    nbytes: int
+    seconds: float
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    types: dict[str, dict[str, int]] = field(default_factory=dict)  # GGML type -> tensors, params, bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "model_type": self.model_type,
+            "type": self.outtype,
+            "tensors": self.n_tensors,
+            "params": self.n_params,
+            "bytes": self.nbytes,
+            "bits_per_weight": round(8 * self.nbytes / max(1, self.n_params), 4),
+            "seconds": round(self.seconds, 3),
+            "groups": self.groups,
+            "types": self.types,
+        }
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything known before a byte of tensor data is written."""
+
+    model_type: str
+    hparams: Any  # the converter's hyperparameters (or a GGUF source's shape)
+    tensors: list[OutTensor]
+    plan: Plan
+    metadata: dict[str, MetaValue]
+    imatrix: Imatrix | None = None
+    arch: str = gguf_spec.ARCH_LLAMA  # general.architecture of the output
+
+
+def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Any) -> dict[str, MetaValue]:
+    K = gguf_spec.Keys.General
+    given = config.get("_name_or_path")
+    name = (given if isinstance(given, str) and given else src.resolve().name).rstrip("/").split("/")[-1]
+    name = name.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON escape, odd file name) is not UTF-8
+    expert = sum(t.n_elements for t in tensors if t.role is Role.EXPERTS)
+    total = sum(t.n_elements for t in tensors)
+    md = {
+        K.TYPE: MetaValue("model", V.STRING),
+        K.NAME: MetaValue(name, V.STRING),
+        K.QUANTIZED_BY: MetaValue(f"quantkit {__version__}", V.STRING),
+        K.FILE_TYPE: MetaValue(int(plan.file_type), V.UINT32),
+        K.SIZE_LABEL: MetaValue(gguf_spec.size_label(total, total - expert, expert // max(1, hp.n_expert), hp.n_expert), V.STRING),
+    }
+    md[K.QUANTIZATION_VERSION] = MetaValue(gguf_spec.GGML_QUANT_VERSION, V.UINT32)  # as llama.cpp writes it, always
+    return md
+
+
+def prepare(
+    src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = (), target: Target | None = None,
+    imatrix: Imatrix | None = None, allow_requantize: bool = False,
+):
+    """Validate a checkpoint (and an importance matrix against it) and build its tensor map, type plan and metadata (reads no weights).
+
+    ``src`` is a Hugging Face directory, or a GGUF file to requantise (``quantkit.pipeline.gguf_source``).
+    """
+    src = Path(src)
+    if src.is_file():  # a directory is a checkpoint: the GGUF code is not even imported
+        from quantkit.pipeline import gguf_source
+
+        if gguf_source.is_gguf(src):
+            return _prepare_gguf(src, outtype, overrides, target, imatrix, allow_requantize)
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    try:
+        conv = for_model_type(ckpt.model_type, where=str(src / "config.json"))
+        hp, tensors = conv.map(ckpt)
+        vocab, tcfg = load_vocab(src, hp.n_vocab)
+        other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
+        stand_in = Plan("f32", gguf_spec.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
+        plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}, conv.arch)
+        md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt, Prepared(ckpt.model_type, hp, tensors, plan, md, imatrix, conv.arch)
+
+
+def _plan_and_check(
+    tensors: list[OutTensor], outtype: str, overrides: Sequence[Override], hp: Any, target: Target | None, imatrix: Imatrix | None,
+    where: str, header_md: dict[str, MetaValue], arch: str,
+) -> Plan:
+    """The plan of either kind of source, with its importance-matrix checks."""
+    overhead = 0
+    if target is not None:  # the header's size does not depend on the types
+        overhead = file_nbytes(arch, header_md, ((t.name, t.shape, 0) for t in tensors)) + (alignment_of(header_md) - 1) * len(tensors)
+    if imatrix is not None:
+        from quantkit.policy.imatrix import check_matches
+
+        check_matches(imatrix, {t.name: t.shape for t in tensors}, where)
+    importance = _importance(imatrix, tensors)
+    plan = make_plan(tensors, outtype, overrides, hp, has_imatrix=imatrix is not None, target=target, importance=importance, overhead=overhead)
+    _check_imatrix_coverage(plan, imatrix, where)
+    return plan
+
+
+def _prepare_gguf(
+    src: Path, outtype: str, overrides: Sequence[Override], target: Target | None, imatrix: Imatrix | None, allow_requantize: bool,
+):
+    from quantkit.pipeline import gguf_source
+
+    gs = gguf_source.open_gguf(src)
+    try:
+        K = gguf_spec.Keys.General
+
+        def md_for(plan_ft: int) -> dict[str, MetaValue]:
+            return {
+                **gs.metadata,
+                K.QUANTIZED_BY: MetaValue(f"quantkit {__version__}", V.STRING),
+                K.FILE_TYPE: MetaValue(plan_ft, V.UINT32),
+                K.QUANTIZATION_VERSION: MetaValue(gguf_spec.GGML_QUANT_VERSION, V.UINT32),
+            }
+
+        arch = gs.metadata[K.ARCHITECTURE].value
+        plan = _plan_and_check(gs.tensors, outtype, overrides, gs.hparams, target, imatrix, str(src), md_for(0), arch)
+        gguf_source.check_requantize(gs, {tp.name: tp.qtype for tp in plan.tensors}, allow_requantize)
+        md = {**md_for(int(plan.file_type)), **imatrix_metadata(imatrix)}
+    except BaseException:
+        gs.close()
+        raise
+    return gs, Prepared(gs.model_type, gs.hparams, gs.tensors, plan, md, imatrix, arch)  # type: ignore[arg-type]
+
+
+def _importance(imatrix: Imatrix | None, tensors: list[OutTensor]) -> Callable[[str], tuple[np.ndarray | None, np.ndarray | None]] | None:
+    """quantkit.policy.budget's view of an importance matrix: per tensor (weights (E, cols), each expert's share of tokens)."""
+    if imatrix is None:
+        return None
+    from quantkit.policy.imatrix import expert_weights
+
+    shapes = {t.name: t.shape for t in tensors}
+
+    def importance(name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        w = expert_weights(imatrix, name, shapes[name]) if name in shapes else None
+        e = imatrix.entries.get(name)
+        if w is None or e is None or w.shape[0] < 2 or imatrix.legacy or e.counts.sum() <= 0:
+            return w, None
+        return w, (e.counts / e.counts.sum()).astype(np.float64)
+
+    return importance
+
+
+def _check_imatrix_coverage(plan: Plan, imatrix: Imatrix | None, where: str) -> None:
+    """Refuse, as llama-quantize does, a quantised tensor whose type needs importance weights it will not get."""
+    from quantkit.format import ggml
+    from quantkit.policy.presets import tensor_requires_imatrix
+
+    for tp in plan.tensors:
+        if tp.qtype in (gguf_spec.GGMLQuantizationType.F32, gguf_spec.GGMLQuantizationType.F16, gguf_spec.GGMLQuantizationType.BF16):
+            continue
+        if imatrix is not None and tp.name in imatrix.entries:
+            continue
+        if tensor_requires_imatrix(tp.name, tp.qtype, plan.outtype) or ggml.requires_imatrix(tp.qtype):
+            if imatrix is None:
+                raise QuantkitError(f"{where}: tensor {tp.name!r} gets {tp.qtype.name}, which needs an importance matrix; fix: pass --imatrix FILE or choose another type for it")
+            raise QuantkitError(
+                f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights; "
+                f"fix: collect the imatrix on this model (quantkit imatrix) or choose another type for that tensor"
+            )
+
+
+def imatrix_metadata(imatrix: Imatrix | None) -> dict[str, MetaValue]:
+    """The keys llama-quantize adds when it is given an importance matrix (quantize.cpp)."""
+    if imatrix is None:
+        return {}
+    md = {"quantize.imatrix.file": MetaValue(imatrix.source[:127], V.STRING)}
+    if imatrix.datasets:
+        md["quantize.imatrix.dataset"] = MetaValue(imatrix.datasets[0][:127], V.STRING)
+    md["quantize.imatrix.entries_count"] = MetaValue(len(imatrix.entries), V.UINT32)
+    if imatrix.chunk_count > 0:
+        md["quantize.imatrix.chunks_count"] = MetaValue(imatrix.chunk_count, V.UINT32)
+    return md
+
+
+def _scratch() -> ggml.Scratch:
+    if not hasattr(_LOCAL, "scratch"):
+        _LOCAL.scratch = ggml.Scratch()
+    return _LOCAL.scratch
+
+
+_UNQUANTISED = (gguf_spec.GGMLQuantizationType.F32, gguf_spec.GGMLQuantizationType.F16, gguf_spec.GGMLQuantizationType.BF16)
+
+
+class _FiniteCheck:
+    """Counts NaN / infinite source values of one output tensor, piece by piece, before each piece is encoded.
+
+    Quantising them is refused, as llama-quantize refuses ("quantized data validation failed"):
+    a block's scale becomes NaN and some of llama.cpp's kernels assert on them.  Unquantised
+    types keep the values as they are, with a warning once the tensor is written.
+    """
+
+    def __init__(self, t: OutTensor, qtype: gguf_spec.GGMLQuantizationType):
+        self.t, self.qtype, self.count = t, qtype, 0
+
+    def __call__(self, a: np.ndarray, dtype: str, ref: Any) -> None:
+        n = nonfinite(a, dtype)
+        if not n:
+            return
+        self.count += n
+        if self.qtype not in _UNQUANTISED:
+            raise CheckpointError(
+                f"{ref.shard.path}: tensor {ref.name!r} holds NaN or infinite values (at least {n}), which cannot be quantised to {self.qtype.name} "
+                f"for {self.t.name} (llama-quantize refuses them too); fix: repair or re-download the checkpoint, or convert with --type f16/bf16/f32 to copy them as they are"
+            )
+
+    def report(self) -> None:
+        if self.count:
+            log.warning("%s: %d of %d values are NaN or infinite in the source (%s); they are copied as they are and llama.cpp will compute NaN wherever they are used",
+                        self.t.name, self.count, self.t.n_elements, ", ".join(dict.fromkeys(r.name for r in self.t.sources)))
+
+
+def _rows(
+    a: np.ndarray, dtype: str, qtype: gguf_spec.GGMLQuantizationType, release: Callable[[int, int], None] | None = None,
+    imatrix: np.ndarray | None = None, check: Callable[[np.ndarray], None] | None = None,
+) -> Iterator[Any]:
+    """Encode a matrix in row chunks of about CHUNK_BYTES source bytes (``imatrix``: per-column weights for every row).
+
+    Bounds the transient float copies, and ``release(lo, hi)`` drops each chunk's
+    source pages once its piece has been written.  ``check`` sees each chunk before it is encoded.
+    """
+    if a.ndim == 1:
+        if check:
+            check(a)
+        yield encode(a, dtype, qtype)
+        if release:
+            release(0, a.nbytes)
+        return
+    rows = a.shape[0]
+    row_bytes = a.nbytes // max(1, rows)
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    for r in range(0, rows, step):
+        if check:
+            check(a[r : r + step])
+        piece = encode(a[r : r + step], dtype, qtype, imatrix, _scratch(), wait=False)
+        drop = (lambda lo=r * row_bytes, hi=min(rows, r + step) * row_bytes: release(lo, hi)) if release else None
+        if isinstance(piece, ggml.Pending):  # still quantising (see _in_flight): its pages go when it is done
+            yield piece.then(drop) if drop else piece
+        else:
+            yield piece  # may view the source pages: they go once it has been written
+            if drop:
+                drop()
+
+
+def _check_stored(ref: Any, check: Callable[[np.ndarray], None]) -> None:
+    """Check the stored bytes of a tensor copied file to file, a chunk at a time, dropping each chunk's pages again."""
+    dtype = DTYPES[ref.dtype][0]
+    raw = ref.raw()
+    step = CHUNK_BYTES // dtype.itemsize * dtype.itemsize
+    for lo in range(0, len(raw), step):
+        hi = min(len(raw), lo + step)
+        check(np.frombuffer(raw[lo:hi], dtype=dtype))
+        ref.release(lo, hi)
+    del raw
+
+
+def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | None = None) -> Iterator[Any]:
+    """Bytes of one output tensor, piece by piece, releasing source pages as it goes.
+
+    ``weights``: importance weights (n_expert, cols) for a quantised type; expert
+    ``e``'s rows use ``weights[e]``, whether the experts come one source each or
+    stacked in one 3-D source.  Source values that are NaN or infinite are refused
+    for a quantised type and logged as a warning otherwise (:class:`_FiniteCheck`).
+    """
+    if t.data is not None:
+        yield encode(np.asarray(t.data(), dtype=np.float32), "F32", tp.qtype)
+        return
+
+    def w(e: int) -> np.ndarray | None:
+        return None if weights is None else weights[e]
+
+    finite = _FiniteCheck(t, tp.qtype)
+    for i, ref in enumerate(t.sources):  # several sources: one per expert
+        check = functools.partial(finite, dtype=ref.dtype, ref=ref)
+        if t.transform.identity and getattr(ref, "qtype", SAME.get(ref.dtype)) == tp.qtype:
+            if tp.qtype in _UNQUANTISED:
+                _check_stored(ref, check)
+            yield ref.file_slice()  # stored bytes are the output bytes: copy file to file
+            continue
+        a = ref.array()  # a quantised GGUF source is dequantised to F32, its dtype says "F32"
+        if not t.transform.identity and a.ndim == 3:  # a fused [E, rows, cols] source: the transform per expert
+            for e in range(a.shape[0]):
+                yield from _rows(t.transform.apply(a[e], hp), ref.dtype, tp.qtype, imatrix=w(e), check=check)
+            ref.release()
+        elif not t.transform.identity:  # one matrix (q/k rows permuted: a copy, the source can go)
+            a = t.transform.apply(a, hp)
+            ref.release()
+            yield from _rows(a, ref.dtype, tp.qtype, None, w(i), check)
+        elif a.ndim == 3:  # experts stacked in one source [E, rows, cols]
+            per = a.nbytes // max(1, a.shape[0])
+            for e in range(a.shape[0]):
+                yield from _rows(a[e], ref.dtype, tp.qtype, lambda lo, hi, at=e * per: ref.release(at + lo, at + hi), w(e), check)
+        else:
+            yield from _rows(a, ref.dtype, tp.qtype, ref.release, w(i), check)
+        del a
+    finite.report()
+
+
+def _weights_for(prep: Prepared, t: OutTensor, tp: TensorPlan) -> np.ndarray | None:
+    if prep.imatrix is None or tp.qtype in (gguf_spec.GGMLQuantizationType.F32, gguf_spec.GGMLQuantizationType.F16, gguf_spec.GGMLQuantizationType.BF16):
+        return None  # unquantised types ignore importance weights
+    from quantkit.policy.imatrix import expert_weights
+
+    return expert_weights(prep.imatrix, t.name, t.shape)
+
+
+def _in_flight(pieces: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """``(tensor index, bytes)`` in order, the next piece's quantisation started before this one is handed out.
+
+    While a piece is written (and the next one read and laid out), the pool already
+    quantises the one after: no core waits on the writer between pieces or tensors.
+    Two pieces are alive at a time, which ``Scratch.next_out``'s two buffers allow.
+    On an error or an early close the piece still running is waited for, so that no
+    thread reads a source that is being closed.
+    """
+    cur = nxt = None
+    try:
+        cur = next(pieces, None)
+        while cur is not None:
+            i, p = cur
+            if isinstance(p, ggml.Pending):
+                nxt = next(pieces, None)  # the next piece starts before this one is waited for
+                data, cur = p.result(), None
+                yield i, data
+            else:
+                yield i, p  # a plain piece may view source pages that making the next one releases: written first
+                nxt = next(pieces, None)
+            cur, nxt = nxt, None
+    finally:
+        for item in (cur, nxt):
+            if item is not None and isinstance(item[1], ggml.Pending):
+                with contextlib.suppress(Exception):
+                    item[1].result()
+
+
+def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
+    writer = StreamingGGUFWriter(tmp, prep.arch, prep.metadata)
+    pairs = list(zip(prep.tensors, prep.plan.tensors))
+    stream = _in_flight((i, piece) for i, (t, tp) in enumerate(pairs) for piece in tensor_pieces(t, tp, prep.hparams, _weights_for(prep, t, tp)))
+    head: tuple[int, Any] | None = None
+
+    def pieces_of(i: int) -> Iterator[Any]:
+        nonlocal head
+        while head is not None and head[0] == i:
+            yield head[1]
+            head = next(stream, None)
+
+    try:
+        for tp in prep.plan.tensors:
+            writer.declare(tp.name, tp.shape, tp.qtype)
+        writer.begin()
+        head = next(stream, None)
+        for i, (_, tp) in enumerate(pairs):
+            if on_tensor is not None:
+                on_tensor(tp.name)
+            writer.write_tensor(tp.name, pieces_of(i), on_bytes)
+    except BaseException:
+        stream.close()
+        writer.close()
+        raise
+    writer.finish()
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    outtype: str = "f16",
+    force: bool = False,
+    allow_pickle: bool = False,
+    overrides: Sequence[Override] = (),
+    target: Target | None = None,
+    imatrix: Imatrix | None = None,
+    allow_requantize: bool = False,
+    on_start: Callable[[Plan], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert an HF model directory (or requantise a GGUF file) to a GGUF file at ``out`` (atomically).
+
+    ``imatrix`` weights the quantisation; ``allow_requantize`` lets already-quantised GGUF tensors be quantised again.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_target(out, force, inputs=(src,))
+    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize)
+    with ckpt:
+        plan = prep.plan
+        header_guess = (1 << 20) + sum(len(t.name) + 64 + alignment_of(prep.metadata) for t in plan.tensors)
+        check_free_space(out, plan.nbytes + header_guess)
+        if on_start is not None:
+            on_start(plan)
+        log.info("converting %s (%s) -> %s as %s: %d tensors, %.2f GiB", src, prep.model_type, out, outtype, len(plan.tensors), plan.nbytes / 2**30)
+        try:
+            with atomic_file(out, force=force) as tmp:
+                _write(tmp, prep, on_bytes, on_tensor)
+        except OSError as e:
+            raise OutputError(f"{out}: writing failed ({e.strerror or e}); nothing was left at the path; fix: free disk space or write elsewhere") from e
+    return ConvertResult(
+        output=str(out),
+        model_type=prep.model_type,
+        outtype=plan.outtype,
+        n_tensors=len(plan.tensors),
+        n_params=plan.n_elements,
+        nbytes=out.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        groups=group_totals(plan.tensors),
+        types=type_totals(plan),
+    )
+
+
+def type_totals(plan: Plan) -> dict[str, dict[str, int]]:
+    """Tensors, parameters and bytes per GGML type, largest share first."""
+    out: dict[str, dict[str, int]] = {}
+    for t in plan.tensors:
+        g = out.setdefault(t.qtype.name, {"tensors": 0, "params": 0, "bytes": 0})
+        g["tensors"] += 1
+        g["params"] += t.n_elements
+        g["bytes"] += t.nbytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))

@@ -1,0 +1,328 @@
+"""Per-tensor type plan: which GGML type every output tensor gets, and why.
+
+The single place that decides precision.  Routers (``ffn_gate_inp``), norms,
+other 1-D tensors and generated tensors stay F32 whatever the requested type;
+a tensor whose row length the type's block does not divide falls back the way
+llama.cpp's converter does (to F16), and the plan says so.  ``convert``,
+``inspect``-style reports and ``plan`` all read the same :class:`Plan`.
+
+Not for: encoding bytes (``quantkit.format.encode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import functools
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from quantkit.format import gguf_spec
+from quantkit.policy import presets
+from quantkit.errors import QuantkitError
+from quantkit.policy.presets import ModelShape
+from quantkit.format.gguf_write import type_nbytes
+from quantkit.hf.mapping import OutTensor, Role
+
+log = logging.getLogger(__name__)
+Q = gguf_spec.GGMLQuantizationType
+FT = gguf_spec.LlamaFileType
+
+#: Unquantised --type names -> (type of weight matrices, general.file_type), as llama.cpp's
+#: converter writes them.  Every other --type is a llama-quantize preset (quantkit.policy.presets).
+OUTTYPES: dict[str, tuple[gguf_spec.GGMLQuantizationType, gguf_spec.LlamaFileType]] = {
+    "f32": (Q.F32, FT.ALL_F32),
+    "f16": (Q.F16, FT.MOSTLY_F16),
+    "bf16": (Q.BF16, FT.MOSTLY_BF16),
+}
+KEEP_F32_ROLES = presets.KEEP_F32_ROLES
+NOT_WEIGHT_TYPES = gguf_spec.NOT_WEIGHT_TYPES
+ROUTER_KEY = "ffn_gate_inp"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    role: Role
+    qtype: gguf_spec.GGMLQuantizationType
+    nbytes: int
+    reason: str
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.nbytes / max(1, self.n_elements)
+
+
+@dataclass(frozen=True)
+class Plan:
+    outtype: str
+    file_type: gguf_spec.LlamaFileType
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(t.qtype not in (Q.F32, Q.F16, Q.BF16) for t in self.tensors)
+
+
+def check_outtype(outtype: str) -> str:
+    """The canonical name of a --type: ``f32``/``f16``/``bf16`` or a preset's llama-quantize name (aliases resolved).
+
+    An empty or unknown name is a QuantkitError naming the valid ones (it must never fall back to a default).
+    """
+    key = outtype.lower() if isinstance(outtype, str) else ""
+    if key in OUTTYPES:
+        return key
+    return presets.get_preset(outtype).name
+
+
+def choose(t: OutTensor, want: gguf_spec.GGMLQuantizationType) -> tuple[gguf_spec.GGMLQuantizationType, str]:
+    """The type of one tensor and the reason, for a requested weight type."""
+    why = presets.kept_f32(t)
+    if why is not None:
+        return Q.F32, why
+    qtype, fell = presets.fallback(want, t.shape[-1], t.name)  # llama.cpp's tensor_type_fallback
+    return qtype, f"--type {want.name.lower()}" + (f"; {fell}" if fell else "")
+
+
+def _n_layer(tensors: Sequence[OutTensor]) -> int:
+    return 1 + max((b for t in tensors if (b := gguf_spec.block_of(t.name)) is not None), default=-1)
+
+
+@dataclass(frozen=True)
+class Override:
+    """A user rule: tensors whose GGUF name matches ``pattern`` (regex search) get ``qtype``."""
+
+    pattern: str
+    qtype: gguf_spec.GGMLQuantizationType
+    source: str = "override"
+    layers: tuple[int, int] | None = None  # first, last block (negative: from the end)
+
+    @functools.cached_property
+    def regex(self) -> re.Pattern[str]:
+        """The pattern compiled once (re's own cache holds 512: a long recipe would recompile per tensor x rule)."""
+        return re.compile(self.pattern)
+
+    def matches(self, name: str, n_layer: int) -> bool:
+        if not self.regex.search(name):
+            return False
+        if self.layers is None:
+            return True
+        block = gguf_spec.block_of(name)
+        if block is None:
+            return False
+        first, last = (x + n_layer if x < 0 else x for x in self.layers)
+        return first <= block <= last
+
+    def applies_to(self, t: OutTensor) -> bool:
+        """Whether this matching rule may change ``t``.
+
+        1-D tensors (norms) are never quantised: llama.cpp cannot run them so.  A
+        router changes only for a rule that names it -- a match covering the whole
+        ``ffn_gate_inp`` -- so ``ffn_gate`` or ``attn_|ffn_`` leave it F32.
+        """
+        if len(t.shape) == 1 or t.data is not None:
+            return False
+        if t.role is Role.ROUTER:
+            at = t.name.find(ROUTER_KEY)
+            return at >= 0 and any(m.start() <= at and m.end() >= at + len(ROUTER_KEY) for m in self.regex.finditer(t.name))
+        return True
+
+    @classmethod
+    def parse(cls, pattern: str, type_name: str, source: str = "override") -> Override:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise QuantkitError(f"{source}: pattern {pattern[:80]!r} is not a valid regex ({e}); fix: correct it") from None
+        known = ", ".join(q.name for q in Q if q not in NOT_WEIGHT_TYPES)
+        try:
+            qtype = Q[type_name.upper()]
+        except KeyError:
+            raise QuantkitError(f"{source}: unknown type {type_name[:40]!r} (known: {known}); fix: use one of those") from None
+        if qtype in NOT_WEIGHT_TYPES:
+            raise QuantkitError(f"{source}: {qtype.name} is not a weight type llama.cpp can quantise to or compute with (known: {known}); fix: use one of those")
+        return cls(pattern, qtype, source)
+
+
+def _rule_for(t: OutTensor, overrides: Sequence[Override], n_layer: int) -> Override | None:
+    """The first rule that matches ``t`` and may change it."""
+    return next((o for o in overrides if o.matches(t.name, n_layer) and o.applies_to(t)), None)
+
+
+def _apply_override(t: OutTensor, o: Override) -> tuple[gguf_spec.GGMLQuantizationType, str]:
+    if t.role in KEEP_F32_ROLES:
+        log.warning("%s: %s overrides the F32 rule for %s (%s -> %s); quality may drop", o.source, o.pattern, t.name, t.role.value, o.qtype.name)
+    qtype, fell = presets.fallback(o.qtype, t.shape[-1], t.name)  # as llama.cpp does after a --tensor-type override
+    return qtype, f"{o.source} {o.pattern!r}" + (f"; {fell}" if fell else "")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bit budget: ``bpw`` bits per weight over all tensors, or a file of at most ``size`` bytes."""
+
+    bpw: float | None = None
+    size: int | None = None
+    #: measured cost per tensor (quantkit.pipeline.sensitivity): name -> (probe type, mean KLD with that tensor alone at it)
+    measured: Mapping[str, tuple[gguf_spec.GGMLQuantizationType, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bpw is None) == (self.size is None):
+            raise QuantkitError("give one of --target-bpw and --target-size")
+        if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
+            raise QuantkitError(f"--target-bpw {self.bpw}: expected a value between 1 and 16 bits per weight")
+
+    @property
+    def label(self) -> str:
+        return f"target-bpw {self.bpw:g}" if self.bpw is not None else f"target-size {self.size}B"
+
+    def out_of_reach(self, lo: int, hi: int, n_elements: int, overhead: int) -> QuantkitError:
+        """The error for a budget no plan meets, in the units the user gave."""
+        if self.bpw is not None:
+            a, b, unit, want = 8 * lo / n_elements, 8 * hi / n_elements, " bits per weight", f"--target-bpw {self.bpw:g}"
+            fmt = "{:.3f}"
+        else:
+            a, b, unit, want = lo + overhead, hi + overhead, " bytes", f"--target-size {self.size:,} B"
+            fmt = "{:,}"
+        rng = f"{fmt.format(a)}..{fmt.format(b)}{unit} (every matrix at its cheapest type .. every matrix at Q8_0)"
+        return QuantkitError(f"{want} is out of reach: plans of this model span {rng}; fix: choose a target in that range, or --type f16/bf16 for more")
+
+    def weight(self, t: OutTensor, rel: Mapping[gguf_spec.GGMLQuantizationType, float], n_layer: int) -> float:
+        """Cost of a unit of relative error in ``t``: measured KLD per relative error, else the prior."""
+        from quantkit.policy import budget
+
+        if self.measured is not None and t.name in self.measured:
+            qtype, kld = self.measured[t.name]
+            if rel.get(qtype, 0.0) > 0:
+                return max(kld, 0.0) / rel[qtype]
+        return budget.prior_weight(t, n_layer)
+
+    def tensor_bytes(self, n_elements: int, overhead: int) -> int:
+        """Bytes of tensor data the budget allows (``overhead``: header and alignment of the file)."""
+        if self.bpw is not None:
+            return int(self.bpw * n_elements / 8)
+        assert self.size is not None
+        if self.size <= overhead:
+            raise QuantkitError(f"--target-size {self.size:,} B is smaller than the file's header alone ({overhead:,} B); fix: raise the target")
+        return self.size - overhead
+
+
+def _budget_types(
+    tensors: list[OutTensor], target: Target, pinned: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]],
+    importance: "budget.Importance | None", overhead: int, n_layer: int,
+) -> tuple[dict[str, tuple[gguf_spec.GGMLQuantizationType, str]], gguf_spec.LlamaFileType, str]:
+    """Types chosen by the bit budget for every tensor not pinned (kept F32 or named by a user rule)."""
+    from quantkit.policy import budget
+
+    base: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]] = {}
+    options: dict[str, list[budget.Option]] = {}
+    fixed = 0
+    for t in tensors:
+        if t.name in pinned:
+            base[t.name] = pinned[t.name]
+        elif presets.kept_f32(t) is not None:
+            base[t.name] = choose(t, Q.F32)
+        elif not budget.candidates(t):
+            base[t.name] = (Q.F16, f"row length {t.shape[-1]} fits no quantised block: F16 fallback")
+        else:
+            rel = budget.rel_errors(t, importance)
+            options[t.name] = budget.options(t, rel, target.weight(t, rel, n_layer))
+            continue
+        fixed += type_nbytes(base[t.name][0], t.shape)
+    n_elements = sum(t.n_elements for t in tensors)
+    allowed = target.tensor_bytes(n_elements, overhead)
+    try:
+        chosen = budget.solve(options, allowed, fixed)
+    except budget.OutOfReach as e:
+        raise target.out_of_reach(e.lo, e.hi, n_elements, overhead) from None
+    for name, o in chosen.items():
+        base[name] = (o.qtype, budget.explain(o, options[name], target.label))
+    by_type: dict[gguf_spec.GGMLQuantizationType, int] = {}
+    for o in chosen.values():
+        by_type[o.qtype] = by_type.get(o.qtype, 0) + o.nbytes
+    main = max(by_type, key=by_type.__getitem__) if by_type else Q.F32
+    return base, presets.file_type_of(main), "budget-" + (f"{target.bpw:g}bpw" if target.bpw is not None else f"{target.size}B")
+
+
+def make_plan(
+    tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = (), hparams: ModelShape | None = None, has_imatrix: bool = False,
+    target: Target | None = None, importance: "budget.Importance | None" = None, overhead: int = 0,
+) -> Plan:
+    """Types for every tensor: the first matching override, else the --type rule (or the bit budget).
+
+    ``f32`` / ``f16`` / ``bf16`` keep every matrix in that type; any other name
+    is a llama-quantize preset and picks, tensor for tensor, what llama.cpp picks.
+    With a ``target``, user rules are pinned first and :mod:`quantkit.policy.budget`
+    chooses the rest from measured sensitivity (``importance``: imatrix weights).
+    """
+    key = check_outtype(outtype).lower() if target is None else outtype.lower()
+    _check_layer_ranges(overrides, hparams.n_layer if hparams is not None else _n_layer(tensors))
+    hit_any: set[Override] = set()
+    if target is not None:
+        n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
+        pinned = {}
+        for t in tensors:
+            hit = _rule_for(t, overrides, n_layer)
+            if hit is not None:
+                pinned[t.name] = _apply_override(t, hit)
+                hit_any.add(hit)
+        _warn_unused(overrides, hit_any)
+        base, ftype, name = _budget_types(tensors, target, pinned, importance, overhead, n_layer)
+        overrides = ()  # applied: they are the pinned entries of base
+    elif key in OUTTYPES:
+        want, ftype = OUTTYPES[key]
+        base = {t.name: choose(t, want) for t in tensors}
+        name = key
+    else:
+        if hparams is None:
+            raise ValueError("preset plans need the model's hparams")
+        preset = presets.get_preset(outtype)
+        choices = presets.preset_types(tensors, hparams, preset.name, has_imatrix)
+        presets.check_imatrix(choices, preset.name, has_imatrix)
+        base = {n: (c.qtype, c.reason) for n, c in choices.items()}
+        ftype, name = preset.file_type, preset.name
+    n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
+    plans = []
+    used = set()
+    for t in tensors:
+        hit = _rule_for(t, overrides, n_layer)
+        if hit is not None:
+            used.add(hit)
+            qtype, reason = _apply_override(t, hit)
+        else:
+            qtype, reason = base[t.name]
+        plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
+    _warn_unused(overrides, used)
+    return Plan(name, ftype, tuple(plans))
+
+
+def _check_layer_ranges(overrides: Sequence[Override], n_layer: int) -> None:
+    """A ``layers = [first, last]`` range, negatives counted from the end, must not be empty for this model."""
+    for o in overrides:
+        if o.layers is not None:
+            first, last = (x + n_layer if x < 0 else x for x in o.layers)
+            if first > last:
+                raise QuantkitError(
+                    f"{o.source}: pattern {o.pattern[:80]!r} layers {list(o.layers)} is block {first} to block {last} of this "
+                    f"{n_layer}-block model, an empty range; fix: give layers = [first, last] with first <= last"
+                )
+
+
+def _warn_unused(overrides: Sequence[Override], used: set[Override]) -> None:
+    for o in overrides:
+        if o not in used:
+            log.warning("%s: pattern %r%s matched no tensor", o.source, o.pattern, f" in layers {list(o.layers)}" if o.layers else "")
