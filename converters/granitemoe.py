@@ -39,9 +39,8 @@ transformers' GraniteMoe has no sliding window.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -54,9 +53,6 @@ from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
 from quantkit.format.gguf_write import MetaValue
 from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
-
-if TYPE_CHECKING:
-    from quantkit.hf.checkpoint import Checkpoint
 
 MODEL_TYPE = "granitemoe"
 ARCH = "granitemoe"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GRANITE_MOE]; granitemoeshared writes it too
@@ -173,44 +169,6 @@ def rules(names: list[str]) -> tuple[Rule, ...]:
 BIAS_RULES = tuple(r for r in ATTENTION_RULES if r.gguf.endswith(".bias"))
 
 
-def stored_views(t: OutTensor) -> OutTensor:
-    """A tensor read from one fused source, as plain views of the stored bytes: one [rows, cols] source per expert.
-
-    Granite stores every block's experts as one [E, 2F, H] / [E, H, F] tensor and
-    the shared MLP as one [2S, H] tensor.  In a row-major tensor each expert's
-    matrix, and each half of its rows, is one contiguous byte range, so the rule's
-    FIRST_HALF / SECOND_HALF (or nothing) becomes narrower views of the same stored
-    bytes: experts then take the path of per-expert checkpoints everywhere
-    (conversion, copies file to file, importance matrices, bit budgets), and the
-    2-D halves need nothing from the pipeline.  Other tensors pass unchanged.
-    """
-    halves = (Transform.FIRST_HALF, Transform.SECOND_HALF)
-    if len(t.sources) != 1 or not (t.transform == Transform.NONE or t.transform in halves):
-        return t
-    ref = t.sources[0]
-    if len(ref.shape) == 3:
-        n, (rows, cols), stacked = ref.shape[0], ref.shape[1:], True
-    elif len(ref.shape) == 2 and t.transform in halves:
-        n, (rows, cols), stacked = 1, ref.shape, False
-    else:
-        return t
-    per = ref.nbytes // n  # one expert's matrix
-    keep = per // 2 if t.transform in halves else per
-    skip = keep if t.transform == Transform.SECOND_HALF else 0
-    out_rows = rows // 2 if t.transform in halves else rows
-    parts = tuple(dataclasses.replace(ref, shape=(out_rows, cols), start=ref.start + e * per + skip, stop=ref.start + e * per + skip + keep) for e in range(n))
-    return OutTensor(t.name, (n, out_rows, cols) if stacked else (out_rows, cols), t.role, parts, Transform.NONE)
-
-
-@dataclass(frozen=True)
-class GraniteConverter(Converter):
-    """A converter whose fused tensors become views of their stored bytes (:func:`stored_views`)."""
-
-    def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
-        hp, tensors = super().map(ckpt)
-        return hp, [stored_views(t) for t in tensors]
-
-
 def check(h: GraniteHparams, tensors: list[OutTensor]) -> None:
     have = {t.name for t in tensors if t.name.endswith(".bias")}
     if h.attention_bias:
@@ -240,7 +198,7 @@ def metadata(h: GraniteHparams) -> dict[str, MetaValue]:
 #: softmax over the top-k logits (transformers) = softmax, top-k, renormalised (llama.cpp's granite graph)
 ROUTING = Routing(scoring="softmax", normalize_top_k=True)
 
-CONVERTER = register(GraniteConverter(
+CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check,
     generated=generated_tensors, ignore=IGNORE, hf_architectures=("GraniteMoeForCausalLM",), routing=ROUTING,
 ))

@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from quantkit.converters import register
-from quantkit.converters.granitemoe import ARCH, ATTENTION_RULES, IGNORE, ROUTING, GraniteConverter, GraniteHparams, expert_rules, generated_tensors, metadata
+from quantkit.converters import Converter, register
+from quantkit.converters.granitemoe import ARCH, ATTENTION_RULES, IGNORE, ROUTING, GraniteHparams, expert_rules, generated_tensors, metadata
 from quantkit.converters.granitemoe import check as _check_granite
 from quantkit.converters.granitemoe import hparams as _granite_hparams
 from quantkit.converters.llama import HEAD_RULES, T, _get, _p
@@ -32,7 +32,6 @@ from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
 MODEL_TYPE = "granitemoeshared"
 
 # Role FFN, not EXPERTS: the shared MLP runs on every token (and llama.cpp's size label counts it as shared).
-# The [2S, H] halves become views of the stored rows (quantkit.converters.granitemoe.stored_views).
 SHARED_RULES: tuple[Rule, ...] = (
     _p("model.layers.{bid}.shared_mlp.input_linear.weight", T.FFN_GATE_SHEXP, Role.FFN, lambda h: (2 * h.n_ff_shexp, h.n_embd), Transform.FIRST_HALF),
     _p("model.layers.{bid}.shared_mlp.input_linear.weight", T.FFN_UP_SHEXP, Role.FFN, lambda h: (2 * h.n_ff_shexp, h.n_embd), Transform.SECOND_HALF),
@@ -59,7 +58,7 @@ def check(h: GraniteHparams, tensors: list[OutTensor]) -> None:
     _check_granite(h, tensors)
 
 
-CONVERTER = register(GraniteConverter(
+CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check,
     generated=generated_tensors, ignore=IGNORE, hf_architectures=("GraniteMoeSharedForCausalLM",), routing=ROUTING,
 ))
