@@ -48,7 +48,9 @@ class HfExperts:
     writes and ``quantkit.load_bnb`` rebuilds.
 
     Keys are templates (``{bid}`` = block, ``{xid}`` = expert) of the per-expert layout ``save_pretrained``
-    writes, each expert's gate / up / down projection a ``[rows, cols]`` weight of its own.  In memory
+    writes, each expert's gate / up / down projection a ``[rows, cols]`` weight of its own.  A family whose
+    checkpoints only exist fused (Granite's ``input_linear`` [E, 2F, H]) declares per-expert names under its
+    transformers 5 module path instead: only ``quantkit.load_bnb`` reads them back.  In memory
     transformers 5 fuses a block's experts into one module, ``{block}.experts`` (3-D ``gate_up_proj`` /
     ``down_proj``), beside the router ``{block}.gate``: the loader swaps that module for per-expert 4-bit
     linears.  Everything else (attention, norms, a shared expert and its gate) is stored under its own
@@ -59,7 +61,8 @@ class HfExperts:
     gate: str  # e.g. "model.layers.{bid}.mlp.experts.{xid}.gate_proj.weight"
     up: str
     down: str
-    block: str = "model.layers.{bid}.mlp"  # the transformers 5 module holding ``gate`` and ``experts``
+    block: str = "model.layers.{bid}.mlp"  # the transformers 5 module holding the router and ``experts``
+    router_param: str = "gate.weight"  # the router's parameter inside ``block`` (Granite: ``router.weight``)
 
     @property
     def projections(self) -> tuple[str, str, str]:

@@ -46,7 +46,7 @@ import numpy as np
 
 from quantkit.format import gguf_spec
 from quantkit.hf.checkpoint import shown
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import Converter, HfExperts, Routing, register
 from quantkit.converters.llama import BASE_RULES, HEAD_RULES, IGNORE, T, Hparams, _get, _p, generated_tensors
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
@@ -198,7 +198,20 @@ def metadata(h: GraniteHparams) -> dict[str, MetaValue]:
 #: softmax over the top-k logits (transformers) = softmax, top-k, renormalised (llama.cpp's granite graph)
 ROUTING = Routing(scoring="softmax", normalize_top_k=True)
 
+#: --format bnb: Granite checkpoints only exist fused, so each expert's 4-bit projections are named under
+#: transformers 5's module path (``block_sparse_moe.experts`` beside ``block_sparse_moe.router``); the gate and
+#: up halves of ``input_linear`` become ``gate_proj`` / ``up_proj`` (transformers ``chunk(2)``s gate first)
+HF_EXPERTS = HfExperts(
+    router="model.layers.{bid}.block_sparse_moe.router.weight",
+    gate="model.layers.{bid}.block_sparse_moe.experts.{xid}.gate_proj.weight",
+    up="model.layers.{bid}.block_sparse_moe.experts.{xid}.up_proj.weight",
+    down="model.layers.{bid}.block_sparse_moe.experts.{xid}.down_proj.weight",
+    block="model.layers.{bid}.block_sparse_moe",
+    router_param="router.weight",
+)
+
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check,
     generated=generated_tensors, ignore=IGNORE, hf_architectures=("GraniteMoeForCausalLM",), routing=ROUTING,
+    hf_experts=HF_EXPERTS,
 ))

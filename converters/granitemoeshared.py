@@ -22,7 +22,7 @@ import dataclasses
 from typing import Any
 
 from quantkit.converters import Converter, register
-from quantkit.converters.granitemoe import ARCH, ATTENTION_RULES, IGNORE, ROUTING, GraniteHparams, expert_rules, generated_tensors, metadata
+from quantkit.converters.granitemoe import ARCH, ATTENTION_RULES, HF_EXPERTS, IGNORE, ROUTING, GraniteHparams, expert_rules, generated_tensors, metadata
 from quantkit.converters.granitemoe import check as _check_granite
 from quantkit.converters.granitemoe import hparams as _granite_hparams
 from quantkit.converters.llama import HEAD_RULES, T, _get, _p
@@ -61,4 +61,5 @@ def check(h: GraniteHparams, tensors: list[OutTensor]) -> None:
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check,
     generated=generated_tensors, ignore=IGNORE, hf_architectures=("GraniteMoeSharedForCausalLM",), routing=ROUTING,
+    hf_experts=HF_EXPERTS,  # the shared MLP (input_linear [2S, H], output_linear) is 4-bit under its own module path
 ))

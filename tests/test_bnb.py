@@ -426,8 +426,38 @@ MOE_FAMILIES = {
     # (a router too); the shared expert itself is a 4-bit MLP (96 wide: rows that are no whole number of
     # 64-value blocks, which bitsandbytes' AVX512-BF16 CPU path cannot repack)
     "qwen2_moe": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "mlp.gate.weight", "mlp.shared_expert_gate.weight"),
+    # checkpoints only exist fused (input_linear [E, 2F, H]): experts get per-expert names under transformers 5's
+    # block_sparse_moe.experts, the router is stored under its transformers 5 name (router.layer.weight in IBM's files)
+    "granitemoe": ("block_sparse_moe.router.weight",),
+    # the shared MLP (input_linear [2S, H] gate+up, output_linear) is 4-bit under its own module path
+    "granitemoeshared": ("block_sparse_moe.router.weight",),
 }
 PROJ = ("gate_proj", "up_proj", "down_proj")
+#: the module holding a family's router and experts in transformers 5
+MOE_BLOCK = {"granitemoe": "block_sparse_moe", "granitemoeshared": "block_sparse_moe"}
+#: 4-bit non-expert MLP weights per block (shared experts)
+SHARED_4BIT = {
+    "qwen2_moe": tuple(f"mlp.shared_expert.{w}.weight" for w in PROJ),
+    "granitemoeshared": ("shared_mlp.input_linear.weight", "shared_mlp.output_linear.weight"),
+}
+
+
+def _source(ckpt, key: str) -> np.ndarray:
+    """A weight of the source checkpoint by its export key (float32): Granite's per-expert and router keys
+    are read from the fused ``input_linear`` / ``output_linear`` and ``router.layer`` tensors."""
+    import re
+
+    if key in ckpt.tensors:
+        return to_f32(ckpt.tensors[key].array(), ckpt.tensors[key].dtype)
+    m = re.fullmatch(r"(model\.layers\.\d+\.block_sparse_moe)\.(?:experts\.(\d+)\.(gate_proj|up_proj|down_proj)|router)\.weight", key)
+    assert m is not None, key
+    if m[2] is None:
+        ref = ckpt.tensors[f"{m[1]}.router.layer.weight"]
+        return to_f32(ref.array(), ref.dtype)
+    fused = ckpt.tensors[f"{m[1]}.output_linear.weight" if m[3] == "down_proj" else f"{m[1]}.input_linear.weight"]
+    w = to_f32(fused.array(), fused.dtype)[int(m[2])]
+    half = w.shape[0] // 2
+    return w if m[3] == "down_proj" else w[:half] if m[3] == "gate_proj" else w[half:]
 
 
 def _family_kept(model_type: str, config: dict) -> set[str]:
@@ -442,9 +472,8 @@ def _family_4bit(model_type: str, config: dict, n_expert: int) -> set[str]:
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out |= {f"{p}self_attn.{w}.weight" for w in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        out |= {f"{p}mlp.experts.{e}.{w}.weight" for e in range(n_expert) for w in PROJ}
-        if model_type == "qwen2_moe":
-            out |= {f"{p}mlp.shared_expert.{w}.weight" for w in PROJ}
+        out |= {f"{p}{MOE_BLOCK.get(model_type, 'mlp')}.experts.{e}.{w}.weight" for e in range(n_expert) for w in PROJ}
+        out |= {p + k for k in SHARED_4BIT.get(model_type, ())}
     return out
 
 
@@ -477,7 +506,8 @@ def test_family_every_expert_4bit_with_its_own_blocks_kept_tensors_byte_identica
     with open_checkpoint(src) as s, open_checkpoint(out) as o:
         assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
         for key in sorted(_family_kept(mt, config)):  # routers, norms, biases: the source's bf16 bytes
-            a, b = s.tensors[key], o.tensors[key]
+            b = o.tensors[key]
+            a = s.tensors[key] if key in s.tensors else s.tensors[key.replace(".router.weight", ".router.layer.weight")]
             assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("BF16", a.shape), key
             assert bytes(b.raw()) == bytes(a.raw()), key
         t = o.tensors
@@ -486,9 +516,10 @@ def test_family_every_expert_4bit_with_its_own_blocks_kept_tensors_byte_identica
             assert set(stats) == {"absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"}, key
             assert t[key].dtype == "U8", key
             qs = QuantState.from_dict(stats, device="cpu")
-            assert tuple(qs.shape) == s.tensors[key].shape, key
+            source = _source(s, key)
+            assert tuple(qs.shape) == source.shape, key
             absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-            want = torch.from_numpy(np.abs(to_f32(s.tensors[key].array(), "BF16")).reshape(-1, 64).max(axis=1))
+            want = torch.from_numpy(np.abs(source).reshape(-1, 64).max(axis=1))
             assert torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key  # this expert's blocks, not another's
 
 
@@ -507,7 +538,8 @@ def test_family_skip_modules_select_no_quantised_module(family):
     skip = config["quantization_config"]["llm_int8_skip_modules"]
     assert sorted(skip) == sorted(k.removesuffix(".weight") for k in _family_kept(mt, config) if k.endswith(".weight"))  # modules, not biases
     quantised = [k.removesuffix(".weight") for k in _family_4bit(mt, config, _n_expert(config))]
-    quantised += [f"model.layers.{i}.mlp.experts{s}" for i in range(config["num_hidden_layers"]) for s in ("", ".gate_up_proj", ".down_proj")]
+    moe = MOE_BLOCK.get(mt, "mlp")
+    quantised += [f"model.layers.{i}.{moe}.experts{s}" for i in range(config["num_hidden_layers"]) for s in ("", ".gate_up_proj", ".down_proj")]
     for name in quantised:
         assert should_convert_module(name, skip), name
         assert not any(s in name for s in skip), name
@@ -520,7 +552,7 @@ def _dequantised_model(src: Path, out: Path, dtype: torch.dtype):
     from bitsandbytes.functional import QuantState, dequantize_4bit
     from transformers import AutoModelForCausalLM
 
-    expert = re.compile(r"(?P<block>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight\Z")
+    expert = re.compile(r"(?P<block>model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight\Z")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     replaced = 0
     with open_checkpoint(out) as ckpt, torch.no_grad():
@@ -565,15 +597,15 @@ def test_family_loaded_model_keeps_experts_4bit_and_equals_the_dequantised_model
     model = load_bnb(out)
     expert_weights = {}
     for i, layer in enumerate(model.model.layers):
-        experts = layer.mlp.experts.experts
+        experts = getattr(layer, MOE_BLOCK.get(mt, "mlp")).experts.experts
         assert len(experts) == n_expert
         for e, ex in enumerate(experts):
             for w in PROJ:
                 assert isinstance(ex[w], Linear4bit) and isinstance(ex[w].weight, Params4bit) and ex[w].weight.dtype == torch.uint8, (i, e, w)
                 expert_weights[id(ex[w].weight)] = (i, e, w)
         assert all(isinstance(getattr(layer.self_attn, p), Linear4bit) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if mt == "qwen2_moe":
-            assert all(isinstance(getattr(layer.mlp.shared_expert, p), Linear4bit) for p in PROJ)
+        for key in SHARED_4BIT.get(mt, ()):
+            assert isinstance(layer.get_submodule(key.removesuffix(".weight")), Linear4bit), (i, key)
     float_params = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
     assert float_params == sum(v["n"] for v in _stored(out).values() if not v["bits4"])
     with open_checkpoint(out) as o:
@@ -638,21 +670,6 @@ def test_family_run_from_the_cli(family, tmp_path):
     assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
 
 
-def test_family_without_an_expert_layout_is_refused_in_one_line(tmp_path):
-    """granitemoe declares no transformers expert layout: one line naming the family, nothing written."""
-    from quantkit.errors import QuantkitError
-
-    src = random_model(tmp_path / "granite", "granitemoe")
-    with pytest.raises(QuantkitError) as e:
-        export_bnb(src, tmp_path / "out")
-    msg = str(e.value)
-    assert "'granitemoe'" in msg and "fix:" in msg and "\n" not in msg, msg
-    assert "qwen3_moe" in msg and "olmoe" in msg  # it says what does export
-    assert not (tmp_path / "out").exists()
-    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "--format", "bnb"])
-    assert r.exit_code == 1 and "granitemoe" in r.output
-
-
 def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
     """Each family's HfExperts names the keys its own name table reads from a per-expert checkpoint."""
     from quantkit.policy.bnb import EXPERT_KINDS, ROUTER_KIND
@@ -665,6 +682,10 @@ def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
         if layout is None:
             continue
         table = {r.gguf: r.hf for r in CONVERTERS[mt].rules([])}  # no fused names: the per-expert table
+        if "{xid}" not in table[next(iter(EXPERT_KINDS))]:  # checkpoints only exist fused (Granite): names under transformers 5's modules
+            assert layout.router == f"{layout.block}.{layout.router_param}", mt
+            assert all(getattr(layout, f).startswith(layout.block + ".experts.{xid}.") for f in EXPERT_KINDS.values()), mt
+            continue
         assert table[ROUTER_KIND] == layout.router, mt
         for kind, field in EXPERT_KINDS.items():
             assert table[kind] == getattr(layout, field), (mt, kind)

@@ -712,7 +712,7 @@ def _load_experts(model: nn.Module, stored: StoredWeights, layout: HfExperts) ->
         ]
         moe.experts = experts_cls(experts, fused.act_fn, names)
         router = layout.router.format(bid=bid)
-        _set_parameter(model, f"{block}.gate.weight", stored.tensor(router), stored.where(router))
+        _set_parameter(model, f"{block}.{layout.router_param}", stored.tensor(router), stored.where(router))
 
 
 @contextlib.contextmanager
