@@ -102,3 +102,17 @@ def test_in_flight_order():
     next(stream)
     stream.close()  # a failed write: the piece still running is waited for before the sources close
     assert log == ["make 0", "make 1", "wait 0", "wait 1"]
+
+
+@pytest.mark.parametrize("n", [1, 1000, (1 << 20) + 12345])
+def test_bf16_to_f16_in_one_pass_equals_two_passes(n):
+    """BF16 -> F16 through per-thread float32 blocks (no full-size float32 copy) gives the two-pass bytes,
+    specials included: values beyond F16's range become inf, tiny ones F16 subnormals or zero, NaN stays NaN."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n, dtype=np.float32) * rng.choice([1e-8, 1e-3, 1.0, 1e3, 1e6], n).astype(np.float32)).view(np.uint32)
+    x = (x >> 16).astype(np.uint16)
+    x[: min(n, 4)] = [0x7F80, 0xFF80, 0x7FC1, 0x0001][: min(n, 4)]  # +inf, -inf, NaN, the smallest BF16 subnormal
+    want = ggml.convert(ggml.convert(x, "bf16", "f32"), "f32", "f16")
+    got = ggml.convert_via_f32(x, "bf16", "f16")
+    assert got.dtype == np.float16 and got.shape == x.shape
+    assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()

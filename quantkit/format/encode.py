@@ -81,7 +81,7 @@ def encode(
     if qtype == Q.F32:
         return to_f32(a, dtype)
     if qtype == Q.F16:
-        return ggml.convert(to_f32(a, dtype), "f32", "f16")
+        return ggml.convert_via_f32(a, "bf16", "f16") if dtype == "BF16" else ggml.convert(to_f32(a, dtype), "f32", "f16")
     if qtype == Q.BF16:
         return f32_to_bf16(to_f32(a, dtype))
     x = np.ascontiguousarray(a)  # BF16/F16 rows are widened block by block inside the quantising threads

@@ -331,6 +331,42 @@ def convert(x: np.ndarray, src: str, dst: str) -> np.ndarray:
     return out
 
 
+_CHAIN_BLOCK = 1 << 15  # elements per step of a two-step conversion: 128 KiB of float32 between the steps, in L2
+
+
+def convert_via_f32(x: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """``src`` -> float32 -> ``dst`` (e.g. BF16 -> F16) in one pass: each thread widens a small block into its own
+    float32 buffer and narrows it at once, so no full-size float32 copy is written and read back.
+
+    Equal to ``convert(convert(x, src, "f32"), "f32", dst)`` element for element (the same kernels).
+    """
+    wname, in_dtype, _ = _CONVERT[(src, "f32")]
+    nname, _, out_dtype = _CONVERT[("f32", dst)]
+    x = np.ascontiguousarray(x)
+    if x.dtype != in_dtype:
+        raise TypeError(f"{wname} expects {np.dtype(in_dtype)}, got {x.dtype}")
+    out = np.empty(x.shape, dtype=out_dtype)
+    widen, narrow = getattr(cpu_lib(), wname), getattr(cpu_lib(), nname)
+    n = x.size
+    src_p, dst_p = x.ctypes.data, out.ctypes.data
+    isz, osz = x.itemsize, out.itemsize
+
+    def run(first: int) -> None:
+        last = min(first + _SPLIT, n)
+        buf = _block_buffer(_CHAIN_BLOCK)
+        tmp = buf.ctypes.data
+        for a in range(first, last, _CHAIN_BLOCK):
+            k = min(_CHAIN_BLOCK, last - a)
+            widen(src_p + a * isz, tmp, k)
+            narrow(tmp, dst_p + a * osz, k)
+
+    if n <= _SPLIT:
+        run(0)
+    else:
+        list(pool().map(run, range(0, n, _SPLIT)))
+    return out
+
+
 _WIDEN = {np.dtype(np.uint16): "ggml_cpu_bf16_to_fp32", np.dtype(np.float16): "ggml_cpu_fp16_to_fp32"}
 BLOCK_ELEMS = 1 << 16  # elements per quantising step: 256 KiB of float32, stays in a core's L2
 MIN_BLOCK_ELEMS = 16384  # smaller matrices still use every core, in blocks no smaller than llama-quantize's chunks
