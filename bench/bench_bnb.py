@@ -14,10 +14,10 @@ Wall time includes an fsync of every output file.  The source is read once
 before timing (warm page cache); variants alternate order across repeats and
 the median is reported.  Afterwards the share of parameters each output
 stores 4-bit (a weight with a ``quant_state`` entry) is counted from the
-written files, overall and over the expert weights.  Results are appended to
-``bench/RESULTS_bnb.md``.
+written files, overall and over the expert weights.  The run's table replaces
+the current one in ``bench/RESULTS_bnb.md`` (history lives in git).
 
-Usage: python bench/bench_bnb.py [--layers N] [--repeats N] [--keep] [--json]
+Usage: python bench/bench_bnb.py [--layers N] [--repeats N] [--keep] [--json] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench_convert import BENCH, TIME, machine_info, make_checkpoint
+from bench_convert import BENCH, TIME, load_line, machine_info, make_checkpoint, record
 
 RESULTS = BENCH / "RESULTS_bnb.md"
 HF_SCRIPT = """
@@ -98,7 +98,8 @@ def render(info: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
              f"- versions: {info['versions']}",
              f"- model: synthetic Mixtral, {info['layers']} layers x 8 experts, {info['shards']} bf16 shards, {info['model_bytes']} bytes "
              f"({info['model_params']:,} parameters); median of {info['repeats']} run(s), warm cache, wall time includes fsync of the output",
-             "- both: nf4, double quantisation, bf16 compute dtype; 4-bit share counted from the written files (weights with a quant_state)", "",
+             "- both: nf4, double quantisation, bf16 compute dtype; 4-bit share counted from the written files (weights with a quant_state)",
+             info["load"], "",
              "| variant | median wall s | runs s | peak RSS MiB | output MiB | params 4-bit | expert params 4-bit |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per variant (median reported)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs in bench/work/out")
     ap.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
+    ap.add_argument("--note", help="recorded on the table's load line, e.g. what else ran or what changed since the last table")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS_bnb.md")
     args = ap.parse_args()
 
     src = make_checkpoint(args.layers)
@@ -127,6 +130,7 @@ def main() -> None:
         "transformers": [sys.executable, "-c", HF_SCRIPT, str(src), "{out}"],
     }
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # warm-up read
+    load_before = os.getloadavg()[0]
     runs: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     counts: dict[str, dict[str, float]] = {}
     for r in range(args.repeats):
@@ -143,10 +147,10 @@ def main() -> None:
     info = machine_info()
     info["versions"] += ", " + ", ".join(f"{p} {metadata.version(p)}" for p in ("bitsandbytes", "accelerate"))
     info.update(layers=args.layers, shards=len(shards), model_bytes=sum(p.stat().st_size for p in shards),
-                model_params=int(counts["quantkit"]["params"]), repeats=args.repeats)
+                model_params=int(counts["quantkit"]["params"]), repeats=args.repeats, load=load_line(load_before, os.getloadavg()[0], args.note))
     text = render(info, rows)
-    with open(RESULTS, "a") as f:
-        f.write(("" if RESULTS.exists() and RESULTS.stat().st_size else "# bitsandbytes 4-bit export benchmark results\n") + "\n" + text)
+    if not args.no_record:
+        record(RESULTS, "bitsandbytes 4-bit export benchmark", "current", text)
     print(json.dumps({"info": info, "variants": rows}, indent=2) if args.json else text)
 
 

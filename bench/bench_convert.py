@@ -13,10 +13,11 @@ llama-cpp-python sdist, then times each variant in its own subprocess:
 Wall time includes an fsync of the output (quantkit fsyncs itself; the others
 do not); peak RSS is the child's maximum resident set from GNU /usr/bin/time.  The source is read
 once before timing so every variant starts from a warm page cache; variants
-alternate order across repeats and the median is reported.  Results are
-appended to ``bench/RESULTS.md``.
+alternate order across repeats and the median is reported.  The run's tables
+replace the current ones in ``bench/RESULTS_convert_<family>.md`` (history lives
+in git; ``record`` below is how every benchmark here writes its results file).
 
-Usage: python bench/bench_convert.py [--layers N] [--repeats N] [--keep] [--json]
+Usage: python bench/bench_convert.py [--family mixtral|qwen3_moe] [--layers N] [--repeats N] [--keep] [--json] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -257,13 +261,80 @@ def machine_info() -> dict[str, str]:
             "kernel": platform.release(), "versions": ", ".join(f"{k} {v}" for k, v in vers.items())}
 
 
+def load_line(before: float, after: float, note: str | None) -> str:
+    """The results' load note: the 1-minute load average around the runs (the machine is shared), and what the person running it adds."""
+    return f"- load: 1-minute load average {before:.2f} before the runs, {after:.2f} after" + (f"; {note}" if note else "")
+
+
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+
+
+_MARKER = re.compile(r"^<!-- (/?)bench:([\w.-]+) -->[ \t]*$", re.M)  # a marker is a line of its own
+
+
+def _blocks(text: str, path: Path) -> list[tuple[str, int, int]]:
+    """(key, start, end) of every marked block of a results file, in file order; end is just past the end marker."""
+    out: list[tuple[str, int, int]] = []
+    open_key, start = None, 0
+    for m in _MARKER.finditer(text):
+        closing, key = m.group(1) == "/", m.group(2)
+        if not closing and open_key is None and all(k != key for k, _, _ in out):
+            open_key, start = key, m.start()
+        elif closing and key == open_key:
+            out.append((key, start, m.end()))
+            open_key = None
+        else:
+            raise SystemExit(f"{path}: marker {m.group(0).strip()!r} at offset {m.start()} is out of place (blocks must not nest, "
+                             "repeat or lack their end); fix: repair the markers by hand and run again")
+    if open_key is not None:
+        raise SystemExit(f"{path}: {_markers(open_key)[0]} has no {_markers(open_key)[1]}; fix: restore the end marker and run again")
+    return out
+
+
+def record(path: Path, title: str, key: str, body: str, order: Sequence[str] = ()) -> None:
+    """Put ``body`` (the tables of a benchmark's latest run) into its block of the results file ``path``.
+
+    A results file holds the current table of each of its benchmarks, each between
+    ``<!-- bench:KEY -->`` and ``<!-- /bench:KEY -->``; a run replaces its own block and
+    leaves the rest of the file (other blocks, hand-written findings) as it is.  History
+    lives in git.  A block not yet in the file goes after the last block whose key starts
+    with the same or an earlier prefix of ``order`` (else before the first block, else at
+    the end); a missing file starts with ``# title``.  Written to a temporary file and renamed.
+    """
+    begin, end = _markers(key)
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else f"# {title}\n"
+    blocks = _blocks(text, path)
+    rank = lambda k: next((n for n, p in enumerate(order) if k.startswith(p)), len(order))  # noqa: E731
+    same = [(s, e) for k, s, e in blocks if k == key]
+    if same:
+        s, e = same[0]
+        text = text[:s] + block + text[e:]
+    elif earlier := [e for k, _, e in blocks if rank(k) <= rank(key)]:
+        text = text[:earlier[-1]] + "\n\n" + block + text[earlier[-1]:]
+    elif blocks:
+        text = text[:blocks[0][1]] + block + "\n\n" + text[blocks[0][1]:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def render(info: dict[str, Any], rows: dict[str, dict[str, float]], checks: dict[str, Any]) -> str:
     lines = [f"## Converter benchmark ({info['family']}), {info['date']}", "",
              f"- machine: {info['nproc']} cores, {info['cpu']}, {info['ram']} RAM, kernel {info['kernel']}",
              f"- versions: {info['versions']}",
              f"- model: synthetic {info['family']}, {info['layers']} layers, {info['shards']} bf16 shards, "
              f"{info['model_bytes']} bytes; median of {info['repeats']} runs (alternating order, warm cache, "
-             "wall time includes fsync of the output)", "",
+             "wall time includes fsync of the output)", info["load"], "",
              "| variant | median wall s | runs s | peak RSS MiB |", "|---|---:|---|---:|"]
     for name, r in rows.items():
         runs = ", ".join(f"{t:.1f}" for t in r["runs"])
@@ -284,6 +355,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (median reported)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF outputs of the last repeat in bench/work/out")
     ap.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
+    ap.add_argument("--note", help="recorded on the table's load line, e.g. what else ran or what changed since the last table")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS_convert_<family>.md")
     args = ap.parse_args()
     if args.layers is None:
         args.layers = {"mixtral": 5, "qwen3_moe": 4}[args.family]
@@ -306,6 +379,7 @@ def main() -> None:
     }
     keep = {"qk-bf16", "llama-bf16"}  # compared after the timings
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # warm-up read
+    load_before = os.getloadavg()[0]
     runs: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
@@ -332,15 +406,12 @@ def main() -> None:
     for t in ("bf16", "f16"):
         checks[f"qk-{t} RSS / llama-{t} RSS"] = check(rows[f"qk-{t}"]["rss"] / rows[f"llama-{t}"]["rss"], "<=", TARGETS["rss"])
     checks["bf16 output identical"] = {"diff": diff, "result": "FAIL" if diff else "PASS"}
-    info = {**machine_info(), "family": args.family, "layers": args.layers, "shards": len(shards), "model_bytes": model_bytes, "repeats": args.repeats}
+    info = {**machine_info(), "family": args.family, "layers": args.layers, "shards": len(shards), "model_bytes": model_bytes,
+            "repeats": args.repeats, "load": load_line(load_before, os.getloadavg()[0], args.note)}
 
     text = render(info, rows, checks)
-    if args.family == "mixtral":  # the long-standing results file (its history)
-        results = BENCH / "RESULTS.md"
-        with open(results, "a") as f:
-            f.write(("" if results.exists() and results.stat().st_size else "# Converter benchmark results\n") + "\n" + text)
-    else:  # one file per family holding the current table (history lives in git)
-        (BENCH / f"RESULTS_convert_{args.family}.md").write_text(f"# Converter benchmark: {args.family}\n\n" + text)
+    if not args.no_record:
+        record(BENCH / f"RESULTS_convert_{args.family}.md", f"Converter benchmark: {args.family}", "current", text)
     print(json.dumps({"info": info, "variants": rows, "checks": checks}, indent=2) if args.json else text)
 
 

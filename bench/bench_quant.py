@@ -9,7 +9,7 @@ Three parts, each selected by a flag (none given: all three):
                 synthetic >= 2 GB bf16 Mixtral of ``bench_convert.py``.
                 llama.cpp reads the model's BF16 GGUF (made by ``quantkit convert
                 --type bf16``, bit-identical to llama.cpp's converter, see
-                RESULTS.md); quantkit is timed from the HF directory (one pass)
+                RESULTS_convert_mixtral.md); quantkit is timed from the HF directory (one pass)
                 and, where ``quantkit.pipeline.convert.convert`` accepts a ``.gguf``
                 source, from the same BF16 GGUF.  Both outputs are compared
                 tensor by tensor (type, shape, bytes).
@@ -33,10 +33,13 @@ order across repeats and the median is reported.  The machine is shared: the
 1-minute load average before each run is recorded, and CPU seconds (which
 other processes do not inflate much) are reported beside wall time.
 
-Results are appended to ``bench/RESULTS_quant.md``; raw numbers go to
-``bench/work/quant/<part>.json``.
+``bench/RESULTS_quant.md`` holds the current table of every part and source:
+a run replaces the blocks it measured (``<!-- bench:speed-fixture -->``,
+``speed-synthetic-L5``, ``two-step``, ``quality-fixture``, ``quality-<model>``)
+and keeps the others and the hand-written summary (history lives in git); raw
+numbers go to ``bench/work/quant/<part>.json``.
 
-Usage: python bench/bench_quant.py [--speed] [--two-step] [--quality] [--repeats N] [--layers N]
+Usage: python bench/bench_quant.py [--speed] [--two-step] [--quality] [--repeats N] [--layers N] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench_convert import BENCH, ROOT, TIME, compare_gguf, compile_bytecode, get_llama_converter, machine_info, make_checkpoint
+from bench_convert import BENCH, ROOT, TIME, compare_gguf, compile_bytecode, get_llama_converter, machine_info, make_checkpoint, record
 
 WORK = BENCH / "work" / "quant"
 RESULTS = BENCH / "RESULTS_quant.md"
+BLOCK_ORDER = ("speed-", "two-step", "quality-")  # the results file's blocks, in the order of the parts
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-mixtral"
 PRESET = "Q4_K_M"
 TARGETS = {"speed": 0.95, "two_step": 1.4}  # llama time / quantkit time at least this
@@ -222,31 +226,33 @@ def part_speed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def render_speed(info: dict[str, Any], res: dict[str, Any]) -> str:
-    lines = [f"## 1. Q4_K_M speed: quantkit vs llama_model_quantize, {info['date']}", "", *machine_lines(info),
-             f"- threads: llama.cpp `params.nthread = os.cpu_count()` = {res['threads']}; quantkit's kernel pool = os.cpu_count() = {res['threads']}",
-             f"- median of {res['repeats']} runs per variant, alternating order; "
-             "wall includes child start-up, imports and an fsync of the output; `work s` is the child's time after its imports; "
-             "the sources are re-read (`cat`) before every run, `source cached` is the lowest page-cache residency (fincore) seen just before a run", ""]
+def render_speed(info: dict[str, Any], res: dict[str, Any]) -> dict[str, str]:
+    """One block per source (``speed-<label>``), each with its own header: ``--only`` re-measures one source."""
+    head = [f"## 1. Q4_K_M speed: quantkit vs llama_model_quantize, {info['date']}", "", *machine_lines(info),
+            f"- threads: llama.cpp `params.nthread = os.cpu_count()` = {res['threads']}; quantkit's kernel pool = os.cpu_count() = {res['threads']}",
+            f"- median of {res['repeats']} runs per variant, alternating order; "
+            "wall includes child start-up, imports and an fsync of the output; `work s` is the child's time after its imports; "
+            "the sources are re-read (`cat`) before every run, `source cached` is the lowest page-cache residency (fincore) seen just before a run", ""]
+    blocks = {}
     for label, s in res["sources"].items():
-        lines += [f"### {label} ({s['bytes'] / 1e9:.3f} GB of bf16 safetensors; llama.cpp input {s['bf16_gguf']})", "",
-                  "| variant | median wall s | runs s | median work s | median CPU s | peak RSS MiB | other jobs' cores during runs | source cached | output B | mode |",
-                  "|---|---:|---|---:|---:|---:|---|---:|---:|---|"]
+        lines = [*head, f"### {label} ({s['bytes'] / 1e9:.3f} GB of bf16 safetensors; llama.cpp input {s['bf16_gguf']})", "",
+                 "| variant | median wall s | runs s | median work s | median CPU s | peak RSS MiB | other jobs' cores during runs | source cached | output B | mode |",
+                 "|---|---:|---|---:|---:|---:|---|---:|---:|---|"]
         for k, r in s["rows"].items():
             name = {"qk-hf": "quantkit HF dir -> Q4_K_M", "qk-gguf": "quantkit BF16 GGUF -> Q4_K_M", "llama": "llama_model_quantize BF16 GGUF -> Q4_K_M"}[k]
             lines.append(f"| {name} | {r['wall']:.2f} | {', '.join(map(str, r['runs']))} | {r['work']:.2f} | {r['cpu']:.1f} | {r['rss']:.0f} | "
                          f"{', '.join(map(str, r['others']))} | {r['cached']:.0%} | {r['bytes']:,} | {r['mode']} |")
         if s["gguf_input"] != "supported":
             lines.append(f"| quantkit BF16 GGUF -> Q4_K_M | not available: `{s['gguf_input']}` | | | | | | | | |")
-        lines += ["", f"| check | value | target | result |", "|---|---:|---:|---|"]
+        lines += ["", "| check | value | target | result |", "|---|---:|---:|---|"]
         for k, c in s["checks"].items():
             ok = c["wall_ratio"] >= TARGETS["speed"]
             lines.append(f"| llama wall / {k} wall | {c['wall_ratio']:.3f} | >= {TARGETS['speed']} | {'PASS' if ok else 'FAIL'} |")
             lines.append(f"| llama work / {k} work (info: after imports) | {c['work_ratio']:.3f} | | |")
             lines.append(f"| llama CPU / {k} CPU (info) | {c['cpu_ratio']:.3f} | | |")
             lines.append(f"| {k} vs llama: tensor types and bytes | {'; '.join(c['diff'][:3]) or 'all tensors identical'} | identical | {'FAIL' if c['diff'] else 'PASS'} |")
-        lines.append("")
-    return "\n".join(lines)
+        blocks[f"speed-{label}"] = "\n".join(lines) + "\n"
+    return blocks
 
 
 # --------------------------------------------------------------------------- part 2: one pass vs two steps
@@ -284,7 +290,7 @@ def part_two_step(args: argparse.Namespace) -> dict[str, Any]:
             "ratio": rows["two-step"]["wall"] / rows["quantkit"]["wall"], "cpu_ratio": rows["two-step"]["cpu"] / rows["quantkit"]["cpu"], "diff": diff}
 
 
-def render_two_step(info: dict[str, Any], res: dict[str, Any]) -> str:
+def render_two_step(info: dict[str, Any], res: dict[str, Any]) -> dict[str, str]:
     r, two = res["rows"], res["rows"]["two-step"]
     ok = res["ratio"] >= TARGETS["two_step"]
     same = not res["diff"]
@@ -299,8 +305,8 @@ def render_two_step(info: dict[str, Any], res: dict[str, Any]) -> str:
              "| check | value | target | result |", "|---|---:|---:|---|",
              f"| two-step wall / quantkit wall | {res['ratio']:.3f} | >= {TARGETS['two_step']} | {'PASS' if ok else 'FAIL'} |",
              f"| two-step CPU / quantkit CPU (info) | {res['cpu_ratio']:.3f} | | |",
-             f"| outputs identical (info: the two-step path rounds bf16 -> f16 first) | {diff_text} | | {'same' if same else 'differ'} |", ""]
-    return "\n".join(lines)
+             f"| outputs identical (info: the two-step path rounds bf16 -> f16 first) | {diff_text} | | {'same' if same else 'differ'} |"]
+    return {"two-step": "\n".join(lines) + "\n"}
 
 
 # --------------------------------------------------------------------------- part 3: quality at equal size
@@ -396,7 +402,7 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
             "train_files": len(corpus.train_files)}
 
 
-def render_quality(info: dict[str, Any], res: dict[str, Any]) -> str:
+def render_quality(info: dict[str, Any], res: dict[str, Any]) -> dict[str, str]:
     im, cal = res["imatrix"], res["calib"]
     lines = [f"## 3. Quality at equal size ({res.get('model', 'fixture')}, mean KLD vs its BF16 GGUF), {info['date']}", "", *machine_lines(info),
              f"- eval text: held-out plays {', '.join(res['heldout'])} ({res['n_tokens']:,} tokens), ctx {res['ctx']}, all {res['n_chunks']} chunks "
@@ -416,7 +422,7 @@ def render_quality(info: dict[str, Any], res: dict[str, Any]) -> str:
         mark = "★" if r["wins"] else "≈" if r["tie"] else ""
         lines.append(f"| {r['level']} | {r['group']} | {r['label']} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld']:.5f} ± {r['kld_err']:.5f} | "
                      f"{r['kld_p99']:.4f} | {100 * r['same_top']:.2f}% | {r['ppl_ratio']:.4f} | {mark} | {'P' if r['pareto'] else ''} |")
-    return "\n".join(lines) + "\n"
+    return {f"quality-{res.get('model', 'fixture')}": "\n".join(lines) + "\n"}
 
 
 # --------------------------------------------------------------------------- main
@@ -432,7 +438,8 @@ def source_state() -> str:
 def machine_lines(info: dict[str, Any]) -> list[str]:
     return [f"- machine: {info['nproc']} cores, {info['cpu']}, {info['ram']} RAM, kernel {info['kernel']} (shared with other engineers' jobs: "
             "'other jobs' cores' = CPU seconds the rest of the machine used during a run / its wall time, from /proc/stat)",
-            f"- versions: {info['versions']}; quantkit at {info.get('commit', '?')}"]
+            f"- versions: {info['versions']}; quantkit at {info.get('commit', '?')}",
+            *([f"- load: {info['note']}"] if info.get("note") else [])]
 
 
 def main() -> None:
@@ -445,23 +452,23 @@ def main() -> None:
                     "e.g. by tests/fixtures/train_fixture.py --experts 16 --top-k 4 --ffn 128 --out bench/work/moe16-top4)")
     ap.add_argument("--only", choices=("fixture", "synthetic"), help="--speed: time one source only")
     ap.add_argument("--layers", type=int, default=5, help="decoder layers of the synthetic model (5 -> ~2.4 GB)")
-    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS_quant.md")
+    ap.add_argument("--note", help="recorded with the tables, e.g. what else ran or what changed since the last table")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS_quant.md")
     args = ap.parse_args()
     compile_bytecode()
     parts = [p for p in ("speed", "two_step", "quality") if getattr(args, p)] or ["speed", "two_step", "quality"]
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
-    info = {**machine_info(), "commit": source_state()}
+    info = {**machine_info(), "commit": source_state(), "note": args.note}
     run = {"speed": (part_speed, render_speed), "two_step": (part_two_step, render_two_step), "quality": (part_quality, render_quality)}
     for part in parts:
         measure, render = run[part]
         res = measure(args)
         stem = part if res.get("model", "fixture") == "fixture" else f"{part}-{res['model']}"
         (WORK / f"{stem}.json").write_text(json.dumps({"info": info, **res}, indent=1, default=str))
-        text = render(info, res)
-        print(text)
-        if not args.no_record:
-            with open(RESULTS, "a") as f:
-                f.write(("" if RESULTS.exists() and RESULTS.stat().st_size else "# Quantisation benchmark results\n") + "\n" + text)
+        for key, text in render(info, res).items():
+            print(text)
+            if not args.no_record:  # replaces this part's block for this source, keeps the rest of the file
+                record(RESULTS, "Quantisation benchmark results", key, text, BLOCK_ORDER)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def test_hot_paths_do_not_import_heavy_modules() -> None:
     """`quantkit convert` and `quantkit eval ppl` start fast: no gguf-py, pydantic, torch or transformers on their path.
 
     Not a timing test: a module list.  Each import is a measured share of a short command
-    (bench/RESULTS.md): gguf-py ~80 ms, pydantic (typer >= 0.29's coercion) ~130 ms, torch seconds.
+    (bench/RESULTS_eval.md): gguf-py ~80 ms, pydantic (typer >= 0.29's coercion) ~130 ms, torch seconds.
     """
     import subprocess
     import sys
