@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -40,6 +41,17 @@ class Routing:
     #: each routed expert is ``down(silu(gate x) * up x)`` over stacked ``ffn_{gate,up,down}_exps`` without biases:
     #: what ``quantkit imatrix --all-experts`` recomputes for every expert
     silu_gated_experts: bool = True
+    #: experts are chosen by score + a learned per-expert bias (``e_score_correction_bias`` -> ``exp_probs_b``);
+    #: the chosen experts' weights use the unbiased scores (DeepSeek V3)
+    score_bias: bool = False
+    #: the top-k may be limited to the best ``expert_group_used_count`` of ``expert_group_count`` groups of experts
+    #: (each group scored by the sum of its two best biased scores); the GGUF keys hold a checkpoint's values
+    group_limited: bool = False
+    #: the chosen weights are multiplied by ``expert_weights_scale`` (``routed_scaling_factor``), after any renormalisation
+    weights_scaled: bool = False
+    #: the fields above that a checkpoint's config.json decides (its GGUF keys ``expert_weights_norm``,
+    #: ``expert_group_count`` ... hold its own values); the declared value is what the family's published models use
+    per_checkpoint: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,10 @@ def _no_tensors(h: Any) -> list[OutTensor]:
     return []
 
 
+def _nothing_dropped(h: Any) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Converter:
     """One architecture: everything the pipeline needs to know about it, declared by its module."""
@@ -103,13 +119,18 @@ class Converter:
     routing: Routing | None = None  # None: a dense model
     hf_experts: HfExperts | None = None  # a MoE family's transformers expert layout (--format bnb); None: not declared
     notes: tuple[str, ...] = field(default=())  # what differs from transformers, said in docs and plan
+    #: regexes of source tensors dropped on purpose for these hyperparameters (multi-token-prediction blocks past
+    #: num_hidden_layers); ``ignore`` is the same for every checkpoint
+    dropped: Callable[[Any], tuple[str, ...]] = _nothing_dropped
 
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
         """Hyperparameters and the checked tensor map of a checkpoint (no weights are read)."""
         hp = self.hparams(ckpt.config)
-        rules = self.rules(list(ckpt.tensors))
+        drop = [re.compile(p) for p in self.dropped(hp)]
+        source = {n: ref for n, ref in ckpt.tensors.items() if not any(p.search(n) for p in drop)} if drop else ckpt.tensors
+        rules = self.rules(list(source))
         n_experts = hp.n_expert if any(r.stacked or r.role is Role.EXPERTS for r in rules) else 0
-        tensors = map_tensors(ckpt.tensors, rules, hp, hp.n_layer, n_experts, self.ignore, where=str(ckpt.root))
+        tensors = map_tensors(source, rules, hp, hp.n_layer, n_experts, self.ignore, where=str(ckpt.root))
         tensors += self.generated(hp)
         self.check(hp, tensors)
         return hp, tensors

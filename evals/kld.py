@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.evals.perplexity import Background, cache_root, iter_chunks, llama_cpp_version, plan_chunks, sha256_file, sha256_text
+from quantkit.evals.perplexity import Background, cache_root, iter_chunks, llama_cpp_version, model_sha256, plan_chunks, sha256_file, sha256_text
 from quantkit.engine.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
 from quantkit.evals.routing import RoutingStats
 from quantkit.engine.session import EvalSession
@@ -167,9 +167,9 @@ def _evaluate_base(session: Any, tokens: list[int], n: int, n_ctx: int, tmp: Pat
 
 
 def model_identity(path: Path) -> str:
-    """SHA-256 of a GGUF file, or of an HF directory's config and weight files."""
+    """SHA-256 of a GGUF model (all parts of a split set), or of an HF directory's config and weight files."""
     if not path.is_dir():
-        return sha256_file(path)
+        return model_sha256(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".model")):
         h.update(f.name.encode() + bytes.fromhex(sha256_file(f)))

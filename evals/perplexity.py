@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22, cache: bool = True) -> s
         except OSError:
             pass
     return digest
+
+
+_FIRST_PART = re.compile(r"-00001-of-(\d{5})\.gguf\Z")
+
+
+def model_sha256(path: str | Path) -> str:
+    """SHA-256 of a GGUF model: of its file, or for a split set (named by its first part, ``NAME-00001-of-0000K.gguf``)
+    of its parts' digests in order, so that a change in any part is a different model."""
+    path = Path(path)
+    m = _FIRST_PART.search(path.name)
+    if m is None or int(m.group(1)) < 2:
+        return sha256_file(path)
+    n, stem = int(m.group(1)), path.name[: m.start()]
+    h = hashlib.sha256()
+    for i in range(1, n + 1):
+        h.update(bytes.fromhex(sha256_file(path.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf"))))
+    return h.hexdigest()
 
 
 class Background:
@@ -187,7 +205,8 @@ def iter_chunks(session: Any, tokens: list[int], n_chunks: int, nll_only: bool =
         idx = range(start, start + len(group))
         targets = [np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx], dtype=np.int64) for i in idx]
         scored = [logits[first - skip : n_ctx - 1 - skip] for logits in all_logits]
-        router = {k: v[first : n_ctx - 1] for k, v in session.router.items()} if len(group) == 1 else {}
+        # keyed by MoE block in order (0, 1, ...), as transformers' router_logits count them: leading dense blocks have no router
+        router = {i: v[first : n_ctx - 1] for i, (_, v) in enumerate(sorted(session.router.items()))} if len(group) == 1 else {}
         if nll_only:  # numpy releases the GIL in exp and sums: the chunks of a batch in parallel
             nlls = list(ggml.pool().map(target_nll, scored, targets)) if len(group) > 1 else [target_nll(scored[0], targets[0])]
             for i, t, nll in zip(idx, targets, nlls):
@@ -250,7 +269,7 @@ def perplexity(
     check_ctx(n_ctx, model_limits(model), n_seq=n_seq, outputs=0.5)
     session = EvalSession(model, n_ctx, threads, n_seq=n_seq)
     try:
-        model_sha = Background(sha256_file, model)  # started once the file is known to be a loadable GGUF
+        model_sha = Background(model_sha256, model)  # started once the file is known to be a loadable GGUF
         tokens = session.tokenize(text)
         n = plan_chunks(len(tokens), n_ctx, n_chunks)
         acc = NllAccumulator()

@@ -71,6 +71,19 @@ ARCH_DEFAULTS: dict[str, dict] = {
     # Granite's four multipliers away from 1, each visible in the logits (the published 12 / 0.22 / 1/64 / 6 shrink the layers' share below the tolerance)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.25, logits_scaling=0.5),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.25, logits_scaling=0.5),
+    # MLA of its own sizes (low-rank queries, latent 32, rope 16 / nope 32 / v 32 per head), one leading dense block, 4 experts + 1 shared,
+    # weights scaled 1.5; as many KV heads as heads (MLA expands the latent per head)
+    "deepseek_v2": dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1, kv_lora_rank=32,
+                        q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1, routed_scaling_factor=1.5),
+    # as deepseek_v2, and V3's sigmoid router (the class defaults are DeepSeek-V3's: 8 groups of 256 experts, 3 dense blocks)
+    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1, kv_lora_rank=32,
+                        q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1, n_group=1, topk_group=1),
+    # hybrid blocks: every 2nd one full attention (2 layers: one of each), Gated DeltaNet of 2 key heads serving 4 value heads
+    # (grouped vs tiled value heads differ), head sizes of their own (the class defaults are the 80B / 35B models' sizes)
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96, head_dim=32, full_attention_interval=2,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32),
+    "qwen3_5_moe_text": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96, head_dim=32, full_attention_interval=2,
+                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32),
 }
 
 

@@ -65,6 +65,24 @@ RANDOM_CASES = {
     # Granite MoE shared in transformers 5's layout (experts.gate_up_proj), the shared MLP's fused [2S, H] halves, GQA 4:1, top-3 of 6, tied, sharded
     "granitemoeshared-fused-gqa4-tied-sharded": dict(model_type="granitemoeshared", fused=True, num_key_value_heads=1, num_local_experts=6, num_experts_per_tok=3,
                                                      tie_word_embeddings=True, max_shard_size="400KB"),
+    # DeepSeek V3 (deepseek2): MLA with low-rank queries (kv_b_proj split into attn_k_b / attn_v_b), a leading dense block, a shared expert,
+    # sigmoid routing (no scoring_func in config.json), renormalised top-2 times 2.5, 2 groups both kept, sharded (more cases in test_deepseek.py)
+    "deepseek_v3-mla-dense1-sharded": dict(model_type="deepseek_v3", n_group=2, topk_group=2, max_shard_size="400KB"),
+    # DeepSeek V2-Lite's shape: q_proj, softmax top-2 not renormalised times 1.5, transformers 5's fused experts, 2 shared experts
+    "deepseek_v2-lite-fused": dict(model_type="deepseek_v2", fused=True, q_lora_rank=None, n_shared_experts=2),
+    # Qwen3-Next (qwen3next): a Gated DeltaNet block (in_proj_qkvz de-interleaved per key head, 2 key heads for 4 value heads, -exp(A_log),
+    # conv1d as a matrix) then a gated-attention block (q_proj = query + gate per head), norms w + 1, sigmoid-gated shared expert,
+    # per-expert keys, GQA 2:1, a quarter of each head rotary (more cases, MTP blocks, in test_qwen3_next.py)
+    "qwen3next-hybrid-perexpert": dict(model_type="qwen3_next"),
+    # Qwen3-Next with yarn on half of each head's dimensions
+    "qwen3next-yarn-half-rotary": dict(model_type="qwen3_next", max_position_embeddings=2048,
+                                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5}),
+    # Qwen3.5 MoE (qwen35moe, a text-only save): value heads reordered grouped -> tiled everywhere, IMRoPE sections, transformers 5's fused
+    # experts, GQA 4:1, top-3 of 6, sharded
+    "qwen35moe-fused-gqa4-sharded": dict(model_type="qwen3_5_moe_text", fused=True, num_key_value_heads=1, num_experts=6, num_experts_per_tok=3, max_shard_size="400KB",
+                                         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+                                                          "partial_rotary_factor": 0.25}),
 }
 
 

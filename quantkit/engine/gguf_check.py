@@ -28,7 +28,8 @@ bad file gets one line naming the key or tensor, what was found and the fix:
   every tensor llama.cpp loads present with the shape it expects, nothing else.
 
 :func:`check_before_load` also makes an abort that still happens inside llama.cpp
-say why (:func:`quantkit.format.ggml.install_abort_message`).
+say why (:func:`quantkit.format.ggml.install_abort_message`).  A split set is checked
+as the one model llama.cpp loads from its first part (the layout rules part by part).
 
 Not for: the container format (``quantkit.format.gguf_read``), running models (``quantkit.engine.runtime``).
 """
@@ -333,6 +334,9 @@ class _Model:
             if (len(t.ne) == 1 or t.name.endswith("_norm.weight")) and t.qtype != _Q.F32:
                 raise self.fail(f"tensor {t.name!r} is stored as {t.qtype.name}; llama.cpp applies norms, biases and other 1-D tensors "
                                 "in F32 only (it aborts on anything else)")
+            if t.name.endswith(".ssm_conv1d.weight") and t.qtype != _Q.F32:
+                raise self.fail(f"tensor {t.name!r} is stored as {t.qtype.name}; llama.cpp's short convolution of linear-attention "
+                                "blocks takes an F32 kernel only (it aborts on anything else)")
             block = _spec.block_of(t.name)
             if block is not None and block >= n_layer:
                 raise self.fail(f"tensor {t.name!r} is in block {block}, but the block count is {n_layer}")
@@ -356,22 +360,26 @@ class _Model:
         its zero padding to the alignment (accepted shorter or absent).  A tensor count lowered by one in the header leaves
         the table's last entry in the header padding (or shifts the data section): llama.cpp reads the file all the same,
         without that tensor (a missing output.weight becomes the tied embeddings) or with every tensor shifted."""
-        g = self.g
+        for g in self.g.files:  # each part of a split set is a file of its own
+            self._check_file_layout(g)
+
+    def _check_file_layout(self, g: GGUFFile) -> None:
         if not g.table_end or not g.tensors or not g.file_size:
             return
         n = len(g.tensors)
         count = f"the header's tensor count ({n}) may be lower than the tensors the file holds"
         end = g.data_offset + max(t.offset + t.nbytes for t in g.tensors)
         padded = -(-end // g.alignment) * g.alignment
+        fail = self.fail if g is self.g else lambda what, fix: GGUFFormatError(f"{g.path}: {what}; {fix}")
         if g.file_size > padded:
-            raise self.fail(f"{g.file_size - end} bytes follow the data of the last tensor (at most {padded - end} bytes of padding "
-                            f"expected; {count}, or data was appended)", "fix: re-download the file or re-convert it")
+            raise fail(f"{g.file_size - end} bytes follow the data of the last tensor (at most {padded - end} bytes of padding "
+                       f"expected; {count}, or data was appended)", "fix: re-download the file or re-convert it")
         for start, stop, what in ((g.table_end, g.data_offset, "between the tensor table and the tensor data"),
                                   (end, g.file_size, "after the last tensor's data")):
             at = _first_nonzero(g.path, start, stop)
             if at is not None:
-                raise self.fail(f"the padding {what} (bytes {start}..{stop - 1}) is not zeros (byte {at}); {count}",
-                                "fix: re-download the file or re-convert it")
+                raise fail(f"the padding {what} (bytes {start}..{stop - 1}) is not zeros (byte {at}); {count}",
+                           "fix: re-download the file or re-convert it")
 
 
     def _check_vectors_finite(self) -> None:
@@ -382,18 +390,25 @@ class _Model:
         if not g.file_size:
             return
         block = 1 << 22  # bytes read at a time: a hostile file may declare one huge 1-D tensor
-        with open(g.path, "rb") as f:
+        opened: dict[Path, Any] = {}
+        try:
             for t in g.tensors:
                 if len(t.ne) != 1 or t.qtype != _Q.F32:
                     continue
-                f.seek(g.data_offset + t.offset)
+                path, start = g.locate(t)  # a split set: the part that holds it
+                f = opened.get(path) or opened.setdefault(path, open(path, "rb"))
+                f.seek(start)
                 for first in range(0, t.nbytes, block):
                     x = np.frombuffer(f.read(min(block, t.nbytes - first)), dtype="<f4")
                     bad = np.flatnonzero(~np.isfinite(x))
                     if bad.size:
                         at = first // 4 + int(bad[0])
-                        raise self.fail(f"tensor {t.name!r} holds non-finite values (first at index {at}: {x[bad[0]]}); "
+                        where = "" if path == g.path else f" (in {path.name})"
+                        raise self.fail(f"tensor {t.name!r}{where} holds non-finite values (first at index {at}: {x[bad[0]]}); "
                                         "llama.cpp computes garbage or NaN logits from it", "fix: re-download the file or re-convert it")
+        finally:
+            for f in opened.values():
+                f.close()
 
 
 def _first_nonzero(path: Path, start: int, stop: int, block: int = 1 << 20) -> int | None:

@@ -14,13 +14,19 @@ a UINT32 power of two, tensor names shorter than 64 bytes, and tensor data laid
 out back to back in table order, each tensor padded to the alignment (so no two
 tensors overlap).
 
+A split set (``NAME-00001-of-0000K.gguf`` ..., as ``llama-gguf-split`` writes it) is
+read from its first part as one model, the way llama.cpp's loader reads it: every
+part present, numbered and counted consistently, tensors never in two parts.
+
 Not for: loading tensor data for inference (llama.cpp does that).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +80,8 @@ class TensorInfo:
             n *= d
         return n
 
+    part: int = 0  # the part of a split set that holds the data (0: the first part, or a single file)
+
     @property
     def role(self) -> Role:
         return role_of(self.name)
@@ -91,6 +99,19 @@ class GGUFFile:
     warnings: list[str] = field(default_factory=list)
     types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (value type, array item type)
     table_end: int = 0  # where the tensor table ends: the bytes from here to data_offset are padding
+    #: a split set read as one model: every part as read on its own (the first included); the fields above
+    #: are the first part's, except ``tensors`` (all of them, each with its ``part``) and ``file_size`` (all parts)
+    parts: tuple[GGUFFile, ...] = ()
+
+    def locate(self, t: TensorInfo) -> tuple[Path, int]:
+        """The file that holds ``t``'s data and the byte where it starts there (a split set's part, or this file)."""
+        f = self.parts[t.part] if self.parts else self
+        return f.path, f.data_offset + t.offset
+
+    @property
+    def files(self) -> tuple[GGUFFile, ...]:
+        """The files of the model: its parts, or itself."""
+        return self.parts or (self,)
 
 
 class _Reader:
@@ -216,7 +237,17 @@ def read_gguf(path: str | Path, full: bool = False, keep: Callable[[str], bool] 
     lists) instead of summaries, e.g. to copy the metadata into a new file.
     ``keep(key)``: read that key's array whole all the same (up to MAX_KEEP items),
     e.g. the vocabulary a model check needs.
+
+    The first part of a split set (``split.count`` > 1) is read with all its parts, as llama.cpp
+    loads it: one model (:func:`read_split_set`).  A later part alone is refused.
     """
+    g = read_gguf_file(path, full, keep)
+    count = _split_count(g)
+    return g if count <= 1 else read_split_set(g, count, full)
+
+
+def read_gguf_file(path: str | Path, full: bool = False, keep: Callable[[str], bool] | None = None) -> GGUFFile:
+    """One GGUF file as it is, a part of a split set included (see :func:`read_gguf`)."""
     path = Path(path)
     if not path.is_file():
         raise GGUFFormatError(f"{path}: no such file; fix: check the path")
@@ -298,6 +329,78 @@ def _parse(r: _Reader, path: Path, size: int, keep: Callable[[str], bool] | None
     return GGUFFile(path, version, md, infos, data_offset, alignment, size, types=types, table_end=r.pos)
 
 
+_S = gguf_spec.Keys.Split
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = _S.LLM_KV_SPLIT_NO, _S.LLM_KV_SPLIT_COUNT, _S.LLM_KV_SPLIT_TENSORS_COUNT
+_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf")
+_SPLIT_FIX = "fix: re-download the part or re-convert the whole set"
+
+
+def _split_key(g: GGUFFile, key: str, vtype: int, required: bool = True) -> int | None:
+    """A ``split.*`` key with the type llama.cpp reads it with (its loader refuses any other)."""
+    if key not in g.metadata:
+        if required:
+            raise GGUFFormatError(f"{g.path}: metadata {key} is missing from a part of a split set; {_SPLIT_FIX}")
+        return None
+    if g.types[key][0] != vtype:
+        raise GGUFFormatError(f"{g.path}: metadata {key} has type {_type_name(g.types[key][0])}, llama.cpp reads it as {_type_name(vtype)}; {_SPLIT_FIX}")
+    return int(g.metadata[key])
+
+
+def _split_count(g: GGUFFile) -> int:
+    """Parts of the split set whose first part ``g`` is (1: a single file); a later part is refused, naming the first."""
+    count = _split_key(g, SPLIT_COUNT, VT.UINT16, required=False)
+    if count is None or count <= 1:  # llama-gguf-split --merge leaves split.count = 0; one part is a file on its own
+        return 1
+    no = _split_key(g, SPLIT_NO, VT.UINT16)
+    assert no is not None
+    m = _SPLIT_NAME.fullmatch(g.path.name[-len("-00001-of-00001.gguf"):]) if len(g.path.name) > 20 else None
+    if no != 0:
+        first = f" ({g.path.name[: -len(m.group(0))]}-00001-of-{count:05d}.gguf)" if m else ""
+        raise GGUFFormatError(f"{g.path}: part {no + 1} of a split set of {count} parts; fix: pass the first part{first}, llama.cpp loads the others from it")
+    if m is None or m.group(0) != f"-00001-of-{count:05d}.gguf":
+        raise GGUFFormatError(f"{g.path}: the first part of a split set of {count} parts must be named PREFIX-00001-of-{count:05d}.gguf "
+                              "(llama.cpp finds the other parts by that name); fix: give the parts their original names")
+    return count
+
+
+def split_part_paths(path: str | Path, count: int) -> list[Path]:
+    """The file names of a split set of ``count`` parts whose first part is ``path`` (llama.cpp's ``llama_split_path``)."""
+    path = Path(path)
+    prefix = path.name[: -len("-00001-of-00001.gguf")]
+    return [path.with_name(f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf") for no in range(count)]
+
+
+def read_split_set(first: GGUFFile, count: int, full: bool = False) -> GGUFFile:
+    """A split set read as one model: the first part's metadata, every part's tensors (each knowing its part).
+
+    Every part must be there, say which part it is (``split.no``), belong to a set of as many parts with as
+    many tensors in all (``split.count``, ``split.tensors.count``), and no tensor may be in two parts; the
+    first part's ``split.tensors.count`` must equal the tensors found.  Each refusal names the part.
+    """
+    total = _split_key(first, SPLIT_TENSORS_COUNT, VT.INT32)
+    parts, tensors, names, size = [first], [], set(), 0
+    for no, p in enumerate(split_part_paths(first.path, count)):
+        if no:
+            if not p.is_file():
+                raise GGUFFormatError(f"{p}: part {no + 1} of {count} of the split set {first.path.name} is missing; fix: put every part beside the first one")
+            g = read_gguf_file(p, full)
+            for key, want in ((SPLIT_NO, no), (SPLIT_COUNT, count), (SPLIT_TENSORS_COUNT, total)):
+                got = _split_key(g, key, VT.INT32 if key == SPLIT_TENSORS_COUNT else VT.UINT16)
+                if got != want:
+                    raise GGUFFormatError(f"{p}: metadata {key} = {got}, expected {want}: a mismatched part (renamed, or from another split set than {first.path.name}); {_SPLIT_FIX}")
+            parts.append(g)
+        g = parts[no]
+        for t in g.tensors:
+            if t.name in names:
+                raise GGUFFormatError(f"{p}: tensor {_cap(t.name)} is also in an earlier part of the split set; {_SPLIT_FIX}")
+            names.add(t.name)
+            tensors.append(dataclasses.replace(t, part=no))
+        size += g.file_size
+    if total != len(tensors):
+        raise GGUFFormatError(f"{first.path}: metadata {SPLIT_TENSORS_COUNT} = {total}, the {count} parts hold {len(tensors)} tensors; {_SPLIT_FIX}")
+    return dataclasses.replace(first, tensors=tensors, file_size=size, warnings=[w for g in parts for w in g.warnings], parts=tuple(parts))
+
+
 def _cap(s: str, n: int = 80) -> str:
     """An untrusted string for an error message: repr (no control characters), at most ``n`` characters of it."""
     return repr(s[:n]) + ("…" if len(s) > n else "")
@@ -326,14 +429,18 @@ def to_json(g: GGUFFile) -> dict[str, Any]:
 
     params = sum(t.n_elements for t in g.tensors)
     nbytes = sum(t.nbytes for t in g.tensors)
-    return {
+    j = {
         "path": str(g.path),
         "version": g.version,
         "file_bytes": g.file_size,
         "metadata": {k: plain(v) for k, v in g.metadata.items()},
         "tensors": [
-            {"name": t.name, "shape": list(t.ne), "type": t.qtype.name, "bytes": t.nbytes, "group": t.role.value} for t in g.tensors
+            {"name": t.name, "shape": list(t.ne), "type": t.qtype.name, "bytes": t.nbytes, "group": t.role.value, **({"part": t.part + 1} if g.parts else {})}
+            for t in g.tensors
         ],
         "groups": group_totals(g.tensors),
         "totals": {"tensors": len(g.tensors), "params": params, "bytes": nbytes, "bits_per_weight": round(8 * nbytes / max(1, params), 4)},
     }
+    if g.parts:  # a split set: the model is all of them (file_bytes counts every part)
+        j["parts"] = [{"path": str(f.path), "bytes": f.file_size, "tensors": len(f.tensors)} for f in g.parts]
+    return j

@@ -157,6 +157,13 @@ class Keys:
         TYPE = "general.type"
         QUANTIZED_BY = "general.quantized_by"
         SIZE_LABEL = "general.size_label"
+        LICENSE = "general.license"
+        SOURCE_REPO_URL = "general.source.repo_url"  # where the model came from (a Hugging Face repo, for a cache source)
+
+    class Split:  # a split set (llama-gguf-split): split.no and split.count UINT16, split.tensors.count INT32
+        LLM_KV_SPLIT_NO = "split.no"
+        LLM_KV_SPLIT_COUNT = "split.count"
+        LLM_KV_SPLIT_TENSORS_COUNT = "split.tensors.count"
 
     class LLM:
         CONTEXT_LENGTH = "{arch}.context_length"
@@ -171,6 +178,17 @@ class Keys:
         EMBEDDING_SCALE = "{arch}.embedding_scale"
         RESIDUAL_SCALE = "{arch}.residual_scale"
         LOGIT_SCALE = "{arch}.logit_scale"
+        # MoE routing and layout keys (deepseek2, glm4moe, ...)
+        LEADING_DENSE_BLOCK_COUNT = "{arch}.leading_dense_block_count"
+        EXPERT_SHARED_COUNT = "{arch}.expert_shared_count"
+        EXPERT_GROUP_COUNT = "{arch}.expert_group_count"
+        EXPERT_GROUP_USED_COUNT = "{arch}.expert_group_used_count"
+        EXPERT_WEIGHTS_SCALE = "{arch}.expert_weights_scale"
+        EXPERT_WEIGHTS_NORM = "{arch}.expert_weights_norm"
+        EXPERT_GATING_FUNC = "{arch}.expert_gating_func"
+        NEXTN_PREDICT_LAYERS = "{arch}.nextn_predict_layers"
+        # hybrid linear / full attention (qwen3next, qwen35moe)
+        FULL_ATTENTION_INTERVAL = "{arch}.full_attention_interval"
 
     class Attention:
         HEAD_COUNT = "{arch}.attention.head_count"
@@ -180,6 +198,11 @@ class Keys:
         LAYERNORM_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
         SLIDING_WINDOW = "{arch}.attention.sliding_window"
         SCALE = "{arch}.attention.scale"
+        # multi-head latent attention (deepseek2)
+        Q_LORA_RANK = "{arch}.attention.q_lora_rank"
+        KV_LORA_RANK = "{arch}.attention.kv_lora_rank"
+        KEY_LENGTH_MLA = "{arch}.attention.key_length_mla"
+        VALUE_LENGTH_MLA = "{arch}.attention.value_length_mla"
 
     class Rope:
         DIMENSION_COUNT = "{arch}.rope.dimension_count"
@@ -187,6 +210,19 @@ class Keys:
         SCALING_TYPE = "{arch}.rope.scaling.type"
         SCALING_FACTOR = "{arch}.rope.scaling.factor"
         SCALING_ORIG_CTX_LEN = "{arch}.rope.scaling.original_context_length"
+        SCALING_ATTN_FACTOR = "{arch}.rope.scaling.attn_factor"
+        SCALING_YARN_LOG_MUL = "{arch}.rope.scaling.yarn_log_multiplier"
+        # multi-section rotary embeddings (qwen35moe: IMRoPE)
+        DIMENSION_SECTIONS = "{arch}.rope.dimension_sections"
+
+    class SSM:
+        """State-space / linear-attention sizes (gguf-py ``Keys.SSM``; Gated DeltaNet in qwen3next, qwen35moe)."""
+
+        CONV_KERNEL = "{arch}.ssm.conv_kernel"
+        INNER_SIZE = "{arch}.ssm.inner_size"
+        STATE_SIZE = "{arch}.ssm.state_size"
+        TIME_STEP_RANK = "{arch}.ssm.time_step_rank"
+        GROUP_COUNT = "{arch}.ssm.group_count"
 
     class Tokenizer:
         MODEL = "tokenizer.ggml.model"
@@ -234,6 +270,31 @@ class TensorName:
     FFN_GATE_SHEXP = "blk.{bid}.ffn_gate_shexp"
     FFN_UP_SHEXP = "blk.{bid}.ffn_up_shexp"
     FFN_DOWN_SHEXP = "blk.{bid}.ffn_down_shexp"
+    # multi-head latent attention and selection bias (deepseek2)
+    ATTN_Q_A = "blk.{bid}.attn_q_a"
+    ATTN_Q_B = "blk.{bid}.attn_q_b"
+    ATTN_Q_A_NORM = "blk.{bid}.attn_q_a_norm"
+    ATTN_KV_A_MQA = "blk.{bid}.attn_kv_a_mqa"
+    ATTN_KV_A_NORM = "blk.{bid}.attn_kv_a_norm"
+    ATTN_K_B = "blk.{bid}.attn_k_b"
+    ATTN_V_B = "blk.{bid}.attn_v_b"
+    FFN_EXP_PROBS_B = "blk.{bid}.exp_probs_b"
+    # hybrid Gated DeltaNet / gated attention blocks and multi-token prediction (qwen3next, qwen35moe)
+    ATTN_POST_NORM = "blk.{bid}.post_attention_norm"
+    ATTN_QKV = "blk.{bid}.attn_qkv"
+    ATTN_GATE = "blk.{bid}.attn_gate"
+    SSM_A = "blk.{bid}.ssm_a"  # written without a .weight suffix (llama.cpp's LLM_TENSOR_SSM_A_NOSCAN)
+    SSM_CONV1D = "blk.{bid}.ssm_conv1d"
+    SSM_DT = "blk.{bid}.ssm_dt"
+    SSM_NORM = "blk.{bid}.ssm_norm"
+    SSM_OUT = "blk.{bid}.ssm_out"
+    SSM_BETA_ALPHA = "blk.{bid}.ssm_ba"
+    SSM_BETA = "blk.{bid}.ssm_beta"
+    SSM_ALPHA = "blk.{bid}.ssm_alpha"
+    NEXTN_EH_PROJ = "blk.{bid}.nextn.eh_proj"
+    NEXTN_ENORM = "blk.{bid}.nextn.enorm"
+    NEXTN_HNORM = "blk.{bid}.nextn.hnorm"
+    NEXTN_SHARED_HEAD_NORM = "blk.{bid}.nextn.shared_head_norm"
 
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")

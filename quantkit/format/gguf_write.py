@@ -8,7 +8,8 @@ writer checks that each tensor gets exactly the bytes its info declared.
 The data alignment is the metadata's ``general.alignment`` when it has one
 (a requantised file keeps its source's), else GGUF's default of 32 bytes: the
 header, every tensor offset and every tensor's padding follow it, as llama.cpp
-reads them.
+reads them.  :class:`SplitGGUFWriter` writes the same tensors as a split set,
+byte for byte as llama.cpp's ``llama-gguf-split --split`` cuts the single file.
 
 Not for: choosing tensor types or names (see ``quantkit.policy.plan`` and the converters).
 """
@@ -19,12 +20,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from quantkit.format import gguf_spec
-from quantkit.format.gguf_read import SCALARS
+from quantkit.format.gguf_read import SCALARS, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT
 
 ALIGN = gguf_spec.GGUF_DEFAULT_ALIGNMENT
 VT = gguf_spec.GGUFValueType
@@ -98,15 +99,16 @@ def alignment_of(metadata: dict[str, MetaValue]) -> int:
     return int(value)
 
 
-def encode_header(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]]) -> bytes:
+def encode_header(arch: str | None, metadata: dict[str, MetaValue], tensors: Iterable[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]]) -> bytes:
     """Header, metadata (``general.architecture`` first) and tensor table of a GGUF v3 file, padded to the alignment.
 
     ``tensors``: (name, numpy-order shape, type, nbytes) in file order; data offsets
     follow each other, each padded to the alignment (:func:`alignment_of`), as llama.cpp expects.
+    ``arch`` None: no ``general.architecture`` key (the second and later parts of a split set hold only ``split.*`` keys).
     """
     align = alignment_of(metadata)
-    kv = {gguf_spec.Keys.General.ARCHITECTURE: MetaValue(arch, VT.STRING)}
-    kv.update((k, v) for k, v in metadata.items() if k != gguf_spec.Keys.General.ARCHITECTURE)
+    kv = {} if arch is None else {gguf_spec.Keys.General.ARCHITECTURE: MetaValue(arch, VT.STRING)}
+    kv.update((k, v) for k, v in metadata.items() if arch is None or k != gguf_spec.Keys.General.ARCHITECTURE)
     parts = [b""]
     for key, mv in kv.items():
         parts.append(_string(key))
@@ -132,7 +134,7 @@ def file_nbytes(arch: str, metadata: dict[str, MetaValue], tensors: Iterable[tup
 class StreamingGGUFWriter:
     """Write a GGUF file whose tensors are declared up front and streamed afterwards."""
 
-    def __init__(self, path: Path, arch: str, metadata: dict[str, MetaValue]) -> None:
+    def __init__(self, path: Path, arch: str | None, metadata: dict[str, MetaValue]) -> None:
         self._arch, self._metadata = arch, metadata
         self._align = alignment_of(metadata)
         self._declared: list[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType, int]] = []
@@ -207,3 +209,163 @@ class StreamingGGUFWriter:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+# --- split sets, as llama.cpp's llama-gguf-split writes them (tools/gguf-split/gguf-split.cpp) -------------------------
+#
+# NAME-00001-of-0000K.gguf .. NAME-0000K-of-0000K.gguf (llama_split_path's "%s-%05d-of-%05d.gguf").  The first part
+# holds every metadata key, then split.no (UINT16), split.tensors.count (INT32: tensors in the whole set) and
+# split.count (UINT16), in that order; every other part holds only those three keys (no general.architecture).
+# Tensors keep the single file's order and never span parts.  --split-max-size counts only tensor bytes, each padded
+# to 32 (the header is not counted): a tensor that would take the running total past the limit starts the next part.
+# --split-max-tensors N starts a part at every N-th tensor.  llama.cpp loads the set given the first part.
+
+SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT)
+MAX_SPLITS = 65535  # split.count is a UINT16 (and the names have five digits)
+_UNITS = {"K": 1000, "M": 1000**2, "G": 1000**3}  # decimal, as llama-gguf-split's split_str_to_n_bytes
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to cut a file into a split set: at most ``max_bytes`` of (padded) tensor data or ``max_tensors`` tensors a part."""
+
+    max_bytes: int | None = None
+    max_tensors: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_bytes is None) == (self.max_tensors is None):
+            raise ValueError("give one of --split-max-size and --split-max-tensors")  # llama-gguf-split refuses both too
+        for flag, v in (("--split-max-size", self.max_bytes), ("--split-max-tensors", self.max_tensors)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{flag} {v!r}: expected a positive number")
+
+
+def parse_split_size(text: str) -> int:
+    """``--split-max-size``: a positive whole number with a decimal unit, ``K``, ``M`` or ``G`` (48G = 48*10**9 bytes).
+
+    llama-gguf-split takes M and G (and reads "1.5G" as 1G); K is accepted here too, a fraction is refused.
+    """
+    s = text.strip()
+    unit = s[-1:].upper()
+    digits = s[:-1]
+    if unit not in _UNITS or not digits.isascii() or not digits.isdigit() or int(digits) <= 0:
+        raise ValueError(f"--split-max-size {text[:40]!r}: expected a positive whole number with a unit K, M or G (decimal, as llama-gguf-split), e.g. 48G or 500M")
+    return int(digits) * _UNITS[unit]
+
+
+def split_layout(nbytes: Sequence[int], spec: SplitSpec, names: Sequence[str] = ()) -> list[int]:
+    """How many tensors each part holds, tensors in file order (llama-gguf-split's ``split_strategy``).
+
+    A tensor larger than ``max_bytes`` on its own is refused (llama-gguf-split refuses it as the first tensor and
+    writes an oversized part for any other; a part over the limit defeats the limit's purpose).
+    """
+    counts: list[int] = [0]
+    size = 0
+    for i, n in enumerate(nbytes):
+        if spec.max_bytes is not None:
+            padded = pad(n, ALIGN)
+            if padded > spec.max_bytes:
+                name = names[i] if i < len(names) else f"#{i}"
+                raise ValueError(f"tensor {name!r} alone is {padded:,} bytes, more than --split-max-size ({spec.max_bytes:,} bytes): it cannot go in any part; "
+                                 "fix: raise --split-max-size")
+            if counts[-1] and size + padded > spec.max_bytes:
+                counts.append(0)
+                size = 0
+            size += padded
+        elif counts[-1] and i % spec.max_tensors == 0:  # type: ignore[operator]
+            counts.append(0)
+        counts[-1] += 1
+    if len(counts) > MAX_SPLITS:
+        raise ValueError(f"the split set would have {len(counts)} parts, more than {MAX_SPLITS} (split.count is 16 bits); fix: raise the split limit")
+    return counts
+
+
+def split_prefix(output: Path) -> Path:
+    """``-o NAME.gguf`` -> ``NAME`` (llama-gguf-split takes that prefix itself; any other name is the prefix as it is)."""
+    output = Path(output)
+    return output.with_name(output.name[: -len(".gguf")]) if output.name.lower().endswith(".gguf") and len(output.name) > 5 else output
+
+
+def split_path(prefix: Path, no: int, count: int) -> Path:
+    """Part ``no`` (0-based) of ``count``: llama_split_path's ``PREFIX-%05d-of-%05d.gguf``."""
+    prefix = Path(prefix)
+    return prefix.with_name(f"{prefix.name}-{no + 1:05d}-of-{count:05d}.gguf")
+
+
+def split_metadata(metadata: dict[str, MetaValue], no: int, count: int, n_tensors: int) -> dict[str, MetaValue]:
+    """A part's metadata: all of it in the first part (earlier ``split.*`` keys dropped), the ``split.*`` keys alone in the others."""
+    md = {k: v for k, v in metadata.items() if k not in SPLIT_KEYS} if no == 0 else {}
+    md[SPLIT_NO] = MetaValue(no, VT.UINT16)
+    md[SPLIT_TENSORS_COUNT] = MetaValue(n_tensors, VT.INT32)
+    md[SPLIT_COUNT] = MetaValue(count, VT.UINT16)
+    return md
+
+
+def split_file_sizes(arch: str, metadata: dict[str, MetaValue], tensors: Sequence[tuple[str, tuple[int, ...], int]], counts: Sequence[int]) -> list[int]:
+    """Exact size of every part :class:`SplitGGUFWriter` writes for ``(name, shape, nbytes)`` tensors cut as ``counts``."""
+    sizes, at = [], 0
+    for no, n in enumerate(counts):
+        part = tensors[at : at + n]
+        md = split_metadata(metadata, no, len(counts), len(tensors))
+        head = encode_header(arch if no == 0 else None, md, ((name, shape, gguf_spec.GGMLQuantizationType.F32, 0) for name, shape, _ in part))
+        sizes.append(len(head) + sum(pad(nbytes, alignment_of(md)) for _, _, nbytes in part))
+        at += n
+    return sizes
+
+
+class SplitGGUFWriter:
+    """:class:`StreamingGGUFWriter`'s interface over a split set: ``paths[k]`` gets part k's header and tensors.
+
+    ``counts``: tensors per part (:func:`split_layout`), in the order they are declared and written.
+    """
+
+    def __init__(self, paths: Sequence[Path], arch: str, metadata: dict[str, MetaValue], counts: Sequence[int]) -> None:
+        if len(paths) != len(counts) or not counts:
+            raise ValueError(f"{len(paths)} part paths for {len(counts)} parts")
+        self._paths, self._arch, self._metadata, self._counts = list(paths), arch, metadata, list(counts)
+        self._declared: list[tuple[str, tuple[int, ...], gguf_spec.GGMLQuantizationType]] = []
+        self._parts: list[StreamingGGUFWriter] = []
+        self._part = -1  # the part being written
+        self._left = 0  # tensors still to write into it
+
+    def declare(self, name: str, shape: tuple[int, ...], qtype: gguf_spec.GGMLQuantizationType) -> int:
+        self._declared.append((name, tuple(shape), qtype))
+        return type_nbytes(qtype, shape)
+
+    def begin(self) -> None:
+        """Lay out every part (the tensor count must match ``counts``); the first part's header is written."""
+        if len(self._declared) != sum(self._counts):
+            raise RuntimeError(f"{len(self._declared)} tensors declared, the split layout holds {sum(self._counts)}")
+        at, n_parts = 0, len(self._counts)
+        for no, n in enumerate(self._counts):
+            md = split_metadata(self._metadata, no, n_parts, len(self._declared))
+            w = StreamingGGUFWriter(self._paths[no], self._arch if no == 0 else None, md)
+            for name, shape, qtype in self._declared[at : at + n]:
+                w.declare(name, shape, qtype)
+            self._parts.append(w)
+            at += n
+        self._next_part()
+
+    def _next_part(self) -> None:
+        if self._part >= 0:
+            self._parts[self._part].finish()
+        self._part += 1
+        self._left = self._counts[self._part]
+        self._parts[self._part].begin()
+
+    def write_tensor(self, name: str, pieces: Iterable[Any], on_bytes: Callable[[int], None] | None = None) -> None:
+        if self._left == 0:
+            self._next_part()
+        self._parts[self._part].write_tensor(name, pieces, on_bytes)
+        self._left -= 1
+
+    def finish(self) -> None:
+        """Close after checking every part got all its tensors."""
+        if self._part != len(self._parts) - 1 or self._left:
+            self.close()
+            raise RuntimeError(f"split set finished in part {self._part + 1} of {len(self._parts)}, before every tensor was written")
+        self._parts[self._part].finish()
+
+    def close(self) -> None:
+        for w in self._parts:
+            w.close()

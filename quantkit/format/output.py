@@ -2,6 +2,8 @@
 
 An interrupt, an error or a full disk never leaves a partial file at the
 target path, and an existing file is only replaced when the caller says so.
+:func:`atomic_files` does the same for a set of files that belong together
+(a split GGUF): all are renamed at the end, or none is left.
 
 Not for: what goes into the file (see ``quantkit.format.gguf_write``).
 """
@@ -15,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from quantkit.errors import OutputError
 
@@ -159,4 +161,44 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[Path], force: bool = False) -> Iterator[list[Path]]:
+    """:func:`atomic_file` for a set of files that only make sense together (the parts of a split GGUF).
+
+    Yields one temporary path beside each target; once the body returns, every temporary file is
+    fsynced, then all are renamed onto their targets.  On any exception (KeyboardInterrupt included),
+    before or during the renames, every temporary file is removed and so is every target already
+    renamed in this call: no part of the set is left behind, not even the complete ones.
+    """
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        check_target(p, force)
+        clean_stale_partials(p)
+    tmps: list[Path] = []
+    done: list[Path] = []
+    try:
+        for p in paths:
+            fd, tmp_name = tempfile.mkstemp(prefix=partial_prefix(p), suffix=".partial", dir=p.parent)
+            tmps.append(Path(tmp_name))
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+        yield list(tmps)
+        for tmp in tmps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for p in paths:
+            if os.path.lexists(p) and not force:  # appeared while we were writing
+                raise OutputError(f"{p}: appeared during the conversion; fix: pass --force to overwrite it")
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+            done.append(p)
+        for d in dict.fromkeys(p.parent for p in paths):
+            fsync_dir(d)
+    except BaseException:
+        for f in (*tmps, *done):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
         raise

@@ -29,6 +29,7 @@ class Role(str, enum.Enum):
 #: GGUF tensor name -> role, first match wins (names as llama.cpp writes them).
 ROLE_PATTERNS: tuple[tuple[str, Role], ...] = (
     (r"ffn_gate_inp", Role.ROUTER),
+    (r"\.exp_probs_b\.", Role.ROUTER),  # the per-expert selection bias beside the router (DeepSeek V3's e_score_correction_bias)
     (r"_exps?\b|_exps\.", Role.EXPERTS),
     (r"_shexp", Role.FFN),  # shared experts see every token: dense FFN weights (llama.cpp's size_label counts them as shared)
     (r"norm", Role.NORM),

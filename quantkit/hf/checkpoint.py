@@ -8,6 +8,10 @@ memory-maps each shard, and hands out
 from a shard can be dropped again with :meth:`TensorRef.release`, so a
 streaming conversion keeps a bounded resident set whatever the model size.
 
+A quantised checkpoint (``quantization_config``: FP8 with block scales, compressed-tensors)
+hands out its quantised weights as :class:`QuantRef`: float32 values decoded a few rows at
+a time by ``quantkit.hf.quantized``, their scale tensors consumed (not model tensors).
+
 Every file of the directory is untrusted: :func:`read_json` / :func:`read_file`
 read only regular files (no directories, symlink loops or pipes) of bounded size
 and turn any failure -- bad UTF-8, JSON errors, nesting past the recursion
@@ -32,6 +36,7 @@ import numpy as np
 
 from quantkit.errors import CheckpointError
 from quantkit.format.gguf_write import FileSlice
+from quantkit.hf import quantized
 
 #: safetensors dtype -> (numpy dtype used to view the raw bytes, bytes per element).
 #: BF16 has no numpy dtype; it is viewed as uint16 and widened on demand.
@@ -46,6 +51,10 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "I8": (np.dtype("i1"), 1),
     "U8": (np.dtype("u1"), 1),
     "BOOL": (np.dtype("?"), 1),
+    # FP8 (quantised checkpoints, quantkit.hf.quantized): numpy has no such dtypes, the bytes are viewed as uint8
+    "F8_E4M3": (np.dtype("u1"), 1),
+    "F8_E5M2": (np.dtype("u1"), 1),
+    "F8_E8M0": (np.dtype("u1"), 1),
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -53,6 +62,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_SIDE_FILE_BYTES = 128 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 PAGE = mmap.PAGESIZE
+SPILL = 2 << 20  # bytes on either side of a quantised weight dropped with it (page-cache folios mapped around it)
 MAX_SHOWN = 80  # characters of an untrusted value echoed in an error
 
 
@@ -127,11 +137,62 @@ class TensorRef:
         return np.frombuffer(self.raw(), dtype=DTYPES[self.dtype][0]).reshape(self.shape)
 
     def release(self, lo: int = 0, hi: int | None = None) -> None:
-        """Drop bytes [lo, hi) of this tensor from the resident set (best effort)."""
+        """Drop bytes [lo, hi) of this tensor from the resident set (best effort; a range past its edges reaches into its neighbours)."""
         try:
-            self.shard.release(self.start + lo, self.start + (self.nbytes if hi is None else hi))
+            self.shard.release(max(0, self.start + lo), self.start + (self.nbytes if hi is None else hi))
         except (ValueError, OSError):  # the mapping is already gone
             pass
+
+
+@dataclass(frozen=True)
+class QuantRef(TensorRef):
+    """A weight stored quantised (FP8 e4m3, packed integers): its float32 values, decoded on demand.
+
+    ``dtype`` is "F32" and ``shape`` the weight's (what it hands out); ``shard`` / ``start`` / ``stop``
+    are those of the stored tensor.  :meth:`array` is a :class:`quantkit.hf.quantized.Dequantised`:
+    indexing its first axis (an expert, a range of rows) decodes just that, scale by scale, so a
+    streaming conversion never holds more than a piece of it in float.  :meth:`release` takes byte
+    offsets of the float32 values and drops the matching pages of the stored bytes and scales.
+    """
+
+    quant: quantized.QuantWeight | None = None
+    stored: TensorRef | None = None
+    scale: TensorRef | None = None
+    zero: TensorRef | None = None
+    qtype: None = None  # stored as no GGML type: the pipeline never copies its bytes as they are
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * math.prod(self.shape)
+
+    def _rows(self, m: int, rows: slice | np.ndarray) -> np.ndarray:
+        assert self.quant is not None and self.stored is not None and self.scale is not None
+        zero = None if self.zero is None else self.zero.array()
+        return quantized.decode_rows(self.quant, self.stored.array(), self.scale.array(), zero, m, rows)
+
+    def array(self) -> quantized.Dequantised:  # type: ignore[override]
+        return quantized.Dequantised(self.shape, self._rows)
+
+    def raw(self) -> memoryview:
+        """The float32 bytes of the values (decoded whole: for small kept tensors, not for streaming)."""
+        return memoryview(np.ascontiguousarray(np.asarray(self.array())).reshape(-1).view(np.uint8))
+
+    def file_slice(self) -> FileSlice:
+        raise TypeError(f"{self.name}: the stored bytes of a quantised weight are not its values")
+
+    def release(self, lo: int = 0, hi: int | None = None) -> None:
+        """Drop the stored pages behind float32 bytes [lo, hi) of the values: the rows they cover, in the weight and its scales."""
+        cols = max(1, self.shape[-1])
+        total = max(1, math.prod(self.shape) // cols)
+        hi = self.nbytes if hi is None else hi
+        r0, r1 = lo // 4 // cols, -(-(hi // 4) // cols)
+        for ref in (self.stored, self.scale, self.zero):
+            if ref is not None:
+                start, end = r0 * ref.nbytes // total, -(-r1 * ref.nbytes // total)
+                # at the tensor's edges the pages the kernel mapped around it go too (large page-cache folios reach into the
+                # neighbours; a neighbour that needs them maps them again from the page cache): quantised weights are small
+                # and many, and what is mapped around each would add up
+                ref.release(start - (SPILL if start == 0 else 0), end + (SPILL if end >= ref.nbytes else 0))
 
 
 def _fail(path: Path, what: str, fix: str) -> CheckpointError:
@@ -301,6 +362,7 @@ class Checkpoint:
     config: dict[str, Any]
     tensors: dict[str, TensorRef]
     shards: list[Shard]
+    quantization: quantized.SourceQuant | None = None  # a quantised source (FP8, compressed-tensors): what it holds
 
     @property
     def model_type(self) -> str:
@@ -431,4 +493,31 @@ def open_checkpoint(root: str | os.PathLike[str], allow_pickle: bool = False) ->
                 raise CheckpointError(
                     f"{index}: says tensor {shown(name)} is in {shown(shard_name)}, but {held!r} holds it; fix: restore the index that came with these shards"
                 )
-    return Checkpoint(root=root, config=config, tensors=tensors, shards=shards)
+    try:
+        tensors, source = _dequantised(root, config, tensors)
+    except BaseException:
+        for s in shards:
+            s.close()
+        raise
+    return Checkpoint(root=root, config=config, tensors=tensors, shards=shards, quantization=source)
+
+
+def _dequantised(root: Path, config: dict[str, Any], tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], quantized.SourceQuant | None]:
+    """The tensors of a quantised checkpoint as the model sees them: each quantised weight one :class:`QuantRef`, its scales gone."""
+    found = quantized.find_quantised(
+        config, {n: (r.dtype, r.shape) for n, r in tensors.items()}, str(root / "config.json"),
+        where=lambda n: str(tensors[n].shard.path), read_ints=lambda n: np.array(tensors[n].array()),
+    )
+    if not found.weights and not found.consumed:
+        return tensors, None
+    out: dict[str, TensorRef] = {}
+    for name, ref in tensors.items():
+        w = found.weights.get(name)
+        if w is not None:
+            if w.name != name and w.name in tensors:
+                raise CheckpointError(f"{ref.shard.path}: tensors {shown(name)} and {shown(w.name)} are the same weight; fix: remove one of them")
+            out[w.name] = QuantRef(w.name, "F32", w.shape, ref.shard, ref.start, ref.stop, quant=w, stored=ref, scale=tensors[w.scale],
+                                   zero=None if w.zero is None else tensors[w.zero])
+        elif name not in found.consumed:
+            out[name] = ref
+    return out, found.source

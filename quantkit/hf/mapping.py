@@ -51,6 +51,15 @@ class Transform:
         """Rows of one output matrix, from the rows of its source matrix."""
         return rows
 
+    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
+        """The output tensor's shape (numpy order) from its stacked source shape: rows changed by :meth:`out_rows`.
+
+        A transform that reshapes (one 2-D source split into a 3-D tensor, MLA's ``attn_k_b``) overrides this.
+        """
+        if len(shape) < 2:
+            return shape
+        return (*shape[:-2], self.out_rows(shape[-2]), shape[-1])
+
     def select(self, a: np.ndarray) -> np.ndarray:
         """The rows of source matrix ``a`` this tensor takes (a view)."""
         return a
@@ -99,6 +108,79 @@ Transform.PERMUTE_Q = PermuteHeads("permute_q", kv=False)
 Transform.PERMUTE_K = PermuteHeads("permute_k", kv=True)
 Transform.FIRST_HALF = Half("first_half", first=True)
 Transform.SECOND_HALF = Half("second_half", first=False)
+
+
+def stored_to_f32(a: np.ndarray) -> np.ndarray:
+    """Values as ``TensorRef.array`` hands them out (F32, F16, or BF16 viewed as uint16) in float32."""
+    if a.dtype == np.uint16:
+        from quantkit.format.encode import bf16_to_f32
+
+        return bf16_to_f32(np.ascontiguousarray(a))
+    return np.asarray(a, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ValueMap(Transform):
+    """Every value mapped on its own, shape kept, computed in float32 and handed on as float32 (the writer then
+    encodes it from F32, whatever the checkpoint stores): exact, as llama.cpp's converter computes it for BF16
+    checkpoints (it widens them to F32 first) and as transformers applies it.  Subclasses give :meth:`fn`.
+    """
+
+    def fn(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def apply(self, a: np.ndarray, hparams: object) -> np.ndarray:
+        return np.ascontiguousarray(self.fn(stored_to_f32(self.select(a))), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class AddConstant(ValueMap):
+    """``w + c``: a norm weight stored centred on zero (transformers' ``x * (1 + w)``: Qwen3-Next, Qwen3.5) for llama.cpp's ``x * w``."""
+
+    c: float = 1.0
+
+    def fn(self, x: np.ndarray) -> np.ndarray:
+        return x + np.float32(self.c)
+
+
+@dataclass(frozen=True)
+class NegExp(ValueMap):
+    """``-exp(w)``: a state decay stored as its log (``A_log``: Gated DeltaNet, Mamba 2) for llama.cpp's ``ssm_a``."""
+
+    def fn(self, x: np.ndarray) -> np.ndarray:
+        return -np.exp(x)
+
+
+@dataclass(frozen=True)
+class Chain(Transform):
+    """Transforms applied one after the other (a value map, then a row order)."""
+
+    parts: tuple[Transform, ...] = ()
+
+    def out_rows(self, rows: int) -> int:
+        for p in self.parts:
+            rows = p.out_rows(rows)
+        return rows
+
+    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
+        for p in self.parts:
+            shape = p.out_shape(shape, hparams)
+        return shape
+
+    def select(self, a: np.ndarray) -> np.ndarray:
+        for p in self.parts:
+            a = p.select(a)
+        return a
+
+    def apply(self, a: np.ndarray, hparams: object) -> np.ndarray:
+        for p in self.parts:
+            a = p.apply(a, hparams)
+        return a
+
+
+#: the instances rules use
+PLUS_ONE = AddConstant("plus_one", c=1.0)
+NEG_EXP = NegExp("neg_exp")
 
 
 @dataclass(frozen=True)
@@ -205,7 +287,7 @@ def map_tensors(
             else:
                 refs = (got[-1],)
                 shape = refs[0].shape
-            if not rule.transform.identity and len(shape) >= 2:
-                shape = (*shape[:-2], rule.transform.out_rows(shape[-2]), shape[-1])
+            if not rule.transform.identity:
+                shape = rule.transform.out_shape(tuple(shape), hparams)
             out.append(OutTensor(rule.gguf.replace("{bid}", str(bid)), tuple(shape), rule.role, refs, rule.transform))
     return out

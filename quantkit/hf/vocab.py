@@ -48,6 +48,12 @@ GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 DIGIT_REGEX = r"\p{N}"  # Digits(individual_digits=true)
+#: Qwen3.5: Qwen2's regex with letters that include combining marks (\p{M}) (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN35)
+QWEN35_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+#: MiniMax-M2: cased words with their marks and contractions, digits in threes, '/' kept with line ends (llama.cpp's
+#: LLAMA_VOCAB_PRE_TYPE_MINIMAX_M2, which spells the letter classes with lookaheads)
+MINIMAX_M2_REGEX = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 #: (split regexes in order, model.ignore_merges) -> llama.cpp ``tokenizer.ggml.pre``: the name whose regexes and
 #: flags in src/llama-vocab.cpp compute what tokenizers computes.  Several llama.cpp names share a row's
@@ -57,6 +63,8 @@ KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[str, ...], bool], str] = {
     ((LLAMA3_REGEX,), True): "llama-bpe",  # Llama 3 (llama.cpp skips the merges of a word that is a token, as ignore_merges does)
     ((LLAMA3_REGEX,), False): "dbrx",  # the same regex with every merge applied: DBRX, OLMo 2, other cl100k-style vocabularies (also smaug-bpe)
     ((QWEN2_REGEX,), False): "qwen2",  # Qwen 1.5 / 2 / 2.5 / 3 and their MoE models (also deepseek-r1-qwen, megrez, ...)
+    ((QWEN35_REGEX,), False): "qwen35",  # Qwen3.5 and its MoE models
+    ((MINIMAX_M2_REGEX,), False): "minimax-m2",  # MiniMax-M2
     ((GPT2_REGEX,), False): "gpt-2",  # GPT-2's ByteLevel regex (also phi-2, mpt, olmo, ...)
     ((DIGIT_REGEX, GPT2_REGEX), False): "refact",  # digits one by one, then GPT-2's: Granite 3 incl. Granite MoE, Refact (also starcoder, smollm)
 }

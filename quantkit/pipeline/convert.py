@@ -34,9 +34,13 @@ from quantkit.hf.checkpoint import DTYPES, open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.format.encode import SAME, encode, nonfinite
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
-from quantkit.format.gguf_write import MetaValue, StreamingGGUFWriter, alignment_of, file_nbytes
+from quantkit.format.gguf_write import MetaValue, SplitGGUFWriter, SplitSpec, StreamingGGUFWriter, alignment_of, file_nbytes
+from quantkit.format.gguf_write import split_file_sizes, split_layout, split_path, split_prefix
+from quantkit.hf.hub_cache import repo_of_snapshot, resolve_source
+from quantkit.pipeline.card import COMMAND_KEY
 from quantkit.hf.mapping import OutTensor, Role, group_totals
-from quantkit.format.output import atomic_file, check_free_space, check_target
+from quantkit.hf.quantized import warn_requantised
+from quantkit.format.output import atomic_file, atomic_files, check_free_space, check_target
 from quantkit.policy.plan import Override, Plan, Target, TensorPlan, make_plan
 from quantkit.hf.vocab import load_vocab, vocab_metadata
 
@@ -60,6 +64,7 @@ class ConvertResult:
     seconds: float
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     types: dict[str, dict[str, int]] = field(default_factory=dict)  # GGML type -> tensors, params, bytes
+    parts: list[str] = field(default_factory=list)  # a split set: every part, the first is ``output``
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,7 +78,7 @@ class ConvertResult:
             "seconds": round(self.seconds, 3),
             "groups": self.groups,
             "types": self.types,
-        }
+        } | ({"parts": self.parts} if self.parts else {})
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class Prepared:
 def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: list[OutTensor], hp: Any) -> dict[str, MetaValue]:
     K = gguf_spec.Keys.General
     given = config.get("_name_or_path")
-    name = (given if isinstance(given, str) and given else src.resolve().name).rstrip("/").split("/")[-1]
+    repo = repo_of_snapshot(src)  # a Hugging Face cache snapshot: its directory is named after a commit, not the model
+    name = (given if isinstance(given, str) and given else repo or src.resolve().name).rstrip("/").split("/")[-1]
     name = name.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON escape, odd file name) is not UTF-8
     expert = sum(t.n_elements for t in tensors if t.role is Role.EXPERTS)
     total = sum(t.n_elements for t in tensors)
@@ -104,6 +110,8 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
         K.SIZE_LABEL: MetaValue(gguf_spec.size_label(total, total - expert, expert // max(1, hp.n_expert), hp.n_expert), V.STRING),
     }
     md[K.QUANTIZATION_VERSION] = MetaValue(gguf_spec.GGML_QUANT_VERSION, V.UINT32)  # as llama.cpp writes it, always
+    if repo is not None:
+        md[K.SOURCE_REPO_URL] = MetaValue(f"https://huggingface.co/{repo}", V.STRING)
     return md
 
 
@@ -113,9 +121,10 @@ def prepare(
 ):
     """Validate a checkpoint (and an importance matrix against it) and build its tensor map, type plan and metadata (reads no weights).
 
-    ``src`` is a Hugging Face directory, or a GGUF file to requantise (``quantkit.pipeline.gguf_source``).
+    ``src`` is a Hugging Face directory (or a repo id in the local Hugging Face cache, ``quantkit.hf.hub_cache``),
+    or a GGUF file to requantise (``quantkit.pipeline.gguf_source``; a split set by its first part).
     """
-    src = Path(src)
+    src = resolve_source(src)
     if src.is_file():  # a directory is a checkpoint: the GGUF code is not even imported
         from quantkit.pipeline import gguf_source
 
@@ -130,6 +139,7 @@ def prepare(
         stand_in = Plan("f32", gguf_spec.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
         plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}, conv.arch)
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
+        warn_requantised(str(src), ckpt.quantization, tensors, plan.tensors)  # an FP8 / INT4 source quantised again: once
     except BaseException:
         ckpt.close()
         raise
@@ -343,7 +353,8 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | N
         elif not t.transform.identity:  # one matrix (q/k rows permuted: a copy, the source can go)
             a = t.transform.apply(a, hp)
             ref.release()
-            yield from _rows(a, ref.dtype, tp.qtype, None, w(i), check)
+            dtype = "F32" if a.dtype == np.float32 else ref.dtype  # a value transform (norm + 1, -exp(A_log)) computes in float32
+            yield from _rows(a, dtype, tp.qtype, None, w(i), functools.partial(finite, dtype=dtype, ref=ref))
         elif a.ndim == 3:  # experts stacked in one source [E, rows, cols]
             per = a.nbytes // max(1, a.shape[0])
             for e in range(a.shape[0]):
@@ -391,8 +402,11 @@ def _in_flight(pieces: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
                     item[1].result()
 
 
-def _write(tmp: Path, prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None) -> None:
-    writer = StreamingGGUFWriter(tmp, prep.arch, prep.metadata)
+def _write(
+    tmp: Path | list[Path], prep: Prepared, on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None, parts: list[int] | None = None,
+) -> None:
+    """Stream the tensors into ``tmp``, or into the split set ``tmp[k]`` holding ``parts[k]`` tensors each."""
+    writer: Any = StreamingGGUFWriter(tmp, prep.arch, prep.metadata) if parts is None else SplitGGUFWriter(tmp, prep.arch, prep.metadata, parts)
     pairs = list(zip(prep.tensors, prep.plan.tensors))
     stream = _in_flight((i, piece) for i, (t, tp) in enumerate(pairs) for piece in tensor_pieces(t, tp, prep.hparams, _weights_for(prep, t, tp)))
     head: tuple[int, Any] | None = None
@@ -432,38 +446,77 @@ def convert(
     on_start: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    split: SplitSpec | None = None,
+    command: str | None = None,
 ) -> ConvertResult:
     """Convert an HF model directory (or requantise a GGUF file) to a GGUF file at ``out`` (atomically).
 
     ``imatrix`` weights the quantisation; ``allow_requantize`` lets already-quantised GGUF tensors be quantised again.
+    ``split``: write a split set instead, ``NAME-00001-of-0000K.gguf`` ... for ``out`` = ``NAME.gguf``, as
+    llama-gguf-split cuts the single file (:func:`_write_split`).  ``command``: recorded as ``quantkit.command``.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    check_target(out, force, inputs=(src,))
+    src = resolve_source(src)
+    check_target(out if split is None else split_path(split_prefix(out), 0, 1), force or split is not None, inputs=(src,))  # parts: checked once counted
     ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize)
+    if command is not None:
+        prep.metadata[COMMAND_KEY] = MetaValue(command, V.STRING)
     with ckpt:
         plan = prep.plan
-        header_guess = (1 << 20) + sum(len(t.name) + 64 + alignment_of(prep.metadata) for t in plan.tensors)
-        check_free_space(out, plan.nbytes + header_guess)
-        if on_start is not None:
-            on_start(plan)
-        log.info("converting %s (%s) -> %s as %s: %d tensors, %.2f GiB", src, prep.model_type, out, outtype, len(plan.tensors), plan.nbytes / 2**30)
-        try:
-            with atomic_file(out, force=force) as tmp:
-                _write(tmp, prep, on_bytes, on_tensor)
-        except OSError as e:
-            raise OutputError(f"{out}: writing failed ({e.strerror or e}); nothing was left at the path; fix: free disk space or write elsewhere") from e
+        if split is not None:
+            parts = _write_split(src, out, prep, split, force, on_start, on_bytes, on_tensor)
+        else:
+            header_guess = (1 << 20) + sum(len(t.name) + 64 + alignment_of(prep.metadata) for t in plan.tensors)
+            check_free_space(out, plan.nbytes + header_guess)
+            if on_start is not None:
+                on_start(plan)
+            log.info("converting %s (%s) -> %s as %s: %d tensors, %.2f GiB", src, prep.model_type, out, outtype, len(plan.tensors), plan.nbytes / 2**30)
+            try:
+                with atomic_file(out, force=force) as tmp:
+                    _write(tmp, prep, on_bytes, on_tensor)
+            except OSError as e:
+                raise OutputError(f"{out}: writing failed ({e.strerror or e}); nothing was left at the path; fix: free disk space or write elsewhere") from e
+            parts = [out]
     return ConvertResult(
-        output=str(out),
+        output=str(parts[0]),
         model_type=prep.model_type,
         outtype=plan.outtype,
         n_tensors=len(plan.tensors),
         n_params=plan.n_elements,
-        nbytes=out.stat().st_size,
+        nbytes=sum(p.stat().st_size for p in parts),
         seconds=time.perf_counter() - t0,
         groups=group_totals(plan.tensors),
         types=type_totals(plan),
+        parts=[str(p) for p in parts] if split is not None else [],
     )
+
+
+def _write_split(
+    src: Path, out: Path, prep: Prepared, split: SplitSpec, force: bool, on_start: Callable[[Plan], None] | None,
+    on_bytes: Callable[[int], None] | None, on_tensor: Callable[[str], None] | None,
+) -> list[Path]:
+    """Write the split set for ``out``: every part checked (``--force``) and the whole set's free space first, all
+    parts written to temporary files and renamed together (``atomic_files``): a failure leaves no part behind."""
+    plan = prep.plan
+    try:
+        counts = split_layout([tp.nbytes for tp in plan.tensors], split, [tp.name for tp in plan.tensors])
+    except ValueError as e:
+        raise OutputError(f"{out}: {e}") from None
+    paths = [split_path(split_prefix(out), no, len(counts)) for no in range(len(counts))]
+    for p in paths:
+        check_target(p, force, inputs=(src,))
+    sizes = split_file_sizes(prep.arch, prep.metadata, [(tp.name, tp.shape, tp.nbytes) for tp in plan.tensors], counts)
+    check_free_space(paths[0], sum(sizes))
+    if on_start is not None:
+        on_start(plan)
+    log.info("converting %s (%s) -> %s as %s: %d tensors in %d parts, %.2f GiB", src, prep.model_type, paths[0], plan.outtype, len(plan.tensors), len(paths), plan.nbytes / 2**30)
+    try:
+        with atomic_files(paths, force=force) as tmps:
+            _write(tmps, prep, on_bytes, on_tensor, counts)
+    except OSError as e:
+        raise OutputError(f"{paths[0]}: writing the split set failed ({e.strerror or e}); no part was left behind; fix: free disk space or write elsewhere") from e
+    return paths
 
 
 def type_totals(plan: Plan) -> dict[str, dict[str, int]]:

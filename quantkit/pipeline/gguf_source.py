@@ -12,11 +12,14 @@ Requantising an already-quantised tensor loses twice; like llama-quantize we
 refuse unless ``allow_requantize`` is given, and warn when it is.  A tensor
 whose planned type equals its stored type is copied byte for byte.  Every
 metadata key is carried over, in the source's order, except the source's
-``quantize.imatrix.*`` keys; the keys the new file redefines
+``quantize.imatrix.*`` and ``quantkit.*`` keys (how the source was made); the keys the new file redefines
 (``general.file_type``, ``general.quantized_by``, the quantisation version) keep
 their place with the source's values, for the writer to overwrite: a BF16 file
 quantkit wrote, requantised, gives the very bytes of the Hugging Face path.  The
 source's ``general.alignment``, if any, is kept and the new file follows it.
+
+The first part of a split set is read with all its parts as one source (its ``split.*`` keys are
+dropped, as llama-quantize drops them): requantising it gives the file its single-file form gives.
 
 Not for: Hugging Face checkpoints (``quantkit.hf.checkpoint``), reading hostile files for display (``quantkit.format.gguf_read``).
 """
@@ -34,7 +37,7 @@ from quantkit.hf.checkpoint import Shard, TensorRef
 from quantkit.errors import CheckpointError
 from quantkit.engine.gguf_check import check_model
 from quantkit.format.gguf_read import GGUFFile, read_gguf, role_of
-from quantkit.format.gguf_write import MetaValue
+from quantkit.format.gguf_write import SPLIT_KEYS, MetaValue
 from quantkit.hf.mapping import OutTensor
 
 log = logging.getLogger(__name__)
@@ -81,9 +84,11 @@ class GGUFSource:
     hparams: GGUFShape
     quantized: list[str] = field(default_factory=list)  # names of tensors stored quantised
     model_type: str = "gguf"
+    shards: list[Shard] = field(default_factory=list)  # a split set: one per part (``shard`` is the first)
 
     def close(self) -> None:
-        self.shard.close()
+        for s in self.shards or [self.shard]:
+            s.close()
 
     def __enter__(self) -> GGUFSource:
         return self
@@ -108,7 +113,7 @@ def source_metadata(g: GGUFFile) -> dict[str, MetaValue]:
     """
     md: dict[str, MetaValue] = {}
     for key, value in g.metadata.items():
-        if key.startswith("quantize.imatrix."):
+        if key.startswith(("quantize.imatrix.", "quantkit.")) or key in SPLIT_KEYS:  # how the source was made; as llama-quantize: one file
             continue
         vtype, sub = g.types[key]  # nested arrays never get here: the reader refuses them, as llama.cpp does
         md[key] = MetaValue(value, V(vtype), None if sub is None else V(sub))
@@ -137,16 +142,16 @@ def open_gguf(path: str | Path, allow_requantize: bool = False) -> GGUFSource:
 
     hp = GGUFShape(num("block_count"), num("attention.head_count"), num("attention.head_count_kv", num("attention.head_count")),
                    num("expert_count", 0), num("expert_used_count", 0))
-    shard = Shard(path=path, data_start=g.data_offset, size=path.stat().st_size)
+    shards = [Shard(path=f.path, data_start=f.data_offset, size=f.path.stat().st_size) for f in g.files]  # a split set: one per part
     tensors, quantized = [], []
     for ti in g.tensors:
         shape = tuple(reversed(ti.ne))
         stored = FLOAT.get(ti.qtype)
         if stored is None:
             quantized.append(ti.name)
-        ref = GGUFTensorRef(ti.name, stored or "F32", shape, shard, ti.offset, ti.offset + ti.nbytes, qtype=ti.qtype)
+        ref = GGUFTensorRef(ti.name, stored or "F32", shape, shards[ti.part], ti.offset, ti.offset + ti.nbytes, qtype=ti.qtype)
         tensors.append(OutTensor(ti.name, shape, role_of(ti.name), (ref,)))
-    return GGUFSource(path, shard, md, tensors, hp, quantized)
+    return GGUFSource(path, shards[0], md, tensors, hp, quantized, shards=shards if g.parts else [])
 
 
 def check_requantize(src: GGUFSource, plan_types: dict[str, Q], allow: bool) -> list[str]:

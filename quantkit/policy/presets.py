@@ -199,6 +199,9 @@ NEVER_QUANTISED: tuple[str, ...] = (
 NEVER_QUANTISED_EXACT = frozenset({"position_embd.weight", "token_types.weight"})
 #: quantkit's own contract on top of llama.cpp's names: these roles are F32 in every output.
 KEEP_F32_ROLES = frozenset({Role.ROUTER, Role.NORM})
+#: matrices llama.cpp's converter writes F32 whatever the output type, because the op reading them takes F32 only
+#: (ggml_ssm_conv asserts an F32 kernel: an F16 ``ssm_conv1d`` aborts the process)
+KEEP_F32_NAMES: tuple[str, ...] = ("ssm_conv1d",)
 
 
 def kept_f32(t: OutTensor) -> str | None:
@@ -211,6 +214,8 @@ def kept_f32(t: OutTensor) -> str | None:
         return f"{t.role.value} stay F32"
     if len(t.shape) == 1 or t.data is not None:
         return "1-D tensors stay F32"
+    if any(s in t.name for s in KEEP_F32_NAMES):
+        return "convolution kernels stay F32 (llama.cpp's ssm_conv reads F32 only)"
     return None
 
 
