@@ -84,6 +84,14 @@ ARCH_DEFAULTS: dict[str, dict] = {
                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32),
     "qwen3_5_moe_text": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96, head_dim=32, full_attention_interval=2,
                              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32),
+    # dots.llm1's layout at a small size: one leading dense block, 4 experts top-2 + 1 shared, renormalised and scaled 2.5 as published
+    # (the class defaults are 1.0 / false); as many KV heads as query heads (llama.cpp's dots1 graph has no grouped-query attention)
+    "dots1": dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                  first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5),
+    # MiniMax-M2's partial rotary (half of each head, as its 64 of 128) at a head size of its own (the class defaults are the 230B model's)
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=32, rotary_dim=16),
+    # ERNIE-4.5 MoE's layout at a small size: one leading dense block (moe_layer_start_index 1, the class default), 4 experts top-2 + 1 shared
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64, moe_num_shared_experts=1),
 }
 
 

@@ -83,6 +83,22 @@ RANDOM_CASES = {
     "qwen35moe-fused-gqa4-sharded": dict(model_type="qwen3_5_moe_text", fused=True, num_key_value_heads=1, num_experts=6, num_experts_per_tok=3, max_shard_size="400KB",
                                          rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
                                                           "partial_rotary_factor": 0.25}),
+    # dots.llm1 (dots1) in transformers 5's fused layout: per-head q/k norms, NeoX rope, sigmoid routing within the best 2 of 4 groups of 2,
+    # top-3 renormalised times 2.5, a leading dense block, a shared expert, head_dim != hidden/heads, tied (output: a copy), sharded
+    # (a non-zero selection bias, mutations of the routing keys: test_dots1.py)
+    "dots1-fused-groups-headdim-tied-sharded": dict(model_type="dots1", fused=True, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+                                                    head_dim=48, tie_word_embeddings=True, max_shard_size="400KB"),
+    # MiniMax-M2 (minimax-m2) in transformers 5's fused layout: q/k norms over the whole projections, NeoX rope on half of each head,
+    # sigmoid top-3 of 6 renormalised, GQA 4:1, tied (output: a copy), sharded (a non-zero selection bias: test_minimax_m2.py)
+    "minimax_m2-fused-partial-rope-gqa4-tied-sharded": dict(model_type="minimax_m2", fused=True, num_key_value_heads=1, num_local_experts=6,
+                                                            num_experts_per_tok=3, tie_word_embeddings=True, max_shard_size="400KB"),
+    # ERNIE-4.5 MoE (ernie4_5-moe): interleaved-pair rope (rows as they are), softmax top-2 selected by score + its [1, E] bias (a parameter
+    # random_model perturbs), renormalised, a leading dense block, a shared expert, GQA 2:1, per-expert keys
+    "ernie4_5_moe-dense1-shexp-gqa": dict(model_type="ernie4_5_moe"),
+    # ERNIE-4.5 MoE in transformers 5's fused layout (bias under mlp.gate.moe_statics), two leading dense blocks of 3, no shared expert,
+    # head_dim != hidden/heads, GQA 4:1, tied (no output: the graph reads token_embd)
+    "ernie4_5_moe-fused-dense2-noshexp-tied": dict(model_type="ernie4_5_moe", fused=True, num_hidden_layers=3, moe_layer_start_index=2, moe_num_shared_experts=0,
+                                                   head_dim=48, num_key_value_heads=1, tie_word_embeddings=True),
 }
 
 

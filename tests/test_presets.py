@@ -66,6 +66,7 @@ REAL_CASES += [("qwen2moe-e8-L8-shexp", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [("granitemoeshared-e8-L8-tied", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [("deepseek3-e8-L8-mla", p, False) for p in ("Q4_K_M", "Q3_K_M", "MXFP4_MOE")]
 REAL_CASES += [("qwen3next-e8-L8-hybrid", p, False) for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [(name, p, False) for name in ("dots1-e8-L8-dense1", "minimax_m2-e8-L8-gqa", "ernie4_5_moe-e4-L6-tied") for p in ("Q4_K_M", "Q3_K_M")]
 
 
 # --------------------------------------------------------------------------- llama.cpp as the oracle
@@ -256,6 +257,25 @@ RANDOM = {
     "qwen35moe-e4-L6-hybrid": dict(
         model_type="qwen3_5_moe_text", num_experts=4, num_hidden_layers=6, hidden_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=256,
         num_attention_heads=4, num_key_value_heads=1, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64, full_attention_interval=3,
+    ),
+    # dots1: one leading dense block (ffn_down 2-D among the MoE blocks' ffn_down_exps / ffn_down_shexp for the i_ffn_down counter),
+    # 8 experts of width 256 (the 8-expert bumps), a shared expert of width 256, no GQA (the graph needs it), per-head q/k norms and
+    # exp_probs_b (1-D, F32), rows 256 everywhere, 8 layers
+    "dots1-e8-L8-dense1": dict(
+        model_type="dots1", n_routed_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=1,
+    ),
+    # minimax-m2: 8 experts of width 256 (feed_forward_length), GQA 2, q/k norms over whole projections (1-D of 256 / 128), exp_probs_b,
+    # half of each head rotary (no tensor of its own), 8 layers
+    "minimax_m2-e8-L8-gqa": dict(
+        model_type="minimax_m2", num_local_experts=8, num_hidden_layers=8, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, rotary_dim=32,
+    ),
+    # ernie4_5-moe: 4 experts of width 128 (fall back; IQ1/IQ2 attn_v n_expert >= 4 rule), 2 shared experts (ffn_*_shexp 256 wide), a leading
+    # dense block of width 512, GQA 4:1, tied embeddings (no output: token_embd takes the output rules), exp_probs_b [1, E] written 1-D, 6 layers
+    "ernie4_5_moe-e4-L6-tied": dict(
+        model_type="ernie4_5_moe", moe_num_experts=4, num_hidden_layers=6, hidden_size=256, moe_intermediate_size=128, intermediate_size=512,
+        num_attention_heads=4, num_key_value_heads=1, moe_num_shared_experts=2, tie_word_embeddings=True,
     ),
 }
 
