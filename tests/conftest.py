@@ -92,6 +92,11 @@ ARCH_DEFAULTS: dict[str, dict] = {
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=32, rotary_dim=16),
     # ERNIE-4.5 MoE's layout at a small size: one leading dense block (moe_layer_start_index 1, the class default), 4 experts top-2 + 1 shared
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64, moe_num_shared_experts=1),
+    # gpt-oss at a small size: 4 experts top-2, a window of 8 (shorter than the test prompts: the sliding blocks differ from full ones),
+    # YaRN as published but with truncate true (ggml always rounds the correction range; truncate false is measured in test_gpt_oss.py)
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=32, sliding_window=8,
+                    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+                                     "original_max_position_embeddings": 4096, "rope_theta": 150000.0}),
 }
 
 

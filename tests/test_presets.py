@@ -277,6 +277,12 @@ RANDOM = {
         model_type="ernie4_5_moe", moe_num_experts=4, num_hidden_layers=6, hidden_size=256, moe_intermediate_size=128, intermediate_size=512,
         num_attention_heads=4, num_key_value_heads=1, moe_num_shared_experts=2, tie_word_embeddings=True,
     ),
+    # gpt-oss: 4 experts of width 256 (k-quants), stored transposed and interleaved; 2-D expert biases and router / attention
+    # biases, attn_sinks (1-D), post_attention_norm; GQA 2:1, head_dim 64 (attn_q 256 rows), 4 layers alternating sliding / full
+    "gpt-oss-e4-L4": dict(
+        model_type="gpt_oss", num_local_experts=4, num_hidden_layers=4, hidden_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    ),
 }
 
 

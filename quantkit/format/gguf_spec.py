@@ -295,6 +295,7 @@ class TensorName:
     NEXTN_ENORM = "blk.{bid}.nextn.enorm"
     NEXTN_HNORM = "blk.{bid}.nextn.hnorm"
     NEXTN_SHARED_HEAD_NORM = "blk.{bid}.nextn.shared_head_norm"
+    ATTN_SINKS = "blk.{bid}.attn_sinks"  # one attention sink logit per head (gpt-oss)
 
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")

@@ -201,7 +201,7 @@ NEVER_QUANTISED_EXACT = frozenset({"position_embd.weight", "token_types.weight"}
 KEEP_F32_ROLES = frozenset({Role.ROUTER, Role.NORM})
 #: matrices llama.cpp's converter writes F32 whatever the output type, because the op reading them takes F32 only
 #: (ggml_ssm_conv asserts an F32 kernel: an F16 ``ssm_conv1d`` aborts the process)
-KEEP_F32_NAMES: tuple[str, ...] = ("ssm_conv1d",)
+KEEP_F32_NAMES: tuple[str, ...] = ("ssm_conv1d", "_exps.bias")  # _exps.bias: ggml's add_id reads F32 expert biases only (gpt-oss)
 
 
 def kept_f32(t: OutTensor) -> str | None:
