@@ -75,6 +75,15 @@ class HfExperts:
     down: str
     block: str = "model.layers.{bid}.mlp"  # the transformers 5 module holding the router and ``experts``
     router_param: str = "gate.weight"  # the router's parameter inside ``block`` (Granite: ``router.weight``)
+    #: further ``nn.Linear`` weights (key templates, ``{bid}``) whose name-table role is not a quantised one
+    #: (Role.OTHER: the Gated DeltaNet projections of Qwen3-Next / Qwen3.5): stored 4-bit as well
+    linears: tuple[str, ...] = ()
+    #: regexes of source tensors transformers' model does not load (``_keys_to_ignore_on_load_unexpected``,
+    #: e.g. multi-token-prediction blocks ``mtp.*``): left out of the export
+    unloaded: tuple[str, ...] = ()
+    #: (source prefix, exported prefix) of keys transformers' causal LM names otherwise: Qwen3.5's vision-language
+    #: checkpoints hold the language model under ``model.language_model.``, ``AutoModelForCausalLM`` under ``model.``
+    renamed: tuple[tuple[str, str], ...] = ()
 
     @property
     def projections(self) -> tuple[str, str, str]:

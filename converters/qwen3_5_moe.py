@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.converters import Routing, register
+from quantkit.converters import MLP_EXPERTS, Routing, register
 from quantkit.converters.llama import IGNORE, T, _p
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.qwen3_next import (
-    BLOCK, NOTES, VISION, HybridConverter, HybridHparams, check_blocks, check_rope, hybrid_hparams, hybrid_metadata, trunk_rules,
+    BLOCK, MTP_UNLOADED, NOTES, VISION, HybridConverter, HybridHparams, check_blocks, check_rope, hybrid_hparams, hybrid_metadata, trunk_rules,
 )
 from quantkit.errors import CheckpointError
 from quantkit.format.gguf_write import MetaValue
@@ -124,6 +124,11 @@ LINEAR_RULES: tuple[Rule, ...] = (
     _p(_LINEAR + "norm.weight", T.SSM_NORM, Role.NORM, lambda h: (h.head_v_dim,), optional=True),  # one weight shared by every head: no reorder
     _p(_LINEAR + "out_proj.weight", T.SSM_OUT, Role.OTHER, lambda h: (h.n_embd, h.value_dim), V_COLUMNS, optional=True),
 )
+#: --format bnb: experts as Qwen2 MoE's, the Role.OTHER Gated DeltaNet projections 4-bit, no MTP blocks; from a
+#: vision-language checkpoint what ``AutoModelForCausalLM`` builds of its config (``Qwen3_5MoeForCausalLM``: the
+#: language model under ``model.``; the vision tower is left out as for GGUF)
+HF_EXPERTS = replace(MLP_EXPERTS, linears=tuple(f"model.layers.{{bid}}.linear_attn.{w}.weight" for w in ("in_proj_a", "in_proj_b", "out_proj")),
+                     unloaded=MTP_UNLOADED, renamed=(("model.language_model.", "model."),))  # a VL checkpoint: its language model only
 LINEAR_TENSORS = ("attn_qkv.weight", "attn_gate.weight", "ssm_beta.weight", "ssm_alpha.weight", "ssm_conv1d.weight", "ssm_dt.bias", "ssm_a",
                   "ssm_norm.weight", "ssm_out.weight")
 
@@ -145,7 +150,7 @@ def metadata(h: HybridHparams) -> dict[str, MetaValue]:
 CONVERTER = register(HybridConverter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE + VISION,
     hf_architectures=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"),
-    routing=Routing(scoring="softmax", normalize_top_k=True),
+    routing=Routing(scoring="softmax", normalize_top_k=True), hf_experts=HF_EXPERTS,
     notes=NOTES + ("the vision tower (model.visual.*) is left out: llama.cpp's converter writes it to a separate mmproj file",),
 ))
 TEXT_CONVERTER = register(replace(CONVERTER, model_type=TEXT_MODEL_TYPE))  # the same model saved without its vision tower

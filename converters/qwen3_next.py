@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters.llama import IGNORE, T, Hparams, _get, _p, head_rules, moe_counts, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
@@ -72,6 +72,11 @@ ARCH = "qwen3next"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3NEXT]
 K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
 #: llama-arch.cpp LLM_KV_ATTENTION_RECURRENT_LAYERS (an array of bools, one per block); gguf 0.19 has no constant for it
 RECURRENT_LAYERS = "{arch}.attention.recurrent_layers"
+#: --format bnb: experts and router as Qwen2 MoE's; the Gated DeltaNet projections the name table gives Role.OTHER are
+#: nn.Linear in transformers (4-bit too); MTP blocks are not part of transformers' model (``_keys_to_ignore_on_load_unexpected``)
+MTP_UNLOADED = (r"^(?:model\.)?mtp\.",)
+HF_EXPERTS = replace(MLP_EXPERTS, linears=("model.layers.{bid}.linear_attn.in_proj_ba.weight", "model.layers.{bid}.linear_attn.out_proj.weight"),
+                     unloaded=MTP_UNLOADED)
 #: the vision tower of Qwen3.5's vision-language checkpoints (dropped by qwen3_5_moe: llama.cpp's converter writes it to an mmproj file)
 VISION = (r"^model\.visual\.",)
 #: transformers' defaults for keys a config.json may leave out (Qwen3NextConfig / Qwen3_5MoeTextConfig)
@@ -480,4 +485,5 @@ def rules(names: list[str]) -> tuple[Rule, ...]:
 CONVERTER = register(HybridConverter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("Qwen3NextForCausalLM",), routing=Routing(scoring="softmax", normalize_top_k=True), notes=NOTES,
+    hf_experts=HF_EXPERTS,
 ))

@@ -1,7 +1,8 @@
 """bitsandbytes 4-bit checkpoints whose MoE experts really are 4-bit: export and load.
 
 ``export_bnb`` streams a Hugging Face checkpoint (Mixtral, Qwen2 MoE, Qwen3 MoE,
-OLMoE, per-expert or fused expert layout; also Mistral / Llama) into a directory
+OLMoE, Granite MoE, Qwen3-Next, Qwen3.5 MoE, per-expert or fused expert layout;
+also Mistral / Llama) into a directory
 of sharded safetensors in the family's per-expert HF key layout (what
 ``save_pretrained`` writes, declared per family as
 ``quantkit.converters.HfExperts``) as bitsandbytes' ``Linear4bit`` serialises it:
@@ -13,7 +14,11 @@ of sharded safetensors in the family's per-expert HF key layout (what
 quantised on its own (its own blocks and absmax), attention, dense FFN and
 shared-expert projections are quantised, and routers (a shared expert's gate
 too), norms, biases, token embeddings and lm_head are copied byte for byte in
-the source dtype under their own keys.  ``config.json`` gets a
+the source dtype under their own keys (as the source stores them: the GGUF name tables'
+value transforms and views, e.g. Qwen3-Next's ``w + 1`` norms, ``-exp(A_log)`` and its
+conv kernel read as a matrix, do not apply; further ``nn.Linear`` weights a family
+declares in ``HfExperts.linears`` are 4-bit; tensors transformers does not load,
+``HfExperts.unloaded`` such as MTP blocks, are left out).  ``config.json`` gets a
 ``quantization_config`` whose ``llm_int8_skip_modules`` lists the kept modules
 by full path.  Tensors are read lazily and written one at a time, and the
 directory is built beside the target and renamed into place.
@@ -31,6 +36,7 @@ Not for: GGUF output (``quantkit.pipeline.convert``) or argument parsing (``quan
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import json
 import logging
 import math
@@ -40,7 +46,7 @@ import shutil
 import struct
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -98,11 +104,12 @@ class Item:
     ref: TensorRef
     expert: int | None = None  # index into a fused [E, 2F, H] / [E, H, F] source
     half: Transform = Transform.NONE  # FIRST_HALF / SECOND_HALF of a fused gate_up_proj
+    linear: bool = False  # an nn.Linear the family declares 4-bit whatever its role (``HfExperts.linears``)
 
     @property
     def quantised(self) -> bool:
-        """Weight matrices of the quantised roles; biases (1-D) stay in source precision beside them."""
-        return self.role in QUANTISED_ROLES and len(self.shape) == 2 and self.key.endswith(".weight")
+        """Weight matrices of the quantised roles (and declared linears); biases (1-D) stay in source precision beside them."""
+        return (self.role in QUANTISED_ROLES or self.linear) and len(self.shape) == 2 and self.key.endswith(".weight")
 
     @property
     def module(self) -> str:
@@ -162,24 +169,33 @@ def _kind(name: str) -> tuple[str, int | None]:
     return (name if bid is None else "blk.{bid}." + name[len(f"blk.{bid}.") :]), bid
 
 
+def _renamed(key: str, layout: HfExperts | None) -> str:
+    """A source key as transformers' causal LM names it (``HfExperts.renamed``)."""
+    for old, new in layout.renamed if layout is not None else ():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def plan_items(tensors: Sequence[OutTensor], layout: HfExperts | None) -> list[Item]:
     """Converter-table tensors -> output weights in the family's per-expert HF layout (experts split one by one).
 
     Routed experts and the router go under ``layout``'s keys; every other tensor keeps its checkpoint key
-    (the same in both expert layouts), once: an ``output`` a graph reads from the tied embeddings is not
+    (the same in both expert layouts; renamed as ``layout.renamed`` says), once: an ``output`` a graph reads from the tied embeddings is not
     written again (config.json's ``tie_word_embeddings`` says so).
     """
     items: list[Item] = []
     keys: set[str] = set()
+    linears = [_key_pattern(k) for k in layout.linears] if layout is not None else []
     for t in tensors:
         if t.data is not None:  # generated for GGUF only (rope_freqs); not an HF weight
             continue
         kind, bid = _kind(t.name)
         if t.role is not Role.EXPERTS:
-            key = layout.router.format(bid=bid) if layout is not None and kind == ROUTER_KIND else t.sources[0].name
-            if key not in keys:
+            key = layout.router.format(bid=bid) if layout is not None and kind == ROUTER_KIND else _renamed(t.sources[0].name, layout)
+            if key not in keys:  # one source split into several GGUF tensors (in_proj_qkvz) is one weight here
                 keys.add(key)
-                items.append(Item(key, t.role, t.sources[0].shape, t.sources[0]))
+                items.append(Item(key, t.role, t.sources[0].shape, t.sources[0], linear=any(p.match(key) for p in linears)))
             continue
         if layout is None or kind not in EXPERT_KINDS:
             raise CheckpointError(f"checkpoint: tensor {t.sources[0].name!r} ({t.name}) has no place in a bitsandbytes checkpoint; fix: convert this model to GGUF instead")
@@ -458,12 +474,38 @@ def _check_options(quant_type: str, compute_dtype: str) -> None:
 
 
 def prepare_bnb(ckpt: Checkpoint) -> tuple[str, list[Item]]:
-    """Map a checkpoint with its converter table; returns (model_type, output weights)."""
+    """Map a checkpoint with its converter table; returns (model_type, output weights).
+
+    Kept tensors are the source's as stored: a weight the name table reads through a view of another
+    shape (Qwen3-Next's conv1d kernel [C, 1, K] as [C, K]) is written under its source shape, and
+    the table's value transforms (``w + 1`` norms, ``-exp(A_log)``) are GGUF-only.  Source tensors
+    transformers does not load (``HfExperts.unloaded``: MTP blocks) are left out, and keys are
+    renamed as ``AutoModelForCausalLM`` names them (``HfExperts.renamed``: a vision-language
+    checkpoint's ``model.language_model.`` -> ``model.``; its vision tower the name table drops).
+    """
     conv = for_model_type(ckpt.model_type, where=str(ckpt.root / "config.json"))
     layout = expert_layout(conv, str(ckpt.root))
     _, tensors = conv.map(ckpt)  # the name table accounts for every tensor; the family's checks (made for llama.cpp) run too
     tensors = [t for t in tensors if t.data is None]  # generated tensors (rope_freqs) are not checkpoint weights
-    return ckpt.model_type, plan_items(tensors, layout)
+    unloaded = [re.compile(p) for p in layout.unloaded] if layout is not None else []
+    if unloaded:
+        dropped = sorted({r.name for t in tensors for r in t.sources if any(p.search(r.name) for p in unloaded)})
+        if dropped:
+            log.info("%s: %d tensor(s) transformers does not load (e.g. %s) are left out of the bitsandbytes export", ckpt.root, len(dropped), dropped[0])
+        tensors = [t for t in tensors if not any(p.search(t.sources[0].name) for p in unloaded)]
+    items = []
+    for item in plan_items(tensors, layout):
+        stored = ckpt.tensors.get(item.ref.name)
+        if item.expert is None and stored is not None and stored is not item.ref and stored.shape != item.ref.shape:
+            if item.quantised:  # cannot happen with the declared tables; guards new ones
+                raise QuantkitError(f"{ckpt.root}: tensor {item.ref.name!r} is read as {list(item.ref.shape)} by the name table; fix: report this as a quantkit bug")
+            item = replace(item, ref=stored, shape=stored.shape)  # as stored, under the source shape
+        items.append(item)
+    dup = next((k for k, n in Counter(i.key for i in items).items() if n > 1), None)
+    if dup is not None:
+        raise CheckpointError(f"{ckpt.root}: two source tensors give the weight {dup!r}; fix: use a checkpoint with one copy of the model")
+
+    return ckpt.model_type, items
 
 
 def export_bnb(
