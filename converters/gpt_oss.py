@@ -22,6 +22,15 @@ transformers' ``modeling_gpt_oss.py``):
 * YaRN rope scaling (factor, original context); the attention factor llama.cpp derives equals
   transformers' ``0.1 ln(factor) + 1``.
 
+MXFP4 checkpoints (the published gpt-oss-20b / -120b, ``quantization_config.quant_method: mxfp4``) store the
+experts as ``mlp.experts.{gate_up,down}_proj_blocks`` + ``_scales`` in llama.cpp's row order: ``gate_up``
+[E, 2*ffn, hidden] with gate in the even *rows* and up in the odd ones, ``down`` [E, hidden, ffn].
+``quantkit.hf.quantized`` reads each pair as the float32 weight ``mlp.experts.gate_up_proj`` /
+``down_proj`` (decoded exactly, a few rows at a time); the converter then takes the row rules
+(:class:`InterleavedRows`, no transpose) for every expert weight that is stored MXFP4 -- chosen by what the
+checkpoint says (``QuantRef.quant``), never by shape, as ``hidden`` may equal ``2*ffn``.  A checkpoint
+whose blocks hold some layers' experts and plain tensors others' is refused.
+
 Routing: transformers softmaxes the top-k router logits (with the router bias); llama.cpp's
 ``SOFTMAX_WEIGHT`` gating does the same.  Refused, because llama.cpp would compute something else:
 ``swiglu_alpha`` / ``swiglu_limit`` other than 1.702 / 7.0, ``layer_types`` other than the alternating
@@ -36,6 +45,7 @@ the rotary frequencies of a few dimensions in that range differ slightly (measur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +59,7 @@ from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
-from quantkit.hf.checkpoint import shown
+from quantkit.hf.checkpoint import Checkpoint, shown
 from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
 
 MODEL_TYPE = "gpt_oss"
@@ -125,7 +135,7 @@ class InterleavedRows(Transform):
         return rows // 2
 
     def select(self, a: np.ndarray) -> np.ndarray:
-        return np.asarray(a)[0 if self.first else 1 :: 2]
+        return a[0 if self.first else 1 :: 2]  # a decoded (MXFP4) source decodes just these rows
 
 
 TRANSPOSED = Transposed("transposed")
@@ -237,10 +247,41 @@ EXPERT_RULES: tuple[Rule, ...] = (
     _p(M + "experts.down_proj", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_expert, h.n_ff, h.n_embd), TRANSPOSED),
 )
 
+#: MXFP4 experts (``_blocks`` / ``_scales``, read as one float32 weight each) in llama.cpp's row order: gate_up [E, 2*ffn, hidden]
+#: with gate in the even rows, down [E, hidden, ffn] as written
+MXFP4_GATE_UP_RULES: tuple[Rule, ...] = (
+    _p(M + "experts.gate_up_proj", T.FFN_GATE_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * h.n_ff, h.n_embd), GATE_ROWS),
+    _p(M + "experts.gate_up_proj", T.FFN_UP_EXP, Role.EXPERTS, lambda h: (h.n_expert, 2 * h.n_ff, h.n_embd), UP_ROWS),
+)
+MXFP4_DOWN_RULES: tuple[Rule, ...] = (
+    _p(M + "experts.down_proj", T.FFN_DOWN_EXP, Role.EXPERTS, lambda h: (h.n_expert, h.n_embd, h.n_ff)),
+)
+MXFP4_STORAGE = "mxfp4"
 
-def rules(names: list[str]) -> tuple[Rule, ...]:
+
+def rules(names: list[str], mxfp4: frozenset[str] = frozenset()) -> tuple[Rule, ...]:
+    """The name table; ``mxfp4``: which expert weights (``gate_up_proj``, ``down_proj``) the checkpoint stores as MXFP4 blocks (row order)."""
+    gate_up = MXFP4_GATE_UP_RULES if "gate_up_proj" in mxfp4 else EXPERT_RULES[:2]
+    down = MXFP4_DOWN_RULES if "down_proj" in mxfp4 else EXPERT_RULES[2:]
     # llama.cpp's gpt-oss graph always reads ``output``: a tied checkpoint gets the embeddings again
-    return ATTENTION_RULES + ROUTER_RULES + EXPERT_RULES + head_rules(names, always_output=True)
+    return ATTENTION_RULES + ROUTER_RULES + gate_up + down + head_rules(names, always_output=True)
+
+
+def mxfp4_experts(ckpt: Checkpoint) -> frozenset[str]:
+    """The expert weights (``gate_up_proj`` / ``down_proj``) that ``ckpt`` stores as MXFP4 blocks; a mix across layers is refused."""
+    seen: dict[str, dict[bool, str]] = {}
+    for name, ref in ckpt.tensors.items():
+        for kind in ("gate_up_proj", "down_proj"):
+            if name.endswith(".mlp.experts." + kind):
+                quant = getattr(ref, "quant", None)
+                seen.setdefault(kind, {}).setdefault(quant is not None and quant.storage == MXFP4_STORAGE, name)
+    for kind, by in seen.items():
+        if len(by) == 2:
+            raise CheckpointError(
+                f"{ckpt.root}: tensor {shown(by[True] + '_blocks')} is MXFP4 (row order) but {shown(by[False])} is stored plain ([E, in, out]); "
+                "quantkit reads one layout of experts per checkpoint; fix: re-download the checkpoint, or dequantise every layer's experts"
+            )
+    return frozenset(kind for kind, by in seen.items() if True in by)
 
 
 def check(h: GptOssHparams, tensors: list[OutTensor]) -> None:
@@ -260,7 +301,19 @@ def metadata(h: GptOssHparams) -> dict[str, MetaValue]:
 #: softmax over the top-k (biased) router logits = softmax, top-k, renormalised; experts have biases and a clamped SwiGLU
 ROUTING = Routing(scoring="softmax", normalize_top_k=True, silu_gated_experts=False)
 
-CONVERTER = register(Converter(
+@dataclass(frozen=True)
+class _GptOssConverter(Converter):
+    """gpt-oss's name table depends on how the experts are stored (MXFP4 rows or transformers' [E, in, out]), which names alone do not say."""
+
+    def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
+        mx = mxfp4_experts(ckpt)
+        if not mx:
+            return super().map(ckpt)
+        table = self.rules
+        return Converter.map(dataclasses.replace(self, rules=lambda names: table(names, mx)), ckpt)  # type: ignore[call-arg]
+
+
+CONVERTER = register(_GptOssConverter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("GptOssForCausalLM",), routing=ROUTING,
     notes=("YaRN truncate: false (published gpt-oss configs): ggml rounds the correction range, transformers does not; "

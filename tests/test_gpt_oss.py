@@ -201,3 +201,268 @@ def test_cli_convert_q4_k_m_and_run(good, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "5"])
     assert r.exit_code == 0, r.output
+
+
+# -- MXFP4 experts (quant_method: mxfp4, the published gpt-oss checkpoints) ------------------------------
+#
+# The tiny model's experts quantised to MXFP4 the way gpt-oss-20b / -120b store them: per 32 values of a row
+# one e8m0 exponent (the block's largest magnitude brought within e2m1's 6), e2m1 nibbles (value 2j in the
+# low half of byte j), rows in llama.cpp's order -- gate_up_proj_blocks [E, 2F, H/32, 16] with gate in the
+# even rows, down_proj_blocks [E, H, F/32, 16].  The reference: the same model with those experts decoded,
+# as plain F32 weights in transformers' [E, in, out] layout.  Here hidden (128) = 2 * ffn (64): the layout
+# is told by the names, not by the shape.
+
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def mxfp4_quantise(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float rows [..., rows, cols] -> (blocks uint8 [..., rows, cols/32, 16], scales uint8 [..., rows, cols/32]): the OCP MX recipe."""
+    *lead, cols = w.shape
+    x = w.astype(np.float64).reshape(*lead, cols // 32, 32)
+    amax = np.abs(x).max(-1)
+    exp = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2, -127).astype(np.int64)  # e2m1's largest exponent is 2
+    exp = np.clip(exp, -127, 127)
+    y = x / np.exp2(exp)[..., None]
+    mags = E2M1[:8].astype(np.float64)
+    idx = np.abs(np.abs(y)[..., None] - mags).argmin(-1)  # nearest magnitude (ties to the lower code, i.e. even mantissa here)
+    nib = (idx | np.where(y < 0, 8, 0)).astype(np.uint8)
+    blocks = (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exp + 127).astype(np.uint8)
+
+
+def mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """A straightforward decode: value 2j = low nibble of byte j, 2j+1 the high one, times 2**(scale - 127)."""
+    *lead, nb, _ = blocks.shape
+    out = np.empty((*lead, nb, 32), dtype=np.float32)
+    for j in range(16):
+        out[..., 2 * j] = E2M1[blocks[..., j] & 0xF]
+        out[..., 2 * j + 1] = E2M1[blocks[..., j] >> 4]
+    for i in np.ndindex(*scales.shape):
+        out[i] = [np.ldexp(float(v), int(scales[i]) - 127) for v in out[i]]
+    return out.reshape(*lead, nb * 32)
+
+
+def _mxfp4_pair(good, dst_q, dst_ref):
+    """(MXFP4 checkpoint, its dequantised F32 twin) from the tiny BF16 model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.float() for k, v in load_file(str(good / "model.safetensors")).items()}
+    quant, ref = dict(state), dict(state)
+    for name in list(state):
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            rows = state[name].transpose(1, 2).numpy()  # [E, in, out] -> llama.cpp's rows [E, out, in]
+            # blocks of 32 columns a power of two apart, so each block's scale differs from its neighbours'
+            E, R, C = rows.shape
+            rows = rows * np.exp2((np.arange(E * R * C // 32) % 3 - 1).reshape(E, R, C // 32, 1)).repeat(32, -1).reshape(E, R, C).astype(np.float32)
+            blocks, scales = mxfp4_quantise(rows)
+            del quant[name]
+            quant[name + "_blocks"], quant[name + "_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+            ref[name] = torch.from_numpy(np.ascontiguousarray(mxfp4_reference(blocks, scales).transpose(0, 2, 1)))
+    for d, tensors, qc in ((dst_q, quant, MXFP4_CONFIG), (dst_ref, ref, None)):
+        shutil.copytree(good, d, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+        if qc:
+            _set_config(d, quantization_config=qc)
+    return dst_q, dst_ref
+
+
+@pytest.fixture(scope="module")
+def mxfp4(good, tmp_path_factory):
+    base = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    return _mxfp4_pair(good, base / "mxfp4", base / "dequantised")
+
+
+def test_mxfp4_decoded_exactly(mxfp4):
+    """quantkit's decode = a straightforward one = transformers' ``convert_moe_packed_tensors``, bit for bit."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from quantkit.hf.checkpoint import open_checkpoint
+
+    q, _ = mxfp4
+    stored = load_file(str(q / "model.safetensors"))
+    scales_seen = np.concatenate([s.ravel() for k, s in stored.items() if k.endswith("_scales")])
+    assert scales_seen.max() < 127 and len(np.unique(scales_seen)) >= 4  # several negative exponents
+    try:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    except ImportError:  # pragma: no cover
+        convert_moe_packed_tensors = None
+    with open_checkpoint(q) as ckpt:
+        assert ckpt.quantization is not None and ckpt.quantization.method == "mxfp4"
+        assert not any(n.endswith(("_blocks", "_scales")) for n in ckpt.tensors)
+        for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+            blocks, scales = stored[name + "_blocks"], stored[name + "_scales"]
+            ref = ckpt.tensors[name]
+            got = np.asarray(ref.array())
+            assert got.shape == ref.shape == (*blocks.shape[:2], blocks.shape[2] * 32)
+            want = mxfp4_reference(blocks, scales)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+            np.testing.assert_array_equal(ref.array()[2][5:9], want[2][5:9])  # a few rows of one expert, decoded alone
+            np.testing.assert_array_equal(ref.array()[1][np.array([7, 0, 3])], want[1][[7, 0, 3]])
+            if convert_moe_packed_tensors is not None:  # transformers hands out [E, in, out]
+                hf = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32).numpy()
+                np.testing.assert_array_equal(got.transpose(0, 2, 1).view(np.uint32), hf.view(np.uint32))
+
+
+def test_mxfp4_decode_of_every_byte_and_scale():
+    """Every nibble pair under extreme and middle exponents (what a real checkpoint may hold, 2**-127 included)."""
+    from quantkit.hf import quantized as qz
+
+    blocks = np.tile(np.arange(256, dtype=np.uint8), 3).reshape(3 * 16, 1, 16)
+    scales = np.array([0, 1, 100, 126, 127, 128, 140, 200, 250] * 6)[: 3 * 16].astype(np.uint8).reshape(3 * 16, 1)
+    w = qz.QuantWeight("x", (48, 32), "x_blocks", "x_scales", "U8", (1, 32), "mxfp4", 4, None, "ue8m0", "")
+    got = qz.decode_rows(w, blocks, scales, None, 0, slice(0, 48))
+    np.testing.assert_array_equal(got.view(np.uint32), mxfp4_reference(blocks, scales).view(np.uint32))
+
+
+def test_mxfp4_logits_match_dequantised_transformers(good, mxfp4, tmp_path):
+    """MXFP4 experts -> F32 GGUF: llama.cpp's logits equal transformers' on the same (decoded) weights."""
+    q, deq = mxfp4
+    ref = hf_logits(deq, IDS)
+    assert_close(llama_logits(convert(q, tmp_path / "m.gguf"), IDS), ref)
+    assert np.abs(hf_logits(good, IDS) - ref).max() > 5e-3 * np.abs(ref).max()  # the fixture's experts do differ from the BF16 model's
+
+
+def _nibbles_swapped(w, blocks, scale, m, rows):
+    from quantkit.hf import quantized as qz
+
+    return qz.__dict__["_decode_mxfp4_orig"](w, (blocks >> 4) | (blocks << 4), scale, m, rows)
+
+
+MXFP4_MUTATIONS = {
+    "gate/up rows swapped": "rules",
+    "nibbles swapped": "decode",
+}
+
+
+@pytest.mark.parametrize("case", list(MXFP4_MUTATIONS))
+def test_mxfp4_mutation_breaks_parity(mxfp4, tmp_path, monkeypatch, case):
+    from quantkit.converters import gpt_oss as g
+    from quantkit.hf import quantized as qz
+
+    q, deq = mxfp4
+    if MXFP4_MUTATIONS[case] == "rules":
+        swapped = (dataclasses.replace(g.MXFP4_GATE_UP_RULES[0], transform=g.UP_ROWS), dataclasses.replace(g.MXFP4_GATE_UP_RULES[1], transform=g.GATE_ROWS))
+        monkeypatch.setattr(g, "MXFP4_GATE_UP_RULES", swapped)
+    else:
+        monkeypatch.setitem(qz.__dict__, "_decode_mxfp4_orig", qz._decode_mxfp4)
+        monkeypatch.setattr(qz, "_decode_mxfp4", _nibbles_swapped)
+    got, ref = llama_logits(convert(q, tmp_path / "m.gguf"), IDS), hf_logits(deq, IDS)
+    assert np.abs(got - ref).max() > 5e-3 * np.abs(ref).max(), f"{case}: parity survived the mutation"
+
+
+def test_mxfp4_gguf_equals_dequantised_gguf(mxfp4, tmp_path):
+    """The GGUF from the MXFP4 checkpoint holds the same expert tensors as the one from its dequantised F32 twin."""
+    import gguf
+
+    q, deq = mxfp4
+    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(convert(q, tmp_path / "q.gguf"))).tensors}
+    b = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(convert(deq, tmp_path / "d.gguf"))).tensors}
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_mxfp4_requantised_warns_once(mxfp4, tmp_path, caplog):
+    import logging
+
+    q, _ = mxfp4
+    with caplog.at_level(logging.WARNING):
+        convert(q, tmp_path / "m.gguf", "Q4_K_M")
+    hits = [r.getMessage() for r in caplog.records if "quantised again" in r.getMessage()]
+    assert len(hits) == 1 and "mxfp4" in hits[0] and "MXFP4" in hits[0], hits
+
+
+def _edit_mxfp4(d, fn):
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(str(d / "model.safetensors"))
+    fn(state)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _drop(name):
+    return lambda st: st.pop(name)
+
+
+def _reshape(name, shape):
+    def fn(st):
+        st[name] = np.zeros(shape, dtype=st[name].dtype)
+    return fn
+
+
+def _no_config(d):
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["quantization_config"]
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _mix_layers(deq):
+    def fn(st):
+        from safetensors.numpy import load_file
+
+        n = "model.layers.1.mlp.experts.gate_up_proj"
+        del st[n + "_blocks"], st[n + "_scales"]
+        st[n] = load_file(str(deq / "model.safetensors"))[n]
+    return fn
+
+
+GU = "model.layers.0.mlp.experts.gate_up_proj"
+MXFP4_REFUSED = {
+    "scales missing": (lambda d, deq: _edit_mxfp4(d, _drop(GU + "_scales")), [GU + "_blocks", "_scales", "missing"]),
+    "blocks missing": (lambda d, deq: _edit_mxfp4(d, _drop(GU + "_blocks")), [GU + "_scales", GU + "_blocks", "missing"]),
+    "scales of the wrong shape": (lambda d, deq: _edit_mxfp4(d, _reshape(GU + "_scales", (4, 128, 2))), [GU + "_scales", "[4, 128, 2]", "[4, 128, 4]"]),
+    "blocks not 16 bytes": (lambda d, deq: _edit_mxfp4(d, _reshape(GU + "_blocks", (4, 128, 4, 8))), [GU + "_blocks", "[4, 128, 4, 8]", "16"]),
+    "blocks of another width": (lambda d, deq: (_edit_mxfp4(d, _reshape(GU + "_blocks", (4, 128, 2, 16))), _edit_mxfp4(d, _reshape(GU + "_scales", (4, 128, 2)))),
+                                [GU, "config.json implies"]),
+    "no quantization_config": (lambda d, deq: _no_config(d), ["mlp.experts.", "_blocks", "quant_method 'mxfp4'"]),
+    "MXFP4 and plain experts mixed": (lambda d, deq: _edit_mxfp4(d, _mix_layers(deq)), ["MXFP4", "model.layers.1.mlp.experts.gate_up_proj", "one layout"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MXFP4_REFUSED))
+def test_mxfp4_refused_with_one_line(mxfp4, tmp_path, case):
+    q, deq = mxfp4
+    dst = tmp_path / "model"
+    shutil.copytree(q, dst)
+    breaker, needles = MXFP4_REFUSED[case]
+    breaker(dst, deq)
+    assert_convert_refused(dst, tmp_path, needles)
+
+
+LLAMA_CPP = "/tmp/lcp-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"
+
+
+def test_mxfp4_to_ggml_is_the_vendored_repack(mxfp4):
+    """``mxfp4_to_ggml`` (for carrying the experts as GGUF MXFP4): llama.cpp's converter's bytes, and ggml's decode of them is ours."""
+    import os
+    import sys
+
+    import torch
+    from safetensors.numpy import load_file
+
+    from quantkit.hf import quantized as qz
+
+    q, _ = mxfp4
+    stored = load_file(str(q / "model.safetensors"))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    blocks, scales = stored[name + "_blocks"], stored[name + "_scales"]
+    got = qz.mxfp4_to_ggml(blocks, scales)
+    assert got.shape == (*blocks.shape[:2], blocks.shape[2] * 17)
+    want = mxfp4_reference(blocks, scales)
+    if not os.path.isdir(LLAMA_CPP + "/conversion"):
+        pytest.skip("the vendored llama.cpp converter is not unpacked here")
+    import gguf.quants  # the installed gguf-py, before the vendored converter's package is put on the path
+
+    sys.path.insert(0, LLAMA_CPP)
+    try:
+        from conversion.gpt_oss import GptOssModel
+    finally:
+        sys.path.remove(LLAMA_CPP)
+    tb = GptOssModel.transform_nibble_layout(None, torch.from_numpy(blocks))
+    ref = torch.concat((torch.from_numpy(scales).unsqueeze(-1), tb), dim=-1).numpy().reshape(got.shape)
+    np.testing.assert_array_equal(got, ref)
+    deq = gguf.quants.dequantize(got, gguf.GGMLQuantizationType.MXFP4)
+    np.testing.assert_array_equal(deq.astype(np.float32), want)

@@ -8,7 +8,7 @@ memory-maps each shard, and hands out
 from a shard can be dropped again with :meth:`TensorRef.release`, so a
 streaming conversion keeps a bounded resident set whatever the model size.
 
-A quantised checkpoint (``quantization_config``: FP8 with block scales, compressed-tensors)
+A quantised checkpoint (``quantization_config``: FP8 with block scales, compressed-tensors, MXFP4)
 hands out its quantised weights as :class:`QuantRef`: float32 values decoded a few rows at
 a time by ``quantkit.hf.quantized``, their scale tensors consumed (not model tensors).
 
@@ -146,7 +146,7 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class QuantRef(TensorRef):
-    """A weight stored quantised (FP8 e4m3, packed integers): its float32 values, decoded on demand.
+    """A weight stored quantised (FP8 e4m3, packed integers, MXFP4 blocks): its float32 values, decoded on demand.
 
     ``dtype`` is "F32" and ``shape`` the weight's (what it hands out); ``shard`` / ``start`` / ``stop``
     are those of the stored tensor.  :meth:`array` is a :class:`quantkit.hf.quantized.Dequantised`:

@@ -13,6 +13,11 @@ Read here:
   ``weight_scale`` per tensor, channel, group or block, and ``pack-quantized`` integers (``weight_packed``
   int32 words, ``weight_shape``, ``weight_scale``, ``weight_zero_point`` when asymmetric) in groups or
   channels, as Kimi K2 Thinking ships its INT4 experts.
+- ``quant_method: mxfp4`` (gpt-oss): ``<name>_blocks`` uint8 [..., rows, cols/32, 16] (two e2m1 values a
+  byte: value ``2j`` of a 32-value block in the low nibble of byte ``j``, ``2j+1`` in the high one) and
+  ``<name>_scales`` uint8 [..., rows, cols/32] (one e8m0 exponent per block), read as the weight ``<name>``
+  of shape [..., rows, cols]: value ``= ldexp(e2m1[nibble], scale - 127)``, as transformers'
+  ``convert_moe_packed_tensors`` and llama.cpp's MXFP4 compute it.
 
 A value is its stored value times its block's scale in float32 (``(q - zero_point) * scale`` for integers),
 what DeepSeek's reference code, transformers and llama.cpp's converter compute before any cast.  e4m3 has no
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 FP8_METHOD = "fp8"
 CT_METHOD = "compressed-tensors"
+MXFP4_METHOD = "mxfp4"
+MXFP4_BLOCK = 32  # values per e8m0 scale (16 bytes of nibbles)
 #: quant_method values that are not a quantised *source*: quantkit's own 4-bit export, read by quantkit.policy.bnb
 PASSTHROUGH_METHODS = ("bitsandbytes",)
 #: fmt values naming e4m3 (DeepSeek writes "e4m3", MiniMax "float8_e4m3fn")
@@ -75,6 +82,11 @@ E4M3.flags.writeable = False
 def e4m3_to_f32(u8: np.ndarray) -> np.ndarray:
     """The float32 values of e4m3 bytes (a new array)."""
     return E4M3.take(np.asarray(u8, dtype=np.uint8))
+
+
+#: float32 value of each e2m1 nibble (1 sign, 2 exponent, 1 mantissa bit; the MXFP4 element type)
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+E2M1.flags.writeable = False
 
 
 def e8m0_to_f32(u8: np.ndarray) -> np.ndarray:
@@ -118,7 +130,8 @@ class QuantWeight:
     ``block`` is (rows, cols) of the values one scale covers in each matrix (the last block of a row
     or column may be smaller); ``grid`` is the scales' shape per matrix.  ``storage`` "fp8" holds
     one e4m3 byte per value, "int" ``bits``-bit unsigned integers packed in int32 words
-    (``q = stored - 2**(bits-1)``, or ``stored - zero_point`` when asymmetric).
+    (``q = stored - 2**(bits-1)``, or ``stored - zero_point`` when asymmetric), "mxfp4" two e2m1
+    nibbles a byte in ``_blocks`` [..., rows, cols/32, 16] with e8m0 ``_scales`` per 32 values.
     """
 
     name: str  # the weight as the model names it (``...weight``, or a fused ``...gate_up_proj``)
@@ -152,6 +165,8 @@ def decode_rows(w: QuantWeight, stored: np.ndarray, scale: np.ndarray, zero: np.
     n_rows, cols = w.shape[-2:]
     gr, gc = w.grid
     bn, bk = w.block
+    if w.storage == "mxfp4":
+        return _decode_mxfp4(w, stored, scale, m, rows)
     raw = stored.reshape(w.matrices, n_rows, stored.shape[-1])[m][rows]
     ids = np.arange(n_rows)[rows] // bn  # the scale row of each row
     if w.storage == "fp8":
@@ -168,6 +183,35 @@ def decode_rows(w: QuantWeight, stored: np.ndarray, scale: np.ndarray, zero: np.
     s = scales_to_f32(scale.reshape(w.matrices, gr, gc)[m][ids], w.scale_dtype, w.scale_fmt)
     _by_block(q, s, bk, np.multiply)
     return q
+
+
+def _decode_mxfp4(w: QuantWeight, blocks: np.ndarray, scale: np.ndarray, m: int, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows of matrix ``m`` of an MXFP4 weight: nibble ``2j`` / ``2j+1`` of a block = low / high half of byte ``j``, times ``2**(e - 127)``."""
+    n_rows, cols = w.shape[-2:]
+    raw = blocks.reshape(w.matrices, n_rows, cols // 2)[m][rows]
+    q = np.empty((raw.shape[0], cols), dtype=np.float32)
+    q[:, 0::2] = E2M1[raw & 0x0F]
+    q[:, 1::2] = E2M1[raw >> 4]
+    ids = np.arange(n_rows)[rows]
+    s = scales_to_f32(scale.reshape(w.matrices, n_rows, cols // MXFP4_BLOCK)[m][ids], w.scale_dtype, w.scale_fmt)
+    _by_block(q, s, MXFP4_BLOCK, np.multiply)  # a power of two times a 2-bit significand: exact in float32
+    return q
+
+
+def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """HF MXFP4 rows (``_blocks`` uint8 [..., n, 16], ``_scales`` uint8 [..., n]) -> GGML ``block_mxfp4`` bytes [..., n * 17], no value touched.
+
+    A GGML block is its e8m0 byte, then 16 bytes whose low nibbles hold values 0..15 and high nibbles 16..31;
+    HF's byte ``j`` holds values ``2j`` (low) and ``2j+1`` (high).  The same bytes as llama.cpp's converter
+    (``repack_mxfp4``): the way to carry a checkpoint's MXFP4 experts into GGUF MXFP4 without re-encoding.
+    """
+    b = np.asarray(blocks, dtype=np.uint8)
+    vals = np.empty((*b.shape[:-1], 32), dtype=np.uint8)
+    vals[..., 0::2], vals[..., 1::2] = b & 0x0F, b >> 4
+    out = np.empty((*b.shape[:-1], 17), dtype=np.uint8)
+    out[..., 0] = scales
+    out[..., 1:] = vals[..., :16] | (vals[..., 16:] << 4)
+    return out.reshape(*b.shape[:-2], b.shape[-2] * 17)
 
 
 def _by_block(q: np.ndarray, per_block: np.ndarray, bk: int, op: Callable[..., Any]) -> None:
@@ -335,7 +379,9 @@ def read_schemes(config: Mapping[str, Any], cfg_path: str) -> tuple[str, dict[st
     if method == CT_METHOD:
         schemes, ignore = _ct_schemes(qc, cfg_path)
         return method, schemes, ignore
-    raise _key_error(cfg_path, "quant_method", method, f"is not a quantisation quantkit reads (it reads {FP8_METHOD!r} and {CT_METHOD!r} {'/'.join(CT_FORMATS)})", UNSUPPORTED_FIX)
+    if method == MXFP4_METHOD:
+        return method, {"mxfp4": Scheme("mxfp4", "group", (1, MXFP4_BLOCK), bits=4, scale_fmt="ue8m0")}, _strings(qc.get("modules_to_not_convert"), cfg_path, "modules_to_not_convert")
+    raise _key_error(cfg_path, "quant_method", method, f"is not a quantisation quantkit reads (it reads {FP8_METHOD!r}, {MXFP4_METHOD!r} and {CT_METHOD!r} {'/'.join(CT_FORMATS)})", UNSUPPORTED_FIX)
 
 
 def _strings(value: Any, cfg_path: str, key: str) -> list[str]:
@@ -474,10 +520,17 @@ def find_quantised(
                     f"{where(name)}: tensor {_shown(name)} is {dtype}, but {cfg_path} has no quantization_config saying how it is scaled; "
                     "fix: restore the config.json that came with these weights"
                 )
+            if name.endswith("_blocks") and dtype == "U8" and name.removesuffix("_blocks") + "_scales" in headers:
+                raise CheckpointError(
+                    f"{where(name)}: tensor {_shown(name)} and its _scales look like MXFP4 blocks, but {cfg_path} has no quantization_config "
+                    "(quant_method 'mxfp4') saying so; fix: restore the config.json that came with these weights"
+                )
         return found
     method, schemes, skip = read
     if method == FP8_METHOD:
         pairs = _pair_fp8(headers, schemes["fp8"], cfg_path, where)
+    elif method == MXFP4_METHOD:
+        pairs = _pair_mxfp4(headers, cfg_path, where)
     else:
         pairs = _pair_ct(headers, schemes, cfg_path, where, read_ints)
     for w in pairs:
@@ -594,6 +647,37 @@ def _pair_ct(headers: Header, schemes: dict[str, Scheme], cfg_path: str, where: 
         if name.endswith(".weight_scale") and name not in taken:
             base = name.removesuffix("_scale")
             raise CheckpointError(f"{where(name)}: tensor {_shown(name)} scales {_shown(base)}, which is not stored quantised (no F8_E4M3 weight, no weight_packed); fix: re-download the checkpoint")
+    return out
+
+
+MXFP4_FIX = "re-download the checkpoint (every MXFP4 weight is a uint8 _blocks [..., rows, cols/32, 16] with a uint8 _scales [..., rows, cols/32])"
+MXFP4_WHAT = "MXFP4 (e2m1, blocks of 32 with an e8m0 scale; _blocks / _scales)"
+
+
+def _pair_mxfp4(headers: Header, cfg_path: str, where: Callable[[str], str]) -> list[QuantWeight]:
+    """``X_blocks`` + ``X_scales`` -> the weight ``X`` [..., rows, 32 * blocks]; a half pair or a wrong shape or dtype is refused in one line."""
+    out = []
+    for name, (dtype, shape) in headers.items():
+        if name.endswith("_scales"):
+            blocks = name.removesuffix("_scales") + "_blocks"
+            if blocks not in headers:
+                raise CheckpointError(f"{where(name)}: tensor {_shown(name)} scales {_shown(blocks)}, which is missing; fix: {MXFP4_FIX}")
+            continue
+        if not name.endswith("_blocks"):
+            continue
+        base = name.removesuffix("_blocks")
+        if dtype != "U8" or len(shape) not in (3, 4) or shape[-1] != MXFP4_BLOCK // 2:
+            raise CheckpointError(f"{where(name)}: tensor {_shown(name)} is {dtype} {list(shape)}; {cfg_path} says MXFP4 (quant_method 'mxfp4'), "
+                                  f"stored as U8 [(experts,) rows, cols/32, 16]; fix: {MXFP4_FIX}")
+        scale = base + "_scales"
+        if scale not in headers:
+            raise CheckpointError(f"{where(name)}: tensor {_shown(name)} is MXFP4 but its scales {_shown(scale)} are missing; fix: {MXFP4_FIX}")
+        sdtype, sshape = headers[scale]
+        if sdtype not in ("U8", "F8_E8M0") or tuple(sshape) != tuple(shape[:-1]):
+            raise CheckpointError(f"{where(scale)}: tensor {_shown(scale)} is {sdtype} {list(sshape)}; the blocks {_shown(name)} {list(shape)} need "
+                                  f"U8 {list(shape[:-1])} (one e8m0 exponent per 32 values); fix: {MXFP4_FIX}")
+        logical = (*shape[:-2], shape[-2] * MXFP4_BLOCK)
+        out.append(QuantWeight(base, tuple(logical), name, scale, sdtype, (1, MXFP4_BLOCK), "mxfp4", 4, None, "ue8m0", MXFP4_WHAT))
     return out
 
 
