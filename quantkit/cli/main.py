@@ -504,6 +504,7 @@ GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload 
 CPU_MOE = typer.Option(False, "--cpu-moe", help="Keep MoE expert tensors in CPU memory while the rest is offloaded to the GPU.")
 MODEL = typer.Argument(..., help="A .gguf file.")
 CHAT_TEMPLATE = typer.Option(None, "--chat-template", help="Use this built-in chat template (chatml) instead of the model's own (e.g. when the GGUF's is broken).")
+SHOW_REASONING = typer.Option(False, "--show-reasoning", help="Harmony models (GPT-OSS): show the analysis channel, dimmed, on stderr before the answer.")
 #: the longest prompt read from standard input (``-p -``)
 MAX_PROMPT_CHARS = 1 << 26
 
@@ -536,6 +537,36 @@ def _stream(text: str) -> None:
     sys.stdout.flush()
 
 
+class _Reasoning:
+    """``--show-reasoning``: a harmony model's analysis channel on stderr, dimmed on a terminal and
+    labelled, ended by a line break before the answer streams to stdout."""
+
+    def __init__(self, show: bool) -> None:
+        self.show, self.open = show, False
+
+    def __call__(self, text: str) -> None:
+        if not self.show:
+            return
+        tty = sys.stderr.isatty()
+        if not self.open:
+            self.open = True
+            sys.stderr.write("\x1b[2m[reasoning] " if tty else "[reasoning] ")
+        import re
+
+        sys.stderr.write(re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", "\ufffd", text) if tty else text)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            sys.stderr.write("\x1b[0m\n" if sys.stderr.isatty() else "\n")
+            sys.stderr.flush()
+
+    def answer(self, text: str) -> None:
+        self.close()
+        _stream(text)
+
+
 @app.command()
 def run(
     model: Path = MODEL,
@@ -543,6 +574,7 @@ def run(
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (with --chat)."),
     chat_template: Optional[str] = CHAT_TEMPLATE,
+    show_reasoning: bool = SHOW_REASONING,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     top_k: int = TOP_K,
@@ -571,7 +603,10 @@ def run(
     plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
     if chat_template is not None and not chat:
         raise typer.BadParameter("applies to --chat", param_hint="--chat-template")
-    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else _stream, chat_template=chat_template))
+    shown = _Reasoning(show_reasoning and not as_json)
+    result = _run(lambda: generate(llm, prompt, sampling, chat=chat, system=system, on_text=None if as_json else shown.answer,
+                                   chat_template=chat_template, on_reasoning=shown))
+    shown.close()
     if as_json:
         _print_json({**result.to_json(), "load": plan.to_json()})
     else:
@@ -584,6 +619,7 @@ def chat(
     model: Path = MODEL,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     chat_template: Optional[str] = CHAT_TEMPLATE,
+    show_reasoning: bool = SHOW_REASONING,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     top_k: int = TOP_K,
@@ -607,10 +643,10 @@ def chat(
     template = _run(lambda: chat_template_for(llm, override=chat_template))
     err.print(f"[dim]{esc(model.name)}: {esc(plan.describe())}; chat template: {esc(template.name)}[/]", highlight=False, soft_wrap=True)
     err.print("[dim]Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits.[/]", highlight=False)
-    _chat_loop(llm, template, History(system=system), sampling, ctx)
+    _chat_loop(llm, template, History(system=system), sampling, ctx, show_reasoning)
 
 
-def _chat_loop(llm: Llama, template: ChatTemplate, history: History, sampling: Sampling, n_ctx: int) -> None:
+def _chat_loop(llm: Llama, template: ChatTemplate, history: History, sampling: Sampling, n_ctx: int, show_reasoning: bool = False) -> None:
     """Read messages and commands until /exit or Ctrl-D."""
     from quantkit.engine.chat import parse_command, read_message, unescape
 
@@ -621,7 +657,7 @@ def _chat_loop(llm: Llama, template: ChatTemplate, history: History, sampling: S
             text = read_message(input)
             command = parse_command(text)
             if command is None and text.strip():
-                history = _chat_turn(llm, template, history, unescape(text), sampling, n_ctx)
+                history = _chat_turn(llm, template, history, unescape(text), sampling, n_ctx, show_reasoning)
             elif command is not None:
                 if command.name == "exit":
                     return
@@ -654,10 +690,10 @@ def _chat_command(command: Command, history: History) -> History:
     return history
 
 
-def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, sampling: Sampling, n_ctx: int) -> History:
+def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, sampling: Sampling, n_ctx: int, show_reasoning: bool = False) -> History:
     """Fit the history into the context, stream one answer, and return the history with it."""
     from quantkit.engine.chat import prepare_turn
-    from quantkit.engine.runtime import chat_tokens, complete
+    from quantkit.engine.runtime import chat_tokens, complete_chat
 
     prep = prepare_turn(history, user, template.render, lambda p: chat_tokens(llm, p), n_ctx, sampling.max_tokens)
     if prep.dropped:
@@ -665,7 +701,9 @@ def _chat_turn(llm: Llama, template: ChatTemplate, history: History, user: str, 
             f"[yellow]context full:[/] dropped the {prep.dropped} oldest turn(s) to fit --ctx {n_ctx}; {len(prep.history.turns)} kept",
             highlight=False, soft_wrap=True,
         )
-    result = complete(llm, list(prep.tokens), sampling, stop=template.stop, on_text=_stream, interruptible=True)
+    shown = _Reasoning(show_reasoning)
+    result = complete_chat(llm, template, list(prep.tokens), sampling, on_text=shown.answer, on_reasoning=shown, interruptible=True)
+    shown.close()
     sys.stdout.write("\n")
     if result.finish_reason == "interrupted":
         err.print("[yellow]stopped[/]")

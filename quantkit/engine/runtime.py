@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
     from quantkit.engine.chat import ChatTemplate
+    from quantkit.engine.harmony import HarmonyParser
 
 log = logging.getLogger(__name__)
 
@@ -631,6 +632,8 @@ class Generation:
     prompt: str = ""
     template: str | None = None  # the chat template's name when one was applied
     timings: dict[str, float] = field(default_factory=dict)
+    reasoning: str | None = None  # a harmony model's analysis channel (``text`` is then its final channel)
+    tool_calls: tuple[dict[str, str], ...] = ()  # a harmony model's messages to a recipient: {"recipient", "channel", "text"}
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -646,7 +649,7 @@ class Generation:
             "seconds": round(self.seconds, 3),
             "tokens_per_second": self.tokens_per_second,
             "finish_reason": self.finish_reason,
-        }
+        } | ({"reasoning": self.reasoning, "tool_calls": list(self.tool_calls)} if self.reasoning is not None else {})
 
 
 def _metadata(llm: Llama) -> Mapping[str, Any]:
@@ -743,12 +746,17 @@ def complete(
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
     interruptible: bool = False,
+    parser: HarmonyParser | None = None,
 ) -> Generation:
     """Stream a completion of ``tokens`` to ``on_text``.
 
     With ``interruptible``, Ctrl-C (KeyboardInterrupt) ends the answer instead of the
     caller: the text so far comes back with finish_reason "interrupted" and the model
     state is reset so the next call starts clean.
+
+    With a harmony ``parser`` (its callbacks replace ``on_text``), the stream is read as harmony
+    messages: generation ends where the format says, the text is the final channel and the
+    reasoning the analysis channel.
     """
     if not tokens:
         raise QuantkitError("the prompt is empty; fix: pass some text with -p")
@@ -771,7 +779,12 @@ def complete(
                 finish = choice.get("finish_reason") or finish
                 if choice["text"]:
                     pieces.append(choice["text"])
-                    if on_text:
+                    if parser is not None:
+                        parser.feed(choice["text"])
+                        if parser.done:  # <|end|> after the final channel: llama.cpp does not stop there
+                            finish = "stop"
+                            break
+                    elif on_text:
                         on_text(choice["text"])
             ggml.raise_pending()
         except KeyboardInterrupt:
@@ -784,7 +797,45 @@ def complete(
     seconds = time.perf_counter() - t0
     # The tokens the model produced; an end-of-generation token that closed the answer is not part of it.
     n_out = len(sampled) - (1 if sampled and is_end_of_generation(llm, sampled[-1]) else 0)
-    return Generation("".join(pieces), len(tokens), n_out, seconds, finish)
+    if parser is None:
+        return Generation("".join(pieces), len(tokens), n_out, seconds, finish)
+    from quantkit.engine.harmony import END
+
+    n_out -= 1 if parser.stopped_by == END and n_out > 0 else 0  # the <|end|> that closed the final message
+    parser.close()
+    calls = tuple({"recipient": m.recipient or "", "channel": m.channel or "", "text": m.text} for m in parser.tool_calls)
+    return Generation(parser.answer, len(tokens), n_out, seconds, finish, reasoning=parser.reasoning, tool_calls=calls)
+
+
+def is_harmony_model(llm: Llama, template: ChatTemplate) -> bool:
+    """True when ``template`` writes OpenAI's harmony format (GPT-OSS) and the vocabulary holds
+    its markers as single special tokens: read from the template and the vocabulary, not the name."""
+    from quantkit.engine.harmony import is_harmony
+
+    def single(text: str) -> bool:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        return len(ids) == 1 and llm.detokenize(ids, special=True) == text.encode()
+
+    return is_harmony(template.source, single)
+
+
+def complete_chat(
+    llm: Llama,
+    template: ChatTemplate,
+    tokens: list[int],
+    sampling: Sampling,
+    on_text: Callable[[str], None] | None = None,
+    on_reasoning: Callable[[str], None] | None = None,
+    interruptible: bool = False,
+) -> Generation:
+    """Complete a rendered chat prompt: stopped by the template's stop strings, or, for a harmony
+    model, read as harmony (the answer is the final channel; ``on_reasoning`` sees the analysis)."""
+    if not is_harmony_model(llm, template):
+        return complete(llm, tokens, sampling, stop=template.stop, on_text=on_text, interruptible=interruptible)
+    from quantkit.engine.harmony import HarmonyParser
+
+    parser = HarmonyParser(on_final=on_text, on_reasoning=on_reasoning)
+    return complete(llm, tokens, sampling, stop=template.stop, interruptible=interruptible, parser=parser)
 
 
 def generate(
@@ -795,9 +846,11 @@ def generate(
     system: str | None = None,
     on_text: Callable[[str], None] | None = None,
     chat_template: str | None = None,
+    on_reasoning: Callable[[str], None] | None = None,
 ) -> Generation:
     """Generate from a prompt, or from a one-turn chat rendered with the model's template
-    (``chat_template`` names a built-in one to use instead, e.g. "chatml")."""
+    (``chat_template`` names a built-in one to use instead, e.g. "chatml").  A harmony model's
+    (GPT-OSS) answer is its final channel; its analysis channel goes to ``on_reasoning``."""
     if not chat:
         tokens = llm.tokenize(utf8(prompt), add_bos=True, special=True)
         result = complete(llm, tokens, sampling, on_text=on_text)
@@ -806,7 +859,7 @@ def generate(
 
     template = chat_template_for(llm, override=chat_template)
     rendered = template.render(History(system=system).messages(prompt))
-    result = complete(llm, chat_tokens(llm, rendered), sampling, stop=template.stop, on_text=on_text)
+    result = complete_chat(llm, template, chat_tokens(llm, rendered), sampling, on_text=on_text, on_reasoning=on_reasoning)
     return _with_prompt(result, rendered, template.name)
 
 
