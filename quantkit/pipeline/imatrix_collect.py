@@ -80,7 +80,7 @@ class _ExpertWeights:
 
         self.file = read_gguf(path)
         self.infos = {t.name: t for t in self.file.tensors}
-        self.mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.mm = {f.path: np.memmap(f.path, dtype=np.uint8, mode="r") for f in self.file.files}  # a split set: one per part
         arch = self.file.metadata.get("general.architecture")
         from quantkit.converters import for_gguf_arch
 
@@ -94,8 +94,8 @@ class _ExpertWeights:
         t = self.infos[name]
         n_cols, n_rows = t.ne[0], t.ne[1]
         per = t.nbytes // t.ne[2]
-        start = self.file.data_offset + t.offset + expert * per
-        raw = self.mm[start : start + per]
+        path, at = self.file.locate(t)
+        raw = self.mm[path][at + expert * per : at + (expert + 1) * per]
         Q = gguf_spec.GGMLQuantizationType
         if t.qtype == Q.F32:
             return np.array(raw.view(np.float32)).reshape(n_rows, n_cols)
