@@ -48,7 +48,9 @@ bench: setup
 	$(PY) bench/bench_bnb.py
 	evals/reference/make_refs.sh $(BENCH_WORK) >/dev/null
 	$(PY) bench/bench_eval.py --work $(BENCH_WORK)
+	$(PY) bench/bench_calibration.py --work $(BENCH_WORK)
 	$(PY) bench/bench_quant.py
+	$(PY) bench/bench_budget.py
 
 # Where llama.cpp's own tools (llama-perplexity) are built for comparisons.
 BENCH_WORK ?= /tmp/qk-llama-ref

@@ -253,3 +253,218 @@ def test_budget_on_fused_expert_layout(tmp_path, model_type):
     r = convert(src, tmp_path / "b.gguf", target=Target(bpw=4.5))
     got = 8 * sum(int(t.n_bytes) for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors) / r.n_params
     assert 4.5 * 0.98 <= got <= 4.5, got
+
+
+# --------------------------------------------------------------------------- issue 16: sampled errors, grouped probes, cost, Ctrl-C
+
+
+def _fixture_tensors():
+    ckpt, prep = prepare(FIXTURE, "f32")
+    ckpt.close()
+    return {t.name: t for t in prep.tensors}, prep.hparams
+
+
+@pytest.mark.parametrize("qtype", sorted(set(budget.CANDIDATES_256 + budget.CANDIDATES_32), key=lambda q: q.name))
+def test_dequantize_is_gguf_pys(qtype):
+    """llama.cpp's own dequantize_row_* (the sampler's) gives gguf-py's values bit for bit."""
+    from gguf import quants
+
+    from quantkit.format import ggml
+
+    x = (np.random.default_rng(0).standard_normal((8, 512)) * 0.02).astype(np.float32)
+    raw = ggml.quantize(x, qtype)
+    assert np.array_equal(budget.dequantize(raw, qtype, x.shape), quants.dequantize(raw.reshape(8, -1), qtype).reshape(x.shape))
+
+
+@pytest.mark.parametrize("name", ["token_embd.weight", "output.weight", "blk.1.ffn_down_exps.weight", "blk.2.attn_q.weight"])
+def test_sampled_errors_agree_with_every_row(name):
+    """A sample of 16K values (forced small) lands within 3 of its own standard errors (and 5%) of the exhaustive rel(q)."""
+    tensors, hp = _fixture_tensors()
+    t = tensors[name]
+    exact = budget.sample_errors(t, hparams=hp, elements=10**12)
+    assert exact.rse == 0.0 and exact.rows == t.n_elements // t.shape[-1]
+    s = budget.sample_errors(t, hparams=hp, elements=1 << 14)
+    assert s.rows < exact.rows or name.startswith("blk.2.attn_q")  # 256 rows of 256 are one sample: read whole
+    for q, want in exact.rel.items():
+        assert abs(s.rel[q] / want - 1) <= max(3 * s.rse, 0.001) + 0.02, (q, s.rel[q], want, s.rse)
+    assert s.rse <= budget.REL_SE
+
+
+def test_sample_layout_follows_router_shares():
+    """Blocks fall on the experts in proportion to their share (the imatrix's token counts); an unused expert gets none."""
+    units = [budget._Unit(e, 256, lambda: None) for e in range(4)]
+    share = np.array([0.5, 0.25, 0.25, 0.0])
+    lay = budget._layout(units, share, 64, 16)
+    per = np.bincount([k for k, _, _ in lay], minlength=4)
+    assert per.tolist() == [32, 16, 16, 0]
+    assert all(0 <= first and first + rows <= 256 and rows == 16 for _, first, rows in lay)
+    assert len({(k, f) for k, f, _ in lay}) == len(lay)  # spread over the rows, no block twice
+
+
+def test_sampling_releases_what_it_read(monkeypatch):
+    """Every source a tensor was sampled from gets its pages dropped (madvise), as the converter does: RSS stays flat."""
+    from quantkit.hf.checkpoint import TensorRef
+
+    released = []
+    orig = TensorRef.release
+    monkeypatch.setattr(TensorRef, "release", lambda self, lo=0, hi=None: (released.append(self.name), orig(self, lo, hi))[1])
+    tensors, hp = _fixture_tensors()
+    t = tensors["blk.0.ffn_gate_exps.weight"]
+    budget.sample_errors(t, hparams=hp)
+    assert {r.name for r in t.sources} <= set(released)
+
+
+def test_unreachable_budget_refused_before_sampling(monkeypatch):
+    """The reachable range comes from the shapes: an impossible target costs no sampling (or --calib-text probes)."""
+    monkeypatch.setattr(budget, "measure_errors", lambda *a, **k: pytest.fail("sampled before checking the range"))
+    with pytest.raises(QuantkitError, match="out of reach"):
+        prepare(FIXTURE, "budget", target=Target(bpw=1.2))
+
+
+def test_budget_sampling_interrupted_says_how_far(caplog):
+    tensors, hp = _fixture_tensors()
+    calls = []
+
+    def progress(done, total, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        budget.measure_errors(list(tensors.values()), hparams=hp, on_progress=progress)
+    assert "error sampling interrupted after 2 of 30 tensors" in caplog.text
+
+
+def test_probe_groups_full_and_grouped():
+    from quantkit.pipeline import sensitivity
+
+    tensors, _ = _fixture_tensors()
+    ts = list(tensors.values())
+    full = sensitivity.probe_groups(ts, "full")
+    assert len(full) == 30 and all(len(g) == 1 for _, g in full)
+    grouped = dict(sensitivity.probe_groups(ts, "grouped", ranges=2))
+    assert len(grouped) == 2 + 7 * 2  # embeddings and output alone, 7 roles x 2 layer ranges
+    assert [t.name for t in grouped["blk.2-3.ffn_down_exps.weight"]] == ["blk.2.ffn_down_exps.weight", "blk.3.ffn_down_exps.weight"]
+    assert len(sensitivity.probe_groups(ts, "grouped", ranges=99)) == 30  # no more ranges than blocks
+    with pytest.raises(QuantkitError, match="--calib-mode 'fast'"):
+        sensitivity.probe_groups(ts, "fast")
+
+
+def test_grouped_kld_is_shared_by_prior_times_error():
+    """A group's KLD is split so that sum(weight x rel) over the group equals it, in the priors' proportions."""
+    tensors, _ = _fixture_tensors()
+    names = ["blk.0.ffn_down_exps.weight", "blk.1.ffn_down_exps.weight"]
+    rels = {n: {Q.Q3_K: 0.01 * (i + 1), Q.Q4_K: 0.005} for i, n in enumerate(names)}
+    m = budget.Measured({n: (Q.Q3_K, 0.03) for n in names}, {n: "g" for n in names})
+    w = Target(bpw=4, measured=m).weights([tensors[n] for n in names], rels, 4)
+    assert sum(w[n] * rels[n][Q.Q3_K] for n in names) == pytest.approx(0.03)
+    assert w[names[0]] / w[names[1]] == pytest.approx(budget.FIRST_BLOCK_WEIGHT)  # block 0's prior
+    plain = Target(bpw=4, measured={n: (Q.Q3_K, 0.03) for n in names}).weights([tensors[n] for n in names], rels, 4)
+    assert plain == {n: 0.03 / rels[n][Q.Q3_K] for n in names}  # ungrouped: as Target.weight always did
+
+
+def test_grouped_measurement_cost_restore_and_interrupt(tmp_path, fixture_gguf, calib_text, caplog):
+    """grouped probes: the cost is stated before the first probe, the file is restored, Ctrl-C says how far it got."""
+    import shutil
+
+    from quantkit.pipeline import sensitivity
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(fixture_gguf("bf16"), path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    tensors, _ = _fixture_tensors()
+    events = []
+    got = sensitivity.measure(path, list(tensors.values()), calib_text, n_ctx=64, n_chunks=2, mode="grouped", ranges=1,
+                              on_estimate=lambda c: events.append(("estimate", c)), on_progress=lambda *a: events.append(a))
+    assert events[0][0] == "estimate" and events[1][:2] == ("probe", 0)
+    cost = events[0][1]
+    assert (cost.tensors, cost.probes, cost.passes) == (30, 9, 2) and cost.seconds is None and cost.estimated_seconds > 0
+    assert got.cost.done == 9 and got.cost.seconds > 0 and 0 < got.cost.pass_seconds <= got.cost.seconds
+    assert len(got) == 30 and len(set(got.groups.values())) == 9 and all(k > 0 for _, k in got.values())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+    def stop(stage, done, total, label):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity.measure(path, list(tensors.values()), calib_text, n_ctx=64, n_chunks=1, mode="grouped", ranges=1, on_progress=stop)
+    assert "interrupted while probing, after 2 of 9 probes" in caplog.text
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_cli_plan_states_the_calibration_cost(tmp_path, calib_text):
+    """plan --calib-text says what the measurement costs before it starts (stderr), --json carries it."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text[:20000])
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "plan", str(FIXTURE), "--target-size", "5.5MB", "--calib-text", str(calib),
+                        "--calib-mode", "grouped", "--calib-ranges", "1", "--calib-chunks", "1", "--calib-ctx", "64", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    c = j["calibration"]
+    assert (c["mode"], c["tensors"], c["probes"], c["passes_per_probe"], c["probes_done"]) == ("grouped", 30, 9, 1, 9)
+    assert c["seconds_per_pass"] > 0 and c["estimated_seconds"] > 0 and c["seconds"] > 0
+    assert "sensitivity (grouped): 30 tensors in 9 groups x 1 passes x" in r.stderr
+    assert j["error_sample"]["tensors"] == 30 and 0 <= j["error_sample"]["max_relative_stderr"] <= budget.REL_SE
+
+
+def test_ctrl_c_during_probes_leaves_nothing(tmp_path, calib_text):
+    """SIGINT while the probes run: exit 130, a line saying how far it got, no temporary copy, no output file."""
+    import os
+    import signal
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text[:20000])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "o.gguf"
+    p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "convert", str(FIXTURE), "-o", str(out), "--target-bpw", "4.5", "--calib-text", str(calib),
+                          "--calib-chunks", "4", "--calib-ctx", "128"],
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    lines = []
+    for line in p.stderr:  # the estimate is printed when the probes start
+        lines.append(line)
+        if line.startswith("sensitivity (full)"):
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=120) == 130, "".join(lines) + rest
+    assert "sensitivity: interrupted while probing, after" in rest and " of 30 probes" in rest
+    assert not out.exists() and list(tmp.iterdir()) == []
+
+
+def test_sampling_reads_rows_without_mapping_them(monkeypatch):
+    """Rows are read with pread (a mapped page brings its whole folio into RSS): the shards are never mapped."""
+    from quantkit.hf.checkpoint import Shard
+
+    tensors, hp = _fixture_tensors()
+    want = {n: budget.sample_errors(tensors[n], hparams=hp).rel for n in ("token_embd.weight", "blk.0.ffn_up_exps.weight")}
+    monkeypatch.setattr(Shard, "view", lambda *a: pytest.fail("a shard was mapped"))
+    tensors, hp = _fixture_tensors()
+    assert {n: budget.sample_errors(tensors[n], hparams=hp).rel for n in want} == want
+
+
+def test_pread_sampling_equals_the_mapped_rows_on_fused_halves(tmp_path, monkeypatch):
+    """transformers 5's fused gate_up (gate = first half, up = second half of each expert's rows): the rows read with
+    pread are the rows the mapped view selects."""
+    from conftest import random_model
+
+    src = random_model(tmp_path / "hf", "mixtral", fused=True, hidden_size=256, intermediate_size=256, head_dim=64)
+    ckpt, prep = prepare(src, "f16")
+    ts = [t for t in prep.tensors if t.name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight")]
+    got = [budget.sample_errors(t, elements=1 << 14).rel for t in ts]
+    monkeypatch.setattr(budget, "_plain", lambda ref: False)
+    assert [budget.sample_errors(t, elements=1 << 14).rel for t in ts] == got
+    assert got[0] != got[1]
+    ckpt.close()
+
+
+def test_cli_calib_mode_needs_calib_text(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "plan", str(FIXTURE), "--target-bpw", "4.5", "--calib-mode", "grouped"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--calib-mode" in r.stderr and "--calib-text" in r.stderr
+    calib = tmp_path / "c.txt"
+    calib.write_text("To be, or not to be, that is the question. " * 400)
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "plan", str(FIXTURE), "--target-bpw", "4.5", "--calib-text", str(calib), "--calib-mode", "fast"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--calib-mode 'fast': expected one of full, grouped" in r.stderr

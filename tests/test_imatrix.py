@@ -523,3 +523,237 @@ def test_cli_bad_imatrix_is_one_line_and_writes_nothing(tmp_path, content):
     msg = result.output.strip()
     assert msg.startswith("error:") and len(msg.splitlines()) == 1 and str(bad) in " ".join(msg.split()) and "fix:" in msg, msg
     assert list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- collection at llama-imatrix's speed (issue #16)
+
+
+def test_vectorised_sums_add_in_llama_imatrixs_order():
+    """The vectorised accumulation is llama-imatrix's loop: the same float32 additions in the same order, every bit.
+
+    Pure numpy (one rounding per multiply and per add, as the C loop compiled without contraction): CPU-independent.
+    """
+    from quantkit.pipeline.imatrix_collect import _accumulate, _add_routed, _visit_order
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((300, 48)) * rng.random(48) * 30).astype(np.float32)
+    acc = (rng.random(48) * 1e3).astype(np.float32)
+    want = acc.copy()
+    for row in x:
+        want = want + row * row
+    np.testing.assert_array_equal(_accumulate(acc, x), want)
+    # experts: ids[token, slot]; llama-imatrix visits slot after slot, token after token, per micro-batch of `segment` tokens
+    n_tokens, n_used, n_as, segment = 96, 3, 7, 32
+    ids = np.stack([rng.permutation(n_as)[:n_used] for _ in range(n_tokens)]).astype(np.int32)
+    xs = (rng.standard_normal((n_tokens, n_used, 48)) * 10).astype(np.float32)
+    sums0 = (rng.random((n_as, 48)) * 50).astype(np.float32)
+    want = sums0.copy()
+    for first in range(0, n_tokens, segment):
+        for slot in range(n_used):
+            for tok in range(first, first + segment):
+                want[ids[tok, slot]] = want[ids[tok, slot]] + xs[tok, slot] * xs[tok, slot]
+    tok, slot = _visit_order(n_tokens, n_used, segment)
+    got = sums0.copy()
+    chosen = ids[tok, slot]
+    _add_routed(got, xs.reshape(n_tokens * n_used, 48), tok * n_used + slot, chosen, np.bincount(chosen, minlength=n_as),
+                np.empty((n_tokens * n_used, 48), np.float32))
+    np.testing.assert_array_equal(got, want)
+    whole = sums0.copy()  # one segment: another order, other bits (the reason the order is kept)
+    tok1, slot1 = _visit_order(n_tokens, n_used, n_tokens)
+    _add_routed(whole, xs.reshape(n_tokens * n_used, 48), tok1 * n_used + slot1, ids[tok1, slot1], np.bincount(chosen, minlength=n_as))
+    np.testing.assert_allclose(whole, want, rtol=1e-5)
+
+
+def test_several_chunks_per_decode_give_the_same_matrix(fixture_gguf, text, routed):
+    """Chunks decoded several at a time (one KV cache, whole chunks per micro-batch): every count and sum as one chunk per decode."""
+    from quantkit.pipeline.imatrix_collect import chunks_per_decode
+
+    assert chunks_per_decode(CTX) == 512 // CTX and chunks_per_decode(100) == 1 and chunks_per_decode(512) == 1
+    one = collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, chunks_per_batch=1)
+    two = collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, chunks_per_batch=2)  # a short last decode
+    assert sorted(one.entries) == sorted(routed.entries) == sorted(two.entries)
+    for name, e in one.entries.items():
+        for other in (routed, two):
+            np.testing.assert_array_equal(other.entries[name].counts, e.counts, err_msg=name)
+            np.testing.assert_array_equal(other.entries[name].in_sum2, e.in_sum2, err_msg=name)
+    with pytest.raises(ValueError, match="chunks_per_batch 0"):
+        collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=1, chunks_per_batch=0)
+
+
+def test_sibling_matrices_reuse_an_update_only_from_the_same_state():
+    """attn_k after attn_q (same input node, same statistics): the update is copied; any other state or input is computed."""
+    from quantkit.pipeline.imatrix_collect import _Collector
+
+    c = _Collector()
+    calls = []
+
+    def add(name, value):
+        def run():
+            calls.append((name, value))
+            c.sums[name][...] += value
+            c.counts[name][...] += 1
+        return run
+
+    for name in ("q", "k", "v", "o"):
+        c._entry(name, 1, 4)
+    key = (11, 0, (1, 4))
+    c._update("q", key, add("q", 2.0))
+    c._update("k", key, add("k", 99.0))  # same input node, same state (zero): reused, not run
+    assert calls == [("q", 2.0)] and c.reused == 1 and c.sums["k"].tolist() == [[2.0] * 4] and c.counts["k"].tolist() == [1]
+    c._update("o", (12, 0, (1, 4)), add("o", 1.0))  # another input: computed (and now the last update)
+    c._update("v", key, add("v", 3.0))  # the memo is o's: computed
+    c._update("q", key, add("q", 5.0))  # q: 7 now, k still 2
+    c._update("k", (13, 0, (1, 4)), add("k", 4.0))  # k from another node: computed, k is 6
+    c._update("v", key, add("v", 6.0))  # v: the memo is k's (another input): computed
+    c._update("q", key, add("q", 1.0))
+    c._update("k", key, add("k", 8.0))  # same input as q's last update, but k's state (6) is not q's before it (7): computed
+    assert [n for n, _ in calls] == ["q", "o", "v", "q", "k", "v", "q", "k"] and c.reused == 1
+    c._update("o", (12, 0, (1, 4)), add("o", 1.0))
+    c.new_batch()  # a new decode: nothing carries over, whatever the addresses
+    c._update("v", (12, 0, (1, 4)), add("v", 4.0))
+    assert calls[-1] == ("v", 4.0) and c.reused == 1
+    assert c.sums["q"][0, 0] == 8.0 and c.sums["k"][0, 0] == 14.0 and c.sums["v"][0, 0] == 13.0
+
+
+def test_activations_are_read_in_place(fixture_gguf):
+    """tensor_view gives the CPU backend's buffer itself (no copy), with tensor_array's shape, strides and values."""
+    from quantkit.engine.session import EvalSession, GGMLTensor, op_codes, tensor_array, tensor_view
+
+    mm = {op_codes()[b"MUL_MAT"], op_codes()[b"MUL_MAT_ID"]}
+    seen = []
+
+    def on_tensor(t: int, ask: bool) -> bool:
+        node = GGMLTensor.from_address(t)
+        if node.op not in mm:
+            return False
+        if ask:
+            return True
+        for p in [node.src[1]] + ([node.src[2]] if node.src[2] else []):
+            v, a = tensor_view(p), tensor_array(p)
+            assert v.shape == a.shape and v.strides == a.strides and v.dtype == a.dtype
+            np.testing.assert_array_equal(v, a)
+            assert not v.flags.owndata and v.ctypes.data == GGMLTensor.from_address(p).data
+            seen.append(v.dtype)
+        return True
+
+    s = EvalSession(fixture_gguf("bf16"), 32, threads=2, on_tensor=on_tensor)
+    s.eval_chunk(s.tokenize("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer")[:32])
+    s.close()
+    assert np.dtype(np.float32) in seen and np.dtype(np.int32) in seen  # activations and expert ids
+
+
+def test_ctrl_c_stops_the_collection_and_says_how_far_it_got(fixture_gguf, text, caplog, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt in the eval callback, where a signal handler runs during a decode) stops the decode;
+    the log (INFO: the CLI keeps its one line, its progress bar shows the count) names the chunks done, the interrupt
+    is raised again, and the next collection works."""
+    from quantkit.pipeline import imatrix_collect
+
+    real = imatrix_collect._Collector._mul_mat
+
+    def interrupted(self, name, node, src0):
+        if name == "blk.3.attn_output.weight" and name in self.counts and self.counts[name][0] == CTX:  # late in the second decode
+            raise KeyboardInterrupt
+        real(self, name, node, src0)
+
+    monkeypatch.setattr(imatrix_collect._Collector, "_mul_mat", interrupted)
+    with caplog.at_level("INFO", logger="quantkit.pipeline.imatrix_collect"), pytest.raises(KeyboardInterrupt):
+        collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, chunks_per_batch=1)
+    assert "imatrix interrupted after 1 of 3 chunks (64 tokens" in caplog.text, caplog.text
+    monkeypatch.undo()
+    caplog.clear()
+    seen = []
+
+    def progress(p) -> None:  # the start is reported (chunk 0), then each decode
+        seen.append(p.chunk)
+        if p.chunk == 2:
+            raise KeyboardInterrupt
+
+    with caplog.at_level("INFO", logger="quantkit.pipeline.imatrix_collect"), pytest.raises(KeyboardInterrupt):
+        collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, on_chunk=progress, chunks_per_batch=1)
+    assert seen == [0, 1, 2] and "imatrix interrupted after 2 of 3 chunks (128 tokens" in caplog.text, caplog.text
+    again = collect_imatrix(fixture_gguf("bf16"), text, n_ctx=CTX, n_chunks=1, threads=2)
+    assert again.n_tokens == CTX
+
+
+def test_cli_imatrix_interrupted_writes_nothing(fixture_gguf, text_file, tmp_path, monkeypatch):
+    from quantkit.pipeline import imatrix_collect
+
+    def interrupted(self, name, node, src0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imatrix_collect._Collector, "_mul_mat_id", interrupted)
+    out = tmp_path / "im.gguf"
+    result = CliRunner().invoke(app, ["imatrix", str(fixture_gguf("bf16")), "--text", str(text_file), "-o", str(out), "--ctx", str(CTX), "--chunks", "2"])
+    assert result.exit_code == 130 and "interrupted" in result.output and "nothing was written" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_contexts_over_one_micro_batch_add_in_llama_imatrixs_order(fixture_gguf, text, tmp_path):
+    """--ctx 640: llama-imatrix -b 640 computes each chunk in micro-batches of 512 and 128 tokens (and skips the dense
+    matrices of none); so does quantkit: every sum bit for bit.  Skipped without a local llama-imatrix."""
+    import subprocess
+
+    exe = local_llama_imatrix()
+    if exe is None:
+        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+    model = fixture_gguf("bf16")
+    body = text[:60000]
+    (tmp_path / "t.txt").write_text(body, encoding="utf-8")
+    r = subprocess.run([str(exe), "-m", str(model), "-f", "t.txt", "-c", "640", "-b", "640", "--chunks", "2", "-t", "2", "-o", "local.gguf"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = read_imatrix(tmp_path / "local.gguf")
+    ours = collect_imatrix(model, body.removesuffix("\n"), n_ctx=640, n_chunks=2, threads=2)
+    assert sorted(ours.entries) == sorted(theirs.entries)
+    for name, e in theirs.entries.items():
+        np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_array_equal(ours.entries[name].in_sum2, e.in_sum2, err_msg=name)
+
+
+def test_later_decodes_skip_the_graph_after_its_last_matrix(fixture_gguf, text):
+    """The first decode runs the whole graph and teaches the collector its last matrix; later decodes stop there
+    (no output norm, no output projection, no logits), and the statistics are those of whole graphs (see
+    test_several_chunks_per_decode_give_the_same_matrix, whose one-chunk-per-decode run stops early)."""
+    from quantkit.engine.session import EvalSession, _ggml_fns
+    from quantkit.pipeline.imatrix_collect import _Collector
+
+    so = _ggml_fns()
+    asked: list[list[bytes]] = []
+
+    class Spy(_Collector):
+        def __call__(self, t: int, ask: bool) -> bool:
+            if ask:
+                asked[-1].append(so.ggml_get_name(t))
+            return super().__call__(t, ask)
+
+    c = Spy(segment=CTX, learn=True)
+    s = EvalSession(fixture_gguf("bf16"), CTX, threads=2, on_tensor=c)
+    tokens = s.tokenize(text[:5000])
+    for i in range(3):
+        c.new_batch()
+        assert (c.stop_after is None) == c.learn == (i == 0)
+        asked.append([])
+        s.eval_chunk(tokens[i * CTX : (i + 1) * CTX])
+    s.close()
+    assert c.stop_after == "blk.3.ffn_down_exps.weight" and c.order[-1] == c.stop_after and len(set(c.order)) == len(c.order)
+    assert b"result_output" in asked[0] and asked[0][-1] == b"result_output"
+    for later in asked[1:]:
+        assert b"result_output" not in later and b"result_norm" not in later and len(later) < len(asked[0])
+    assert all(c.counts[n].sum() == 3 * CTX * (2 if "_exps" in n else 1) for n in c.counts), {n: c.counts[n].sum() for n in c.counts}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
+def test_every_family_gives_the_same_matrix_however_its_chunks_are_decoded(model_type, tmp_path, text):
+    """One chunk per decode (every decode after the first stopped after the graph's last matrix: for qwen2_moe the
+    shared expert's) and all chunks in one decode (the whole graph): the same counts and sums, bit for bit."""
+    from conftest import convert, random_model
+
+    src = random_model(tmp_path / "hf", model_type, hidden_size=128, **({"moe_intermediate_size": 128} if "qwen" in model_type else {}))
+    f32 = convert(src, tmp_path / "f32.gguf", "f32")
+    body = text[:20000]
+    one = collect_imatrix(f32, body, n_ctx=64, n_chunks=4, threads=2, chunks_per_batch=1)
+    together = collect_imatrix(f32, body, n_ctx=64, n_chunks=4, threads=2, chunks_per_batch=4)
+    assert sorted(one.entries) == sorted(together.entries)
+    for name, e in together.entries.items():
+        np.testing.assert_array_equal(one.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_array_equal(one.entries[name].in_sum2, e.in_sum2, err_msg=name)

@@ -39,6 +39,8 @@ TARGET_SIZE = typer.Option(None, "--target-size", help="Bit budget: the largest 
 CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors.")
 CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
 CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
+CALIB_MODE = typer.Option("full", "--calib-mode", help="--calib-text: full (one probe per tensor) or grouped (one per role per layer range: fewer passes, most of the gain).")
+CALIB_RANGES = typer.Option(4, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role.")
 
 TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
 
@@ -74,6 +76,8 @@ def convert(
     calib_text: Optional[Path] = CALIB_TEXT,
     calib_ctx: int = CALIB_CTX,
     calib_chunks: int = CALIB_CHUNKS,
+    calib_mode: str = CALIB_MODE,
+    calib_ranges: int = CALIB_RANGES,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split set (as llama-gguf-split --split): at most this much tensor data per part, e.g. 48G or 500M (decimal K/M/G)."),
     split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", min=1, help="Write a split set (as llama-gguf-split --split): at most N tensors per part."),
@@ -125,7 +129,7 @@ def convert(
         raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges)
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -151,7 +155,7 @@ def convert(
 
         _run(lambda: write_card(result.output, card_out, force=force, source=src if src.is_dir() else None))  # a GGUF source: the file says
     if as_json:
-        _print_json(result.to_json() | ({"model_card": str(card_out)} if card_out is not None else {}))
+        _print_json(result.to_json() | ({"model_card": str(card_out)} if card_out is not None else {}) | _budget_json(target))
         return
     j = result.to_json()
     parts = f" and {len(j['parts']) - 1} more parts" if len(j.get("parts", ())) > 1 else ""
@@ -241,34 +245,69 @@ def _type_and_rules(
     return r.base, rules + list(r.rules)
 
 
-def _target(src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None) -> Any:
-    """The bit budget of --target-bpw/--target-size, measured on --calib-text when given (None without a budget)."""
+def _target(
+    src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None,
+    mode: str = "full", ranges: int = 4,
+) -> Any:
+    """The bit budget of --target-bpw/--target-size: each tensor's errors sampled, and its sensitivity measured on
+    --calib-text when given (the cost said first), each step behind a progress bar with an ETA (None without a budget)."""
+    if calib is None and (mode != "full" or ranges != 4):
+        raise typer.BadParameter("--calib-mode and --calib-ranges choose how --calib-text measures; add --calib-text FILE", param_hint="--calib-mode")
     if bpw is None and size is None:
         if calib is not None:
             raise typer.BadParameter("--calib-text measures sensitivity for a bit budget; add --target-bpw or --target-size", param_hint="--calib-text")
         return None
-    from quantkit.policy.budget import parse_size
-    from quantkit.policy.plan import Target
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    nbytes = _run(lambda: parse_size(size)) if size is not None else None
+    from quantkit.pipeline import sensitivity
+    from quantkit.pipeline.convert import _importance, prepare
+    from quantkit.policy import budget
+    from quantkit.policy.plan import Target, check_reach, header_bytes
+
+    nbytes = _run(lambda: budget.parse_size(size)) if size is not None else None
     _run(lambda: Target(bpw=bpw, size=nbytes))  # validate before the slow part
-    measured = None
+    text = _run(lambda: read_text_file(calib, "--calib-text")) if calib is not None else None
     if calib is not None:
-        from quantkit.pipeline import sensitivity
-        from quantkit.pipeline.convert import _importance, prepare
+        _run(lambda: sensitivity.probe_groups([], mode, ranges))
+    ckpt, prep = _run(lambda: prepare(src, "f32"))
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=err.console, disable=not show)
+    tasks: dict[str, Any] = {}
 
-        text = _run(lambda: read_text_file(calib, "--calib-text"))
-        ckpt, prep = _run(lambda: prepare(src, "f32"))
-        ckpt.close()
-        n = sum(1 for t in prep.tensors if sensitivity.probe_type(t) is not None)
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    def progress(stage: str, done: int, total: int, label: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total, description=f"{stage} {label[:40]:<40}")
 
-        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=err.console, disable=not show)
-        task = bar.add_task("sensitivity", total=n)
-        with bar:
+    def estimate(cost: Any) -> None:
+        err.print(esc(cost.describe()) + "; Ctrl-C stops it", highlight=False, soft_wrap=True)
+
+    measured = None
+    importance = _importance(imat, prep.tensors)
+    with ckpt, bar:
+        _run(lambda: check_reach(prep.tensors, Target(bpw=bpw, size=nbytes), header_bytes(prep.arch, prep.metadata, prep.tensors)))  # from the shapes, before anything is measured
+        errors = _run(lambda: budget.measure_errors(prep.tensors, importance, prep.hparams, lambda d, n, name: progress("sample errors", d, n, name)))
+        if calib is not None:
             measured = _run(lambda: sensitivity.measure_checkpoint(
-                src, text, ctx, chunks, importance=_importance(imat, prep.tensors), on_tensor=lambda name: bar.update(task, advance=1, description=f"probe {name:<28}")))
-    return Target(bpw=bpw, size=nbytes, measured=measured)
+                src, text, ctx, chunks, importance=importance, mode=mode, ranges=ranges, on_estimate=estimate,
+                on_progress=lambda stage, d, n, label: progress({"write": "write unquantised copy", "probe": "probe"}.get(stage, stage), d, n, label)))
+    if measured is not None and measured.cost is not None and measured.cost.seconds is not None:
+        err.print(esc(measured.cost.describe()), highlight=False, soft_wrap=True)
+    return Target(bpw=bpw, size=nbytes, measured=measured, errors=errors)
+
+
+def _budget_json(target: Any) -> dict[str, Any]:
+    """What a budget's measurements cost, for --json: the error sample and the --calib-text probes."""
+    if target is None:
+        return {}
+    out: dict[str, Any] = {}
+    if target.errors:
+        out["error_sample"] = {"tensors": len(target.errors), "values": sum(s.values for s in target.errors.values()),
+                               "max_relative_stderr": round(max(s.rse for s in target.errors.values()), 4)}
+    cost = getattr(target.measured, "cost", None)
+    if cost is not None:
+        out["calibration"] = cost.to_json()
+    return out
 
 
 def _overrides(specs: list[str]) -> list[Any]:
@@ -296,6 +335,8 @@ def plan(
     calib_text: Optional[Path] = CALIB_TEXT,
     calib_ctx: int = CALIB_CTX,
     calib_chunks: int = CALIB_CHUNKS,
+    calib_mode: str = CALIB_MODE,
+    calib_ranges: int = CALIB_RANGES,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
@@ -307,13 +348,13 @@ def plan(
     from quantkit.hf.hub_cache import resolve_source
 
     src = _run(lambda: resolve_source(src))  # a repo id: its snapshot in the local Hugging Face cache (offline)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges)
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize))
     ckpt.close()
     p = prep.plan
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]
     summary = {"type": p.outtype, "file_type": int(p.file_type), "tensor_bytes": p.nbytes, "params": p.n_elements,
-               "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p.tensors)}
+               "bits_per_weight": round(8 * p.nbytes / max(1, p.n_elements), 4), "groups": group_totals(p.tensors), **_budget_json(target)}
     source_q = getattr(ckpt, "quantization", None)  # a quantised HF source (FP8, compressed-tensors): said in the header
     if source_q is not None:
         summary["source_quantization"] = source_q.to_json()

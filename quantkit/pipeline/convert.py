@@ -34,14 +34,14 @@ from quantkit.hf.checkpoint import DTYPES, open_checkpoint
 from quantkit.converters import for_model_type
 from quantkit.format.encode import SAME, encode, nonfinite
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
-from quantkit.format.gguf_write import MetaValue, SplitGGUFWriter, SplitSpec, StreamingGGUFWriter, alignment_of, file_nbytes
+from quantkit.format.gguf_write import MetaValue, SplitGGUFWriter, SplitSpec, StreamingGGUFWriter, alignment_of
 from quantkit.format.gguf_write import split_file_sizes, split_layout, split_path, split_prefix
 from quantkit.hf.hub_cache import repo_of_snapshot, resolve_source
 from quantkit.pipeline.card import COMMAND_KEY
 from quantkit.hf.mapping import OutTensor, Role, group_totals
 from quantkit.hf.quantized import warn_requantised
 from quantkit.format.output import atomic_file, atomic_files, check_free_space, check_target
-from quantkit.policy.plan import Override, Plan, Target, TensorPlan, make_plan
+from quantkit.policy.plan import Override, Plan, Target, TensorPlan, header_bytes, make_plan
 from quantkit.hf.vocab import load_vocab, vocab_metadata
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def _plan_and_check(
     """The plan of either kind of source, with its importance-matrix checks."""
     overhead = 0
     if target is not None:  # the header's size does not depend on the types
-        overhead = file_nbytes(arch, header_md, ((t.name, t.shape, 0) for t in tensors)) + (alignment_of(header_md) - 1) * len(tensors)
+        overhead = header_bytes(arch, header_md, tensors)
     if imatrix is not None:
         from quantkit.policy.imatrix import check_matches
 

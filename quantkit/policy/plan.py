@@ -15,7 +15,7 @@ import logging
 import functools
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from quantkit.format import gguf_spec
 from quantkit.policy import presets
@@ -177,8 +177,11 @@ class Target:
 
     bpw: float | None = None
     size: int | None = None
-    #: measured cost per tensor (quantkit.pipeline.sensitivity): name -> (probe type, mean KLD with that tensor alone at it)
+    #: measured cost per tensor (quantkit.pipeline.sensitivity): name -> (probe type, mean KLD with that tensor alone at it);
+    #: a ``budget.Measured`` from a grouped measurement says which tensors were probed together (``groups``)
     measured: Mapping[str, tuple[gguf_spec.GGMLQuantizationType, float]] | None = None
+    #: relative errors sampled beforehand (``budget.measure_errors``, e.g. behind a progress bar): name -> Sampled or {type: rel}
+    errors: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.bpw is None) == (self.size is None):
@@ -211,6 +214,28 @@ class Target:
                 return max(kld, 0.0) / rel[qtype]
         return budget.prior_weight(t, n_layer)
 
+    def weights(self, tensors: Sequence[OutTensor], rels: Mapping[str, Mapping[gguf_spec.GGMLQuantizationType, float]], n_layer: int) -> dict[str, float]:
+        """:meth:`weight` of every tensor in ``rels``.  Tensors measured together (a grouped measurement) share their
+        group's KLD in proportion to prior weight x relative error at the probe type: each gets
+        ``prior(t) * KLD(group) / sum_group prior * rel`` -- the measured scale, the priors' shape within the group."""
+        from quantkit.policy import budget
+
+        measured = self.measured or {}
+        groups = getattr(measured, "groups", None) or {}
+        by_name = {t.name: t for t in tensors if t.name in rels}
+        out = {n: self.weight(t, rels[n], n_layer) for n, t in by_name.items() if n not in groups or n not in measured}
+        members: dict[str, list[str]] = {}
+        for n in by_name:
+            if n not in out:
+                members.setdefault(groups[n], []).append(n)
+        for names in members.values():
+            prior = {n: budget.prior_weight(by_name[n], n_layer) for n in names}
+            exposure = sum(prior[n] * rels[n].get(measured[n][0], 0.0) for n in names)
+            kld = max(measured[names[0]][1], 0.0)
+            for n in names:
+                out[n] = prior[n] * kld / exposure if exposure > 0 else prior[n]
+        return out
+
     def tensor_bytes(self, n_elements: int, overhead: int) -> int:
         """Bytes of tensor data the budget allows (``overhead``: header and alignment of the file)."""
         if self.bpw is not None:
@@ -221,15 +246,14 @@ class Target:
         return self.size - overhead
 
 
-def _budget_types(
-    tensors: list[OutTensor], target: Target, pinned: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]],
-    importance: "budget.Importance | None", overhead: int, n_layer: int,
-) -> tuple[dict[str, tuple[gguf_spec.GGMLQuantizationType, str]], gguf_spec.LlamaFileType, str]:
-    """Types chosen by the bit budget for every tensor not pinned (kept F32 or named by a user rule)."""
+def _split_budget(
+    tensors: Sequence[OutTensor], pinned: Mapping[str, tuple[gguf_spec.GGMLQuantizationType, str]],
+) -> tuple[dict[str, tuple[gguf_spec.GGMLQuantizationType, str]], list[OutTensor], int]:
+    """(types fixed without the budget, the tensors it chooses for, bytes of the fixed ones)."""
     from quantkit.policy import budget
 
     base: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]] = {}
-    options: dict[str, list[budget.Option]] = {}
+    free: list[OutTensor] = []
     fixed = 0
     for t in tensors:
         if t.name in pinned:
@@ -239,10 +263,54 @@ def _budget_types(
         elif not budget.candidates(t):
             base[t.name] = (Q.F16, f"row length {t.shape[-1]} fits no quantised block: F16 fallback")
         else:
-            rel = budget.rel_errors(t, importance)
-            options[t.name] = budget.options(t, rel, target.weight(t, rel, n_layer))
+            free.append(t)
             continue
         fixed += type_nbytes(base[t.name][0], t.shape)
+    return base, free, fixed
+
+
+def header_bytes(arch: str, metadata: Mapping[str, Any], tensors: Sequence[OutTensor]) -> int:
+    """Bytes of a GGUF file that are not tensor data, at most (header, tensor table, alignment padding): the types do not change it."""
+    from quantkit.format.gguf_write import alignment_of, file_nbytes
+
+    return file_nbytes(arch, metadata, ((t.name, t.shape, 0) for t in tensors)) + (alignment_of(metadata) - 1) * len(tensors)
+
+
+def check_reach(
+    tensors: Sequence[OutTensor], target: Target, overhead: int | None = None, pinned: Mapping[str, tuple[gguf_spec.GGMLQuantizationType, str]] | None = None,
+) -> None:
+    """The budget's error when no plan of these tensors meets it, from their shapes alone (before any weight is read).
+
+    ``overhead`` None (the header's size not known yet): a --target-size is only refused when even the cheapest
+    plan is too big; the plan itself checks the rest.
+    """
+    from quantkit.policy import budget
+
+    _, free, fixed = _split_budget(tensors, pinned or {})
+    sizes = [[type_nbytes(q, t.shape) for q in budget.candidates(t)] for t in free]
+    lo, hi = fixed + sum(min(s) for s in sizes), fixed + sum(max(s) for s in sizes)
+    n_elements = sum(t.n_elements for t in tensors)
+    allowed = target.tensor_bytes(n_elements, overhead or 0)
+    too_small = hi < allowed * (1 - budget.TOLERANCE) and (overhead is not None or target.size is None)
+    if lo > allowed or too_small:
+        raise target.out_of_reach(lo, hi, n_elements, overhead or 0)
+
+
+def _budget_types(
+    tensors: list[OutTensor], target: Target, pinned: dict[str, tuple[gguf_spec.GGMLQuantizationType, str]],
+    importance: "budget.Importance | None", overhead: int, n_layer: int, hparams: Any = None,
+) -> tuple[dict[str, tuple[gguf_spec.GGMLQuantizationType, str]], gguf_spec.LlamaFileType, str]:
+    """Types chosen by the bit budget for every tensor not pinned (kept F32 or named by a user rule)."""
+    from quantkit.policy import budget
+
+    check_reach(tensors, target, overhead, pinned)  # before the errors are sampled
+    base, free, fixed = _split_budget(tensors, pinned)
+    given = target.errors or {}
+    missing = [t for t in free if t.name not in given]
+    sampled = budget.measure_errors(missing, importance, hparams) if missing else {}
+    rels = {t.name: budget.rel_of(given[t.name] if t.name in given else sampled[t.name]) for t in free}
+    weights = target.weights(free, rels, n_layer)
+    options = {t.name: budget.options(t, rels[t.name], weights[t.name]) for t in free}
     n_elements = sum(t.n_elements for t in tensors)
     allowed = target.tensor_bytes(n_elements, overhead)
     try:
@@ -281,7 +349,7 @@ def make_plan(
                 pinned[t.name] = _apply_override(t, hit)
                 hit_any.add(hit)
         _warn_unused(overrides, hit_any)
-        base, ftype, name = _budget_types(tensors, target, pinned, importance, overhead, n_layer)
+        base, ftype, name = _budget_types(tensors, target, pinned, importance, overhead, n_layer, hparams)
         overrides = ()  # applied: they are the pinned entries of base
     elif key in OUTTYPES:
         want, ftype = OUTTYPES[key]
