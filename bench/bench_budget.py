@@ -49,6 +49,7 @@ DEPTHS = (15, 30, 60)  # layers of the many-expert models
 EXPERTS = 256
 WIDTHS = (64, 128, 256)  # experts of the 15-layer models
 TARGETS = {"budget / preset time": 1.5, "peak RSS growth": 1.25}
+MAX_PROBES = 64  # quantkit.pipeline.sensitivity.MAX_PROBES (said in the table)
 BASELINE_FILES = ("quantkit/policy/budget.py", "quantkit/policy/plan.py", "quantkit/pipeline/sensitivity.py")
 
 
@@ -285,9 +286,12 @@ def scaling(threads: int) -> dict[str, Any]:
         took = time.perf_counter() - t0
         c = m.cost
         full_est = n_tensors * c.passes * c.seconds_per_pass + c.quantise_seconds
+        auto = len(sensitivity.probe_groups(prep.tensors, "auto"))  # what the default mode would run
+        assert sensitivity.MAX_PROBES == MAX_PROBES
         row = {"layers": layers, "experts": experts, "hf_tensors": sum(len(t.sources) for t in prep.tensors), "tensors": n_tensors,
                "model_bytes": (src / "model.safetensors").stat().st_size, "sample_s": t_sample, "knapsack_s": t_plan,
-               "grouped": c.to_json(), "grouped_total_s": took, "full_estimate_s": full_est, "full": None, "load": load()}
+               "grouped": c.to_json(), "grouped_total_s": took, "full_estimate_s": full_est, "full": None, "load": load(),
+               "auto_probes": auto, "auto_estimate_s": auto * c.passes * c.seconds_per_pass + c.quantise_seconds}
         if layers == DEPTHS[0]:  # the full measurement too, where it is affordable
             f = sensitivity.measure_checkpoint(src, calib, 64, 2, threads=threads, mode="full", work_dir=WORK).cost
             row["full"] = f.to_json()
@@ -384,14 +388,15 @@ def render(info: dict[str, Any], res: dict[str, Any]) -> str:
               "the expert count and proportions of DeepSeek V3 scaled down (no shared expert or MLA). `tensors` = quantisable GGUF "
               "tensors (experts stacked per layer); `HF tensors` = the checkpoint's. Calibration: ctx 64, 2 chunks per probe. "
               "Grouped (4 layer ranges) measured; full = tensors x passes x s/pass + quantising, from the same run's timing.", "",
-              "| layers | experts | HF tensors | tensors | GB | sample errors s | plan (knapsack) s | s/pass | grouped: probes | est. s | took s | full: probes | est. s | took s | load |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| layers | experts | HF tensors | tensors | GB | sample errors s | plan (knapsack) s | s/pass | grouped: probes | est. s | took s | full: probes | est. s | took s | auto (default): probes | est. s | load |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         rows = res["scaling"]["rows"]
         for r in rows:
             g, f = r["grouped"], r.get("full")
             full = f"{f['probes']} | {f['estimated_seconds']:.1f} | {f['seconds']:.1f}" if f else f"{r['tensors']} | {r['full_estimate_s']:.0f} | (not run)"
             L.append(f"| {r['layers']} | {r.get('experts', EXPERTS)} | {r['hf_tensors']:,} | {r['tensors']} | {r['model_bytes'] / 1e9:.2f} | {r['sample_s']:.1f} | "
-                     f"{r['knapsack_s']:.1f} | {g['seconds_per_pass']:.3f} | {g['probes']} | {g['estimated_seconds']:.1f} | {g['seconds']:.1f} | {full} | {r['load']} |")
+                     f"{r['knapsack_s']:.1f} | {g['seconds_per_pass']:.3f} | {g['probes']} | {g['estimated_seconds']:.1f} | {g['seconds']:.1f} | {full} | "
+                     f"{r.get('auto_probes', '')} | {r.get('auto_estimate_s', 0):.1f} | {r['load']} |")
         wide = [r for r in rows if r["layers"] == DEPTHS[0]]
         deep = [r for r in rows if r.get("experts", EXPERTS) == EXPERTS]
         if len(wide) > 1 and wide[0].get("full") and wide[-1].get("full"):
@@ -404,7 +409,8 @@ def render(info: dict[str, Any], res: dict[str, Any]) -> str:
             L += ["", f"Layers {a['layers']} -> {b['layers']} at {b.get('experts', EXPERTS)} experts: tensors {b['tensors'] / a['tensors']:.2f}x; "
                   f"error sampling {b['sample_s'] / a['sample_s']:.2f}x, grouped measurement {b['grouped']['seconds'] / a['grouped']['seconds']:.2f}x "
                   f"(a fixed 30 probes; each pass {b['grouped']['seconds_per_pass'] / a['grouped']['seconds_per_pass']:.2f}x longer), "
-                  f"full measurement (estimated) {b['full_estimate_s'] / a['full_estimate_s']:.2f}x (probes and passes both grow with depth)."]
+                  f"full measurement (estimated) {b['full_estimate_s'] / a['full_estimate_s']:.2f}x (probes and passes both grow with depth), "
+                  f"auto (the default: at most {MAX_PROBES} probes) {b.get('auto_estimate_s', 0) / max(a.get('auto_estimate_s', 1), 1e-9):.2f}x."]
         L.append("")
     return "\n".join(L)
 

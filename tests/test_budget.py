@@ -346,8 +346,29 @@ def test_probe_groups_full_and_grouped():
     assert len(grouped) == 2 + 7 * 2  # embeddings and output alone, 7 roles x 2 layer ranges
     assert [t.name for t in grouped["blk.2-3.ffn_down_exps.weight"]] == ["blk.2.ffn_down_exps.weight", "blk.3.ffn_down_exps.weight"]
     assert len(sensitivity.probe_groups(ts, "grouped", ranges=99)) == 30  # no more ranges than blocks
+    assert sensitivity.probe_groups(ts, "auto") == full  # up to MAX_PROBES tensors: one probe each
     with pytest.raises(QuantkitError, match="--calib-mode 'fast'"):
         sensitivity.probe_groups(ts, "fast")
+
+
+def test_auto_mode_caps_the_probes_of_deep_models():
+    """A 60-layer model: auto groups each role into as many layer ranges as fit in MAX_PROBES probes, so the probes
+    stay fixed while the tensors grow with depth (the cost then grows linearly, with each pass)."""
+    from quantkit.hf.mapping import OutTensor, Role
+    from quantkit.pipeline import sensitivity
+
+    def model(layers):
+        roles = [("attn_q", Role.ATTENTION, (256, 256)), ("attn_output", Role.ATTENTION, (256, 256)), ("ffn_gate_exps", Role.EXPERTS, (256, 64, 256)),
+                 ("ffn_up_exps", Role.EXPERTS, (256, 64, 256)), ("ffn_down_exps", Role.EXPERTS, (256, 256, 64))]
+        ts = [OutTensor("token_embd.weight", (3000, 256), Role.EMBEDDINGS, ()), OutTensor("output.weight", (3000, 256), Role.OUTPUT, ())]
+        return ts + [OutTensor(f"blk.{b}.{r}.weight", shape, role, ()) for b in range(layers) for r, role, shape in roles]
+
+    for layers in (15, 30, 60):
+        groups = sensitivity.probe_groups(model(layers), "auto")
+        assert len(groups) == 2 + 5 * ((sensitivity.MAX_PROBES - 2) // 5) <= sensitivity.MAX_PROBES
+        assert sorted(t.name for _, ts in groups for t in ts) == sorted(t.name for t in model(layers))
+        assert sensitivity.resolved_mode(groups) == "grouped"
+    assert len(sensitivity.probe_groups(model(12), "auto")) == 2 + 5 * 12  # 62 tensors: one probe each
 
 
 def test_grouped_kld_is_shared_by_prior_times_error():
@@ -425,7 +446,7 @@ def test_ctrl_c_during_probes_leaves_nothing(tmp_path, calib_text):
     lines = []
     for line in p.stderr:  # the estimate is printed when the probes start
         lines.append(line)
-        if line.startswith("sensitivity (full)"):
+        if line.startswith("sensitivity (auto: full)"):  # 30 tensors: auto probes them one by one
             break
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
@@ -467,4 +488,4 @@ def test_cli_calib_mode_needs_calib_text(tmp_path):
     calib.write_text("To be, or not to be, that is the question. " * 400)
     r = subprocess.run([sys.executable, "-m", "quantkit.cli", "plan", str(FIXTURE), "--target-bpw", "4.5", "--calib-text", str(calib), "--calib-mode", "fast"],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "--calib-mode 'fast': expected one of full, grouped" in r.stderr
+    assert r.returncode == 1 and "--calib-mode 'fast': expected one of auto, full, grouped" in r.stderr

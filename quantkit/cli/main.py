@@ -39,8 +39,8 @@ TARGET_SIZE = typer.Option(None, "--target-size", help="Bit budget: the largest 
 CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure each tensor's effect on the output on this text (slower, better) instead of using priors.")
 CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
 CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
-CALIB_MODE = typer.Option("full", "--calib-mode", help="--calib-text: full (one probe per tensor) or grouped (one per role per layer range: fewer passes, most of the gain).")
-CALIB_RANGES = typer.Option(4, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role.")
+CALIB_MODE = typer.Option("auto", "--calib-mode", help="--calib-text: full (one probe per tensor), grouped (one per role per layer range: fewer passes, most of the gain) or auto (full up to 64 tensors, else grouped).")
+CALIB_RANGES = typer.Option(None, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role (default 4; auto fits as many as 64 probes allow).")
 
 TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
 
@@ -77,7 +77,7 @@ def convert(
     calib_ctx: int = CALIB_CTX,
     calib_chunks: int = CALIB_CHUNKS,
     calib_mode: str = CALIB_MODE,
-    calib_ranges: int = CALIB_RANGES,
+    calib_ranges: Optional[int] = CALIB_RANGES,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice)."),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split set (as llama-gguf-split --split): at most this much tensor data per part, e.g. 48G or 500M (decimal K/M/G)."),
     split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", min=1, help="Write a split set (as llama-gguf-split --split): at most N tensors per part."),
@@ -247,11 +247,11 @@ def _type_and_rules(
 
 def _target(
     src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None,
-    mode: str = "full", ranges: int = 4,
+    mode: str = "auto", ranges: int | None = None,
 ) -> Any:
     """The bit budget of --target-bpw/--target-size: each tensor's errors sampled, and its sensitivity measured on
     --calib-text when given (the cost said first), each step behind a progress bar with an ETA (None without a budget)."""
-    if calib is None and (mode != "full" or ranges != 4):
+    if calib is None and (mode != "auto" or ranges is not None):
         raise typer.BadParameter("--calib-mode and --calib-ranges choose how --calib-text measures; add --calib-text FILE", param_hint="--calib-mode")
     if bpw is None and size is None:
         if calib is not None:
@@ -336,7 +336,7 @@ def plan(
     calib_ctx: int = CALIB_CTX,
     calib_chunks: int = CALIB_CHUNKS,
     calib_mode: str = CALIB_MODE,
-    calib_ranges: int = CALIB_RANGES,
+    calib_ranges: Optional[int] = CALIB_RANGES,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""

@@ -13,15 +13,18 @@ shared mapping of the file, so no reload is needed; a probe whose first
 change does not move the logits (a runtime that copied the weights) is an
 error, not a silent zero.
 
-Two modes (:data:`MODES`).  ``full``: one probe per quantisable tensor.
+Modes (:data:`MODES`).  ``full``: one probe per quantisable tensor.
 ``grouped``: one probe per role (``attn_q``, ``ffn_down_exps``, ...) per range of
 layers (``ranges`` equal ranges), plus one per tensor outside the blocks
 (embeddings, output): a fixed number of probes whatever the depth, each
 group's KLD shared between its tensors by ``quantkit.policy.plan.Target.weights``.
-The cost is ``probes x chunks`` forward passes of the model plus one
-quantisation of the probed weights: before the probes start, :class:`budget.Cost`
-states it from a timing of the base passes (``on_estimate``), and the result
-carries the estimate next to the time taken.
+``auto`` (the default): ``full`` up to :data:`MAX_PROBES` tensors, else ``grouped``
+with as many layer ranges as fit in that many probes.  The cost is
+``probes x chunks`` forward passes of the model (each pass as long as the model
+is deep) plus one quantisation of the probed weights, so ``full`` grows with
+depth squared and ``grouped`` / ``auto`` linearly in the tensors.  Before the
+probes start, :class:`budget.Cost` states it from a timing of the base passes
+(``on_estimate``), and the result carries the estimate next to the time taken.
 
 ``quantkit.policy.plan.Target.weight`` turns each measurement into the cost of a unit
 of relative error (KLD / rel(probe type)), which scales that tensor's
@@ -52,8 +55,9 @@ PROBE_256 = Q.Q3_K  # probe type for rows of 256: the middle of the range budget
 PROBE_32 = Q.Q4_0
 _STORED = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
 CHUNK_BYTES = 16 * 1024 * 1024  # float32 bytes quantised and written back per piece of a probe
-MODES = ("full", "grouped")
+MODES = ("auto", "full", "grouped")
 DEFAULT_RANGES = 4  # layer ranges of a grouped measurement
+MAX_PROBES = 64  # auto: probes before it groups (the fixture's 30 tensors are probed one by one)
 
 
 def probe_type(t: OutTensor) -> gguf_spec.GGMLQuantizationType | None:
@@ -109,21 +113,26 @@ def role_of(name: str) -> str:
     return name if gguf_spec.block_of(name) is None else name.split(".", 2)[2]
 
 
-def probe_groups(tensors: Sequence[OutTensor], mode: str = "full", ranges: int = DEFAULT_RANGES) -> list[tuple[str, list[OutTensor]]]:
+def probe_groups(tensors: Sequence[OutTensor], mode: str = "full", ranges: int | None = None) -> list[tuple[str, list[OutTensor]]]:
     """The probes of a measurement, each (label, tensors quantised together), in the order of ``tensors``.
 
-    ``full``: one per tensor.  ``grouped``: one per role per range of blocks (``ranges`` equal ranges; fewer
-    when the model has fewer blocks), one per tensor outside the blocks.
+    ``full``: one per tensor.  ``grouped``: one per role per range of blocks (``ranges`` equal ranges, default
+    :data:`DEFAULT_RANGES`; fewer when the model has fewer blocks), one per tensor outside the blocks.  ``auto``:
+    ``full`` up to :data:`MAX_PROBES` tensors, else ``grouped`` with the most ranges that fit in that many probes.
     """
     if mode not in MODES:
         raise QuantkitError(f"--calib-mode {mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "grouped" and (not isinstance(ranges, int) or isinstance(ranges, bool) or ranges < 1):
+    if ranges is not None and (not isinstance(ranges, int) or isinstance(ranges, bool) or ranges < 1):
         raise QuantkitError(f"--calib-ranges {ranges!r}: expected a whole number >= 1; fix: use e.g. --calib-ranges 4")
     probed = [t for t in tensors if probe_type(t) is not None]
-    if mode == "full":
+    if mode == "full" or mode == "auto" and len(probed) <= MAX_PROBES:
         return [(t.name, [t]) for t in probed]
+    if mode == "auto":
+        roles = {role_of(t.name) for t in probed if gguf_spec.block_of(t.name) is not None}
+        singles = sum(1 for t in probed if gguf_spec.block_of(t.name) is None)
+        ranges = max(1, (MAX_PROBES - singles) // max(1, len(roles)))
     n_layer = 1 + max((b for t in probed if (b := gguf_spec.block_of(t.name)) is not None), default=-1)
-    k = min(ranges, max(1, n_layer))
+    k = min(ranges or DEFAULT_RANGES, max(1, n_layer))
     groups: dict[str, list[OutTensor]] = {}
     for t in probed:
         b = gguf_spec.block_of(t.name)
@@ -134,6 +143,11 @@ def probe_groups(tensors: Sequence[OutTensor], mode: str = "full", ranges: int =
         lo, hi = -(-r * n_layer // k), -(-(r + 1) * n_layer // k) - 1
         groups.setdefault(f"blk.{lo}-{hi}.{role_of(t.name)}", []).append(t)
     return list(groups.items())
+
+
+def resolved_mode(groups: Sequence[tuple[str, list[OutTensor]]]) -> str:
+    """``full`` when every probe is one tensor, else ``grouped``."""
+    return "full" if all(len(ts) == 1 and label == ts[0].name for label, ts in groups) else "grouped"
 
 
 #: the smallest --calib-ctx: each chunk's second half (n_ctx/2 positions) is compared, at least 4 of them
@@ -185,8 +199,8 @@ def measure(
     importance: budget.Importance | None = None,
     threads: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
-    mode: str = "full",
-    ranges: int = DEFAULT_RANGES,
+    mode: str = "auto",
+    ranges: int | None = None,
     on_estimate: Callable[[budget.Cost], None] | None = None,
     on_progress: Progress | None = None,
     setup_seconds: float = 0.0,
@@ -216,8 +230,9 @@ def measure(
             state["stage"] = "evaluating the base"
             chunks, base, per_pass = _base(session, text, n_ctx, n_chunks, model)
             probed = [t for _, ts in groups for t in ts]
-            cost = budget.Cost(mode, len(probed), len(groups), len(chunks), per_pass, _quantise_seconds(probed),
-                               setup_seconds + time.perf_counter() - t_setup, grouped_probes=len(probe_groups(probed, "grouped", ranges)))
+            cost = budget.Cost(resolved_mode(groups) if mode == "auto" else mode, len(probed), len(groups), len(chunks), per_pass,
+                               _quantise_seconds(probed), setup_seconds + time.perf_counter() - t_setup,
+                               grouped_probes=len(probe_groups(probed, "grouped", ranges)), auto=mode == "auto")
             log.info("%s", cost.describe())
             state.update(stage="probing", estimate=cost.estimated_seconds, t0=time.perf_counter())
             if on_estimate is not None:
@@ -249,7 +264,7 @@ def measure(
                         raise QuantkitError(f"{model}: changing {ts[0].name} did not change llama.cpp's output (the runtime copied the weights); fix: run the probe on a CPU build")
                     for t in ts:
                         kld[t.name] = (probe_type(t), k)  # type: ignore[assignment]
-                        if mode == "grouped":
+                        if cost.mode == "grouped":
                             labels[t.name] = label
                     state["done"] += 1
                 if on_progress is not None:
@@ -325,8 +340,8 @@ def measure_checkpoint(
     threads: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
     work_dir: Path | None = None,
-    mode: str = "full",
-    ranges: int = DEFAULT_RANGES,
+    mode: str = "auto",
+    ranges: int | None = None,
     on_estimate: Callable[[budget.Cost], None] | None = None,
     on_progress: Progress | None = None,
 ) -> budget.Measured:

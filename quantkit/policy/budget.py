@@ -563,6 +563,7 @@ class Cost:
     pass_seconds: float = 0.0  # of ``seconds``: the forward passes
     quantise_taken: float = 0.0  # of ``seconds``: quantising, writing and restoring the probes
     grouped_probes: int | None = None  # probes of --calib-mode grouped on the same model (a full measurement says what it would save)
+    auto: bool = False  # the mode was chosen by --calib-mode auto
 
     @property
     def estimated_seconds(self) -> float:
@@ -576,7 +577,7 @@ class Cost:
 
     def describe(self) -> str:
         what = f"{self.tensors} tensors" + (f" in {self.probes} groups" if self.probes != self.tensors else "")
-        line = (f"sensitivity ({self.mode}): {what} x {self.passes} passes x {self.seconds_per_pass:.3f} s/pass"
+        line = (f"sensitivity ({'auto: ' if self.auto else ''}{self.mode}): {what} x {self.passes} passes x {self.seconds_per_pass:.3f} s/pass"
                 f" + {self.quantise_seconds:.1f} s quantising = ~{self.estimated_seconds:.1f} s")
         if self.seconds is not None:
             return line + f" (took {self.seconds:.1f} s)"
@@ -587,7 +588,7 @@ class Cost:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "mode": self.mode, "tensors": self.tensors, "probes": self.probes, "passes_per_probe": self.passes,
+            "mode": self.mode, "auto": self.auto, "tensors": self.tensors, "probes": self.probes, "passes_per_probe": self.passes,
             "seconds_per_pass": round(self.seconds_per_pass, 4), "quantise_seconds": round(self.quantise_seconds, 3),
             "estimated_seconds": round(self.estimated_seconds, 2), "setup_seconds": round(self.setup_seconds, 2),
             "seconds": None if self.seconds is None else round(self.seconds, 2), "probes_done": self.done,
