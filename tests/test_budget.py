@@ -81,6 +81,33 @@ def test_solve_is_near_optimal_and_fits(seed):
         assert got <= 1.005 * _brute(options, b), (seed, frac)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_solve_time_cap(seed):
+    """A cap on quantising time: the plan fits it, stays within the bytes, costs no less damage than the
+    uncapped plan, and a cap the uncapped plan meets changes nothing."""
+    rng = random.Random(seed)
+    costs = {Q.Q2_K: 0.87, Q.Q3_K: 0.18, Q.IQ4_XS: 2.8, Q.Q4_K: 1.0, Q.Q5_K: 0.83, Q.Q6_K: 0.44, Q.Q8_0: 0.05}
+    bpws = {Q.Q2_K: 2.625, Q.Q3_K: 3.4375, Q.IQ4_XS: 4.25, Q.Q4_K: 4.5, Q.Q5_K: 5.5, Q.Q6_K: 6.5625, Q.Q8_0: 8.5}
+    options = {}
+    for i in range(12):
+        n = rng.choice([4096, 65536, 262144])
+        scale = rng.uniform(0.5, 5.0)
+        # IQ4_XS: the least damage per byte near 4 bits, as measured on real weights
+        options[f"t{i}"] = [Option(q, int(n * b / 8), scale * 2.0 ** (-2 * b) * (0.8 if q == Q.IQ4_XS else 1.0), n * costs[q]) for q, b in bpws.items()]
+    n_all = sum(o[0].cost / costs[Q.Q2_K] for o in options.values())
+    size = int(sum(o[0].cost / costs[Q.Q2_K] for o in options.values()) * 4.4 / 8)
+    free = solve(options, size, time_cap=None)
+    t_free = sum(o.cost for o in free.values()) / n_all
+    assert any(o.qtype == Q.IQ4_XS for o in free.values()) and t_free > 1.4  # the uncapped plan buys the slow type, over both caps
+    for cap in (1.1, 1.4):
+        got = solve(options, size, time_cap=cap)
+        assert sum(o.nbytes for o in got.values()) <= size
+        assert sum(o.cost for o in got.values()) / n_all <= cap + 1e-9
+        assert sum(o.damage for o in got.values()) >= sum(o.damage for o in free.values()) * (1 - 1e-9)
+    assert solve(options, size, time_cap=t_free + 0.01) == free
+    assert budget.reference_cost(options) == pytest.approx(n_all)
+
+
 def test_solve_refuses_unreachable_budgets():
     options = {"a": [Option(Q.Q2_K, 100, 1.0), Option(Q.Q8_0, 300, 0.1)]}
     with pytest.raises(budget.OutOfReach):

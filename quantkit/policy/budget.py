@@ -68,6 +68,17 @@ FIRST_BLOCK_WEIGHT = 2.0
 FFN_DOWN_WEIGHT = 2.0
 TOLERANCE = 0.01  # land in [budget * (1 - TOLERANCE), budget]
 MAX_STATES = 200_000  # byte units of the knapsack: rounding wastes at most n_tensors / MAX_STATES of the budget
+#: CPU time of quantising one weight to each candidate type, relative to Q4_K (llama.cpp's quantize_row_* without an
+#: importance matrix; measured on 512x4096 float32 rows, AVX-512 and AVX2 agree within ~15%: the IQ4 types search 15
+#: scales per block, Q3_K / Q6_K / the 32-blocks one pass).  A plan for the time cap, not a benchmark.
+QUANT_COST: dict[gguf_spec.GGMLQuantizationType, float] = {
+    Q.Q2_K: 0.87, Q.Q3_K: 0.18, Q.IQ4_XS: 2.8, Q.Q4_K: 1.0, Q.Q5_K: 0.83, Q.Q6_K: 0.44, Q.Q8_0: 0.05,
+    Q.Q4_0: 0.02, Q.IQ4_NL: 2.7, Q.Q4_1: 0.02, Q.Q5_0: 0.03, Q.Q5_1: 0.03,
+}
+#: The chosen types' quantising time at most this many times quantising every candidate tensor to Q4_K (llama.cpp's
+#: Q4_K_M preset costs ~0.9 of that, and quantising is most of a conversion's CPU time): a budget then costs about
+#: what a preset conversion does instead of picking the slow IQ4 types wherever they save a few bytes.
+TIME_CAP = 1.25
 MAX_ROWS = 256  # rows per matrix of expert_rows (a view of the sample for tests and tools; budgets use sample_errors)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -100,6 +111,7 @@ class Option:
     qtype: gguf_spec.GGMLQuantizationType
     nbytes: int
     damage: float
+    cost: float = 0.0  # quantising time, in weights x QUANT_COST (0: not counted)
 
 
 @dataclass(frozen=True)
@@ -472,11 +484,66 @@ def prior_weight(t: OutTensor, n_layer: int) -> float:
 
 
 def options(t: OutTensor, rel: Mapping[gguf_spec.GGMLQuantizationType, float], weight: float) -> list[Option]:
-    return [Option(q, type_nbytes(q, t.shape), weight * r) for q, r in rel.items()]
+    return [Option(q, type_nbytes(q, t.shape), weight * r, t.n_elements * QUANT_COST.get(q, 1.0)) for q, r in rel.items()]
 
 
-def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0) -> dict[str, Option]:
-    """Choose one option per tensor: total bytes (plus ``fixed``) at most ``budget``, least total damage.
+def reference_cost(options: Mapping[str, Sequence[Option]]) -> float:
+    """Quantising time of every tensor at Q4_K (the unit of :data:`TIME_CAP`), in weights x QUANT_COST."""
+    total = 0.0
+    for opts in options.values():
+        known = [o for o in opts if o.cost > 0]
+        if known:  # the tensor's weights, from any option
+            o = known[0]
+            total += o.cost / QUANT_COST.get(o.qtype, 1.0) * QUANT_COST[Q.Q4_K]
+    return total
+
+
+def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0, time_cap: float | None = TIME_CAP) -> dict[str, Option]:
+    """Choose one option per tensor: total bytes (plus ``fixed``) at most ``budget``, least total damage, and
+    quantising time (:attr:`Option.cost`) at most ``time_cap`` x :func:`reference_cost` (None: no cap).
+
+    The time cap is met by a Lagrangian price on time: the least ``lam`` for which the plan minimising
+    ``damage + lam x cost`` within the bytes fits the cap (doubling, then bisection).  With no price the
+    plan is the least-damage one; a cap no plan of these bytes meets gives the fastest plan found.
+    """
+    names = list(options)
+    lo = fixed + sum(min(o.nbytes for o in options[n]) for n in names)
+    hi = fixed + sum(max(o.nbytes for o in options[n]) for n in names)
+    if lo > budget or hi < budget * (1 - TOLERANCE):
+        raise OutOfReach(lo, hi)
+    best = _solve_priced(options, budget, fixed, 0.0)
+    cap = None if time_cap is None else time_cap * reference_cost(options)
+    if not cap or _time(best) <= cap:
+        return best
+    damage = sum(o.damage for o in best.values())
+    lam_lo, lam = 0.0, max(damage, 1e-30) / _time(best) * 1e-3
+    fastest = best
+    for _ in range(40):  # a price at which the plan fits
+        plan = _solve_priced(options, budget, fixed, lam)
+        if _time(plan) < _time(fastest):
+            fastest = plan
+        if _time(plan) <= cap:
+            break
+        lam_lo, lam = lam, lam * 4
+    else:
+        log.warning("no plan of %d bytes quantises within %.2fx of Q4_K's time; the fastest found: %.2fx", budget, time_cap, _time(fastest) / cap * time_cap)
+        return fastest
+    for _ in range(12):  # the least such price: the least damage within the cap
+        mid = (lam_lo + lam) / 2
+        trial = _solve_priced(options, budget, fixed, mid)
+        if _time(trial) <= cap:
+            lam, plan = mid, trial
+        else:
+            lam_lo = mid
+    return plan
+
+
+def _time(chosen: Mapping[str, Option]) -> float:
+    return sum(o.cost for o in chosen.values())
+
+
+def _solve_priced(options: Mapping[str, Sequence[Option]], budget: int, fixed: int, lam: float) -> dict[str, Option]:
+    """The plan of least ``damage + lam x cost`` within ``budget`` bytes (plus ``fixed``).
 
     Exact dynamic programme over bytes counted in units of ``(budget - fixed) / STATES``
     (sizes rounded up, so the result never exceeds the budget; rounding wastes at
@@ -485,8 +552,10 @@ def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0) 
     names = list(options)
     lo = fixed + sum(min(o.nbytes for o in options[n]) for n in names)
     hi = fixed + sum(max(o.nbytes for o in options[n]) for n in names)
-    if lo > budget or hi < budget * (1 - TOLERANCE):
-        raise OutOfReach(lo, hi)
+
+    def price(o: Option) -> float:
+        return o.damage + lam * o.cost
+
     states = min(MAX_STATES, max(10_000, 1000 * len(names)))
     unit = (budget - fixed) / states
     dp = np.full(states + 1, np.inf)
@@ -500,7 +569,7 @@ def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0) 
             if w > states:
                 continue
             cand[:w] = np.inf
-            np.add(dp[: states + 1 - w], o.damage, out=cand[w:])
+            np.add(dp[: states + 1 - w], price(o), out=cand[w:])
             np.less(cand, new, out=better)  # strictly: the first of equal options stays
             np.copyto(new, cand, where=better)
             np.copyto(arg[i], j, where=better)
@@ -514,14 +583,14 @@ def solve(options: Mapping[str, Sequence[Option]], budget: int, fixed: int = 0) 
         chosen[names[i]] = options[names[i]][j]
         b -= weights[i][j]
     used = fixed + sum(o.nbytes for o in chosen.values())
-    while True:  # leftover from rounding: best damage saved per byte first
+    while True:  # leftover from rounding: best price saved per byte first
         best = None
         for n, opts in options.items():
             cur = chosen[n]
             for o in opts:
                 extra = o.nbytes - cur.nbytes
-                if 0 < extra <= budget - used and o.damage < cur.damage:
-                    gain = (cur.damage - o.damage) / extra
+                if 0 < extra <= budget - used and price(o) < price(cur):
+                    gain = (price(cur) - price(o)) / extra
                     if best is None or gain > best[0]:
                         best = (gain, n, o)
         if best is None:
