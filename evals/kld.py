@@ -29,7 +29,7 @@ import numpy as np
 from quantkit.errors import QuantkitError
 from quantkit.evals.perplexity import Background, cache_root, iter_chunks, llama_cpp_version, model_sha256, plan_chunks, sha256_file, sha256_text
 from quantkit.engine.limits import check_chunks, check_ctx, check_ctx_value, check_text, check_threads, model_limits
-from quantkit.evals.routing import RoutingStats
+from quantkit.evals.routing import Gate, RoutingStats
 from quantkit.engine.session import EvalSession
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,8 @@ def compare_values(
         lp_base, targets, router_base = base.logprobs, base.targets, base.router
         per = meta["n_ctx"] // 2 - 1
         kld, same, dp, nll_b, nll_q = [], [], [], [], []
-        routing = RoutingStats.empty(router_base.shape[0], router_base.shape[2], session.experts_used) if router_base is not None else None
+        gate = Gate.from_gguf(model) if router_base is not None and model.is_file() else Gate()  # the choice as the architecture makes it
+        routing = RoutingStats.empty(router_base.shape[0], router_base.shape[2], session.experts_used, gate) if router_base is not None else None
         for chunk in iter_chunks(session, tokens, meta["n_chunks"]):
             sl = slice(chunk.index * per, (chunk.index + 1) * per)
             lb = np.asarray(lp_base[sl], dtype=np.float64)
