@@ -20,6 +20,7 @@ import typer
 
 from quantkit.cli.eval_commands import PROGRESS, read_text_file
 from quantkit.cli.eval_commands import register as _register_eval
+from quantkit.cli.ui import one_line_usage_errors
 from quantkit.cli.ui import MAX_ERROR_CHARS, _plain, _print_json, _run, _state, add_row, cap, err, error_line, esc, out  # noqa: F401
 from quantkit.errors import QuantkitError, Terminated
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from quantkit.engine.runtime import LoadPlan, Sampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert, run and check quantised Mixture-of-Experts models.")
+one_line_usage_errors()  # exit 2 with one line, as every other error
 _register_eval(app)
 
 

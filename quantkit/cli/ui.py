@@ -123,3 +123,20 @@ def error_line(e: BaseException) -> None:
 
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def usage_error_line(e: Any) -> None:
+    """A usage error (a missing argument, an unknown option, a bad value: click's exit 2) as one line naming the
+    option and the fix, in place of typer's multi-line box; installed by :func:`one_line_usage_errors`."""
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)  # a usage error's (typer vendors click: its classes, not the click package's)
+    where = getattr(ctx, "command_path", None) or "quantkit COMMAND"
+    msg = msg.rstrip(".") + f"; fix: see '{where} --help'"
+    error_line(Exception(msg))
+
+
+def one_line_usage_errors() -> None:
+    """Make typer print usage errors with :func:`usage_error_line` (typer looks the formatter up at each error)."""
+    from typer import rich_utils
+
+    rich_utils.rich_format_error = usage_error_line  # type: ignore[assignment]
