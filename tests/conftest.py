@@ -90,6 +90,10 @@ ARCH_DEFAULTS: dict[str, dict] = {
                   first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5),
     # MiniMax-M2's partial rotary (half of each head, as its 64 of 128) at a head size of its own (the class defaults are the 230B model's)
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=32, rotary_dim=16),
+    # Llama 4 text at a small size: 4 blocks (llama.cpp needs a NoPE block: every 4th), dense / MoE interleaved (step 2), 4 experts top-1
+    # + a shared expert of width 64, dense MLPs of width 96 (the class defaults are Scout's sizes)
+    "llama4_text": dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1, intermediate_size=64, intermediate_size_mlp=96,
+                        interleave_moe_layer_step=2, head_dim=32),
     # ERNIE-4.5 MoE's layout at a small size: one leading dense block (moe_layer_start_index 1, the class default), 4 experts top-2 + 1 shared
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64, moe_num_shared_experts=1),
     # gpt-oss at a small size: 4 experts top-2, a window of 8 (shorter than the test prompts: the sliding blocks differ from full ones),

@@ -292,6 +292,15 @@ def model(tmp_path_factory, fixture_gguf):
     cache: dict[str, Model] = {}
     base = tmp_path_factory.mktemp("presets")
 
+    # llama4 (text): dense and MoE blocks interleaved (step 2: ffn_down 2-D in blocks 0, 2, ... among ffn_down_exps / ffn_down_shexp
+    # for the i_ffn_down counter), 8 experts of width 256 (the 8-expert bumps) stored fused and transposed, a shared expert of width 256,
+    # dense MLPs of width 64 (ffn_down falls back), GQA 2:1, Scout's llama3 rope scaling (rope_freqs 1-D, F32), 8 layers
+    "llama4-e8-L8-interleaved": dict(
+        model_type="llama4_text", num_local_experts=8, num_hidden_layers=8, hidden_size=256, intermediate_size=256, intermediate_size_mlp=64,
+        interleave_moe_layer_step=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        rope_parameters={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
+    ),
     def get(name: str) -> Model:
         if name not in cache:
             if name == "fixture":

@@ -189,6 +189,8 @@ class Keys:
         NEXTN_PREDICT_LAYERS = "{arch}.nextn_predict_layers"
         # hybrid linear / full attention (qwen3next, qwen35moe)
         FULL_ATTENTION_INTERVAL = "{arch}.full_attention_interval"
+        # interleaved dense / MoE blocks (llama4: every step-th block has experts)
+        INTERLEAVE_MOE_LAYER_STEP = "{arch}.interleave_moe_layer_step"
 
     class Attention:
         HEAD_COUNT = "{arch}.attention.head_count"
