@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -644,3 +645,29 @@ def test_chat_on_a_bitsandbytes_directory(bnb_dir, tmp_path):
     assert "tok/s" in shown
     child.sendline("/exit")
     assert finish(child) == 0
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("{{ 'x' * 10000000000 }}", "repeats a sequence of 1 10,000,000,000 times"),
+    ("{{ [1, 2] * 99999999999 }}", "repeats a sequence of 2"),
+    ("{{ 7 ** 100000000 }}", "raises to the power 100000000"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% for k in range(99999) %}x{% endfor %}{% endfor %}{% endfor %}",
+     "rendering took longer than 0.5 s"),
+])
+def test_hostile_template_is_bounded(monkeypatch, source, needle):
+    """A template that would hang or fill memory stops with one line: repetition checked before it runs, a deadline for loops."""
+    import time
+
+    from quantkit.engine import chat
+
+    monkeypatch.setattr(chat, "MAX_RENDER_SECONDS", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(QuantkitError, match=r"^evil.gguf: tokenizer.chat_template.*: the template .*" + re.escape(needle)):
+        ChatTemplate("gguf", source, origin="evil.gguf").render([{"role": "user", "content": "x"}])
+    assert time.monotonic() - t0 < 5
+
+
+def test_bounded_sandbox_renders_what_the_plain_one_does():
+    """The bounds change nothing for ordinary templates: small repetition and powers render as Jinja does."""
+    t = ChatTemplate("gguf", "{{ '-' * 3 }}{{ 2 ** 10 }}{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}", origin="m.gguf")
+    assert t.render([{"role": "user", "content": "é"}]) == '---1024"é"'

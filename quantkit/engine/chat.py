@@ -4,8 +4,13 @@ save / load, and chat templates.
 Everything here is pure or file I/O: the model enters only through callables
 (``tokenize``) and strings (the template source and its special tokens), so
 every rule is testable without loading a model.  Templates are rendered by
-llama-cpp-python's :class:`Jinja2ChatFormatter`, whose Jinja environment is
-sandboxed: a chat template stored in a GGUF is untrusted input.
+llama-cpp-python's :class:`Jinja2ChatFormatter` (its globals, filters and
+extensions) in a sandboxed Jinja environment that is also bounded: a chat
+template stored in a GGUF is untrusted code, and a loop nest or a string
+repeated a billion times would otherwise hang or exhaust memory.  Repetition
+and powers are checked before they run, a rendering stops after
+:data:`MAX_RENDER_SECONDS` (main thread) and its text is capped at
+:data:`MAX_RENDER_CHARS`.
 
 Not for: running the model (``quantkit.engine.runtime``) or the terminal (``quantkit.cli.main``).
 """
@@ -16,8 +21,11 @@ import functools
 import json
 import os
 import logging
+import signal
 import stat
+import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,6 +42,10 @@ MAX_HISTORY_BYTES = 16 * 2**20
 TEMPLATE_KEY = "tokenizer.chat_template"
 #: Longer templates are refused before Jinja compiles them (real ones are a few KiB; tool-calling ones ~20 KiB).
 MAX_TEMPLATE_CHARS = 2**20
+#: A rendering that takes longer is stopped (real templates take milliseconds; a loop nest of a hostile one never ends).
+MAX_RENDER_SECONDS = 5.0
+#: Longest prompt text a template may produce, and the most a ``*`` in it may build (far beyond any context window).
+MAX_RENDER_CHARS = 16 * 2**20
 #: What to do about a GGUF whose own template is broken.
 TEMPLATE_FIX = "pass --chat-template chatml, or re-convert the model with a corrected chat_template in tokenizer_config.json"
 
@@ -72,6 +84,62 @@ def _template_line(e: BaseException) -> int | None:
     return frames[-1].lineno if frames else None
 
 
+class RenderLimit(Exception):
+    """A template went past :data:`MAX_RENDER_SECONDS` or :data:`MAX_RENDER_CHARS`."""
+
+
+@functools.cache
+def _bounded_formatter_class() -> Any:
+    """llama-cpp-python's Jinja2ChatFormatter on a sandbox whose ``*`` and ``**`` are checked before they run."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                        raise RenderLimit(f"repeats a sequence of {len(seq):,} {n:,} times, more than {MAX_RENDER_CHARS:,} items")
+            elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 64 and isinstance(left, (int, float)) and abs(left) > 1:
+                raise RenderLimit(f"raises to the power {shown(right)}")
+            return super().call_binop(context, operator, left, right)
+
+    class BoundedFormatter(Jinja2ChatFormatter):
+        def __init__(self, template: str, eos_token: str, bos_token: str, add_generation_prompt: bool = True) -> None:
+            # Jinja2ChatFormatter.__init__ with the bounded sandbox: the same options, extensions and tojson filter
+            self.template, self.eos_token, self.bos_token = template, eos_token, bos_token
+            self.add_generation_prompt, self.stop_token_ids = add_generation_prompt, None
+            env = BoundedSandbox(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                                 extensions=[Jinja2ChatFormatter.IgnoreGenerationTags, jinja2.ext.loopcontrols])
+            env.filters["tojson"] = self.tojson
+            self._environment = env.from_string(template)
+
+    return BoundedFormatter
+
+
+@contextmanager
+def _deadline(seconds: float) -> Any:
+    """Raise :class:`RenderLimit` in the main thread after ``seconds`` (elsewhere: no limit; signals go to the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(_sig: int, _frame: Any) -> None:
+        raise RenderLimit(f"rendering took longer than {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _raised_by_template(e: BaseException) -> bool:
     """True for the ValueError of the template's own ``raise_exception(...)`` call."""
     frames = traceback.extract_tb(e.__traceback__)
@@ -100,11 +168,11 @@ class ChatTemplate:
 
     @functools.cached_property
     def _formatter(self) -> Any:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        Jinja2ChatFormatter = _bounded_formatter_class()
 
         if len(self.source) > MAX_TEMPLATE_CHARS:
             raise QuantkitError(f"{self.where}: {len(self.source):,} characters, more than {MAX_TEMPLATE_CHARS:,}; fix: {self.fix}")
-        try:  # llama-cpp-python's formatter: an ImmutableSandboxedEnvironment (the template is untrusted code)
+        try:  # llama-cpp-python's formatter on a bounded ImmutableSandboxedEnvironment (the template is untrusted code)
             return Jinja2ChatFormatter(self.source, eos_token=self.eos_token, bos_token=self.bos_token, add_generation_prompt=True)
         except RecursionError:
             raise QuantkitError(f"{self.where}: nested too deeply to compile; fix: {self.fix}") from None
@@ -125,7 +193,12 @@ class ChatTemplate:
         """The prompt for ``messages`` (OpenAI-style dicts), ending where the assistant speaks."""
         formatter = self._formatter
         try:
-            prompt = formatter(messages=list(messages)).prompt
+            with _deadline(MAX_RENDER_SECONDS):
+                prompt = formatter(messages=list(messages)).prompt
+        except RenderLimit as e:
+            raise QuantkitError(f"{self.where}{self._at(e)}: the template {e}; fix: {self.fix}") from None
+        except MemoryError:
+            raise QuantkitError(f"{self.where}: rendering ran out of memory; fix: {self.fix}") from None
         except Exception as e:  # noqa: BLE001  (a template is untrusted code: any failure is the template's)
             if _raised_by_template(e):
                 raise QuantkitError(
@@ -135,6 +208,8 @@ class ChatTemplate:
             raise QuantkitError(f"{self.where}{self._at(e)}: rendering failed ({type(e).__name__}: {clipped(e)}); fix: {self.fix}") from None
         if not isinstance(prompt, str):
             raise QuantkitError(f"{self.where}: rendered {type(prompt).__name__}, expected text; fix: {self.fix}")
+        if len(prompt) > MAX_RENDER_CHARS:
+            raise QuantkitError(f"{self.where}: rendered {len(prompt):,} characters, more than {MAX_RENDER_CHARS:,}; fix: {self.fix}")
         return prompt
 
 
