@@ -94,6 +94,13 @@ ARCH_DEFAULTS: dict[str, dict] = {
     # + a shared expert of width 64, dense MLPs of width 96 (the class defaults are Scout's sizes)
     "llama4_text": dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1, intermediate_size=64, intermediate_size_mlp=96,
                         interleave_moe_layer_step=2, head_dim=32),
+    # GLM-4.5's layout at a small size: head_dim of its own (half of it rotary, the class default), one leading dense block, 4 experts top-2
+    # + 1 shared, q/k norms and q/k/v biases as GLM-4.5 publishes them, weights scaled 2.5 (the class defaults are the 106B model's sizes)
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=32, use_qk_norm=True, attention_bias=True,
+                     routed_scaling_factor=2.5),
+    # GLM-4.7-Flash (DeepSeek V3's MLA and router) at deepseek_v3's small sizes; one dense block (mlp_layer_types' default)
+    "glm4_moe_lite": dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, kv_lora_rank=32,
+                          q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32),
     # ERNIE-4.5 MoE's layout at a small size: one leading dense block (moe_layer_start_index 1, the class default), 4 experts top-2 + 1 shared
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64, moe_num_shared_experts=1),
     # gpt-oss at a small size: 4 experts top-2, a window of 8 (shorter than the test prompts: the sliding blocks differ from full ones),

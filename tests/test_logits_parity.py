@@ -92,6 +92,11 @@ RANDOM_CASES = {
     # sigmoid top-3 of 6 renormalised, GQA 4:1, tied (output: a copy), sharded (a non-zero selection bias: test_minimax_m2.py)
     "minimax_m2-fused-partial-rope-gqa4-tied-sharded": dict(model_type="minimax_m2", fused=True, num_key_value_heads=1, num_local_experts=6,
                                                             num_experts_per_tok=3, tie_word_embeddings=True, max_shard_size="400KB"),
+    # GLM-4.5 (glm4moe) in transformers 5's fused layout: half of each head rotary (NeoX), q/k norms, q/k/v biases, a leading dense block,
+    # a shared expert, sigmoid top-2 renormalised times 2.5, GQA 4:1, sharded (a non-zero selection bias, groups, nextn blocks: test_glm4_moe.py)
+    "glm4moe-fused-partial-rope-qkvbias-gqa4-sharded": dict(model_type="glm4_moe", fused=True, num_key_value_heads=1, max_shard_size="400KB"),
+    # GLM-4.7-Flash (glm4_moe_lite -> deepseek2): MLA, the dense block mlp_layer_types gives, sigmoid routing (no scoring_func), sharded
+    "glm4_moe_lite-mla-dense1-sharded": dict(model_type="glm4_moe_lite", max_shard_size="400KB"),
     # ERNIE-4.5 MoE (ernie4_5-moe): interleaved-pair rope (rows as they are), softmax top-2 selected by score + its [1, E] bias (a parameter
     # random_model perturbs), renormalised, a leading dense block, a shared expert, GQA 2:1, per-expert keys
     "ernie4_5_moe-dense1-shexp-gqa": dict(model_type="ernie4_5_moe"),

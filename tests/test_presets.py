@@ -67,6 +67,7 @@ REAL_CASES += [("granitemoeshared-e8-L8-tied", p, False) for p in ("Q4_K_M", "Q3
 REAL_CASES += [("deepseek3-e8-L8-mla", p, False) for p in ("Q4_K_M", "Q3_K_M", "MXFP4_MOE")]
 REAL_CASES += [("qwen3next-e8-L8-hybrid", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [(name, p, False) for name in ("dots1-e8-L8-dense1", "minimax_m2-e8-L8-gqa", "ernie4_5_moe-e4-L6-tied") for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [("glm4moe-e8-L8-dense1", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 
 
 # --------------------------------------------------------------------------- llama.cpp as the oracle
@@ -277,11 +278,28 @@ RANDOM = {
         model_type="ernie4_5_moe", moe_num_experts=4, num_hidden_layers=6, hidden_size=256, moe_intermediate_size=128, intermediate_size=512,
         num_attention_heads=4, num_key_value_heads=1, moe_num_shared_experts=2, tie_word_embeddings=True,
     ),
+    # glm4moe: one leading dense block (ffn_down 2-D among ffn_down_exps / ffn_down_shexp for the i_ffn_down counter), 8 experts of
+    # width 256 (the 8-expert bumps), a shared expert of width 256, GQA 2:1 with head_dim 64, q/k/v biases and q/k norms (1-D, F32),
+    # post_attention_norm, exp_probs_b, a quarter of each head rotary (no tensor of its own), 8 layers
+    "glm4moe-e8-L8-dense1": dict(
+        model_type="glm4_moe", n_routed_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, n_shared_experts=1, first_k_dense_replace=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    ),
     # gpt-oss: 4 experts of width 256 (k-quants), stored transposed and interleaved; 2-D expert biases and router / attention
     # biases, attn_sinks (1-D), post_attention_norm; GQA 2:1, head_dim 64 (attn_q 256 rows), 4 layers alternating sliding / full
     "gpt-oss-e4-L4": dict(
         model_type="gpt_oss", num_local_experts=4, num_hidden_layers=4, hidden_size=256, intermediate_size=256,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    ),
+    # llama4 (text): dense and MoE blocks interleaved (step 2: ffn_down 2-D in blocks 0, 2, ... among ffn_down_exps / ffn_down_shexp
+    # for the i_ffn_down counter), 8 experts of width 256 (the 8-expert bumps) stored fused and transposed, a shared expert of width 256,
+    # dense MLPs of width 64 (ffn_down falls back), GQA 2:1, Scout's llama3 rope scaling (rope_freqs 1-D, F32), 8 layers
+    "llama4-e8-L8-interleaved": dict(
+        model_type="llama4_text", num_local_experts=8, num_hidden_layers=8, hidden_size=256, intermediate_size=256, intermediate_size_mlp=64,
+        interleave_moe_layer_step=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        rope_parameters={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
     ),
 }
 
@@ -292,15 +310,6 @@ def model(tmp_path_factory, fixture_gguf):
     cache: dict[str, Model] = {}
     base = tmp_path_factory.mktemp("presets")
 
-    # llama4 (text): dense and MoE blocks interleaved (step 2: ffn_down 2-D in blocks 0, 2, ... among ffn_down_exps / ffn_down_shexp
-    # for the i_ffn_down counter), 8 experts of width 256 (the 8-expert bumps) stored fused and transposed, a shared expert of width 256,
-    # dense MLPs of width 64 (ffn_down falls back), GQA 2:1, Scout's llama3 rope scaling (rope_freqs 1-D, F32), 8 layers
-    "llama4-e8-L8-interleaved": dict(
-        model_type="llama4_text", num_local_experts=8, num_hidden_layers=8, hidden_size=256, intermediate_size=256, intermediate_size_mlp=64,
-        interleave_moe_layer_step=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        rope_parameters={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
-    ),
     def get(name: str) -> Model:
         if name not in cache:
             if name == "fixture":

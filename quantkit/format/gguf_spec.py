@@ -297,6 +297,8 @@ class TensorName:
     NEXTN_ENORM = "blk.{bid}.nextn.enorm"
     NEXTN_HNORM = "blk.{bid}.nextn.hnorm"
     NEXTN_SHARED_HEAD_NORM = "blk.{bid}.nextn.shared_head_norm"
+    NEXTN_EMBED_TOKENS = "blk.{bid}.nextn.embed_tokens"  # optional per-MTP-block embeddings (DeepSeek-style MTP layers)
+    NEXTN_SHARED_HEAD_HEAD = "blk.{bid}.nextn.shared_head_head"  # optional per-MTP-block LM head
     ATTN_SINKS = "blk.{bid}.attn_sinks"  # one attention sink logit per head (gpt-oss)
 
 
