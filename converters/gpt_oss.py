@@ -29,7 +29,11 @@ experts as ``mlp.experts.{gate_up,down}_proj_blocks`` + ``_scales`` in llama.cpp
 ``down_proj`` (decoded exactly, a few rows at a time); the converter then takes the row rules
 (:class:`InterleavedRows`, no transpose) for every expert weight that is stored MXFP4 -- chosen by what the
 checkpoint says (``QuantRef.quant``), never by shape, as ``hidden`` may equal ``2*ffn``.  A checkpoint
-whose blocks hold some layers' experts and plain tensors others' is refused.
+whose blocks hold some layers' experts and plain tensors others' is refused.  By default those experts are
+not decoded at all: whatever ``--type``, the plan keeps them MXFP4 ("carried", ``quantkit.policy.plan.carried``)
+and the pipeline repacks their blocks into GGML's MXFP4 (the vendored converter's bytes); the row rules are
+:class:`~quantkit.hf.mapping.RowSelect` transforms, so the gate/up split picks whole rows of blocks.
+``--allow-requantize`` decodes them and writes them per the type instead (warned when that loses values).
 
 Routing: transformers softmaxes the top-k router logits (with the router bias); llama.cpp's
 ``SOFTMAX_WEIGHT`` gating does the same.  Refused, because llama.cpp would compute something else:
@@ -60,7 +64,7 @@ from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
 from quantkit.hf.checkpoint import Checkpoint, shown
-from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
+from quantkit.hf.mapping import OutTensor, Role, RowSelect, Rule, Transform
 
 MODEL_TYPE = "gpt_oss"
 ARCH = "gpt-oss"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS]
@@ -125,7 +129,7 @@ class InterleavedColumns(Transform):
 
 
 @dataclass(frozen=True)
-class InterleavedRows(Transform):
+class InterleavedRows(RowSelect):
     """One expert's ``gate_up_proj`` stored [2*ffn, hidden] (the MXFP4 checkpoints' row layout) with gate in the even
     rows and up in the odd ones -> the gate (``first``) or up rows [ffn, hidden], as llama.cpp's converter splits ``_blocks``."""
 
@@ -135,7 +139,7 @@ class InterleavedRows(Transform):
         return rows // 2
 
     def select(self, a: np.ndarray) -> np.ndarray:
-        return a[0 if self.first else 1 :: 2]  # a decoded (MXFP4) source decodes just these rows
+        return a[0 if self.first else 1 :: 2]  # a decoded (MXFP4) source decodes just these rows; carried, these rows' blocks
 
 
 TRANSPOSED = Transposed("transposed")

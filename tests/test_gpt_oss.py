@@ -317,11 +317,20 @@ def test_mxfp4_decode_of_every_byte_and_scale():
     np.testing.assert_array_equal(got.view(np.uint32), mxfp4_reference(blocks, scales).view(np.uint32))
 
 
+def _requantised(src, out, outtype="f32"):
+    """``convert --allow-requantize``: MXFP4 experts decoded and written per the type instead of carried as MXFP4."""
+    from quantkit.pipeline.convert import convert as do_convert
+
+    do_convert(src, out, outtype, force=True, allow_requantize=True)
+    return out
+
+
 def test_mxfp4_logits_match_dequantised_transformers(good, mxfp4, tmp_path):
-    """MXFP4 experts -> F32 GGUF: llama.cpp's logits equal transformers' on the same (decoded) weights."""
+    """MXFP4 experts decoded -> F32 GGUF (--allow-requantize): llama.cpp's logits equal transformers' on the same weights.
+    (Carried as MXFP4, the default: ``test_gpt_oss_mxfp4.py``.)"""
     q, deq = mxfp4
     ref = hf_logits(deq, IDS)
-    assert_close(llama_logits(convert(q, tmp_path / "m.gguf"), IDS), ref)
+    assert_close(llama_logits(_requantised(q, tmp_path / "m.gguf"), IDS), ref)
     assert np.abs(hf_logits(good, IDS) - ref).max() > 5e-3 * np.abs(ref).max()  # the fixture's experts do differ from the BF16 model's
 
 
@@ -349,16 +358,17 @@ def test_mxfp4_mutation_breaks_parity(mxfp4, tmp_path, monkeypatch, case):
     else:
         monkeypatch.setitem(qz.__dict__, "_decode_mxfp4_orig", qz._decode_mxfp4)
         monkeypatch.setattr(qz, "_decode_mxfp4", _nibbles_swapped)
-    got, ref = llama_logits(convert(q, tmp_path / "m.gguf"), IDS), hf_logits(deq, IDS)
+    path = convert(q, tmp_path / "m.gguf") if MXFP4_MUTATIONS[case] == "rules" else _requantised(q, tmp_path / "m.gguf")  # rules: the carried path
+    got, ref = llama_logits(path, IDS), hf_logits(deq, IDS)
     assert np.abs(got - ref).max() > 5e-3 * np.abs(ref).max(), f"{case}: parity survived the mutation"
 
 
 def test_mxfp4_gguf_equals_dequantised_gguf(mxfp4, tmp_path):
-    """The GGUF from the MXFP4 checkpoint holds the same expert tensors as the one from its dequantised F32 twin."""
+    """Decoded (--allow-requantize), the GGUF from the MXFP4 checkpoint holds the same expert tensors as the one from its dequantised F32 twin."""
     import gguf
 
     q, deq = mxfp4
-    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(convert(q, tmp_path / "q.gguf"))).tensors}
+    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(_requantised(q, tmp_path / "q.gguf"))).tensors}
     b = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(convert(deq, tmp_path / "d.gguf"))).tensors}
     assert a.keys() == b.keys()
     for name in a:
@@ -370,9 +380,9 @@ def test_mxfp4_requantised_warns_once(mxfp4, tmp_path, caplog):
 
     q, _ = mxfp4
     with caplog.at_level(logging.WARNING):
-        convert(q, tmp_path / "m.gguf", "Q4_K_M")
+        _requantised(q, tmp_path / "m.gguf", "Q4_K_M")
     hits = [r.getMessage() for r in caplog.records if "quantised again" in r.getMessage()]
-    assert len(hits) == 1 and "mxfp4" in hits[0] and "MXFP4" in hits[0], hits
+    assert len(hits) == 1 and "mxfp4" in hits[0] and "MXFP4" in hits[0] and "--allow-requantize" in hits[0], hits
 
 
 def _edit_mxfp4(d, fn):

@@ -110,6 +110,13 @@ Transform.FIRST_HALF = Half("first_half", first=True)
 Transform.SECOND_HALF = Half("second_half", first=False)
 
 
+@dataclass(frozen=True)
+class RowSelect(Transform):
+    """A transform that only picks whole rows of each source matrix along its first axis (no reordering inside a row, no
+    value changed): :meth:`select` applies as well to a block-quantised source's stored blocks and scales (rows of whole
+    blocks), so such a source can be carried into the GGUF as it is stored (MXFP4 experts).  Subclasses give :meth:`select`."""
+
+
 def stored_to_f32(a: np.ndarray) -> np.ndarray:
     """Values as ``TensorRef.array`` hands them out (F32, F16, or BF16 viewed as uint16) in float32."""
     if a.dtype == np.uint16:

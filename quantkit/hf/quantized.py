@@ -19,6 +19,9 @@ Read here:
   of shape [..., rows, cols]: value ``= ldexp(e2m1[nibble], scale - 127)``, as transformers'
   ``convert_moe_packed_tensors`` and llama.cpp's MXFP4 compute it.
 
+MXFP4 weights need not be decoded: :func:`mxfp4_to_ggml` repacks their blocks into GGML's ``block_mxfp4``
+bytes as llama.cpp's converter does (:data:`CARRIED_TYPES`: what the plan keeps as stored unless told otherwise).
+
 A value is its stored value times its block's scale in float32 (``(q - zero_point) * scale`` for integers),
 what DeepSeek's reference code, transformers and llama.cpp's converter compute before any cast.  e4m3 has no
 numpy dtype: a 256-entry table maps each byte to its exact float32 value (0x7f / 0xff are NaN).
@@ -198,20 +201,54 @@ def _decode_mxfp4(w: QuantWeight, blocks: np.ndarray, scale: np.ndarray, m: int,
     return q
 
 
+_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_MXFP4_ROWS = 1024  # rows repacked per step: a few hundred KiB that stay in cache through the steps below
+
+
+def _spread(v: np.ndarray) -> np.ndarray:
+    """The 4 low bytes of each uint64 moved to the even bytes (byte ``i`` -> byte ``2i``), zeros between."""
+    v = (v | (v << np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    return (v | (v << np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+
+
 def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """HF MXFP4 rows (``_blocks`` uint8 [..., n, 16], ``_scales`` uint8 [..., n]) -> GGML ``block_mxfp4`` bytes [..., n * 17], no value touched.
 
     A GGML block is its e8m0 byte, then 16 bytes whose low nibbles hold values 0..15 and high nibbles 16..31;
-    HF's byte ``j`` holds values ``2j`` (low) and ``2j+1`` (high).  The same bytes as llama.cpp's converter
-    (``repack_mxfp4``): the way to carry a checkpoint's MXFP4 experts into GGUF MXFP4 without re-encoding.
+    HF's byte ``j`` holds values ``2j`` (low) and ``2j+1`` (high).  So GGML byte ``2k`` (``k`` < 8) is values ``2k`` and
+    ``16 + 2k``: the low nibbles of HF bytes ``k`` and ``8 + k``; byte ``2k + 1`` their high nibbles.  The same bytes as
+    llama.cpp's converter (``repack_mxfp4``): the way to carry a checkpoint's MXFP4 experts into GGUF MXFP4 without re-encoding.
+    Computed on each block's two halves as uint64 words (the 16 nibble pairs at once), a cache-sized run of rows at a time.
     """
     b = np.asarray(blocks, dtype=np.uint8)
-    vals = np.empty((*b.shape[:-1], 32), dtype=np.uint8)
-    vals[..., 0::2], vals[..., 1::2] = b & 0x0F, b >> 4
-    out = np.empty((*b.shape[:-1], 17), dtype=np.uint8)
-    out[..., 0] = scales
-    out[..., 1:] = vals[..., :16] | (vals[..., 16:] << 4)
-    return out.reshape(*b.shape[:-2], b.shape[-2] * 17)
+    lead, nb = b.shape[:-2], b.shape[-2]
+    rows = b.reshape(-1, nb, 16)  # a copy only for a view that cannot be flattened (the caller's piece)
+    out = np.empty((rows.shape[0], nb, 17), dtype=np.uint8)
+    out[..., 0] = np.asarray(scales, dtype=np.uint8).reshape(rows.shape[0], nb)
+    low32 = np.uint64(0xFFFFFFFF)
+    for r in range(0, rows.shape[0], _MXFP4_ROWS):
+        w = np.ascontiguousarray(rows[r : r + _MXFP4_ROWS]).view(np.uint64)  # [rows, nb, 2]: bytes 0..7, 8..15
+        a, c = w[..., 0], w[..., 1]
+        lo = (a & _NIBBLES) | ((c & _NIBBLES) << np.uint64(4))  # GGML bytes 1, 3, .., 15
+        hi = ((a >> np.uint64(4)) & _NIBBLES) | (c & ~_NIBBLES)  # GGML bytes 2, 4, .., 16
+        z = np.empty((*a.shape, 2), dtype=np.uint64)
+        z[..., 0] = _spread(lo & low32) | (_spread(hi & low32) << np.uint64(8))
+        z[..., 1] = _spread(lo >> np.uint64(32)) | (_spread(hi >> np.uint64(32)) << np.uint64(8))
+        out[r : r + _MXFP4_ROWS, :, 1:] = z.view(np.uint8).reshape(*a.shape, 16)
+    return out.reshape(*lead, nb * 17)
+
+
+#: storage -> the GGML type that holds a weight so stored bit for bit (written as the checkpoint stores it, "carried")
+CARRIED_TYPES = {"mxfp4": "MXFP4"}
+#: storage -> target types that hold such a weight without a second loss (MXFP4 values are not Q8_0 values: e2m1 x 2**e
+#: on a grid of amax / 127 rounds; F16 holds them within its exponent range, 2**-24 .. 2**15, where published scales lie);
+#: others: :data:`NO_SECOND_LOSS`
+LOSSLESS_TYPES = {"mxfp4": ("F32", "F16", "BF16", "MXFP4")}
+
+
+def carried_type(quant: QuantWeight | None) -> str | None:
+    """The GGML type name (:data:`CARRIED_TYPES`) a quantised weight is written in as it is stored, or None (it is decoded)."""
+    return None if quant is None else CARRIED_TYPES.get(quant.storage)
 
 
 def _by_block(q: np.ndarray, per_block: np.ndarray, bk: int, op: Callable[..., Any]) -> None:
@@ -731,15 +768,21 @@ def _packed_weight(
 
 
 def requantised(tensors: Iterable[Any], plan: Iterable[Any]) -> dict[str, list[str]]:
-    """Target type name -> the output tensors made from quantised source weights that the plan quantises again (to a type other than F32/F16/BF16/Q8_0).
+    """Target type name -> the output tensors made from quantised source weights that the plan quantises again.
 
+    Again: to a type that does not hold the stored values exactly -- other than F32/F16/BF16/Q8_0 for FP8 and integer
+    weights, other than F32/F16/BF16/MXFP4 for MXFP4 ones (:data:`LOSSLESS_TYPES`; MXFP4 is written as stored).
     ``tensors``: the conversion's output tensors (``name``, ``sources``); ``plan``: their planned types (``name``, ``qtype``).
     """
-    from_quantised = {t.name for t in tensors if any(getattr(s, "quant", None) is not None for s in t.sources)}
+    lossless: dict[str, set[str]] = {}
+    for t in tensors:
+        quants = [q for s in t.sources if (q := getattr(s, "quant", None)) is not None]
+        if quants:
+            lossless[t.name] = set.intersection(*(set(LOSSLESS_TYPES.get(q.storage, NO_SECOND_LOSS)) for q in quants))
     out: dict[str, list[str]] = {}
     for tp in plan:
         qname = getattr(tp.qtype, "name", str(tp.qtype))
-        if tp.name in from_quantised and qname not in NO_SECOND_LOSS:
+        if tp.name in lossless and qname not in lossless[tp.name]:
             out.setdefault(qname, []).append(tp.name)
     return out
 
@@ -754,6 +797,8 @@ def warn_requantised(where: str, source: SourceQuant | None, tensors: Iterable[A
         types = ", ".join(f"{k} x{len(v)}" for k, v in again.items())
         log.warning(
             "%s: %d tensors made from the checkpoint's %s weights (%s) are quantised again (%s): quality is lost twice; "
-            "--type q8_0 or bf16 keeps what the checkpoint holds", where, n, source.method, "; ".join(source.kinds), types,
+            "%s", where, n, source.method, "; ".join(source.kinds), types,
+            "without --allow-requantize they are written as the checkpoint stores them" if source.method == MXFP4_METHOD
+            else "--type q8_0 or bf16 keeps what the checkpoint holds",
         )
     return again

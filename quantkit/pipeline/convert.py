@@ -12,6 +12,10 @@ of a stacked expert tensor use their own expert's weights), so the bytes equal
 ``llama_model_quantize``'s given the same matrix; the file records it in
 llama-quantize's ``quantize.imatrix.*`` keys.
 
+A checkpoint's MXFP4 experts (gpt-oss) are carried: their ``_blocks`` / ``_scales`` repacked into GGML
+MXFP4 a few experts at a time, the rows a row-picking transform selects (:func:`_carried_pieces`), no
+value decoded -- the vendored ``convert_hf_to_gguf.py``'s bytes, whatever the type of the rest.
+
 Not for: argument parsing or terminal output (``quantkit.cli.main``).
 """
 
@@ -39,9 +43,9 @@ from quantkit.format.gguf_write import split_file_sizes, split_layout, split_pat
 from quantkit.hf.hub_cache import repo_of_snapshot, resolve_source
 from quantkit.pipeline.card import COMMAND_KEY
 from quantkit.hf.mapping import OutTensor, Role, group_totals
-from quantkit.hf.quantized import warn_requantised
+from quantkit.hf.quantized import mxfp4_to_ggml, warn_requantised
 from quantkit.format.output import atomic_file, atomic_files, check_free_space, check_target
-from quantkit.policy.plan import Override, Plan, Target, TensorPlan, header_bytes, make_plan
+from quantkit.policy.plan import Override, Plan, Target, TensorPlan, carried, header_bytes, make_plan
 from quantkit.hf.vocab import load_vocab, vocab_metadata
 
 if TYPE_CHECKING:
@@ -137,7 +141,8 @@ def prepare(
         vocab, tcfg = load_vocab(src, hp.n_vocab)
         other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
         stand_in = Plan("f32", gguf_spec.LlamaFileType.ALL_F32, ())  # the header's size does not depend on the types
-        plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}, conv.arch)
+        plan = _plan_and_check(tensors, outtype, overrides, hp, target, imatrix, str(src), {**general_metadata(src, ckpt.config, stand_in, tensors, hp), **other_md}, conv.arch,
+                               allow_requantize)
         md = {**general_metadata(src, ckpt.config, plan, tensors, hp), **other_md, **imatrix_metadata(imatrix)}
         warn_requantised(str(src), ckpt.quantization, tensors, plan.tensors)  # an FP8 / INT4 source quantised again: once
     except BaseException:
@@ -148,9 +153,9 @@ def prepare(
 
 def _plan_and_check(
     tensors: list[OutTensor], outtype: str, overrides: Sequence[Override], hp: Any, target: Target | None, imatrix: Imatrix | None,
-    where: str, header_md: dict[str, MetaValue], arch: str,
+    where: str, header_md: dict[str, MetaValue], arch: str, requantize: bool = False,
 ) -> Plan:
-    """The plan of either kind of source, with its importance-matrix checks."""
+    """The plan of either kind of source, with its importance-matrix checks (``requantize``: MXFP4 experts converted per the type, not carried)."""
     overhead = 0
     if target is not None:  # the header's size does not depend on the types
         overhead = header_bytes(arch, header_md, tensors)
@@ -159,7 +164,8 @@ def _plan_and_check(
 
         check_matches(imatrix, {t.name: t.shape for t in tensors}, where)
     importance = _importance(imatrix, tensors)
-    plan = make_plan(tensors, outtype, overrides, hp, has_imatrix=imatrix is not None, target=target, importance=importance, overhead=overhead)
+    plan = make_plan(tensors, outtype, overrides, hp, has_imatrix=imatrix is not None, target=target, importance=importance, overhead=overhead,
+                     requantize=requantize)
     _check_imatrix_coverage(plan, imatrix, where)
     return plan
 
@@ -333,6 +339,9 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | N
     if t.data is not None:
         yield encode(np.asarray(t.data(), dtype=np.float32), "F32", tp.qtype)
         return
+    if tp.qtype == gguf_spec.GGMLQuantizationType.MXFP4 and carried(t) == tp.qtype:
+        yield from _carried_pieces(t)
+        return
 
     def w(e: int) -> np.ndarray | None:
         return None if weights is None else weights[e]
@@ -363,6 +372,25 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | N
             yield from _rows(a, ref.dtype, tp.qtype, ref.release, w(i), check)
         del a
     finite.report()
+
+
+def _carried_pieces(t: OutTensor) -> Iterator[np.ndarray]:
+    """GGML MXFP4 bytes of ``t`` from the checkpoint's ``_blocks`` / ``_scales`` (:func:`mxfp4_to_ggml`, no value touched), the
+    rows its transform picks (whole blocks: the interleaved gate/up split is exact), a few matrices (experts) per piece,
+    each piece's stored pages dropped once it is made."""
+    for ref in t.sources:
+        blocks, scales = ref.stored.array(), ref.scale.array()  # [..., rows, cols/32, 16] / [..., rows, cols/32] uint8 views
+        n = int(np.prod(blocks.shape[:-3], dtype=np.int64))
+        blocks, scales = blocks.reshape(n, *blocks.shape[-3:]), scales.reshape(n, *scales.shape[-2:])
+        per_b, per_s = blocks[0].nbytes, scales[0].nbytes
+        step = max(1, CHUNK_BYTES // max(1, per_b))
+        for e0 in range(0, n, step):
+            e1 = min(n, e0 + step)
+            parts = [mxfp4_to_ggml(t.transform.select(blocks[e]), t.transform.select(scales[e])) for e in range(e0, e1)]
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+            ref.stored.release(e0 * per_b, e1 * per_b)
+            ref.scale.release(e0 * per_s, e1 * per_s)
+        del blocks, scales
 
 
 def _weights_for(prep: Prepared, t: OutTensor, tp: TensorPlan) -> np.ndarray | None:

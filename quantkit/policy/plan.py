@@ -22,7 +22,8 @@ from quantkit.policy import presets
 from quantkit.errors import QuantkitError
 from quantkit.policy.presets import ModelShape
 from quantkit.format.gguf_write import type_nbytes
-from quantkit.hf.mapping import OutTensor, Role
+from quantkit.hf.mapping import OutTensor, Role, RowSelect
+from quantkit.hf.quantized import carried_type
 
 log = logging.getLogger(__name__)
 Q = gguf_spec.GGMLQuantizationType
@@ -98,6 +99,28 @@ def choose(t: OutTensor, want: gguf_spec.GGMLQuantizationType) -> tuple[gguf_spe
         return Q.F32, why
     qtype, fell = presets.fallback(want, t.shape[-1], t.name)  # llama.cpp's tensor_type_fallback
     return qtype, f"--type {want.name.lower()}" + (f"; {fell}" if fell else "")
+
+
+def carried(t: OutTensor) -> gguf_spec.GGMLQuantizationType | None:
+    """The GGML type ``t`` is written in as the checkpoint stores it (MXFP4 experts: blocks repacked, no value touched), or None.
+
+    Every source must be so stored and the transform may only pick whole rows (:class:`~quantkit.hf.mapping.RowSelect`).
+    """
+    if not t.sources or t.data is not None or not (t.transform.identity or isinstance(t.transform, RowSelect)):
+        return None
+    names = {carried_type(getattr(s, "quant", None)) for s in t.sources}
+    name = names.pop() if len(names) == 1 else None
+    return None if name is None else Q[name]
+
+
+CARRIED_WHY = "carried {type}: as the checkpoint stores it, no value changed (--allow-requantize converts it per the type)"
+
+
+def _carried(tensors: Sequence[OutTensor], requantize: bool) -> dict[str, tuple[gguf_spec.GGMLQuantizationType, str]]:
+    """Tensors written as stored whatever the type, as llama.cpp's converter keeps MXFP4 experts (none with ``requantize``)."""
+    if requantize:
+        return {}
+    return {t.name: (q, CARRIED_WHY.format(type=q.name)) for t in tensors if (q := carried(t)) is not None}
 
 
 def _n_layer(tensors: Sequence[OutTensor]) -> int:
@@ -328,7 +351,7 @@ def _budget_types(
 
 def make_plan(
     tensors: list[OutTensor], outtype: str, overrides: Sequence[Override] = (), hparams: ModelShape | None = None, has_imatrix: bool = False,
-    target: Target | None = None, importance: "budget.Importance | None" = None, overhead: int = 0,
+    target: Target | None = None, importance: "budget.Importance | None" = None, overhead: int = 0, requantize: bool = False,
 ) -> Plan:
     """Types for every tensor: the first matching override, else the --type rule (or the bit budget).
 
@@ -336,15 +359,23 @@ def make_plan(
     is a llama-quantize preset and picks, tensor for tensor, what llama.cpp picks.
     With a ``target``, user rules are pinned first and :mod:`quantkit.policy.budget`
     chooses the rest from measured sensitivity (``importance``: imatrix weights).
+    Tensors a checkpoint stores in a GGML type (MXFP4 experts, :func:`carried`) keep it before any rule, as fixed
+    bytes of a budget, unless ``requantize`` (``--allow-requantize``) lets the type and the rules decide.
     """
     key = check_outtype(outtype).lower() if target is None else outtype.lower()
     _check_layer_ranges(overrides, hparams.n_layer if hparams is not None else _n_layer(tensors))
+    carry = _carried(tensors, requantize)
+    kept: dict[str, list[str]] = {}  # rules that matched carried tensors (kept as stored)
     hit_any: set[Override] = set()
     if target is not None:
         n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
-        pinned = {}
+        pinned = dict(carry)
         for t in tensors:
             hit = _rule_for(t, overrides, n_layer)
+            if hit is not None and t.name in carry:
+                hit_any.add(hit)
+                kept.setdefault(f"{hit.source} {hit.pattern!r}", []).append(t.name)
+                continue
             if hit is not None:
                 pinned[t.name] = _apply_override(t, hit)
                 hit_any.add(hit)
@@ -368,13 +399,22 @@ def make_plan(
     used = set()
     for t in tensors:
         hit = _rule_for(t, overrides, n_layer)
-        if hit is not None:
+        if t.name in carry:
+            if hit is not None:
+                used.add(hit)
+                kept.setdefault(f"{hit.source} {hit.pattern!r}", []).append(t.name)
+            qtype, reason = carry[t.name]
+        elif hit is not None:
             used.add(hit)
             qtype, reason = _apply_override(t, hit)
         else:
             qtype, reason = base[t.name]
         plans.append(TensorPlan(t.name, t.shape, t.role, qtype, type_nbytes(qtype, t.shape), reason))
     _warn_unused(overrides, used)
+    if kept:
+        log.warning("%s matched %d tensors the checkpoint stores as %s (e.g. %s): they are written as stored; "
+                    "--allow-requantize lets rules and the type convert them", "; ".join(kept), sum(map(len, kept.values())),
+                    ", ".join(sorted({carry[n][0].name for v in kept.values() for n in v})), next(iter(kept.values()))[0])
     return Plan(name, ftype, tuple(plans))
 
 
