@@ -136,7 +136,34 @@ def usage_error_line(e: Any) -> None:
 
 
 def one_line_usage_errors() -> None:
-    """Make typer print usage errors with :func:`usage_error_line` (typer looks the formatter up at each error)."""
-    from typer import rich_utils
+    """Make typer print usage errors with :func:`usage_error_line`.  typer imports its rich formatter (and rich) only
+    when an error is shown, so the patch waits for that import: a command that succeeds never loads rich."""
+    import importlib.abc
+    import importlib.util
 
-    rich_utils.rich_format_error = usage_error_line  # type: ignore[assignment]
+    name = "typer.rich_utils"
+    if name in sys.modules:
+        sys.modules[name].rich_format_error = usage_error_line  # type: ignore[attr-defined]
+        return
+
+    class Patch(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)  # the real spec, then this finder is done
+            spec = importlib.util.find_spec(fullname)
+            if spec is None or spec.loader is None:
+                return spec
+            run = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                module.rich_format_error = usage_error_line
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+            return spec
+
+    if not any(type(f).__name__ == "Patch" and getattr(f, "_qk", False) for f in sys.meta_path):
+        finder = Patch()
+        finder._qk = True  # type: ignore[attr-defined]
+        sys.meta_path.insert(0, finder)
