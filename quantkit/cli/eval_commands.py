@@ -18,6 +18,11 @@ CTX = typer.Option(512, "--ctx", min=8, help="Tokens per chunk (llama-perplexity
 CHUNKS = typer.Option(None, "--chunks", min=1, help="Score only the first N chunks.")
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores).")
 FORCE = typer.Option(False, "--force", help="Overwrite an existing --json file.")
+#: --rpc on every command that loads a model (run, chat, eval ppl, eval kld, imatrix)
+RPC = typer.Option(
+    None, "--rpc", metavar="HOST:PORT[,...]",
+    help="Offload layers to llama.cpp RPC servers (ggml-rpc-server on each worker); unauthenticated: trusted networks only.",
+)
 eval_app = typer.Typer(no_args_is_help=True, help="Measure what quantisation cost: perplexity, KL-divergence, routing fidelity.")
 
 
@@ -153,6 +158,15 @@ def _refuse(message: str) -> None:
     raise QuantkitError(message)
 
 
+def use_rpc(spec: Optional[str]) -> None:
+    """``--rpc``: probe the servers and register them as llama.cpp devices before any model is loaded
+    (one line naming the endpoint, exit 1, when one is down)."""
+    if spec is not None:
+        from quantkit.engine.rpc import add_servers
+
+        _cli()._run(lambda: add_servers(spec))
+
+
 @eval_app.command("ppl")
 def ppl(
     model: Path = typer.Argument(..., help="A .gguf file."),
@@ -164,12 +178,14 @@ def ppl(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     force: bool = FORCE,
     progress: bool = PROGRESS,
+    rpc: Optional[str] = RPC,
 ) -> None:
     """Perplexity as llama-perplexity computes it, with its standard error."""
     from quantkit.evals.perplexity import perplexity
 
     cli = _cli()
     _check_outputs(force, (json_out,), (model, text))
+    use_rpc(rpc)
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("perplexity", progress and str(json_out) != "-")
     with bar:
@@ -199,6 +215,7 @@ def kld(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     force: bool = FORCE,
     progress: bool = PROGRESS,
+    rpc: Optional[str] = RPC,
 ) -> None:
     """KL-divergence, token statistics and routing fidelity of MODEL against BASE on the same tokens."""
     from quantkit.evals.kld import base_logprobs, compare
@@ -208,6 +225,7 @@ def kld(
         raise typer.BadParameter("empty; give a directory (or leave it out for ~/.cache/quantkit)", param_hint="--cache-dir")
     cache_dir = Path(cache_arg) if cache_arg is not None else None
     _check_outputs(force, (json_out,), (base, model, text))
+    use_rpc(rpc)
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("base", progress and str(json_out) != "-")
     with bar:

@@ -20,6 +20,7 @@ import typer
 
 from quantkit.cli.eval_commands import PROGRESS, read_text_file
 from quantkit.cli.eval_commands import register as _register_eval
+from quantkit.cli.eval_commands import RPC, use_rpc
 from quantkit.cli.ui import one_line_usage_errors
 from quantkit.cli.ui import MAX_ERROR_CHARS, _plain, _print_json, _run, _state, add_row, cap, err, error_line, esc, out  # noqa: F401
 from quantkit.errors import QuantkitError, Terminated
@@ -393,6 +394,7 @@ def imatrix_command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report (with the coverage) instead of text."),
     progress: bool = PROGRESS,
+    rpc: Optional[str] = RPC,
 ) -> None:
     """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
     output = _file_arg(output_arg, "--output")
@@ -404,6 +406,7 @@ def imatrix_command(
     from quantkit.format.output import check_target
 
     _run(lambda: check_target(output, force, inputs=(src, text)))
+    use_rpc(rpc)
     body = _run(lambda: read_text(text, None))
     body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
     show = progress and err.is_terminal and not as_json
@@ -552,10 +555,12 @@ SHOW_REASONING = typer.Option(False, "--show-reasoning", help="Harmony models (G
 MAX_PROMPT_CHARS = 1 << 26
 
 
-def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool) -> tuple[LoadPlan, Llama]:
+def _load_model(model: Path, ctx: int, gpu_layers: Optional[int], threads: Optional[int], seed: Optional[int], cpu_moe: bool,
+                rpc: Optional[str] = None) -> tuple[LoadPlan, Llama]:
     """Plan (memory check, backend) and open the model; notes about ignored options go to stderr."""
     from quantkit.engine.runtime import open_model, plan_load
 
+    use_rpc(rpc)  # --rpc servers become devices before the plan counts them
     plan = _run(lambda: plan_load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, cpu_moe=cpu_moe))
     for note in plan.notes:
         err.say("note:", "yellow", note)
@@ -630,6 +635,7 @@ def run(
     threads: Optional[int] = THREADS,
     gpu_layers: Optional[int] = GPU_LAYERS,
     cpu_moe: bool = CPU_MOE,
+    rpc: Optional[str] = RPC,
     as_json: bool = typer.Option(False, "--json", help="Print text, prompt, token counts, timings and placement as JSON."),
 ) -> None:
     """Generate once from a prompt and print the text to stdout."""
@@ -643,7 +649,7 @@ def run(
         if len(prompt) > MAX_PROMPT_CHARS:
             raise typer.BadParameter(f"standard input holds more than {MAX_PROMPT_CHARS:,} characters, far beyond any context window", param_hint="--prompt -")
     sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
-    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
+    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe, rpc)
     if chat_template is not None and not chat:
         raise typer.BadParameter("applies to --chat", param_hint="--chat-template")
     shown = _Reasoning(show_reasoning and not as_json)
@@ -675,6 +681,7 @@ def chat(
     threads: Optional[int] = THREADS,
     gpu_layers: Optional[int] = GPU_LAYERS,
     cpu_moe: bool = CPU_MOE,
+    rpc: Optional[str] = RPC,
 ) -> None:
     """Chat with a model in the terminal; /help lists the commands, Ctrl-C stops an answer, Ctrl-D exits."""
     from quantkit.engine.chat import History, check_reserve
@@ -682,7 +689,7 @@ def chat(
 
     sampling = _run(lambda: Sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, ignore_eos))
     _run(lambda: check_reserve(ctx, max_tokens))
-    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe)
+    plan, llm = _load_model(model, ctx, gpu_layers, threads, seed, cpu_moe, rpc)
     template = _run(lambda: chat_template_for(llm, override=chat_template))
     err.print(f"[dim]{esc(model.name)}: {esc(plan.describe())}; chat template: {esc(template.name)}[/]", highlight=False, soft_wrap=True)
     err.print("[dim]Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits.[/]", highlight=False)

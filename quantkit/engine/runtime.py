@@ -113,8 +113,11 @@ class Backend:
 
 
 def _ggml() -> Any:
-    """libggml with the device-registry prototypes declared."""
-    from llama_cpp._ggml import libggml as lib
+    """libggml with the device-registry prototypes declared: the copy libllama links (``.so.0``; llama-cpp-python's
+    ``llama_cpp._ggml`` maps a second copy, whose registry lacks the devices ``--rpc`` registers)."""
+    from quantkit.format.ggml import _load
+
+    lib = _load("ggml")
 
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     protos: dict[str, tuple[Any, list[Any]]] = {
@@ -159,6 +162,8 @@ def detect_backend() -> Backend:
     except (AttributeError, OSError) as e:  # an older or unusual build: fall back to the flag
         log.debug("ggml device registry unavailable: %s", e)
         devices = ()
+    if devices and gpu:  # an RPC-enabled build says "GPU offload" with no device to offload to: only GPUs and --rpc servers count
+        gpu = any(d.kind in ("gpu", "igpu") for d in devices)
     log.debug("llama.cpp devices: %s", devices)
     return Backend(devices, gpu)
 
