@@ -516,3 +516,22 @@ def test_cli_calib_mode_needs_calib_text(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantkit.cli", "plan", str(FIXTURE), "--target-bpw", "4.5", "--calib-text", str(calib), "--calib-mode", "fast"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "--calib-mode 'fast': expected one of auto, full, grouped" in r.stderr
+
+
+def test_time_cap_on_the_fixture():
+    """--time-cap bounds the chosen types' quantising cost (QUANT_COST x weights, relative to Q4_K on every budgeted
+    tensor); 0 lifts the cap; a tighter cap never costs less damage."""
+    def plan_of(cap):
+        ckpt, prep = prepare(FIXTURE, "budget", target=Target(bpw=4.5, time_cap=cap))
+        ckpt.close()
+        free = [t for t in prep.plan.tensors if "target-bpw" in t.reason]
+        cost = sum(t.n_elements * budget.QUANT_COST.get(t.qtype, 1.0) for t in free)
+        ref = sum(t.n_elements for t in free) * budget.QUANT_COST[Q.Q4_K]
+        return {t.name: t.qtype for t in free}, cost / ref
+
+    free, free_cost = plan_of(0)
+    tight, tight_cost = plan_of(0.4)
+    assert free_cost > 0.4 >= tight_cost - 1e-9, (free_cost, tight_cost)
+    assert tight != free
+    with pytest.raises(QuantkitError, match="--time-cap 0.1: expected 0"):
+        Target(bpw=4.5, time_cap=0.1)

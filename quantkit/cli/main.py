@@ -43,6 +43,7 @@ CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure eac
 CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
 CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
 CALIB_MODE = typer.Option("auto", "--calib-mode", help="--calib-text: full (one probe per tensor), grouped (one per role per layer range: fewer passes, most of the gain) or auto (full up to 64 tensors, else grouped).")
+TIME_CAP = typer.Option(None, "--time-cap", help="Bit budget: the chosen types may take at most this many times the quantising time of Q4_K on the same tensors (default 1.25: a budget costs about what a preset does; 0: no limit, the least damage whatever the time).")
 CALIB_RANGES = typer.Option(None, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role (default 4; auto fits as many as 64 probes allow).")
 
 TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."
@@ -81,6 +82,7 @@ def convert(
     calib_chunks: int = CALIB_CHUNKS,
     calib_mode: str = CALIB_MODE,
     calib_ranges: Optional[int] = CALIB_RANGES,
+    time_cap: Optional[float] = TIME_CAP,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice). MXFP4 experts (gpt-oss): write them per the type instead of as stored."),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split set (as llama-gguf-split --split): at most this much tensor data per part, e.g. 48G or 500M (decimal K/M/G)."),
     split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", min=1, help="Write a split set (as llama-gguf-split --split): at most N tensors per part."),
@@ -132,7 +134,7 @@ def convert(
         raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges, time_cap)
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -250,13 +252,15 @@ def _type_and_rules(
 
 def _target(
     src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None,
-    mode: str = "auto", ranges: int | None = None,
+    mode: str = "auto", ranges: int | None = None, time_cap: float | None = None,
 ) -> Any:
     """The bit budget of --target-bpw/--target-size: each tensor's errors sampled, and its sensitivity measured on
     --calib-text when given (the cost said first), each step behind a progress bar with an ETA (None without a budget)."""
     if calib is None and (mode != "auto" or ranges is not None):
         raise typer.BadParameter("--calib-mode and --calib-ranges choose how --calib-text measures; add --calib-text FILE", param_hint="--calib-mode")
     if bpw is None and size is None:
+        if time_cap is not None:
+            raise typer.BadParameter("limits the time of a bit budget; add --target-bpw or --target-size", param_hint="--time-cap")
         if calib is not None:
             raise typer.BadParameter("--calib-text measures sensitivity for a bit budget; add --target-bpw or --target-size", param_hint="--calib-text")
         return None
@@ -268,7 +272,7 @@ def _target(
     from quantkit.policy.plan import Target, check_reach, header_bytes
 
     nbytes = _run(lambda: budget.parse_size(size)) if size is not None else None
-    _run(lambda: Target(bpw=bpw, size=nbytes))  # validate before the slow part
+    _run(lambda: Target(bpw=bpw, size=nbytes, time_cap=time_cap))  # validate before the slow part
     text = _run(lambda: read_text_file(calib, "--calib-text")) if calib is not None else None
     if calib is not None:
         _run(lambda: sensitivity.probe_groups([], mode, ranges))
@@ -296,7 +300,7 @@ def _target(
                 on_progress=lambda stage, d, n, label: progress({"write": "write unquantised copy", "probe": "probe"}.get(stage, stage), d, n, label)))
     if measured is not None and measured.cost is not None and measured.cost.seconds is not None:
         err.print(esc(measured.cost.describe()), highlight=False, soft_wrap=True)
-    return Target(bpw=bpw, size=nbytes, measured=measured, errors=errors)
+    return Target(bpw=bpw, size=nbytes, measured=measured, errors=errors, time_cap=time_cap)
 
 
 def _budget_json(target: Any) -> dict[str, Any]:
@@ -340,6 +344,7 @@ def plan(
     calib_chunks: int = CALIB_CHUNKS,
     calib_mode: str = CALIB_MODE,
     calib_ranges: Optional[int] = CALIB_RANGES,
+    time_cap: Optional[float] = TIME_CAP,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
@@ -351,7 +356,7 @@ def plan(
     from quantkit.hf.hub_cache import resolve_source
 
     src = _run(lambda: resolve_source(src))  # a repo id: its snapshot in the local Hugging Face cache (offline)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges, time_cap)
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize))
     ckpt.close()
     p = prep.plan

@@ -205,12 +205,17 @@ class Target:
     measured: Mapping[str, tuple[gguf_spec.GGMLQuantizationType, float]] | None = None
     #: relative errors sampled beforehand (``budget.measure_errors``, e.g. behind a progress bar): name -> Sampled or {type: rel}
     errors: Mapping[str, Any] | None = None
+    #: the chosen types' quantising time at most this many times a Q4_K conversion of the same tensors
+    #: (``--time-cap``; None: ``budget.TIME_CAP``, 0: no cap, the least damage whatever the time)
+    time_cap: float | None = None
 
     def __post_init__(self) -> None:
         if (self.bpw is None) == (self.size is None):
             raise QuantkitError("give one of --target-bpw and --target-size")
         if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
             raise QuantkitError(f"--target-bpw {self.bpw}: expected a value between 1 and 16 bits per weight")
+        if self.time_cap is not None and not (self.time_cap == 0 or 0.2 <= self.time_cap <= 100):
+            raise QuantkitError(f"--time-cap {self.time_cap:g}: expected 0 (no cap) or a factor between 0.2 and 100; fix: e.g. --time-cap 1.25")
 
     @property
     def label(self) -> str:
@@ -337,7 +342,8 @@ def _budget_types(
     n_elements = sum(t.n_elements for t in tensors)
     allowed = target.tensor_bytes(n_elements, overhead)
     try:
-        chosen = budget.solve(options, allowed, fixed)
+        cap = budget.TIME_CAP if target.time_cap is None else (target.time_cap or None)
+        chosen = budget.solve(options, allowed, fixed, time_cap=cap)
     except budget.OutOfReach as e:
         raise target.out_of_reach(e.lo, e.hi, n_elements, overhead) from None
     for name, o in chosen.items():
