@@ -483,9 +483,10 @@ def check(h: DeepseekHparams, tensors: list[OutTensor]) -> None:
     _check_common(h, tensors)
 
 
-def metadata(h: DeepseekHparams) -> dict[str, MetaValue]:
+def metadata(h: DeepseekHparams, arch: str = ARCH) -> dict[str, MetaValue]:
+    """The deepseek2 keys; ``arch``: the GGUF arch whose loader reads the same keys (deepseek32, glm-dsa)."""
     K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
-    a = ARCH
+    a = arch
     u32 = lambda v: MetaValue(int(v), V.UINT32)  # noqa: E731
     f32 = lambda v: MetaValue(float(v), V.FLOAT32)  # noqa: E731
     md = {

@@ -68,6 +68,7 @@ REAL_CASES += [("deepseek3-e8-L8-mla", p, False) for p in ("Q4_K_M", "Q3_K_M", "
 REAL_CASES += [("qwen3next-e8-L8-hybrid", p, False) for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [(name, p, False) for name in ("dots1-e8-L8-dense1", "minimax_m2-e8-L8-gqa", "ernie4_5_moe-e4-L6-tied") for p in ("Q4_K_M", "Q3_K_M")]
 REAL_CASES += [("glm4moe-e8-L8-dense1", p, False) for p in ("Q4_K_M", "Q3_K_M")]
+REAL_CASES += [(name, "Q4_K_M", False) for name in ("deepseek32-e8-L4-dsa", "glm-dsa-e8-L4-shared")]
 
 
 # --------------------------------------------------------------------------- llama.cpp as the oracle
@@ -285,6 +286,22 @@ RANDOM = {
         model_type="glm4_moe", n_routed_experts=8, num_hidden_layers=8, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, n_shared_experts=1, first_k_dense_replace=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    ),
+    # deepseek32 (from deepseek_v32): deepseek2's MLA tensors plus the lightning indexer: indexer.attn_k (llama.cpp's "attn_k.weight"
+    # substring: ATTENTION_K, with the 8-expert bump), indexer.attn_q_b / indexer.proj (category "other"), indexer.k_norm weight and
+    # bias (1-D, F32); one leading dense block, 8 experts of width 256, rows 256, 4 layers
+    "deepseek32-e8-L4-dsa": dict(
+        model_type="deepseek_v32", n_routed_experts=8, num_hidden_layers=4, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=128, index_topk=256,
+    ),
+    # glm-dsa (from glm_moe_dsa): as deepseek32, with shared-indexer blocks 1 and 3 (no indexer tensors there), indexer heads of 64,
+    # 8 experts in 4 groups
+    "glm-dsa-e8-L4-shared": dict(
+        model_type="glm_moe_dsa", n_routed_experts=8, num_hidden_layers=4, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, first_k_dense_replace=1, n_shared_experts=1, n_group=4, topk_group=2, index_n_heads=4, index_head_dim=64, index_topk=256,
+        indexer_types=["full", "shared", "full", "shared"],
     ),
     # gpt-oss: 4 experts of width 256 (k-quants), stored transposed and interleaved; 2-D expert biases and router / attention
     # biases, attn_sinks (1-D), post_attention_norm; GQA 2:1, head_dim 64 (attn_q 256 rows), 4 layers alternating sliding / full

@@ -205,6 +205,11 @@ class Keys:
         KV_LORA_RANK = "{arch}.attention.kv_lora_rank"
         KEY_LENGTH_MLA = "{arch}.attention.key_length_mla"
         VALUE_LENGTH_MLA = "{arch}.attention.value_length_mla"
+        # DeepSeek Sparse Attention's lightning indexer (deepseek32, glm-dsa)
+        INDEXER_HEAD_COUNT = "{arch}.attention.indexer.head_count"
+        INDEXER_KEY_LENGTH = "{arch}.attention.indexer.key_length"
+        INDEXER_TOP_K = "{arch}.attention.indexer.top_k"
+        INDEXER_TYPES = "{arch}.attention.indexer.types"  # per block: true = runs its own indexer, false = reuses the previous one's top-k
 
     class Rope:
         DIMENSION_COUNT = "{arch}.rope.dimension_count"
@@ -300,6 +305,11 @@ class TensorName:
     NEXTN_EMBED_TOKENS = "blk.{bid}.nextn.embed_tokens"  # optional per-MTP-block embeddings (DeepSeek-style MTP layers)
     NEXTN_SHARED_HEAD_HEAD = "blk.{bid}.nextn.shared_head_head"  # optional per-MTP-block LM head
     ATTN_SINKS = "blk.{bid}.attn_sinks"  # one attention sink logit per head (gpt-oss)
+    # DeepSeek Sparse Attention's lightning indexer (deepseek32, glm-dsa)
+    INDEXER_K_NORM = "blk.{bid}.indexer.k_norm"
+    INDEXER_PROJ = "blk.{bid}.indexer.proj"
+    INDEXER_ATTN_K = "blk.{bid}.indexer.attn_k"
+    INDEXER_ATTN_Q_B = "blk.{bid}.indexer.attn_q_b"
 
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
