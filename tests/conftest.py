@@ -18,6 +18,22 @@ FIXTURE = ROOT / "tests" / "fixtures" / "tiny-mixtral"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def vendored_llama_cpp(need: str = "conversion") -> str:
+    """The llama.cpp sources llama-cpp-python vendors (the reference converter and its gguf-py), as setup copies them
+    into the venv (tools/build_llama.sh: ``.venv/llama.cpp-src``); ``QK_LLAMA_CPP_SRC`` or an unpacked sdist in /tmp
+    elsewhere.  Skipped where none is found, except under CI (``make test`` must have put it there)."""
+    import os
+    import sys
+
+    for root in (os.environ.get("QK_LLAMA_CPP_SRC"), str(Path(sys.prefix) / "llama.cpp-src"), str(ROOT / ".venv" / "llama.cpp-src"),
+                 "/tmp/lcp-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"):
+        if root and (Path(root) / need).exists():
+            return root
+    if os.environ.get("CI"):
+        pytest.fail(f"the vendored llama.cpp sources ({need}) are missing from {sys.prefix}/llama.cpp-src; fix: run make setup (tools/build_llama.sh)")
+    pytest.skip(f"the vendored llama.cpp sources ({need}) are not unpacked here; run tools/build_llama.sh .venv")
+
+
 def convert(src: Path, out: Path, outtype: str = "f32") -> Path:
     from quantkit.pipeline.convert import convert as do_convert
 

@@ -54,9 +54,9 @@ def _vendored_tensor_names(arch_name: str) -> set[str] | None:
     import subprocess
     import sys
 
-    root = "/tmp/lcp-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py"
-    if not Path(root).is_dir():
-        pytest.skip(f"{arch_name!r} is not in the pinned gguf-py and the vendored llama.cpp is not unpacked here")
+    from conftest import vendored_llama_cpp
+
+    root = vendored_llama_cpp("gguf-py") + "/gguf-py"
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import gguf; a = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == sys.argv[2]); "
             "print('\\n'.join(gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[a]))")
     r = subprocess.run([sys.executable, "-c", code, root, arch_name], capture_output=True, text=True, timeout=120)

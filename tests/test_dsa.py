@@ -36,14 +36,13 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_convert_refused, convert, hf_logits, llama_logits, random_model
+from conftest import assert_convert_refused, convert, hf_logits, llama_logits, random_model, vendored_llama_cpp
 from test_deepseek import _metadata, _set_score_bias
 from test_glm4_moe import add_nextn
 from test_logits_parity import assert_close
 
 SIGMOID, SOFTMAX = int(gguf.ExpertGatingFuncType.SIGMOID), int(gguf.ExpertGatingFuncType.SOFTMAX)
 IDS = [1] + np.random.default_rng(1).integers(3, 2999, size=150).tolist()
-LLAMA_CPP = "/tmp/lcp-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"
 ARCH = {"deepseek_v32": "deepseek32", "glm_moe_dsa": "glm-dsa"}
 
 #: small MLA sizes (deepseek_v3's in conftest), 4 experts top-2 + 1 shared, one leading dense block, an indexer of 4 heads of 64
@@ -196,8 +195,7 @@ runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
 
 
 def reference_convert(src: Path, out: Path) -> Path:
-    if not os.path.isdir(LLAMA_CPP + "/conversion"):
-        pytest.skip("the vendored llama.cpp converter is not unpacked here")
+    LLAMA_CPP = vendored_llama_cpp("conversion")
     r = subprocess.run([sys.executable, "-c", _DRIVER, LLAMA_CPP, str(src), "--outtype", "f32", "--outfile", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -277,8 +275,7 @@ def test_shared_block_with_indexer_weights_refused(tmp_path):
 def test_indexer_names_are_in_the_vendored_llama_cpp_tables(model_type):
     from quantkit.converters import for_model_type
 
-    if not os.path.isdir(LLAMA_CPP + "/gguf-py"):
-        pytest.skip("the vendored llama.cpp is not unpacked here")
+    LLAMA_CPP = vendored_llama_cpp("gguf-py")
     conv = for_model_type(model_type)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import gguf; a = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == sys.argv[2]); "
             "print('\\n'.join(gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[a]))")

@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_convert_refused, convert, hf_logits, llama_logits, random_model
+from conftest import assert_convert_refused, convert, hf_logits, llama_logits, random_model, vendored_llama_cpp
 from test_logits_parity import assert_close
 
 #: 40 tokens: five times the window of 8
@@ -442,7 +442,6 @@ def test_mxfp4_refused_with_one_line(mxfp4, tmp_path, case):
     assert_convert_refused(dst, tmp_path, needles)
 
 
-LLAMA_CPP = "/tmp/lcp-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"
 
 
 def test_mxfp4_to_ggml_is_the_vendored_repack(mxfp4):
@@ -462,8 +461,7 @@ def test_mxfp4_to_ggml_is_the_vendored_repack(mxfp4):
     got = qz.mxfp4_to_ggml(blocks, scales)
     assert got.shape == (*blocks.shape[:2], blocks.shape[2] * 17)
     want = mxfp4_reference(blocks, scales)
-    if not os.path.isdir(LLAMA_CPP + "/conversion"):
-        pytest.skip("the vendored llama.cpp converter is not unpacked here")
+    LLAMA_CPP = vendored_llama_cpp("conversion")
     import gguf.quants  # the installed gguf-py, before the vendored converter's package is put on the path
 
     sys.path.insert(0, LLAMA_CPP)

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import convert, hf_logits, llama_logits
-from test_gpt_oss import IDS, LLAMA_CPP, _mxfp4_pair, _requantised, mxfp4_reference
+from conftest import vendored_llama_cpp
+from test_gpt_oss import IDS, _mxfp4_pair, _requantised, mxfp4_reference
 from test_logits_parity import assert_close
 
 EXPERTS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
@@ -58,8 +59,7 @@ def _expert_names(tensors):
 
 def _vendored_repack():
     """llama.cpp's converter's ``GptOssModel.repack_mxfp4``, run on torch tensors with its writer recording what it adds."""
-    if not os.path.isdir(LLAMA_CPP + "/conversion"):
-        pytest.skip("the vendored llama.cpp converter is not unpacked here")
+    LLAMA_CPP = vendored_llama_cpp("conversion")
     import gguf.quants  # noqa: F401  (the installed gguf-py, before the vendored converter's package is put on the path)
 
     sys.path.insert(0, LLAMA_CPP)

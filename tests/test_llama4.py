@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_convert_refused, convert, hf_logits, random_model, read_config
+from conftest import assert_convert_refused, convert, hf_logits, random_model, read_config, vendored_llama_cpp
 from test_logits_parity import assert_close
 
 IDS = [1] + np.random.default_rng(1).integers(3, 2999, size=150).tolist()
@@ -30,7 +30,6 @@ LONG = [1] + np.random.default_rng(2).integers(3, 2999, size=8299).tolist()
 #: Llama-4-Scout's rope scaling: llama3 with equal low / high frequency factors (no smoothed band)
 SCOUT_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-LLAMA_CPP = "/tmp/lcp-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
@@ -137,8 +136,7 @@ def _arch_keys(path: Path) -> dict:
 def test_tensors_equal_the_vendored_converter(request, tmp_path, which):
     """Every tensor (names, types, shapes, values: the transposed gate_up split, down transposed, rope_freqs of Scout's
     equal-factor llama3 scaling) and every ``llama4.*`` key equal to what the vendored convert_hf_to_gguf.py writes."""
-    if not os.path.isdir(LLAMA_CPP + "/conversion"):
-        pytest.skip("the vendored llama.cpp converter is not unpacked here")
+    LLAMA_CPP = vendored_llama_cpp("conversion")
     fixture = request.getfixturevalue(which)
     src = fixture if which == "scout" else fixture[0]
     ref = tmp_path / "ref.gguf"

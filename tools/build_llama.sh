@@ -27,6 +27,18 @@ key=$(printf '%s' "$key_src" | "$PY" -c 'import hashlib, sys; print(hashlib.sha2
 CACHE_ROOT=${QUANTKIT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantkit/wheels}
 CACHE="$CACHE_ROOT/llama-cpp-python-$VERSION-$key"
 
+# The reference the tests compare with (llama.cpp's own Python): the vendored converter
+# (convert_hf_to_gguf.py, conversion/) and its gguf-py, a few MB of the same sdist, copied to VENV/llama.cpp-src.
+extract_reference() {  # SDIST DEST
+    local t
+    t=$(mktemp -d "$CACHE_ROOT/.ref.XXXXXX")
+    tar -xzf "$1" -C "$t" "llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+        "llama_cpp_python-$VERSION/vendor/llama.cpp/conversion" "llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py"
+    rm -rf "$2"
+    mv "$t/llama_cpp_python-$VERSION/vendor/llama.cpp" "$2"
+    rm -rf "$t"
+}
+
 if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1 || [ ! -f "$CACHE/src/rpc-server.cpp" ]; then
     echo "building llama-cpp-python $VERSION with CMAKE_ARGS='$CMAKE_ARGS_ALL' (several minutes; cached in $CACHE)"
     mkdir -p "$CACHE_ROOT"
@@ -42,6 +54,7 @@ if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1 || [ ! -f "$C
     vendor="$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp"
     cp -r "$vendor/ggml/include" "$tmp/wheel/src/include"
     cp "$vendor/tools/rpc/rpc-server.cpp" "$tmp/wheel/src/rpc-server.cpp"
+    extract_reference "$sdist" "$tmp/wheel/src/llama.cpp"
     printf '%s\n' "$key_src" > "$tmp/wheel/KEY"
     rm -rf "$CACHE"  # an incomplete entry
     # one rename: the entry is complete or absent (an interrupted build leaves nothing); if a concurrent build
@@ -50,6 +63,14 @@ if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1 || [ ! -f "$C
 else
     echo "llama-cpp-python $VERSION (CMAKE_ARGS='$CMAKE_ARGS_ALL') from $CACHE"
 fi
+if [ ! -f "$CACHE/src/llama.cpp/convert_hf_to_gguf.py" ]; then  # a cache entry from before the reference was kept
+    t=$(mktemp -d "$CACHE_ROOT/.sdist.XXXXXX")
+    "$PY" -m pip download --quiet --no-binary :all: --no-deps -d "$t" "llama-cpp-python==$VERSION"
+    extract_reference "$t/llama_cpp_python-$VERSION.tar.gz" "$CACHE/src/llama.cpp"
+    rm -rf "$t"
+fi
+rm -rf "$VENV/llama.cpp-src"
+cp -r "$CACHE/src/llama.cpp" "$VENV/llama.cpp-src"
 wheel=$(ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl | head -n1)
 
 # --force-reinstall: a llama-cpp-python 0.3.36 already in the venv (say, built without RPC) must be replaced;
