@@ -132,6 +132,11 @@ class Converter:
     #: num_hidden_layers); ``ignore`` is the same for every checkpoint
     dropped: Callable[[Any], tuple[str, ...]] = _nothing_dropped
 
+    def mtp_sources(self, config: dict[str, Any], names: list[str]) -> list[str]:
+        """The checkpoint's multi-token-prediction tensors this family would keep as nextn blocks (``--no-mtp`` leaves
+        them out, as llama.cpp's converter's ``--no-mtp`` does); none for a family that keeps none."""
+        return []
+
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
         """Hyperparameters and the checked tensor map of a checkpoint (no weights are read)."""
         hp = self.hparams(ckpt.config)

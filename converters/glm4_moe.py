@@ -274,6 +274,10 @@ class NextnConverter(Converter):
     """A Converter whose checkpoints may hold multi-token-prediction blocks after the trunk (``model.layers.N``,
     N >= num_hidden_layers), kept as llama.cpp's converter keeps them: the hyperparameters then count them."""
 
+    def mtp_sources(self, config: dict[str, Any], names: list[str]) -> list[str]:
+        n_trunk = self.hparams(config).n_trunk
+        return [n for n in names if (m := _LAYER.match(n)) and int(m.group(1)) >= n_trunk]
+
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
         where = str(ckpt.root)
         names = list(ckpt.tensors)

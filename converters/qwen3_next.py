@@ -399,6 +399,9 @@ class HybridConverter(Converter):
     """A Converter whose checkpoints may hold multi-token-prediction blocks (numbered after the trunk) and
     depthwise convolution kernels (read as matrices): its name table depends on the hyperparameters."""
 
+    def mtp_sources(self, config: dict[str, Any], names: list[str]) -> list[str]:
+        return [n for n in names if re.match(MTP_UNLOADED[0], n)]
+
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
         where = str(ckpt.root)
         names = list(ckpt.tensors)

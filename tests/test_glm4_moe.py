@@ -568,3 +568,49 @@ if st is not None:
             return
         md = conv.metadata(h)
         assert all(math.isfinite(v.value) for v in md.values() if isinstance(v.value, float))
+
+
+@pytest.mark.parametrize("which,arch", [("glm_nextn", "glm4moe"), ("lite_nextn", "deepseek2")])
+def test_no_mtp_leaves_the_nextn_blocks_out(request, tmp_path, which, arch):
+    """--no-mtp: the file of the same checkpoint without its MTP weights (block_count = num_hidden_layers, no nextn key,
+    no blk.N.nextn.*), transformers' logits; plan --no-mtp lists no block past the trunk."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli.main import app
+    from quantkit.pipeline.convert import convert as qk_convert
+
+    src, hf = request.getfixturevalue(which)
+    out = tmp_path / "nomtp.gguf"
+    qk_convert(src, out, "f32", no_mtp=True)
+    md = _metadata(out)
+    assert md[f"{arch}.block_count"] == 2 and f"{arch}.nextn_predict_layers" not in md
+    names = _tensors(out)
+    assert not any(n.startswith("blk.2.") or ".nextn." in n for n in names)
+    with_mtp = _tensors(convert(src, tmp_path / "mtp.gguf", "f32"))
+    assert {n: v for n, v in with_mtp.items() if not n.startswith("blk.2.")} == names  # the trunk: the same bytes
+    assert_close(llama_logits(out, IDS), hf)
+    result = CliRunner().invoke(app, ["plan", str(src), "--type", "Q4_K_M", "--no-mtp", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not any(r["name"].startswith("blk.2.") for r in json.loads(result.output)["tensors"])
+
+
+def test_imatrix_low_bit_needs_no_mtp(glm_nextn, tmp_path):
+    """An importance matrix has no data for an MTP block (llama.cpp never runs it): a type that needs one is refused with the
+    fix (--no-mtp), and --no-mtp converts."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli.main import app
+    from quantkit.evals.corpora import heldout_text
+
+    src, _ = glm_nextn
+    f16, text, im = tmp_path / "f16.gguf", tmp_path / "t.txt", tmp_path / "im.gguf"
+    text.write_text(heldout_text()[:12000], encoding="utf-8")
+    run = CliRunner().invoke
+    assert run(app, ["convert", str(src), "-o", str(f16), "--type", "f16", "--no-progress"]).exit_code == 0
+    r = run(app, ["imatrix", str(f16), "--text", str(text), "-o", str(im), "--ctx", "64", "--chunks", "4", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    bad = run(app, ["convert", str(src), "-o", str(tmp_path / "q.gguf"), "--type", "IQ2_XS", "--imatrix", str(im), "--no-progress"])
+    assert bad.exit_code == 1 and "multi-token-prediction block" in " ".join(bad.output.split()) and "--no-mtp" in bad.output
+    assert not (tmp_path / "q.gguf").exists()
+    ok = run(app, ["convert", str(src), "-o", str(tmp_path / "q.gguf"), "--type", "IQ2_XS", "--imatrix", str(im), "--no-mtp", "--no-progress"])
+    assert ok.exit_code == 0, ok.output

@@ -392,3 +392,16 @@ def test_a_foreign_gguf_with_a_non_f32_conv_kernel_is_refused(cli_model, tmp_pat
         check_before_load(bad)
     msg = str(e.value)
     assert "'blk.0.ssm_conv1d.weight' is stored as F16" in msg and "F32 kernel only" in msg and "\n" not in msg
+
+
+def test_no_mtp_leaves_the_mtp_block_out(next_mtp, tmp_path):
+    """--no-mtp on a checkpoint with mtp.*: block_count = num_hidden_layers, no nextn key, logits unchanged."""
+    from quantkit.pipeline.convert import convert as qk_convert
+
+    src, ref = next_mtp
+    out = tmp_path / "nomtp.gguf"
+    qk_convert(src, out, "f32", no_mtp=True)
+    md = _fields(out)
+    assert md["qwen3next.block_count"] == 4 and "qwen3next.nextn_predict_layers" not in md
+    assert not any(t.name.startswith("blk.4.") for t in gguf.GGUFReader(out).tensors)
+    assert_close(llama_logits(out, IDS), ref)

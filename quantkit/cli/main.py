@@ -43,6 +43,7 @@ CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure eac
 CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
 CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
 CALIB_MODE = typer.Option("auto", "--calib-mode", help="--calib-text: full (one probe per tensor), grouped (one per role per layer range: fewer passes, most of the gain) or auto (full up to 64 tensors, else grouped).")
+NO_MTP = typer.Option(False, "--no-mtp", help="Leave multi-token-prediction blocks out (GLM, DeepSeek V3.2, Qwen3-Next / 3.5 keep them as nextn blocks, as llama.cpp's converter does; its main graph never runs them, and an importance matrix has no data for them).")
 TIME_CAP = typer.Option(None, "--time-cap", help="Bit budget: the chosen types may take at most this many times the quantising time of Q4_K on the same tensors (default 1.25: a budget costs about what a preset does; 0: no limit, the least damage whatever the time).")
 CALIB_RANGES = typer.Option(None, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role (default 4; auto fits as many as 64 probes allow).")
 
@@ -83,6 +84,7 @@ def convert(
     calib_mode: str = CALIB_MODE,
     calib_ranges: Optional[int] = CALIB_RANGES,
     time_cap: Optional[float] = TIME_CAP,
+    no_mtp: bool = NO_MTP,
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: quantise already-quantised tensors again (quality drops twice). MXFP4 experts (gpt-oss): write them per the type instead of as stored."),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split set (as llama-gguf-split --split): at most this much tensor data per part, e.g. 48G or 500M (decimal K/M/G)."),
     split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", min=1, help="Write a split set (as llama-gguf-split --split): at most N tensors per part."),
@@ -134,7 +136,7 @@ def convert(
         raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges, time_cap)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges, time_cap, no_mtp)
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -152,7 +154,7 @@ def convert(
                 on_start=lambda plan: bar.update(task, total=plan.nbytes),
                 on_bytes=lambda n: bar.advance(task, n),
                 on_tensor=lambda name: bar.update(task, description=f"{name:<28}"),
-                imatrix=imat, split=split, command=_command_line(ctx) if model_card else None,
+                imatrix=imat, split=split, command=_command_line(ctx) if model_card else None, no_mtp=no_mtp,
             )
         )
     if card_out is not None:
@@ -252,7 +254,7 @@ def _type_and_rules(
 
 def _target(
     src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None,
-    mode: str = "auto", ranges: int | None = None, time_cap: float | None = None,
+    mode: str = "auto", ranges: int | None = None, time_cap: float | None = None, no_mtp: bool = False,
 ) -> Any:
     """The bit budget of --target-bpw/--target-size: each tensor's errors sampled, and its sensitivity measured on
     --calib-text when given (the cost said first), each step behind a progress bar with an ETA (None without a budget)."""
@@ -276,7 +278,7 @@ def _target(
     text = _run(lambda: read_text_file(calib, "--calib-text")) if calib is not None else None
     if calib is not None:
         _run(lambda: sensitivity.probe_groups([], mode, ranges))
-    ckpt, prep = _run(lambda: prepare(src, "f32"))
+    ckpt, prep = _run(lambda: prepare(src, "f32", no_mtp=no_mtp))
     bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    console=err.console, disable=not show)
     tasks: dict[str, Any] = {}
@@ -345,6 +347,7 @@ def plan(
     calib_mode: str = CALIB_MODE,
     calib_ranges: Optional[int] = CALIB_RANGES,
     time_cap: Optional[float] = TIME_CAP,
+    no_mtp: bool = NO_MTP,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Print the per-tensor type plan (type, bytes, bits per weight, the rule that chose it) and the file size, without converting."""
@@ -356,8 +359,8 @@ def plan(
     from quantkit.hf.hub_cache import resolve_source
 
     src = _run(lambda: resolve_source(src))  # a repo id: its snapshot in the local Hugging Face cache (offline)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges, time_cap)
-    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize))
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges, time_cap, no_mtp)
+    ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize, no_mtp=no_mtp))
     ckpt.close()
     p = prep.plan
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "bits_per_weight": round(t.bpw, 4), "why": t.reason} for t in p.tensors]

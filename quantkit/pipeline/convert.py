@@ -121,12 +121,14 @@ def general_metadata(src: Path, config: dict[str, Any], plan: Plan, tensors: lis
 
 def prepare(
     src: str | Path, outtype: str = "f16", allow_pickle: bool = False, overrides: Sequence[Override] = (), target: Target | None = None,
-    imatrix: Imatrix | None = None, allow_requantize: bool = False,
+    imatrix: Imatrix | None = None, allow_requantize: bool = False, no_mtp: bool = False,
 ):
     """Validate a checkpoint (and an importance matrix against it) and build its tensor map, type plan and metadata (reads no weights).
 
     ``src`` is a Hugging Face directory (or a repo id in the local Hugging Face cache, ``quantkit.hf.hub_cache``),
     or a GGUF file to requantise (``quantkit.pipeline.gguf_source``; a split set by its first part).
+    ``no_mtp``: leave the checkpoint's multi-token-prediction blocks out (llama.cpp's main graph never runs them,
+    and an importance matrix has no data for them), as llama.cpp's converter's ``--no-mtp`` does.
     """
     src = resolve_source(src)
     if src.is_file():  # a directory is a checkpoint: the GGUF code is not even imported
@@ -137,6 +139,11 @@ def prepare(
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     try:
         conv = for_model_type(ckpt.model_type, where=str(src / "config.json"))
+        if no_mtp:
+            mtp = set(conv.mtp_sources(ckpt.config, list(ckpt.tensors)))
+            if mtp:
+                log.info("%s: --no-mtp: %d multi-token-prediction tensors left out", src, len(mtp))
+                ckpt.tensors = {n: r for n, r in ckpt.tensors.items() if n not in mtp}
         hp, tensors = conv.map(ckpt)
         vocab, tcfg = load_vocab(src, hp.n_vocab)
         other_md = {**conv.metadata(hp), **vocab_metadata(vocab, tcfg, ckpt.config)}
@@ -228,6 +235,12 @@ def _check_imatrix_coverage(plan: Plan, imatrix: Imatrix | None, where: str) -> 
         if tensor_requires_imatrix(tp.name, tp.qtype, plan.outtype) or ggml.requires_imatrix(tp.qtype):
             if imatrix is None:
                 raise QuantkitError(f"{where}: tensor {tp.name!r} gets {tp.qtype.name}, which needs an importance matrix; fix: pass --imatrix FILE or choose another type for it")
+            block = gguf_spec.block_of(tp.name)
+            if block is not None and any(t.name.startswith(f"blk.{block}.nextn.") for t in plan.tensors):
+                raise QuantkitError(
+                    f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights: block {block} is a "
+                    "multi-token-prediction block, which llama.cpp's main graph never runs; fix: convert with --no-mtp, or choose another type for it"
+                )
             raise QuantkitError(
                 f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights; "
                 f"fix: collect the imatrix on this model (quantkit imatrix) or choose another type for that tensor"
@@ -476,6 +489,7 @@ def convert(
     on_tensor: Callable[[str], None] | None = None,
     split: SplitSpec | None = None,
     command: str | None = None,
+    no_mtp: bool = False,
 ) -> ConvertResult:
     """Convert an HF model directory (or requantise a GGUF file) to a GGUF file at ``out`` (atomically).
 
@@ -487,7 +501,7 @@ def convert(
     out = Path(out)
     src = resolve_source(src)
     check_target(out if split is None else split_path(split_prefix(out), 0, 1), force or split is not None, inputs=(src,))  # parts: checked once counted
-    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize)
+    ckpt, prep = prepare(src, outtype, allow_pickle, overrides, target, imatrix, allow_requantize, no_mtp)
     if command is not None:
         prep.metadata[COMMAND_KEY] = MetaValue(command, V.STRING)
     with ckpt:
