@@ -483,6 +483,21 @@ def check(h: DeepseekHparams, tensors: list[OutTensor]) -> None:
     _check_common(h, tensors)
 
 
+
+def routing_metadata(h: Any, arch: str, gating: str) -> dict[str, MetaValue]:
+    """The routing keys of a DeepSeek-style router, every one always, from what the architecture computes (not from
+    what config.json happens to hold: a missing gating function is softmax to llama.cpp, and dots1 aborts without it):
+    the gating function, top-k renormalisation and scale, expert groups.  ``h`` has weights_norm / weights_scale /
+    n_group / n_group_used."""
+    K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
+    return {
+        K.LLM.EXPERT_GATING_FUNC.format(arch=arch): MetaValue(GATING_FUNC[gating], V.UINT32),
+        K.LLM.EXPERT_WEIGHTS_NORM.format(arch=arch): MetaValue(bool(h.weights_norm), V.BOOL),
+        K.LLM.EXPERT_WEIGHTS_SCALE.format(arch=arch): MetaValue(float(h.weights_scale), V.FLOAT32),
+        K.LLM.EXPERT_GROUP_COUNT.format(arch=arch): MetaValue(int(h.n_group), V.UINT32),
+        K.LLM.EXPERT_GROUP_USED_COUNT.format(arch=arch): MetaValue(int(h.n_group_used), V.UINT32),
+    }
+
 def metadata(h: DeepseekHparams, arch: str = ARCH) -> dict[str, MetaValue]:
     """The deepseek2 keys; ``arch``: the GGUF arch whose loader reads the same keys (deepseek32, glm-dsa)."""
     K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
@@ -512,11 +527,7 @@ def metadata(h: DeepseekHparams, arch: str = ARCH) -> dict[str, MetaValue]:
         K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a): u32(h.n_ff_exp),
         K.LLM.EXPERT_SHARED_COUNT.format(arch=a): u32(h.n_expert_shared),
         # routing: every key, always (a missing gating function is softmax to llama.cpp)
-        K.LLM.EXPERT_GATING_FUNC.format(arch=a): u32(GATING_FUNC[h.gating]),
-        K.LLM.EXPERT_WEIGHTS_NORM.format(arch=a): MetaValue(bool(h.weights_norm), V.BOOL),
-        K.LLM.EXPERT_WEIGHTS_SCALE.format(arch=a): f32(h.weights_scale),
-        K.LLM.EXPERT_GROUP_COUNT.format(arch=a): u32(h.n_group),
-        K.LLM.EXPERT_GROUP_USED_COUNT.format(arch=a): u32(h.n_group_used),
+        **routing_metadata(h, a, h.gating),
     }
     if h.rope_type == "yarn":
         md[K.Rope.SCALING_TYPE.format(arch=a)] = MetaValue("yarn", V.STRING)

@@ -36,7 +36,7 @@ from typing import Any
 
 from quantkit.converters import Converter, Routing, register
 from quantkit.converters._deepseek import (
-    _HF_NAME, DENSE_RULES, GATING_FUNC, SCORE_BIAS_RULE, SHARED_RULES, Family, _block_kinds, _bool, _float, _int, _raw, _refuse, _routing_groups,
+    _HF_NAME, DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, routing_metadata, _block_kinds, _bool, _float, _int, _raw, _refuse, _routing_groups,
 )
 from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, ROPE_KEYS, T, Hparams, _p, head_rules, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
@@ -189,18 +189,13 @@ def check(h: Dots1Hparams, tensors: list[OutTensor]) -> None:
 def metadata(h: Dots1Hparams) -> dict[str, MetaValue]:
     K, V = gguf_spec.Keys, gguf_spec.GGUFValueType
     u32 = lambda v: MetaValue(int(v), V.UINT32)  # noqa: E731
-    f32 = lambda v: MetaValue(float(v), V.FLOAT32)  # noqa: E731
     md = _common_metadata(h, ARCH)
     md.update({
         K.LLM.LEADING_DENSE_BLOCK_COUNT.format(arch=ARCH): u32(h.n_dense_lead),
         K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=ARCH): u32(h.n_ff_exp),
         K.LLM.EXPERT_SHARED_COUNT.format(arch=ARCH): u32(h.n_expert_shared),
         # routing: every key, always (llama.cpp aborts on a dots1 file without expert_gating_func)
-        K.LLM.EXPERT_GATING_FUNC.format(arch=ARCH): u32(GATING_FUNC["sigmoid"]),
-        K.LLM.EXPERT_WEIGHTS_NORM.format(arch=ARCH): MetaValue(bool(h.weights_norm), V.BOOL),
-        K.LLM.EXPERT_WEIGHTS_SCALE.format(arch=ARCH): f32(h.weights_scale),
-        K.LLM.EXPERT_GROUP_COUNT.format(arch=ARCH): u32(h.n_group),
-        K.LLM.EXPERT_GROUP_USED_COUNT.format(arch=ARCH): u32(h.n_group_used),
+        **routing_metadata(h, ARCH, "sigmoid"),
     })
     return md
 

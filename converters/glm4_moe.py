@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantkit.converters import Converter, Routing, register
 from quantkit.converters._deepseek import (
-    DENSE_RULES, GATING_FUNC, SCORE_BIAS_RULE, SHARED_RULES, Family, _bool, _check_routing_keys, _float, _int, _refuse, _routing_groups,
+    DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, routing_metadata, _bool, _check_routing_keys, _float, _int, _refuse, _routing_groups,
 )
 from quantkit.converters.dots1 import check_block_kinds, with_class_defaults
 from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _get, _p, head_rules, moe_rules
@@ -323,7 +323,6 @@ def check(h: Glm4MoeHparams, tensors: list[OutTensor]) -> None:
 
 def metadata(h: Glm4MoeHparams) -> dict[str, MetaValue]:
     u32 = lambda v: MetaValue(int(v), V.UINT32)  # noqa: E731
-    f32 = lambda v: MetaValue(float(v), V.FLOAT32)  # noqa: E731
     md = _common_metadata(h, ARCH)
     md.update({
         K.Rope.DIMENSION_COUNT.format(arch=ARCH): u32(h.n_rot),
@@ -331,11 +330,7 @@ def metadata(h: Glm4MoeHparams) -> dict[str, MetaValue]:
         K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=ARCH): u32(h.n_ff_exp),
         K.LLM.EXPERT_SHARED_COUNT.format(arch=ARCH): u32(h.n_expert_shared),
         # routing: every key, always, from what transformers computes
-        K.LLM.EXPERT_GATING_FUNC.format(arch=ARCH): u32(GATING_FUNC["sigmoid"]),
-        K.LLM.EXPERT_WEIGHTS_NORM.format(arch=ARCH): MetaValue(bool(h.weights_norm), V.BOOL),
-        K.LLM.EXPERT_WEIGHTS_SCALE.format(arch=ARCH): f32(h.weights_scale),
-        K.LLM.EXPERT_GROUP_COUNT.format(arch=ARCH): u32(h.n_group),
-        K.LLM.EXPERT_GROUP_USED_COUNT.format(arch=ARCH): u32(h.n_group_used),
+        **routing_metadata(h, ARCH, "sigmoid"),
     })
     if h.n_mtp:
         md[K.LLM.NEXTN_PREDICT_LAYERS.format(arch=ARCH)] = u32(h.n_mtp)

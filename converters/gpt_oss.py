@@ -64,7 +64,7 @@ from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
 from quantkit.hf.checkpoint import Checkpoint, shown
-from quantkit.hf.mapping import OutTensor, Role, RowSelect, Rule, Transform
+from quantkit.hf.mapping import OutTensor, Role, RowSelect, Rule, Transform, Transposed
 
 MODEL_TYPE = "gpt_oss"
 ARCH = "gpt-oss"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS]
@@ -80,20 +80,6 @@ _NOT_READ = ("hidden_act", "sliding_window")
 
 
 # -- transforms: transformers 5's [in, out] expert matrices -> llama.cpp's [out, in] rows ---------------
-
-
-@dataclass(frozen=True)
-class Transposed(Transform):
-    """One expert's ``[in, out]`` matrix (transformers' ``x @ W``) -> ``[out, in]`` rows: ``down_proj`` [ffn, hidden] -> [hidden, ffn]."""
-
-    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
-        return (*shape[:-2], shape[-1], shape[-2])
-
-    def out_rows(self, rows: int) -> int:
-        raise NotImplementedError("a transpose's rows are the source's columns: use out_shape")
-
-    def select(self, a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(a).T)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
 from quantkit.hf.checkpoint import shown
-from quantkit.hf.mapping import OutTensor, Role, Rule, Transform
+from quantkit.hf.mapping import OutTensor, Role, Rule, Transform, Transposed
 
 log = logging.getLogger(__name__)
 
@@ -227,20 +227,6 @@ class HalfColumnsT(Transform):
         a = np.asarray(a)
         half = a.shape[-1] // 2
         return np.ascontiguousarray((a[:, :half] if self.first else a[:, half:]).T)
-
-
-@dataclass(frozen=True)
-class Transposed(Transform):
-    """One expert's ``down_proj`` [ffn, hidden] (transformers' ``x @ W``) -> llama.cpp's [hidden, ffn] rows."""
-
-    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
-        return (*shape[:-2], shape[-1], shape[-2])
-
-    def out_rows(self, rows: int) -> int:
-        raise NotImplementedError("a transpose's rows are the source's columns: use out_shape")
-
-    def select(self, a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(a).T)
 
 
 GATE_T = HalfColumnsT("gate_first_columns_t", first=True)

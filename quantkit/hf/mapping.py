@@ -117,6 +117,20 @@ class RowSelect(Transform):
     blocks), so such a source can be carried into the GGUF as it is stored (MXFP4 experts).  Subclasses give :meth:`select`."""
 
 
+@dataclass(frozen=True)
+class Transposed(Transform):
+    """One expert's ``[in, out]`` matrix (transformers' ``x @ W``) -> ``[out, in]`` rows: ``down_proj`` [ffn, hidden] -> [hidden, ffn]."""
+
+    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
+        return (*shape[:-2], shape[-1], shape[-2])
+
+    def out_rows(self, rows: int) -> int:
+        raise NotImplementedError("a transpose's rows are the source's columns: use out_shape")
+
+    def select(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(a).T)
+
+
 def stored_to_f32(a: np.ndarray) -> np.ndarray:
     """Values as ``TensorRef.array`` hands them out (F32, F16, or BF16 viewed as uint16) in float32."""
     if a.dtype == np.uint16:
