@@ -7,7 +7,8 @@ is reported with the ratios (target: quantkit <= 1.05x llama-imatrix with its
 default batching, ``-b 2048``).  Rows:
 
   llama-imatrix          its defaults (``-b 2048``: several chunks per batch, interleaved in 512-token micro-batches)
-  llama-imatrix -b ctx   one chunk per batch: the order of additions quantkit reproduces bit for bit
+  llama-imatrix -b ctx   one chunk per batch: the order of additions quantkit reproduces bit for bit (timed
+                         ``--bctx-repeats`` times, default once: it is the matrix reference, not the speed target)
   quantkit imatrix       the ``quantkit`` console script as users run it (process start, imports, model load included)
   quantkit --all-experts every token through every expert for the statistics (no llama.cpp counterpart)
   quantkit @ DIR         ``--baseline DIR``: quantkit from another source tree (e.g. ``git archive`` of an older commit)
@@ -23,18 +24,24 @@ Q8_0, and ``moe16``: a synthetic Mixtral with 16 experts (top-2), 4 layers,
 hidden 512, random bf16 weights and the fixture's tokenizer, converted to F16
 (built once under bench/work/calib/).
 
+Each run's 1-minute load average at its start is in the table, and CPU time (user + system of the
+child) beside wall time: on a shared machine the ratios of runs side by side are the result.
+
 A breakdown of quantkit's time per chunk follows (``--no-profile`` skips it), in one process per
 model: model load, tokenisation, the decode with no eval callback, with a
 callback that declines every node (the cost of llama.cpp calling into Python
 for each graph node), with quantkit's asks but no statistics (the graph splits
-at the matrix multiplications, as llama-imatrix's), and the whole collection.
+at the matrix multiplications, as llama-imatrix's), and the whole collection
+(every graph, and as ``quantkit imatrix`` runs it: stopped after the last matrix),
+the last with clocks inside the eval callback (all of the Python per node) and
+around the statistics (the numpy sums).
 
 llama-imatrix is the one ``evals/reference/make_refs.sh WORK`` builds (``make
 bench`` does) from the llama.cpp that llama-cpp-python vendors; without it the
 comparison rows are skipped with a message and quantkit is timed alone.
 
 Usage: python bench/bench_calibration.py [--work /tmp/qk-llama-ref] [--ctx 256] [--chunks 400] [--threads 2]
-       [--repeats 3] [--models fixture-f16,fixture-q8_0,moe16] [--baseline DIR] [--env NAME=VALUE] [--no-profile]
+       [--repeats 3] [--bctx-repeats 1] [--models fixture-f16,fixture-q8_0,moe16] [--baseline DIR] [--env NAME=VALUE] [--no-profile]
        [--no-record] [--note TEXT]
 """
 
@@ -176,10 +183,29 @@ def profile_worker(model: str, text_path: str, ctx: int, chunks: int, threads: i
         def _mul_mat_id(self, name: str, node: Any, src0: Any) -> None:
             pass
 
+    class Timed(ic._Collector):  # quantkit's collector with clocks around the callback and around the statistics (~0.1 us per node)
+        def __call__(self, t: int, ask: bool) -> bool:
+            t0 = time.perf_counter()
+            try:
+                return super().__call__(t, ask)
+            finally:
+                self.callback_s = getattr(self, "callback_s", 0.0) + time.perf_counter() - t0
+                self.calls = getattr(self, "calls", 0) + 1
+
+        def _mul_mat(self, name: str, node: Any, src0: Any) -> None:
+            t0 = time.perf_counter()
+            super()._mul_mat(name, node, src0)
+            self.stats_s = getattr(self, "stats_s", 0.0) + time.perf_counter() - t0
+
+        def _mul_mat_id(self, name: str, node: Any, src0: Any) -> None:
+            t0 = time.perf_counter()
+            super()._mul_mat_id(name, node, src0)
+            self.stats_s = getattr(self, "stats_s", 0.0) + time.perf_counter() - t0
+
     seg = min(ctx, ic.MICRO_BATCH)
     callbacks = {"decode, no eval callback": None, "decode, callback declines every node": lambda t, ask: False,
                  "decode, quantkit's asks, no statistics": NoStats(), "collection, whole graph every decode": ic._Collector(segment=seg),
-                 "collection as quantkit imatrix runs it (graph stopped after its last matrix)": ic._Collector(segment=seg, learn=True)}
+                 "collection as quantkit imatrix runs it (graph stopped after its last matrix)": Timed(segment=seg, learn=True)}
     out: dict[str, float] = {"imports": t_import}
     tokens: list[int] = []
     for label, cb in callbacks.items():
@@ -197,6 +223,7 @@ def profile_worker(model: str, text_path: str, ctx: int, chunks: int, threads: i
         if isinstance(cb, ic._Collector):
             cb.sums.clear(), cb.counts.clear(), cb.state.clear()
             cb.reused = 0
+            cb.__dict__.update(callback_s=0.0, stats_s=0.0, calls=0)
         t1 = time.perf_counter()
         for first in range(0, n, per):
             group = [tokens[i * ctx : (i + 1) * ctx] for i in range(first, min(n, first + per))]
@@ -204,6 +231,10 @@ def profile_worker(model: str, text_path: str, ctx: int, chunks: int, threads: i
                 cb.new_batch()
             s.eval_chunks(group, copy=False)
         out[label] = time.perf_counter() - t1
+        if isinstance(cb, Timed):
+            out["  of which in quantkit's eval callback (Python: asks, statistics)"] = cb.callback_s
+            out["  of which adding the statistics (numpy)"] = cb.stats_s
+            out["eval callback calls (count)"] = cb.calls
         if isinstance(cb, ic._Collector) and cb.stop_after:
             out["updates reused from a sibling (count)"] = cb.reused
         s.close()
@@ -242,24 +273,31 @@ def bench_model(name: str, args: argparse.Namespace, exe: Path | None) -> dict[s
         if exe is not None:
             variants[f"llama-imatrix [{setting}]"] = (variants["llama-imatrix"][0][:-1] + ["li-env.gguf"], env, WORK / "li-env.gguf")
         variants[f"quantkit imatrix [{setting}]"] = (qk + ["-o", "qk-env.gguf"], env, WORK / "qk-env.gguf")
+    if args.bctx_repeats < 1:  # no bit-for-bit reference run (and no check against it)
+        variants.pop("llama-imatrix -b ctx", None)
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     loads: list[float] = []
+    load_of: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for i in range(args.repeats):
         for v in names if i % 2 == 0 else names[::-1]:
+            if v == "llama-imatrix -b ctx" and i >= args.bctx_repeats:
+                continue
             cmd, env, _ = variants[v]
             loads.append(os.getloadavg()[0])
+            load_of[v].append(loads[-1])
             wall, secs, _ = timed(cmd, env)
             times[v].append(wall)
             cpu[v].append(secs)
             print(f"  {name} {v}: {wall:.2f} s (CPU {secs:.2f} s, load {loads[-1]:.2f})", file=sys.stderr)
     checks: dict[str, Any] = {}
     if exe is not None:
-        checks["vs llama-imatrix -b ctx"] = compare(variants["quantkit imatrix"][2], variants["llama-imatrix -b ctx"][2])
+        if "llama-imatrix -b ctx" in variants:
+            checks["vs llama-imatrix -b ctx"] = compare(variants["quantkit imatrix"][2], variants["llama-imatrix -b ctx"][2])
         checks["vs llama-imatrix"] = compare(variants["quantkit imatrix"][2], variants["llama-imatrix"][2])
     result = {"model": name, "bytes": model.stat().st_size, "chunks": chunks, "tokens": chunks * args.ctx, "times": times, "cpu": cpu,
-              "load": (min(loads), max(loads)), "checks": checks}
+              "load": (min(loads), max(loads)), "load_of": load_of, "checks": checks}
     if args.profile:
         result["profile"] = profile(model, text, args.ctx, min(chunks, args.profile_chunks), args.threads)
     return result
@@ -269,14 +307,15 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], exe: Path | None
     lines = [f"## imatrix vs llama-imatrix, {info['utc']} UTC", "",
              f"- machine: {info['nproc']} cores, {info['cpu']}, {info['ram']} RAM, kernel {info['kernel']}",
              f"- versions: {info['versions']}",
-             f"- ctx {info['ctx']}, threads {info['threads']}; median of {info['repeats']} runs per variant (alternating order, wall time of the "
+             f"- ctx {info['ctx']}, threads {info['threads']}; median of {info['repeats']} runs per variant ({info['bctx_repeats']} of llama-imatrix -b ctx; alternating order, wall time of the "
              "whole process: start, imports, model load, tokenisation, collection, writing the file)",
              f"- llama-imatrix: {exe if exe else 'not built (evals/reference/make_refs.sh WORK builds it): comparison skipped'}",
              info["load"], "",
-             f"| model | variant | median wall s | runs s | CPU s | ratio vs llama-imatrix (target <= {TARGET}) | ratio vs -b ctx |",
-             "|---|---|---:|---|---:|---:|---:|"]
+             f"| model | variant | median wall s | runs s | median CPU s | load (1 min) at each start | wall ratio vs llama-imatrix (target <= {TARGET}) | CPU ratio | wall ratio vs -b ctx |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
     for r in results:
         med = {k: statistics.median(v) for k, v in r["times"].items()}
+        cpu = {k: statistics.median(v) for k, v in r["cpu"].items()}
         ref, refb = med.get("llama-imatrix"), med.get("llama-imatrix -b ctx")
         label = f"{r['model']} ({r['bytes'] / 2**20:.0f} MiB), {r['chunks']} chunks"
         for v, secs in med.items():
@@ -285,7 +324,9 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], exe: Path | None
             ref_v = med.get(twin, ref)  # a row under another environment is compared with llama-imatrix under the same one
             ratio = "" if ref_v is None or v.startswith("llama") else f"{secs / ref_v:.3f}" + (" PASS" if secs / ref_v <= TARGET else " FAIL") * (v == "quantkit imatrix")
             ratio_b = "" if refb is None or v.startswith("llama") else f"{secs / refb:.3f}"
-            lines.append(f"| {label} | {v} | {secs:.2f} | {runs} | {statistics.median(r['cpu'][v]):.1f} | {ratio} | {ratio_b} |")
+            ratio_c = "" if twin not in cpu or v.startswith("llama") else f"{cpu[v] / cpu[twin]:.3f}"
+            loads = ", ".join(f"{x:.1f}" for x in r.get("load_of", {}).get(v, []))
+            lines.append(f"| {label} | {v} | {secs:.2f} | {runs} | {cpu[v]:.1f} | {loads} | {ratio} | {ratio_c} | {ratio_b} |")
             label = ""
     if any(r["checks"] for r in results):
         lines += ["", "| model | matrix of quantkit imatrix vs | names | counts | sums |", "|---|---|---|---|---|"]
@@ -302,12 +343,15 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], exe: Path | None
             p = dict(r["profile"])
             n = p.pop("chunks")
             reused = p.pop("updates reused from a sibling (count)", None)
+            calls = p.pop("eval callback calls (count)", None)
             base = p["decode, no eval callback"]
             label = f"{r['model']}, {n} chunks"
             for k, secs in p.items():
-                decode = k.startswith(("decode", "collection"))
+                decode = k.startswith(("decode", "collection", "  of which"))
                 lines.append(f"| {label} | {k} | {secs:.2f} s | {1000 * secs / n:.2f} | {secs / base:.3f} |" if decode else f"| {label} | {k} | {secs:.2f} s | | |")
                 label = ""
+            if calls is not None:
+                lines.append(f"| | eval callback calls (every node of every graph, asked and computed) | {calls:.0f} ({calls / n:.0f} per chunk) | | |")
             if reused is not None:
                 lines.append(f"| | matrix updates reused from a sibling (attn_k/v, ffn_up_exps) | {reused:.0f} | | |")
     return "\n".join(lines) + "\n"
@@ -324,6 +368,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bctx-repeats", type=int, default=1, help="runs of llama-imatrix -b ctx (the bit-for-bit reference, no target): at most --repeats; 0 leaves it out")
     ap.add_argument("--models", default="fixture-f16,fixture-q8_0,moe16", help="comma-separated: fixture-f16, fixture-q8_0, fixture-bf16, moe16")
     ap.add_argument("--no-all-experts", dest="all_experts", action="store_false", help="skip the --all-experts row")
     ap.add_argument("--baseline", type=Path, help="also time quantkit from this source tree (PYTHONPATH), e.g. an older commit's")
@@ -342,7 +387,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = [bench_model(m.strip(), args, exe) for m in args.models.split(",") if m.strip()]
     info = {**machine_info(), "utc": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}", "ctx": args.ctx, "threads": args.threads,
-            "repeats": args.repeats, "load": load_line(load_before, os.getloadavg()[0], args.note)}
+            "repeats": args.repeats, "bctx_repeats": min(args.bctx_repeats, args.repeats), "load": load_line(load_before, os.getloadavg()[0], args.note)}
     report = render(info, results, exe)
     print(report)
     (WORK / "last.json").write_text(json.dumps(results, indent=1, default=str))
