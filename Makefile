@@ -55,6 +55,8 @@ bench: setup
 	$(PY) bench/bench_calibration.py --work $(BENCH_WORK)
 	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_budget.py
+	$(PY) bench/bench_fp8.py --work $(BENCH_WORK)
+	$(PY) bench/bench_mxfp4.py
 
 # Where llama.cpp's own tools (llama-perplexity) are built for comparisons.
 BENCH_WORK ?= /tmp/qk-llama-ref
