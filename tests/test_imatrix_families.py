@@ -117,3 +117,40 @@ def test_bit_identical_to_a_local_llama_imatrix(family, text, tmp_path):
         np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
         np.testing.assert_array_equal(ours.entries[name].in_sum2, e.in_sum2, err_msg=name)
     assert write_imatrix(ours, tmp_path / "ours.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+#: the families of the DeepSeek / GLM / gpt-oss / Llama 4 issues: MLA (attn_q_a / q_b / kv_a_mqa / k_b / v_b), dense-first blocks,
+#: shared experts, sigmoid routing with a selection bias and groups, gpt-oss's biased router and interleaved experts, Llama 4's
+#: input-weighted experts beside a shared one, GLM's nextn-free trunk; against llama-imatrix only (each graph multiplies its own set)
+MORE_FAMILIES = {
+    "deepseek_v3": dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3),
+    "glm4_moe": dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3),
+    "dots1": dict(num_hidden_layers=3),
+    "minimax_m2": {},
+    "ernie4_5_moe": {},
+    "gpt_oss": {},
+    "llama4_text": {},
+    "qwen3_next": dict(num_hidden_layers=4),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MORE_FAMILIES))
+def test_more_families_bit_identical_to_a_local_llama_imatrix(model_type, text, tmp_path):
+    """Every entry, count and sum of quantkit's matrix equal llama-imatrix's on the same F32 GGUF and text (one chunk per
+    batch), and every routed-expert entry's counts sum to tokens x experts used."""
+    exe = local_llama_imatrix()
+    if exe is None:
+        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+    src = random_model(tmp_path / "hf", model_type, **MORE_FAMILIES[model_type])
+    f32 = convert(src, tmp_path / "f32.gguf", "f32")
+    ours = collect_imatrix(f32, text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, dataset="calib.txt")
+    (tmp_path / "calib.txt").write_text(text, encoding="utf-8")
+    r = subprocess.run([str(exe), "-m", str(f32), "-f", "calib.txt", "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), "-t", "2", "-o", "local.gguf"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = read_imatrix(tmp_path / "local.gguf")
+    assert sorted(ours.entries) == sorted(theirs.entries)
+    assert any("_exps" in n for n in ours.entries)
+    for name, e in theirs.entries.items():
+        np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_array_equal(ours.entries[name].in_sum2, e.in_sum2, err_msg=name)

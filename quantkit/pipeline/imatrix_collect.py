@@ -191,6 +191,7 @@ class _Collector:
     segment: int = 0  # tokens of one ``llama-imatrix -b n_ctx`` micro-batch: expert sums are added in its order; 0: the whole micro-batch
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_mat, n_cols) float32
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_mat,) int64
+    dense: set[str] = field(default_factory=set)  # names multiplied by MUL_MAT (not MUL_MAT_ID)
     pending: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer -> inputs of ffn_gate_exps (all_experts)
     pending_bytes: int = 0
     checked: bool = False
@@ -314,6 +315,7 @@ class _Collector:
         return True
 
     def _mul_mat(self, name: str, node: Any, src0: Any) -> None:
+        self.dense.add(name)
         x = self._view(node.src[1])  # (ne3, ne2, ne1 tokens, ne0 cols), in place
         n2, n3 = max(1, src0.ne[2]), max(1, src0.ne[3])
         sums, counts = self._entry(name, n2 * n3, x.shape[-1])
@@ -406,8 +408,17 @@ class _Collector:
         self.pending.clear()
         self.pending_bytes = 0
 
+    def _entry_of(self, name: str) -> Entry:
+        """One tensor's statistics as llama-imatrix keeps them: a dense weight of several matrices (MLA's 3-D attn_k_b /
+        attn_v_b, one per head, multiplied by MUL_MAT) has one count for all of them and its sums in one row; experts
+        (MUL_MAT_ID) a count and a row each."""
+        sums, counts = self.sums[name], self.counts[name]
+        if name in self.dense and counts.size > 1 and (counts == counts[0]).all():
+            return Entry(sums.reshape(1, -1).copy(), counts[:1].astype(np.float32))
+        return Entry(sums.copy(), counts.astype(np.float32))
+
     def result(self, chunk_size: int, datasets: tuple[str, ...], source: str) -> Imatrix:
-        entries = {n: Entry(self.sums[n].copy(), self.counts[n].astype(np.float32)) for n in sorted(self.sums)}
+        entries = {n: self._entry_of(n) for n in sorted(self.sums)}
         top = max((int(c.max()) for c in self.counts.values() if c.size), default=0)
         return Imatrix(entries, datasets, top // max(1, chunk_size), chunk_size, source)
 
