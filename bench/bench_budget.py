@@ -159,6 +159,9 @@ def speed(repeats: int, rev_dir: Path | None) -> dict[str, Any]:
             "budget 4.8 bpw": [qk, "convert", str(src), "-o", str(out), "--target-bpw", "4.8", "--force", "--json"],
             "its plan as rules 4.8 bpw": same_plan("--target-bpw", "4.8"),
             "plan 4.8 bpw (measurement only)": [qk, "plan", str(src), "--target-bpw", "4.8", "--json"],
+            # the least damage whatever the time (the budget before --time-cap): what the cap saves
+            "budget @ Q4_K_M size, --time-cap 0": [qk, "convert", str(src), "-o", str(out), "--target-size", str(q4), "--time-cap", "0", "--force", "--json"],
+            "budget 4.8 bpw, --time-cap 0": [qk, "convert", str(src), "-o", str(out), "--target-bpw", "4.8", "--time-cap", "0", "--force", "--json"],
         }
         if rev_dir is not None:
             code = BASELINE_PRELUDE.format(dir=str(rev_dir)) + textwrap.dedent(f"""
@@ -212,6 +215,8 @@ def quality(threads: int, n_chunks: int, rev_dir: Path | None) -> dict[str, Any]
     ckpt.close()
     convert(fixture, qdir / "priors.gguf", target=Target(size=size, errors=errors), force=True)
     rows["budget, priors"] = {"path": qdir / "priors.gguf", "cost": None, "seconds": 0.0}
+    convert(fixture, qdir / "priors-nocap.gguf", target=Target(size=size, errors=errors, time_cap=0), force=True)
+    rows["budget, priors, --time-cap 0"] = {"path": qdir / "priors-nocap.gguf", "cost": None, "seconds": 0.0}
     modes = [("full", 4, 8), ("grouped", 2, 8), ("grouped", 1, 8), ("full", 4, 2)]
     for mode, ranges, chunks in modes:
         label = f"measured, {mode}" + (f" ({ranges} ranges)" if mode == "grouped" else "") + f", {chunks} chunks"
@@ -351,6 +356,9 @@ def render(info: dict[str, Any], res: dict[str, Any]) -> str:
             for size in ("@ Q4_K_M size", "4.8 bpw"):
                 check(f"{key}: budget {size} / its own plan given as rules (the budget's overhead)", rows, f"budget {size}", f"its plan as rules {size}", t)
             check(f"{key}: the measurement alone (plan 4.8 bpw) / Q4_K_M", rows, "plan 4.8 bpw (measurement only)", "Q4_K_M", None)
+            for size in ("@ Q4_K_M size", "4.8 bpw"):
+                if f"budget {size}, --time-cap 0" in rows:
+                    check(f"{key}: budget {size}, --time-cap 0 (no cap) / Q4_K_M", rows, f"budget {size}, --time-cap 0", "Q4_K_M", None)
             old = next((n for n in rows if n.startswith("budget 4.8 bpw (")), None)
             if old:
                 check(f"{key}: budget 4.8 bpw / {old} (after / before)", rows, "budget 4.8 bpw", old, None)
