@@ -147,6 +147,31 @@ def _members(enum_cls: type) -> dict[str, int]:
     return {m.name: int(m.value) for m in enum_cls}
 
 
+def _check_against_vendored_gguf_py(values: dict[str, str]) -> None:
+    """``Keys.<Group>.<NAME>`` / ``TensorName.<NAME>`` values equal the vendored llama.cpp's gguf-py (newer than the pin)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import vendored_llama_cpp
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import gguf; out = {}\n"
+            "for q in json.loads(sys.argv[2]):\n"
+            "    kind, *path = q.split('.')\n"
+            "    if kind == 'Keys':\n"
+            "        g = getattr(gguf.Keys, path[0], None); v = getattr(g, path[1], None) if g else None\n"
+            "        if v is None and g is not None and '_' in path[1]:  # a nested group there: INDEXER_TOP_K = Indexer.TOP_K\n"
+            "            sub, name = path[1].split('_', 1); v = getattr(getattr(g, sub.capitalize(), None), name, None)\n"
+            "        out[q] = v\n"
+            "    else:\n"
+            "        t = getattr(gguf.MODEL_TENSOR, path[0], None); out[q] = gguf.TENSOR_NAMES.get(t) if t is not None else None\n"
+            "print(json.dumps(out))")
+    r = subprocess.run([sys.executable, "-c", code, vendored_llama_cpp("gguf-py") + "/gguf-py", json.dumps(list(values))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == values
+
+
 def test_spec_matches_gguf_py() -> None:
     """quantkit.format.gguf_spec restates gguf-py's constants (to keep gguf-py's import off the hot paths): every value must equal gguf-py's."""
     from quantkit.format import gguf_spec as spec
@@ -157,17 +182,26 @@ def test_spec_matches_gguf_py() -> None:
     assert {int(k): v for k, v in spec.GGML_QUANT_SIZES.items()} == {int(k): tuple(v) for k, v in gguf.GGML_QUANT_SIZES.items()}
     assert (spec.GGUF_MAGIC, spec.GGUF_VERSION, spec.GGUF_DEFAULT_ALIGNMENT, spec.GGML_QUANT_VERSION) == (
         gguf.GGUF_MAGIC, gguf.GGUF_VERSION, gguf.GGUF_DEFAULT_ALIGNMENT, gguf.GGML_QUANT_VERSION)
+    newer: dict[str, str] = {}  # what the pinned gguf-py predates: checked against the vendored llama.cpp's gguf-py
     for group in ("General", "LLM", "Attention", "Rope", "Tokenizer"):
         ours_g, theirs_g = getattr(spec.Keys, group), getattr(gguf.Keys, group)
         keys = [k for k in vars(ours_g) if k.isupper()]
         assert keys, group
         for k in keys:
-            assert getattr(ours_g, k) == getattr(theirs_g, k), f"Keys.{group}.{k}"
+            if hasattr(theirs_g, k):
+                assert getattr(ours_g, k) == getattr(theirs_g, k), f"Keys.{group}.{k}"
+            else:
+                newer[f"Keys.{group}.{k}"] = getattr(ours_g, k)
     assert spec.ARCH_LLAMA == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
     names = [k for k in vars(spec.TensorName) if k.isupper()]
     assert len(names) >= 17
     for k in names:
-        assert getattr(spec.TensorName, k) == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[k]], k
+        if hasattr(gguf.MODEL_TENSOR, k):
+            assert getattr(spec.TensorName, k) == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[k]], k
+        else:
+            newer[f"TensorName.{k}"] = getattr(spec.TensorName, k)
+    if newer:
+        _check_against_vendored_gguf_py(newer)
     # spec's enums interoperate with gguf-py's tables (IntEnum: same hash and equality as the number)
     assert gguf.GGML_QUANT_SIZES[spec.GGMLQuantizationType.Q4_K] == (256, 144)
     assert spec.GGMLQuantizationType.Q6_K == gguf.GGMLQuantizationType.Q6_K
