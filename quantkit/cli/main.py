@@ -44,7 +44,7 @@ CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens p
 CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
 CALIB_MODE = typer.Option("auto", "--calib-mode", help="--calib-text: full (one probe per tensor), grouped (one per role per layer range: fewer passes, most of the gain) or auto (full up to 64 tensors, else grouped).")
 NO_MTP = typer.Option(False, "--no-mtp", help="Leave multi-token-prediction blocks out (GLM, DeepSeek V3.2, Qwen3-Next / 3.5 keep them as nextn blocks, as llama.cpp's converter does; its main graph never runs them, and an importance matrix has no data for them).")
-TIME_CAP = typer.Option(None, "--time-cap", help="Bit budget: the chosen types may take at most this many times the quantising time of Q4_K on the same tensors (default 1.25: a budget costs about what a preset does; 0: no limit, the least damage whatever the time).")
+TIME_CAP = typer.Option(None, "--time-cap", help="Bit budget: the chosen types may take at most this many times the quantising time of Q4_K on the same tensors (default 1.15: a budget costs at most ~1.5x a preset conversion; 0: no limit, the least damage whatever the time).")
 CALIB_RANGES = typer.Option(None, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role (default 4; auto fits as many as 64 probes allow).")
 
 TYPE_HELP = "f32, f16, bf16 (every matrix in that type) or a llama.cpp preset: q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, … Routers and norms always stay F32."

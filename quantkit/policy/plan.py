@@ -215,7 +215,7 @@ class Target:
         if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
             raise QuantkitError(f"--target-bpw {self.bpw}: expected a value between 1 and 16 bits per weight")
         if self.time_cap is not None and not (self.time_cap == 0 or 0.2 <= self.time_cap <= 100):
-            raise QuantkitError(f"--time-cap {self.time_cap:g}: expected 0 (no cap) or a factor between 0.2 and 100; fix: e.g. --time-cap 1.25")
+            raise QuantkitError(f"--time-cap {self.time_cap:g}: expected 0 (no cap) or a factor between 0.2 and 100; fix: e.g. --time-cap 1.15")
 
     @property
     def label(self) -> str:
