@@ -484,6 +484,19 @@ def check(h: DeepseekHparams, tensors: list[OutTensor]) -> None:
 
 
 
+
+@dataclass(frozen=True)
+class GroupedMoeHparams(Hparams):
+    """The MoE hyperparameters of a DeepSeek-style router without MLA (dots1, glm4moe): what :func:`routing_metadata` writes."""
+
+    n_ff_exp: int = 0  # moe_intermediate_size: one routed expert's width
+    n_expert_shared: int = 0  # n_shared_experts: the shared MLP is n_ff_exp * n_expert_shared wide
+    n_dense_lead: int = 0  # first_k_dense_replace
+    weights_norm: bool = False  # norm_topk_prob
+    weights_scale: float = 1.0  # routed_scaling_factor
+    n_group: int = 1  # as written: 1 when the top-k is not limited to groups
+    n_group_used: int = 1
+
 def routing_metadata(h: Any, arch: str, gating: str) -> dict[str, MetaValue]:
     """The routing keys of a DeepSeek-style router, every one always, from what the architecture computes (not from
     what config.json happens to hold: a missing gating function is softmax to llama.cpp, and dots1 aborts without it):

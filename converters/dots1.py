@@ -36,7 +36,7 @@ from typing import Any
 
 from quantkit.converters import Converter, Routing, register
 from quantkit.converters._deepseek import (
-    _HF_NAME, DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, routing_metadata, _block_kinds, _bool, _float, _int, _raw, _refuse, _routing_groups,
+    _HF_NAME, DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, GroupedMoeHparams, routing_metadata, _block_kinds, _bool, _float, _int, _raw, _refuse, _routing_groups,
 )
 from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, ROPE_KEYS, T, Hparams, _p, head_rules, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
@@ -76,14 +76,8 @@ def with_class_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dic
 
 
 @dataclass(frozen=True)
-class Dots1Hparams(Hparams):
-    n_ff_exp: int = 0  # moe_intermediate_size: one routed expert's width
-    n_expert_shared: int = 0  # n_shared_experts: the shared MLP is n_ff_exp * n_expert_shared wide
-    n_dense_lead: int = 0  # first_k_dense_replace
-    weights_norm: bool = False  # norm_topk_prob
-    weights_scale: float = 1.0  # routed_scaling_factor
-    n_group: int = 1  # as written: 1 when the top-k is not limited to groups
-    n_group_used: int = 1
+class Dots1Hparams(GroupedMoeHparams):
+    pass
 
 
 def _sliding_blocks(config: dict[str, Any], n_layer: int) -> list[int]:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantkit.converters import Converter, Routing, register
 from quantkit.converters._deepseek import (
-    DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, routing_metadata, _bool, _check_routing_keys, _float, _int, _refuse, _routing_groups,
+    DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, GroupedMoeHparams, routing_metadata, _bool, _check_routing_keys, _float, _int, _refuse, _routing_groups,
 )
 from quantkit.converters.dots1 import check_block_kinds, with_class_defaults
 from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _get, _p, head_rules, moe_rules
@@ -91,14 +91,7 @@ DEFAULT_THETA = 10000.0
 
 
 @dataclass(frozen=True)
-class Glm4MoeHparams(Hparams):
-    n_ff_exp: int = 0  # moe_intermediate_size: one routed expert's width
-    n_expert_shared: int = 0  # n_shared_experts: the shared MLP is n_ff_exp * n_expert_shared wide
-    n_dense_lead: int = 0  # first_k_dense_replace
-    weights_norm: bool = False  # norm_topk_prob
-    weights_scale: float = 1.0  # routed_scaling_factor
-    n_group: int = 1  # as written: 1 when the top-k is not limited to groups
-    n_group_used: int = 1
+class Glm4MoeHparams(GroupedMoeHparams):
     n_rot: int = 0  # rotary dimensions per head (head_dim * partial_rotary_factor)
     qk_norm: bool = False  # use_qk_norm
     attn_bias: bool = False  # attention_bias (q/k/v)

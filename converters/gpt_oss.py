@@ -64,7 +64,7 @@ from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
 from quantkit.hf.checkpoint import Checkpoint, shown
-from quantkit.hf.mapping import OutTensor, Role, RowSelect, Rule, Transform, Transposed
+from quantkit.hf.mapping import OutTensor, Role, RowSelect, Rule, Transform, Transposed, TransposedHalf
 
 MODEL_TYPE = "gpt_oss"
 ARCH = "gpt-oss"  # gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS]
@@ -83,17 +83,9 @@ _NOT_READ = ("hidden_act", "sliding_window")
 
 
 @dataclass(frozen=True)
-class InterleavedT(Transform):
+class InterleavedT(TransposedHalf):
     """One expert's ``gate_up_proj`` [hidden, 2*ffn] with gate in the even columns and up in the odd ones ->
     the gate (``first``) or up rows [ffn, hidden]: transformers' ``gate_up[..., ::2]`` / ``[..., 1::2]``, transposed."""
-
-    first: bool = True
-
-    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
-        return (*shape[:-2], shape[-1] // 2, shape[-2])
-
-    def out_rows(self, rows: int) -> int:
-        raise NotImplementedError("an interleaved transpose's rows are half the source's columns: use out_shape")
 
     def select(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)

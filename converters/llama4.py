@@ -51,7 +51,7 @@ from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
 from quantkit.hf.checkpoint import shown
-from quantkit.hf.mapping import OutTensor, Role, Rule, Transform, Transposed
+from quantkit.hf.mapping import OutTensor, Role, Rule, Transposed, TransposedHalf
 
 log = logging.getLogger(__name__)
 
@@ -211,17 +211,9 @@ def hparams(config: dict[str, Any]) -> Llama4Hparams:
 
 
 @dataclass(frozen=True)
-class HalfColumnsT(Transform):
+class HalfColumnsT(TransposedHalf):
     """One expert's ``gate_up_proj`` [hidden, 2*ffn] (transformers' ``x @ W``, gate in the first ffn columns) -> the gate
     (``first``) or up rows [ffn, hidden]: llama.cpp's converter's ``transpose(-1, -2).split(ffn, dim=-2)``."""
-
-    first: bool = True
-
-    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
-        return (*shape[:-2], shape[-1] // 2, shape[-2])
-
-    def out_rows(self, rows: int) -> int:
-        raise NotImplementedError("a transposed half's rows are half the source's columns: use out_shape")
 
     def select(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)

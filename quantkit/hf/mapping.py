@@ -131,6 +131,20 @@ class Transposed(Transform):
         return np.ascontiguousarray(np.asarray(a).T)
 
 
+@dataclass(frozen=True)
+class TransposedHalf(Transform):
+    """One expert's fused ``gate_up_proj`` [hidden, 2*ffn] (transformers' ``x @ W``) -> the gate (``first``) or up rows
+    [ffn, hidden]; subclasses say which columns are the gate's (:meth:`select`)."""
+
+    first: bool = True
+
+    def out_shape(self, shape: tuple[int, ...], hparams: object) -> tuple[int, ...]:
+        return (*shape[:-2], shape[-1] // 2, shape[-2])
+
+    def out_rows(self, rows: int) -> int:
+        raise NotImplementedError("a transposed half's rows are half the source's columns: use out_shape")
+
+
 def stored_to_f32(a: np.ndarray) -> np.ndarray:
     """Values as ``TensorRef.array`` hands them out (F32, F16, or BF16 viewed as uint16) in float32."""
     if a.dtype == np.uint16:
