@@ -7,6 +7,9 @@ bit shift, F16 with numpy's own conversion.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -116,3 +119,34 @@ def test_bf16_to_f16_in_one_pass_equals_two_passes(n):
     got = ggml.convert_via_f32(x, "bf16", "f16")
     assert got.dtype == np.float16 and got.shape == x.shape
     assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+
+
+def test_prepare_llama_imports_the_bindings_only_and_the_package_stays_whole():
+    """prepare_llama leaves llama-cpp-python's high-level half (Llama, chat formats, jinja2) unimported until a name
+    outside the bindings is asked for; then the package is the whole package, with the bindings' own objects."""
+    code = """if True:
+        import sys
+        from quantkit.format import ggml
+        ggml.prepare_llama()
+        import llama_cpp
+        from llama_cpp import _internals, _logger  # submodules import without the rest
+        low = sys.modules["llama_cpp.llama_cpp"]
+        assert llama_cpp.llama_backend_init is low.llama_backend_init
+        assert llama_cpp.llama_log_callback is low.llama_log_callback
+        lazy = [m for m in ("llama_cpp.llama", "llama_cpp.llama_chat_format", "jinja2") if m in sys.modules]
+        assert not lazy, lazy
+        from llama_cpp import Llama  # the rest, on first use
+        assert "llama_cpp.llama" in sys.modules and Llama is sys.modules["llama_cpp.llama"].Llama
+        assert llama_cpp.__version__ and llama_cpp.llama_backend_init is low.llama_backend_init
+        import llama_cpp.llama_chat_format as lcf
+        assert lcf.Jinja2ChatFormatter
+        try:
+            llama_cpp.no_such_name
+        except AttributeError as e:
+            assert "no_such_name" in str(e)
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

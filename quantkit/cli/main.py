@@ -406,9 +406,7 @@ def imatrix_command(
 ) -> None:
     """Collect an importance matrix as llama-imatrix does (for --imatrix on convert, or llama-quantize)."""
     output = _file_arg(output_arg, "--output")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from quantkit.cli.eval_commands import read_text
+    from quantkit.cli.eval_commands import NoBar, read_text
     from quantkit.policy.imatrix import summary, write_imatrix
     from quantkit.pipeline.imatrix_collect import collect_from_source
     from quantkit.format.output import check_target
@@ -417,8 +415,11 @@ def imatrix_command(
     use_rpc(rpc)
     body = _run(lambda: read_text(text, None))
     body = body[:-1] if body.endswith("\n") else body  # llama-imatrix's -f drops one trailing newline
-    show = progress and err.is_terminal and not as_json
-    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=err.console, disable=not show)
+    bar: Any = NoBar()  # rich is not even imported without a bar to show (process start-up counts on short runs)
+    if progress and err.is_terminal and not as_json:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=err.console)
     task = bar.add_task("imatrix", total=None, info="")
     last: list[Any] = []
 
@@ -438,11 +439,11 @@ def imatrix_command(
     if as_json:
         _print_json(j)
         return
-    out.print(f"wrote [bold]{esc(output)}[/]: {j['entries']} tensors, {j['chunks']} chunks of {j['chunk_size']} tokens "
-              f"({j['tokens']:,} tokens, {j['tokens_per_second']:,.0f} tok/s)", highlight=False)
+    out.line(f"wrote {output}: {j['entries']} tensors, {j['chunks']} chunks of {j['chunk_size']} tokens "  # plain: no rich import in a pipe
+             f"({j['tokens']:,} tokens, {j['tokens_per_second']:,.0f} tok/s)")
     cov = j["coverage"]
     if not cov["below"]:
-        out.print("no expert tensors (dense model)" if not cov["expert_matrices"] else f"every expert saw at least {min_tokens} tokens ({cov['expert_matrices']} expert matrices)")
+        out.line("no expert tensors (dense model)" if not cov["expert_matrices"] else f"every expert saw at least {min_tokens} tokens ({cov['expert_matrices']} expert matrices)")
         return
     out.print(f"[yellow]{len(cov['below'])} of {cov['expert_matrices']} expert matrices saw fewer than {min_tokens} tokens[/] "
               "(quantised with weaker or, at 0 tokens, no importance weights; --all-experts covers them)", highlight=False)

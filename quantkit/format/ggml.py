@@ -226,7 +226,56 @@ def prepare_llama() -> None:
         sys.unraisablehook = _on_unraisable
     if not _prepared:
         _prepared = True
+        _bindings_first()
         _filter_llama_log()
+
+
+def _bindings_first() -> None:
+    """Import llama-cpp-python's ctypes bindings without the rest of the package until something needs it.
+
+    ``import llama_cpp`` runs its ``__init__``: the bindings (``llama_cpp.llama_cpp``, ~10 ms) and the high-level
+    ``Llama`` with its chat formats (jinja2: ~40 ms more), a fifth of a short ``quantkit imatrix`` or ``eval``
+    process, which call only the bindings.  The package is put in ``sys.modules`` with the bindings imported and its
+    ``__init__`` not yet run; a name the bindings define resolves to them (the same objects ``__init__``'s
+    ``from .llama_cpp import *`` would bind), any other name (``Llama``, ``__version__``, ...) runs ``__init__``
+    first, in that module, so ``import llama_cpp`` anywhere later still sees the whole package.
+    """
+    import importlib
+    import importlib.util
+
+    if "llama_cpp" in sys.modules:
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return  # not installed (the caller's import says so) or not a plain package: import it the usual way
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["llama_cpp"] = pkg
+    try:
+        low = importlib.import_module("llama_cpp.llama_cpp")
+    except BaseException:
+        sys.modules.pop("llama_cpp", None)
+        sys.modules.pop("llama_cpp.llama_cpp", None)
+        raise
+    lock = threading.RLock()
+    done: list[bool] = []
+
+    where = [Path(p) for p in spec.submodule_search_locations]
+
+    def __getattr__(name: str) -> Any:
+        if not done and not name.startswith("_") and name in low.__dict__:
+            return low.__dict__[name]
+        if not done and any((p / f"{name}.py").is_file() or (p / name / "__init__.py").is_file() for p in where):
+            raise AttributeError(name)  # a submodule (``from llama_cpp import _logger``): the import system imports it
+        with lock:
+            if not done:
+                done.append(True)
+                spec.loader.exec_module(pkg)  # type: ignore[union-attr]
+        try:
+            return pkg.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}") from None
+
+    pkg.__getattr__ = __getattr__  # type: ignore[method-assign]
 
 
 _log_hook: Any = None  # the C callback: alive for the process

@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import gguf
 import numpy as np
 
 from quantkit.format import gguf_spec
@@ -179,6 +178,8 @@ class _ExpertWeights:
         if t.qtype in (Q.F16, Q.BF16):
             u = np.array(raw.view(np.uint16 if t.qtype == Q.BF16 else np.float16))
             return to_f32(u, t.qtype.name).reshape(n_rows, n_cols)
+        import gguf  # gguf-py's reference dequantisers: only for a quantised source
+
         return gguf.quants.dequantize(np.array(raw), t.qtype).astype(np.float32).reshape(n_rows, n_cols)
 
 

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import gguf
 import numpy as np
 
 from quantkit.format import gguf_spec
@@ -333,6 +332,7 @@ def _read_legacy(path: Path) -> Imatrix:
 
 def write_imatrix(imatrix: Imatrix, path: str | Path, force: bool = False) -> Path:
     """Write ``imatrix`` as llama-imatrix does (same keys, tensor names, shapes and order), atomically."""
+    from quantkit.format.gguf_write import MetaValue, StreamingGGUFWriter
     from quantkit.format.output import atomic_file
 
     path = Path(path)
@@ -340,27 +340,29 @@ def write_imatrix(imatrix: Imatrix, path: str | Path, force: bool = False) -> Pa
         raise QuantkitError(f"{imatrix.source}: a legacy .dat importance matrix has no raw sums to write as GGUF; fix: re-collect it with quantkit imatrix")
     try:
         with atomic_file(path, force=force) as tmp:
-            w = gguf.GGUFWriter(tmp, arch="")
-            w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
-            w.add_type("imatrix")
-            datasets = list(imatrix.datasets) or ["unknown"]  # gguf-py writes no empty arrays
-            w.add_key_value(KEY_DATASETS, datasets, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
-            w.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
-            w.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
+            VT = gguf_spec.GGUFValueType
+            datasets = list(imatrix.datasets) or ["unknown"]  # as gguf-py, which writes no empty arrays
+            metadata = {KEY_TYPE: MetaValue("imatrix", VT.STRING), KEY_DATASETS: MetaValue(datasets, VT.ARRAY, VT.STRING),
+                        KEY_CHUNK_COUNT: MetaValue(imatrix.chunk_count, VT.UINT32), KEY_CHUNK_SIZE: MetaValue(imatrix.chunk_size, VT.UINT32)}
+            arrays: list[tuple[str, np.ndarray]] = []
             for name in sorted(imatrix.entries):
                 e = imatrix.entries[name]
                 sums = np.ascontiguousarray(e.in_sum2, dtype=np.float32)
                 counts = np.ascontiguousarray(e.counts, dtype=np.float32)
                 if e.n_expert == 1:  # ggml_n_dims drops trailing 1s: [n_cols] and [1]
-                    w.add_tensor(name + SUM_SUFFIX, sums.reshape(-1))
-                    w.add_tensor(name + COUNT_SUFFIX, counts.reshape(1))
+                    arrays += [(name + SUM_SUFFIX, sums.reshape(-1)), (name + COUNT_SUFFIX, counts.reshape(1))]
                 else:
-                    w.add_tensor(name + SUM_SUFFIX, sums)
-                    w.add_tensor(name + COUNT_SUFFIX, counts.reshape(-1, 1))
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
+                    arrays += [(name + SUM_SUFFIX, sums), (name + COUNT_SUFFIX, counts.reshape(-1, 1))]
+            w = StreamingGGUFWriter(Path(tmp), None, metadata)  # no general.architecture, as llama-imatrix
+            for name, a in arrays:
+                w.declare(name, a.shape, gguf_spec.GGMLQuantizationType.F32)
+            w.begin()
+            try:
+                for name, a in arrays:
+                    w.write_tensor(name, [a])
+                w.finish()
+            finally:
+                w.close()
     except OSError as e:
         raise OutputError(f"{path}: writing failed ({e.strerror or e}); nothing was left at the path; fix: free disk space or write elsewhere") from e
     return path
