@@ -474,3 +474,27 @@ def test_mxfp4_to_ggml_is_the_vendored_repack(mxfp4):
     np.testing.assert_array_equal(got, ref)
     deq = gguf.quants.dequantize(got, gguf.GGMLQuantizationType.MXFP4)
     np.testing.assert_array_equal(deq.astype(np.float32), want)
+
+
+@pytest.mark.parametrize("step", [1, 7, 16384])
+@pytest.mark.parametrize("view", ["whole", "every other row", "odd rows"])
+def test_mxfp4_to_ggml_runs_of_blocks_and_views_keep_every_byte(monkeypatch, step, view):
+    """The repack works a run of blocks at a time: any run length, a last short run, and a caller's non-contiguous piece
+    (the odd rows of gate_up are up) give the bytes of the vendored converter's rule, written out here block by block."""
+    from quantkit.hf import quantized as qz
+
+    monkeypatch.setattr(qz, "_MXFP4_BLOCKS", step)
+    rng = np.random.default_rng(step)
+    blocks = rng.integers(0, 256, (2, 61, 45, 16), dtype=np.uint8)
+    scales = rng.integers(0, 256, (2, 61, 45), dtype=np.uint8)
+    sel = {"whole": np.s_[:], "every other row": np.s_[:, ::2], "odd rows": np.s_[:, 1::2]}[view]
+    b, s = blocks[sel], scales[sel]
+    got = qz.mxfp4_to_ggml(b, s)
+    want = np.empty((*s.shape, 17), dtype=np.uint8)
+    want[..., 0] = s
+    lo, hi = b & 0x0F, b >> 4  # HF byte j: values 2j (low nibble), 2j + 1 (high)
+    vals = np.empty((*s.shape, 32), dtype=np.uint8)
+    vals[..., 0::2], vals[..., 1::2] = lo, hi
+    want[..., 1:] = vals[..., :16] | (vals[..., 16:] << 4)  # GGML byte i: values i (low nibble), 16 + i (high)
+    np.testing.assert_array_equal(got, want.reshape(*s.shape[:-1], -1))
+    assert qz.mxfp4_to_ggml(b[:, :0], s[:, :0]).shape == (2, 0, 45 * 17)

@@ -202,13 +202,7 @@ def _decode_mxfp4(w: QuantWeight, blocks: np.ndarray, scale: np.ndarray, m: int,
 
 
 _NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
-_MXFP4_ROWS = 1024  # rows repacked per step: a few hundred KiB that stay in cache through the steps below
-
-
-def _spread(v: np.ndarray) -> np.ndarray:
-    """The 4 low bytes of each uint64 moved to the even bytes (byte ``i`` -> byte ``2i``), zeros between."""
-    v = (v | (v << np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
-    return (v | (v << np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+_MXFP4_BLOCKS = 16384  # blocks repacked per step: 256 KiB in, its temporaries stay in cache through the steps below
 
 
 def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -218,23 +212,44 @@ def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     HF's byte ``j`` holds values ``2j`` (low) and ``2j+1`` (high).  So GGML byte ``2k`` (``k`` < 8) is values ``2k`` and
     ``16 + 2k``: the low nibbles of HF bytes ``k`` and ``8 + k``; byte ``2k + 1`` their high nibbles.  The same bytes as
     llama.cpp's converter (``repack_mxfp4``): the way to carry a checkpoint's MXFP4 experts into GGUF MXFP4 without re-encoding.
-    Computed on each block's two halves as uint64 words (the 16 nibble pairs at once), a cache-sized run of rows at a time.
+
+    Per cache-sized run of blocks, each block's two halves as uint64 words give the even and the odd output bytes
+    (8 bit operations on 8-byte words), which are interleaved by widening to 16-bit pairs (``even | odd << 8``, so the
+    little-endian pairs are the output bytes in order) and land in the 17-byte blocks as 16-byte items, one strided copy.
+    About 0.4 ns a byte on a 2-core EPYC where the row-at-a-time byte copies it replaces took 1.0 (bench/RESULTS_mxfp4.md).
     """
     b = np.asarray(blocks, dtype=np.uint8)
     lead, nb = b.shape[:-2], b.shape[-2]
-    rows = b.reshape(-1, nb, 16)  # a copy only for a view that cannot be flattened (the caller's piece)
-    out = np.empty((rows.shape[0], nb, 17), dtype=np.uint8)
-    out[..., 0] = np.asarray(scales, dtype=np.uint8).reshape(rows.shape[0], nb)
-    low32 = np.uint64(0xFFFFFFFF)
-    for r in range(0, rows.shape[0], _MXFP4_ROWS):
-        w = np.ascontiguousarray(rows[r : r + _MXFP4_ROWS]).view(np.uint64)  # [rows, nb, 2]: bytes 0..7, 8..15
-        a, c = w[..., 0], w[..., 1]
-        lo = (a & _NIBBLES) | ((c & _NIBBLES) << np.uint64(4))  # GGML bytes 1, 3, .., 15
-        hi = ((a >> np.uint64(4)) & _NIBBLES) | (c & ~_NIBBLES)  # GGML bytes 2, 4, .., 16
-        z = np.empty((*a.shape, 2), dtype=np.uint64)
-        z[..., 0] = _spread(lo & low32) | (_spread(hi & low32) << np.uint64(8))
-        z[..., 1] = _spread(lo >> np.uint64(32)) | (_spread(hi >> np.uint64(32)) << np.uint64(8))
-        out[r : r + _MXFP4_ROWS, :, 1:] = z.view(np.uint8).reshape(*a.shape, 16)
+    flat = b.reshape(-1, 16)  # a copy only for a view that cannot be flattened (the caller's piece)
+    n = flat.shape[0]
+    out = np.empty(n * 17, dtype=np.uint8)
+    if n == 0:
+        return out.reshape(*lead, nb * 17)
+    np.ndarray((n,), np.uint8, out, 0, (17,))[...] = np.asarray(scales, dtype=np.uint8).reshape(n)
+    dst = np.ndarray((n,), "V16", out, 1, (17,))  # each block's 16 data bytes, as one item
+    k = max(1, min(_MXFP4_BLOCKS, n))
+    even, odd, tmp = np.empty(k, np.uint64), np.empty(k, np.uint64), np.empty(k, np.uint64)
+    lo16, hi16 = np.empty(k * 8, np.uint16), np.empty(k * 8, np.uint16)
+    four, eight = np.uint64(4), np.uint16(8)
+    for s in range(0, n, k):
+        m = min(k, n - s)
+        w = np.ascontiguousarray(flat[s : s + m]).view(np.uint64)  # [m, 2]: HF bytes 0..7, 8..15
+        a, c = w[:, 0], w[:, 1]
+        e, o, t = even[:m], odd[:m], tmp[:m]
+        np.bitwise_and(a, _NIBBLES, out=e)  # GGML bytes 1, 3, .., 15: low nibbles of HF k and 8 + k
+        np.left_shift(c, four, out=t)
+        np.bitwise_and(t, ~_NIBBLES, out=t)
+        np.bitwise_or(e, t, out=e)
+        np.right_shift(a, four, out=o)  # GGML bytes 2, 4, .., 16: their high nibbles
+        np.bitwise_and(o, _NIBBLES, out=o)
+        np.bitwise_and(c, ~_NIBBLES, out=t)
+        np.bitwise_or(o, t, out=o)
+        p, q = lo16[: m * 8], hi16[: m * 8]
+        np.copyto(p, e.view(np.uint8), casting="unsafe")
+        np.copyto(q, o.view(np.uint8), casting="unsafe")
+        np.left_shift(q, eight, out=q)
+        np.bitwise_or(p, q, out=p)
+        dst[s : s + m] = p.view("V16")
     return out.reshape(*lead, nb * 17)
 
 
