@@ -326,11 +326,14 @@ def test_carried_nibble_order_mutation_breaks_parity(pair, tmp_path, monkeypatch
     """A repack that keeps HF's nibble order (value 2j low, 2j+1 high) instead of GGML's (j low, 16+j high) must fail."""
     from quantkit.pipeline import convert as cv
 
-    def hf_order(blocks, scales):
+    def hf_order(blocks, scales, out=None):
         b = np.asarray(blocks, dtype=np.uint8)
-        out = np.empty((*b.shape[:-1], 17), dtype=np.uint8)
-        out[..., 0], out[..., 1:] = scales, b
-        return out.reshape(*b.shape[:-2], b.shape[-2] * 17)
+        got = np.empty((*b.shape[:-1], 17), dtype=np.uint8)
+        got[..., 0], got[..., 1:] = scales, b
+        got = got.reshape(*b.shape[:-2], b.shape[-2] * 17)
+        if out is not None:
+            out[...] = got
+        return got
 
     monkeypatch.setattr(cv, "mxfp4_to_ggml", hf_order)
     q, deq = pair

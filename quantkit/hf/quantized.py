@@ -205,7 +205,7 @@ _NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 _MXFP4_BLOCKS = 16384  # blocks repacked per step: 256 KiB in, its temporaries stay in cache through the steps below
 
 
-def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """HF MXFP4 rows (``_blocks`` uint8 [..., n, 16], ``_scales`` uint8 [..., n]) -> GGML ``block_mxfp4`` bytes [..., n * 17], no value touched.
 
     A GGML block is its e8m0 byte, then 16 bytes whose low nibbles hold values 0..15 and high nibbles 16..31;
@@ -217,12 +217,17 @@ def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     (8 bit operations on 8-byte words), which are interleaved by widening to 16-bit pairs (``even | odd << 8``, so the
     little-endian pairs are the output bytes in order) and land in the 17-byte blocks as 16-byte items, one strided copy.
     About 0.4 ns a byte on a 2-core EPYC where the row-at-a-time byte copies it replaces took 1.0 (bench/RESULTS_mxfp4.md).
+    ``out``: a C-contiguous uint8 array of the result's size to write into (a caller's run of experts), returned reshaped.
     """
     b = np.asarray(blocks, dtype=np.uint8)
     lead, nb = b.shape[:-2], b.shape[-2]
     flat = b.reshape(-1, 16)  # a copy only for a view that cannot be flattened (the caller's piece)
     n = flat.shape[0]
-    out = np.empty(n * 17, dtype=np.uint8)
+    if out is None:
+        out = np.empty(n * 17, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.size != n * 17 or not out.flags.c_contiguous:
+        raise ValueError(f"mxfp4_to_ggml: out must be C-contiguous uint8 of {n * 17} bytes, got {out.dtype} {out.shape}")
+    out = out.reshape(-1)
     if n == 0:
         return out.reshape(*lead, nb * 17)
     np.ndarray((n,), np.uint8, out, 0, (17,))[...] = np.asarray(scales, dtype=np.uint8).reshape(n)

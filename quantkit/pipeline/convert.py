@@ -399,8 +399,14 @@ def _carried_pieces(t: OutTensor) -> Iterator[np.ndarray]:
         step = max(1, CHUNK_BYTES // max(1, per_b))
         for e0 in range(0, n, step):
             e1 = min(n, e0 + step)
-            parts = [mxfp4_to_ggml(t.transform.select(blocks[e]), t.transform.select(scales[e])) for e in range(e0, e1)]
-            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+            first = mxfp4_to_ggml(t.transform.select(blocks[e0]), t.transform.select(scales[e0]))
+            if e1 - e0 > 1:
+                run = np.empty((e1 - e0, *first.shape), dtype=np.uint8)  # the run's experts repacked in place, no concatenation
+                run[0] = first
+                for e in range(e0 + 1, e1):
+                    mxfp4_to_ggml(t.transform.select(blocks[e]), t.transform.select(scales[e]), out=run[e - e0])
+                first = run
+            yield first
             ref.stored.release(e0 * per_b, e1 * per_b)
             ref.scale.release(e0 * per_s, e1 * per_s)
         del blocks, scales
