@@ -136,7 +136,8 @@ def convert(
         raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
     imat = _load_imatrix(imatrix)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges, time_cap, no_mtp)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges, time_cap, no_mtp,
+                     overrides, allow_requantize)
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -255,8 +256,10 @@ def _type_and_rules(
 def _target(
     src: Path, bpw: float | None, size: str | None, calib: Path | None, ctx: int, chunks: int, show: bool, imat: Any = None,
     mode: str = "auto", ranges: int | None = None, time_cap: float | None = None, no_mtp: bool = False,
+    overrides: list[Any] | tuple[()] = (), requantize: bool = False,
 ) -> Any:
-    """The bit budget of --target-bpw/--target-size: each tensor's errors sampled, and its sensitivity measured on
+    """The bit budget of --target-bpw/--target-size: the errors of each tensor it chooses for sampled (not of those
+    --tensor-type rules or the checkpoint's carried MXFP4 fix, unless ``requantize``), and its sensitivity measured on
     --calib-text when given (the cost said first), each step behind a progress bar with an ETA (None without a budget)."""
     if calib is None and (mode != "auto" or ranges is not None):
         raise typer.BadParameter("--calib-mode and --calib-ranges choose how --calib-text measures; add --calib-text FILE", param_hint="--calib-mode")
@@ -295,10 +298,13 @@ def _target(
     importance = _importance(imat, prep.tensors)
     with ckpt, bar:
         _run(lambda: check_reach(prep.tensors, Target(bpw=bpw, size=nbytes), header_bytes(prep.arch, prep.metadata, prep.tensors)))  # from the shapes, before anything is measured
-        errors = _run(lambda: budget.measure_errors(prep.tensors, importance, prep.hparams, lambda d, n, name: progress("sample errors", d, n, name)))
+        from quantkit.policy.plan import budget_tensors
+
+        free = _run(lambda: budget_tensors(prep.tensors, overrides, prep.hparams, requantize))  # as the plan leaves them to the budget
+        errors = _run(lambda: budget.measure_errors(free, importance, prep.hparams, lambda d, n, name: progress("sample errors", d, n, name)))
         if calib is not None:
             measured = _run(lambda: sensitivity.measure_checkpoint(
-                src, text, ctx, chunks, importance=importance, mode=mode, ranges=ranges, on_estimate=estimate,
+                src, text, ctx, chunks, importance=importance, mode=mode, ranges=ranges, on_estimate=estimate, no_mtp=no_mtp,
                 on_progress=lambda stage, d, n, label: progress({"write": "write unquantised copy", "probe": "probe"}.get(stage, stage), d, n, label)))
     if measured is not None and measured.cost is not None and measured.cost.seconds is not None:
         err.print(esc(measured.cost.describe()), highlight=False, soft_wrap=True)
@@ -359,7 +365,8 @@ def plan(
     from quantkit.hf.hub_cache import resolve_source
 
     src = _run(lambda: resolve_source(src))  # a repo id: its snapshot in the local Hugging Face cache (offline)
-    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges, time_cap, no_mtp)
+    target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, err.is_terminal and not as_json, imat, calib_mode, calib_ranges, time_cap, no_mtp,
+                     overrides, allow_requantize)
     ckpt, prep = _run(lambda: prepare(src, outtype, overrides=overrides, target=target, imatrix=imat, allow_requantize=allow_requantize, no_mtp=no_mtp))
     ckpt.close()
     p = prep.plan

@@ -704,13 +704,17 @@ def chat_tokens(llm: Llama, rendered: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def sampled_tokens(llm: Llama) -> Iterator[list[int]]:
-    """The tokens the model samples while the block runs, in order.
+def sampled_tokens(llm: Llama, limit: int | None = None) -> Iterator[list[int]]:
+    """The tokens the model samples while the block runs, in order; at most ``limit`` of them.
 
     llama-cpp-python's ``create_completion`` draws its tokens from ``self.generate`` (and so does
     :class:`~quantkit.engine.hf_runtime.TransformersLlama`): a wrapper on the instance sees each one.
     Its stream's chunks do not map one to one onto tokens (text is held back around multi-byte
-    characters and possible stop strings), and re-tokenising the text miscounts."""
+    characters and possible stop strings), and re-tokenising the text miscounts.
+
+    ``limit``: the stream ends after that many tokens.  ``create_completion`` skips its own
+    ``max_tokens`` check while the text ends in an incomplete UTF-8 character (a byte-fallback
+    lead byte), so without it ``-n 5`` could sample 6, 8, or tokens until the window is full."""
     sampled: list[int] = []
     own = vars(llm).get("generate")
     inner = llm.generate
@@ -721,6 +725,8 @@ def sampled_tokens(llm: Llama) -> Iterator[list[int]]:
             for token in tokens:  # create_completion never sends into the generator
                 sampled.append(int(token))
                 yield token
+                if limit is not None and len(sampled) >= limit:
+                    return  # create_completion ends as at max_tokens: finish_reason "length", held-back text flushed
         finally:
             tokens.close()
 
@@ -775,7 +781,7 @@ def complete(
     pieces: list[str] = []
     finish = None
     t0 = time.perf_counter()
-    with sampled_tokens(llm) as sampled:
+    with sampled_tokens(llm, sampling.max_tokens) as sampled:
         stream = llm.create_completion(tokens, stream=True, stop=list(stop), **kw)
         try:
             for chunk in stream:

@@ -344,9 +344,11 @@ def measure_checkpoint(
     ranges: int | None = None,
     on_estimate: Callable[[budget.Cost], None] | None = None,
     on_progress: Progress | None = None,
+    no_mtp: bool = False,
 ) -> budget.Measured:
     """:func:`measure` for an HF checkpoint: written as an unquantised GGUF in a temporary directory first (removed
-    afterwards, Ctrl-C included)."""
+    afterwards, Ctrl-C included).  ``no_mtp``: without its multi-token-prediction blocks, as ``convert --no-mtp``
+    writes it (the measurement covers the tensors the file will hold, and the model the file will be)."""
     import time
 
     from quantkit.pipeline.convert import convert, prepare
@@ -355,7 +357,7 @@ def measure_checkpoint(
     check_calib_args(n_ctx, n_chunks, threads, text)
     check_ctx(n_ctx, model_limits(src), minimum=MIN_CALIB_CTX, even=False, flag="--calib-ctx")  # before the conversion
     t0 = time.perf_counter()
-    ckpt, prep = prepare(src, "f32")
+    ckpt, prep = prepare(src, "f32", no_mtp=no_mtp)
     dtypes = {ref.dtype for t in prep.tensors for ref in t.sources}
     ckpt.close()
     probe_groups(prep.tensors, mode, ranges)  # a bad mode is an error before the conversion
@@ -373,7 +375,7 @@ def measure_checkpoint(
                 on_progress("write", written[0], written[1], path.name)
 
         try:
-            convert(src, path, outtype, on_start=start, on_bytes=wrote)
+            convert(src, path, outtype, on_start=start, on_bytes=wrote, no_mtp=no_mtp)
         except KeyboardInterrupt:
             log.warning("sensitivity: interrupted while writing the unquantised copy (%d of %d MiB); it was removed, nothing was kept",
                         written[0] >> 20, written[1] >> 20)

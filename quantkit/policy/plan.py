@@ -297,6 +297,18 @@ def _split_budget(
     return base, free, fixed
 
 
+def budget_tensors(
+    tensors: Sequence[OutTensor], overrides: Sequence[Override] = (), hparams: ModelShape | None = None, requantize: bool = False,
+) -> list[OutTensor]:
+    """The tensors a bit budget chooses types for, the only ones whose errors it needs (``budget.measure_errors``): as
+    :func:`make_plan` leaves them to it, i.e. not carried (MXFP4 experts, unless ``requantize``), not named by a user
+    rule, not kept F32, with candidate types."""
+    n_layer = hparams.n_layer if hparams is not None else _n_layer(tensors)
+    carry = _carried(tensors, requantize)
+    pinned = {t.name: carry.get(t.name, (Q.F32, "")) for t in tensors if t.name in carry or _rule_for(t, overrides, n_layer) is not None}
+    return _split_budget(tensors, pinned)[1]  # only which tensors are pinned matters here, not their types
+
+
 def header_bytes(arch: str, metadata: Mapping[str, Any], tensors: Sequence[OutTensor]) -> int:
     """Bytes of a GGUF file that are not tensor data, at most (header, tensor table, alignment padding): the types do not change it."""
     from quantkit.format.gguf_write import alignment_of, file_nbytes
