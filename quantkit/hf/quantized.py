@@ -221,8 +221,8 @@ def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None
     """
     b = np.asarray(blocks, dtype=np.uint8)
     lead, nb = b.shape[:-2], b.shape[-2]
-    flat = b.reshape(-1, 16)  # a copy only for a view that cannot be flattened (the caller's piece)
-    n = flat.shape[0]
+    rows = b.reshape(-1, nb, 16)  # a view for one leading axis, strided or not (the odd rows of gate_up are up)
+    n = rows.shape[0] * nb
     if out is None:
         out = np.empty(n * 17, dtype=np.uint8)
     elif out.dtype != np.uint8 or out.size != n * 17 or not out.flags.c_contiguous:
@@ -232,13 +232,14 @@ def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None
         return out.reshape(*lead, nb * 17)
     np.ndarray((n,), np.uint8, out, 0, (17,))[...] = np.asarray(scales, dtype=np.uint8).reshape(n)
     dst = np.ndarray((n,), "V16", out, 1, (17,))  # each block's 16 data bytes, as one item
-    k = max(1, min(_MXFP4_BLOCKS, n))
+    per = max(1, _MXFP4_BLOCKS // max(nb, 1))  # whole rows a step: a strided source is gathered a step at a time, in cache
+    k = per * nb
     even, odd, tmp = np.empty(k, np.uint64), np.empty(k, np.uint64), np.empty(k, np.uint64)
     lo16, hi16 = np.empty(k * 8, np.uint16), np.empty(k * 8, np.uint16)
     four, eight = np.uint64(4), np.uint16(8)
-    for s in range(0, n, k):
-        m = min(k, n - s)
-        w = np.ascontiguousarray(flat[s : s + m]).view(np.uint64)  # [m, 2]: HF bytes 0..7, 8..15
+    for r in range(0, rows.shape[0], per):
+        w = np.ascontiguousarray(rows[r : r + per]).view(np.uint64).reshape(-1, 2)  # [m, 2]: HF bytes 0..7, 8..15
+        m, s = w.shape[0], r * nb
         a, c = w[:, 0], w[:, 1]
         e, o, t = even[:m], odd[:m], tmp[:m]
         np.bitwise_and(a, _NIBBLES, out=e)  # GGML bytes 1, 3, .., 15: low nibbles of HF k and 8 + k
