@@ -84,6 +84,13 @@ class HfExperts:
     #: (source prefix, exported prefix) of keys transformers' causal LM names otherwise: Qwen3.5's vision-language
     #: checkpoints hold the language model under ``model.language_model.``, ``AutoModelForCausalLM`` under ``model.``
     renamed: tuple[tuple[str, str], ...] = ()
+    #: key templates (``{bid}``) of weights whose name-table role is a quantised one but which stay in source precision:
+    #: DeepSeek V3.2's / GLM-5's indexer ``weights_proj`` (transformers casts the indexer's input to that weight's dtype,
+    #: uint8 for a 4-bit one; DeepSeek's own code keeps it bf16)
+    kept: tuple[str, ...] = ()
+    #: the transformers ``model_type`` whose model ``quantkit.load_bnb`` builds, where transformers does not know the
+    #: checkpoint's own (Kimi K2's ``kimi_k2`` runs DeepSeek V3's code: ``deepseek_v3``); None: config.json's model_type
+    model_type: str | None = None
 
     @property
     def projections(self) -> tuple[str, str, str]:

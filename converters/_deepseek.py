@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import Converter, HfExperts, Routing, register
 from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _context_length, _get, _p, _rope, head_rules, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.errors import CheckpointError
@@ -561,10 +561,13 @@ NOTES = (
 MTP_NOTE = "multi-token-prediction blocks past num_hidden_layers (num_nextn_predict_layers) are dropped, as llama.cpp's converter drops them for deepseek2"
 
 
-def register_family(family: Family, hf_architectures: tuple[str, ...], routing: Routing, notes: tuple[str, ...] = ()) -> Converter:
+def register_family(family: Family, hf_architectures: tuple[str, ...], routing: Routing, notes: tuple[str, ...] = (),
+                    hf_experts: HfExperts | None = None) -> Converter:
     return register(Converter(
         model_type=family.model_type, arch=ARCH, hparams=hparams_for(family), rules=rules_for(family), metadata=metadata, check=check,
         ignore=IGNORE, hf_architectures=hf_architectures, routing=routing, notes=NOTES + notes, dropped=dropped,
-        # --format bnb: not declared (leading dense blocks and V3's router buffer are not what quantkit.load_bnb rebuilds)
-        hf_experts=None,
+        # --format bnb: declared by each family (MLP_EXPERTS: experts under mlp.experts.{xid}, router mlp.gate with V3's
+        # e_score_correction_bias buffer under its own key; leading dense blocks and shared experts are plain 4-bit MLPs; V3's MTP
+        # blocks are dropped by the name table)
+        hf_experts=hf_experts,
     ))

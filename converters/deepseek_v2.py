@@ -18,7 +18,7 @@ converter writes that file without a word).  V2-Lite (``greedy``) converts.
 
 from __future__ import annotations
 
-from quantkit.converters import Routing
+from quantkit.converters import MLP_EXPERTS, Routing
 from quantkit.converters._deepseek import Family, register_family
 
 MODEL_TYPE = "deepseek_v2"
@@ -38,4 +38,5 @@ CONVERTER = register_family(
     FAMILY, ("DeepseekV2ForCausalLM",),
     Routing(scoring="softmax", normalize_top_k=False, weights_scaled=True),
     notes=("routing: softmax, top-k not renormalised, times routed_scaling_factor (expert_weights_scale)",),
+    hf_experts=MLP_EXPERTS,  # --format bnb: experts under mlp.experts.{xid}, router mlp.gate
 )

@@ -21,7 +21,7 @@ blocks (dropped) and the name table are ``converters/_deepseek.py``'s (shared wi
 
 from __future__ import annotations
 
-from quantkit.converters import Routing
+from quantkit.converters import MLP_EXPERTS, Routing
 from quantkit.converters._deepseek import MTP_NOTE, Family, register_family
 
 MODEL_TYPE = "deepseek_v3"
@@ -39,4 +39,6 @@ ROUTING = Routing(scoring="sigmoid", normalize_top_k=True, score_bias=True, grou
 NOTES = ("routing: sigmoid, selection by score + e_score_correction_bias (exp_probs_b) within the best topk_group groups, "
           "top-k renormalised (norm_topk_prob), times routed_scaling_factor (expert_weights_scale)", MTP_NOTE)
 
-CONVERTER = register_family(FAMILY, ("DeepseekV3ForCausalLM",), ROUTING, notes=NOTES)
+CONVERTER = register_family(FAMILY, ("DeepseekV3ForCausalLM",), ROUTING, notes=NOTES,
+                            # --format bnb: router mlp.gate (its e_score_correction_bias buffer under its own key), experts mlp.experts.{xid}
+                            hf_experts=MLP_EXPERTS)

@@ -39,10 +39,10 @@ the KV cache type), ties included (``relu`` makes many scores exactly 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from quantkit.converters import Routing, register
+from quantkit.converters import MLP_EXPERTS, Routing, register
 from quantkit.converters import _deepseek as ds
 from quantkit.converters._deepseek import Family, _refuse
 from quantkit.converters.dots1 import with_class_defaults
@@ -227,8 +227,9 @@ def register_dsa(spec: DsaSpec, hf_architectures: tuple[str, ...], routing: Rout
     return register(NextnConverter(
         model_type=spec.family.model_type, arch=spec.arch, hparams=hparams_for(spec), rules=rules_for(spec), metadata=metadata_for(spec),
         check=check_for(spec), ignore=IGNORE, hf_architectures=hf_architectures, routing=routing, notes=ds.NOTES + DSA_NOTES + notes,
-        # --format bnb: not declared, as for glm4_moe_lite (the selection-bias buffer, the indexer and the MTP blocks)
-        hf_experts=None,
+        # --format bnb: as deepseek_v3 (MTP blocks, which transformers does not load, left out); the indexer's wq_b / wk 4-bit, its
+        # weights_proj kept in source precision (transformers casts the indexer's input to that weight's dtype; DeepSeek keeps it bf16)
+        hf_experts=replace(MLP_EXPERTS, kept=("model.layers.{bid}.self_attn.indexer.weights_proj.weight",)),
     ))
 
 

@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters._deepseek import (
     _HF_NAME, DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, GroupedMoeHparams, routing_metadata, _block_kinds, _bool, _float, _int, _raw, _refuse, _routing_groups,
 )
@@ -204,6 +204,6 @@ NOTES = (
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("Dots1ForCausalLM",), routing=ROUTING, notes=NOTES,
-    # --format bnb: not declared (leading dense blocks and the router's selection bias are not what quantkit.load_bnb rebuilds)
-    hf_experts=None,
+    # --format bnb: experts under mlp.experts.{xid}, router mlp.gate (its e_score_correction_bias buffer kept under its own key)
+    hf_experts=MLP_EXPERTS,
 ))

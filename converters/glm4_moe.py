@@ -52,7 +52,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters._deepseek import (
     DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, GroupedMoeHparams, routing_metadata, _bool, _check_routing_keys, _float, _int, _refuse, _routing_groups,
 )
@@ -343,8 +343,7 @@ NOTES = (
 CONVERTER = register(NextnConverter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("Glm4MoeForCausalLM",), routing=ROUTING, notes=NOTES,
-    # --format bnb: not declared.  The experts would fit MLP_EXPERTS, but the router's selection bias e_score_correction_bias is a
-    # buffer and quantkit.load_bnb sets parameters only (it would refuse its own export), and the MTP blocks (model.layers.N past
-    # num_hidden_layers, which transformers does not load) cannot be named by HfExperts.unloaded's fixed patterns
-    hf_experts=None,
+    # --format bnb: experts under mlp.experts.{xid}, router mlp.gate (its e_score_correction_bias buffer kept under its own key);
+    # MTP blocks (model.layers.N past num_hidden_layers, which transformers does not load) are left out (NextnConverter.mtp_sources)
+    hf_experts=MLP_EXPERTS,
 ))

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quantkit.converters import Routing, register
+from quantkit.converters import MLP_EXPERTS, Routing, register
 from quantkit.converters import _deepseek as ds
 from quantkit.converters._deepseek import DeepseekHparams, Family, _refuse
 from quantkit.converters.dots1 import with_class_defaults
@@ -126,6 +126,6 @@ NOTES = ds.NOTES + (
 CONVERTER = register(NextnConverter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("Glm4MoeLiteForCausalLM",), routing=ROUTING, notes=NOTES,
-    # --format bnb: not declared, as for glm4_moe (the selection-bias buffer and the MTP blocks; see converters/glm4_moe.py)
-    hf_experts=None,
+    # --format bnb: as glm4_moe (MTP blocks left out; see converters/glm4_moe.py)
+    hf_experts=MLP_EXPERTS,
 ))

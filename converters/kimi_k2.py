@@ -11,6 +11,9 @@ deepseek2 loader always computes YaRN with 32 / 1.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from quantkit.converters import MLP_EXPERTS
 from quantkit.converters._deepseek import Family, register_family
 from quantkit.converters.deepseek_v3 import NOTES, ROUTING
 
@@ -19,4 +22,6 @@ MODEL_TYPE = "kimi_k2"
 #: DeepSeek V3's code with its own config class: nothing assumed but the rope layout of that code (interleaved pairs) and no MTP block
 FAMILY = Family(model_type=MODEL_TYPE, gating="sigmoid", defaults=dict(rope_interleave=True, num_nextn_predict_layers=0), needs_scoring_func=True)
 
-CONVERTER = register_family(FAMILY, ("DeepseekV3ForCausalLM",), ROUTING, notes=NOTES)
+CONVERTER = register_family(FAMILY, ("DeepseekV3ForCausalLM",), ROUTING, notes=NOTES,
+                            # --format bnb: DeepSeek V3's layout; transformers has no kimi_k2 model, quantkit.load_bnb builds its deepseek_v3
+                            hf_experts=replace(MLP_EXPERTS, model_type="deepseek_v3"))

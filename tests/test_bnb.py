@@ -17,7 +17,12 @@ out as transformers' causal LM leaves them) export through their
 converters' declared expert layouts: every weight accounted for (4-bit or the
 source bytes), both layouts give the same files, and the loaded model equals
 transformers' own model running the dequantised 4-bit weights; a MoE family
-without a declared layout is refused in one line.
+without a declared layout is refused in one line.  The DeepSeek-style families
+(DeepSeek V2 / V3 / V3.2, Kimi K2, GLM-4.5, GLM-4.7-Flash, GLM-5, dots.llm1):
+a leading dense block (a 4-bit MLP) and MoE blocks, MLA and the sparse-attention
+indexer, the router's selection bias (a float32 buffer, kept as stored and
+loaded, never left at zero), MTP blocks left out as transformers ignores them,
+Kimi K2 built as transformers' DeepSeek V3; the same bars.
 """
 
 from __future__ import annotations
@@ -524,7 +529,7 @@ def family(request, tmp_path_factory):
 
 
 def _n_expert(config: dict) -> int:
-    return config.get("num_experts") or config["num_local_experts"]
+    return config.get("num_experts") or config.get("n_routed_experts") or config["num_local_experts"]
 
 
 def test_family_every_expert_4bit_with_its_own_blocks_kept_tensors_byte_identical(family):
@@ -578,8 +583,9 @@ def test_family_skip_modules_select_no_quantised_module(family):
         assert not any(s in name for s in skip), name
 
 
-def _dequantised_model(src: Path, out: Path, dtype: torch.dtype):
-    """transformers' own model of ``src`` with every weight stored 4-bit in ``out`` replaced by its dequantised values."""
+def _dequantised_model(src: Path, out: Path, dtype: torch.dtype, n_4bit: int | None = None):
+    """transformers' own model of ``src`` with every weight stored 4-bit in ``out`` replaced by its dequantised values
+    (``n_4bit`` of them; default: what ``_family_4bit`` says)."""
     import re
 
     from bitsandbytes.functional import QuantState, dequantize_4bit
@@ -605,7 +611,9 @@ def _dequantised_model(src: Path, out: Path, dtype: torch.dtype):
                 assert target.shape == w.shape, key
                 target.copy_(w)
             replaced += 1
-    assert replaced == len(_family_4bit(read_config(src)["model_type"], read_config(src), _n_expert(read_config(src))))
+    if n_4bit is None:
+        n_4bit = len(_family_4bit(read_config(src)["model_type"], read_config(src), _n_expert(read_config(src))))
+    assert replaced == n_4bit
     return model
 
 
@@ -724,11 +732,11 @@ def test_hybrid_mtp_blocks_are_left_out_and_a_vision_language_checkpoint_exports
 def test_moe_family_without_a_declared_layout_is_refused_in_one_line(tmp_path):
     from quantkit.errors import QuantkitError
 
-    src = random_model(tmp_path / "src", "dots1")
+    src = random_model(tmp_path / "src", "llama4_text")  # not offered by design (converters/llama4.py)
     with pytest.raises(QuantkitError) as e:
         export_bnb(src, tmp_path / "bnb")
     msg = str(e.value)
-    assert "model_type 'dots1'" in msg and "qwen3_next" in msg and "qwen3_5_moe_text" in msg and "fix:" in msg and "\n" not in msg, msg
+    assert "model_type 'llama4_text'" in msg and "qwen3_next" in msg and "dots1" in msg and "glm4_moe" in msg and "fix:" in msg and "\n" not in msg, msg
     assert not (tmp_path / "bnb").exists()
 
 
@@ -763,3 +771,288 @@ def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
         assert table[ROUTER_KIND] == layout.router, mt
         for kind, field in EXPERT_KINDS.items():
             assert table[kind] == getattr(layout, field), (mt, kind)
+
+
+# --------------------------------------------------------------------------- (f) DeepSeek / GLM / dots1: dense-first blocks, a router buffer, MTP
+
+#: the DeepSeek-style families at small sizes (conftest's ARCH_DEFAULTS; the sparse-attention ones as test_dsa.py builds them):
+#: block 0 dense (first_k_dense_replace / mlp_layer_types), then MoE blocks of 4 experts top-2 + 1 shared expert
+_DSA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1, kv_lora_rank=32,
+            q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+            index_topk=256, index_head_dim=64, index_n_heads=4)
+DS_FAMILIES = {
+    "deepseek_v2": {},  # softmax router: no selection bias
+    "deepseek_v3": {},
+    "kimi_k2": {},  # built as deepseek_v3, then config.json says kimi_k2 (transformers has no such model_type)
+    "dots1": {},
+    "glm4_moe": {},  # q/k norms and q/k/v biases
+    "glm4_moe_lite": {},
+    "deepseek_v32": _DSA,  # the lightning indexer in every block
+    # 3 blocks: dense, MoE, MoE; block 1 reuses block 0's indexer selection (no indexer weights)
+    "glm_moe_dsa": dict(_DSA, num_hidden_layers=3, indexer_types=["full", "shared", "full"]),
+}
+_MLA_4BIT = tuple(f"self_attn.{w}.weight" for w in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
+_MLA_KEPT = ("self_attn.q_a_layernorm.weight", "self_attn.kv_a_layernorm.weight")
+_QKVO_4BIT = tuple(f"self_attn.{w}.weight" for w in ("q_proj", "k_proj", "v_proj", "o_proj"))
+#: model_type -> (4-bit attention weights, attention tensors kept in source precision) of every block
+DS_ATTENTION = {
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"), (_MLA_4BIT, _MLA_KEPT)),
+    "dots1": (_QKVO_4BIT, ("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+    "glm4_moe": (_QKVO_4BIT, ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
+}
+#: a block's own lightning indexer: wq_b / wk 4-bit; the LayerNorm and weights_proj kept (transformers casts the indexer's input
+#: to weights_proj's dtype, which a 4-bit weight would make uint8)
+INDEXER = (("self_attn.indexer.wq_b.weight", "self_attn.indexer.wk.weight"),
+           ("self_attn.indexer.k_norm.weight", "self_attn.indexer.k_norm.bias", "self_attn.indexer.weights_proj.weight"))
+
+
+#: the transformers class load_bnb builds (Kimi K2: transformers' DeepSeek V3, the code Kimi K2's checkpoints ship)
+DS_CLASS = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+            "dots1": "Dots1ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+            "deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+
+
+def _ds_blocks(model_type: str, config: dict) -> list[tuple[bool, bool]]:
+    """(MoE block, own indexer) per block of a DS_FAMILIES model."""
+    indexer = DS_FAMILIES[model_type].get("indexer_types", ["full"] * config["num_hidden_layers"]) if "index_topk" in DS_FAMILIES[model_type] else None
+    return [(i > 0, indexer is not None and indexer[i] == "full") for i in range(config["num_hidden_layers"])]
+
+
+def _ds_expected(model_type: str, config: dict) -> tuple[set[str], set[str]]:
+    """(weights kept in source precision, 4-bit weights) of an export."""
+    kept = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    bits4: set[str] = set()
+    attn4, attn_kept = DS_ATTENTION[model_type]
+    for i, (moe, indexer) in enumerate(_ds_blocks(model_type, config)):
+        p = f"model.layers.{i}."
+        kept |= {p + k for k in ("input_layernorm.weight", "post_attention_layernorm.weight", *attn_kept)}
+        bits4 |= {p + k for k in attn4}
+        if indexer:
+            bits4 |= {p + k for k in INDEXER[0]}
+            kept |= {p + k for k in INDEXER[1]}
+        if not moe:  # a leading dense block: a plain 4-bit MLP
+            bits4 |= {f"{p}mlp.{w}.weight" for w in PROJ}
+            continue
+        kept.add(p + "mlp.gate.weight")
+        if model_type != "deepseek_v2":  # the sigmoid routers' selection bias, a buffer
+            kept.add(p + "mlp.gate.e_score_correction_bias")
+        bits4 |= {f"{p}mlp.experts.{e}.{w}.weight" for e in range(config["n_routed_experts"]) for w in PROJ}
+        bits4 |= {f"{p}mlp.shared_experts.{w}.weight" for w in PROJ}
+    return kept, bits4
+
+
+def _ds_source(path: Path, model_type: str, fused: bool) -> Path:
+    """A random model of the family; the selection bias non-zero and float32, as DeepSeek and GLM publish it."""
+    from safetensors.torch import load_file, save_file
+
+    built = "deepseek_v3" if model_type == "kimi_k2" else model_type
+    src = random_model(path, built, seed=5, fused=fused, **DS_FAMILIES[model_type])
+    state = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for k in sorted(k for k in state if k.endswith("e_score_correction_bias")):
+        state[k] = torch.rand(state[k].shape, generator=g, dtype=torch.float32) - 0.5
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    if model_type == "kimi_k2":  # what Kimi K2's config.json says: its own model_type, the routing keys its code reads
+        config = read_config(src)
+        config.update(model_type="kimi_k2", scoring_func="sigmoid", topk_method="noaux_tc")
+        (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+@pytest.fixture(scope="module", params=list(DS_FAMILIES))
+def ds_family(request, tmp_path_factory):
+    """A DS_FAMILIES model in both expert layouts, each exported with the defaults (NF4, double quant, bf16)."""
+    model_type = request.param
+    base = tmp_path_factory.mktemp(model_type)
+    src, fused = _ds_source(base / "per-expert", model_type, False), _ds_source(base / "fused", model_type, True)
+    a, b = export_bnb(src, base / "bnb"), export_bnb(fused, base / "bnb-fused")
+    assert a.n_shards == b.n_shards == 1 and a.model_type == model_type
+    return {"model_type": model_type, "src": src, "fused": fused, "out": base / "bnb", "out_fused": base / "bnb-fused"}
+
+
+def test_ds_family_dense_and_moe_blocks_4bit_router_and_bias_kept_as_stored(ds_family):
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+    mt, src, out = ds_family["model_type"], ds_family["src"], ds_family["out"]
+    config = read_config(src)
+    kept, bits4 = _ds_expected(mt, config)
+    stored = _stored(out)
+    assert {k for k, v in stored.items() if not v["bits4"]} == kept
+    assert {k for k, v in stored.items() if v["bits4"]} == bits4
+    with open_checkpoint(src) as s, open_checkpoint(out) as o:
+        assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
+        for key in sorted(kept):  # routers, the F32 selection bias, norms, biases, weights_proj: the source's bytes
+            a, b = s.tensors[key], o.tensors[key]
+            assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("F32" if key.endswith("e_score_correction_bias") else "BF16", a.shape), key
+            assert bytes(b.raw()) == bytes(a.raw()), key
+        t = o.tensors
+        for key in sorted(k for k in bits4 if ".experts." in k):
+            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".")}
+            qs = QuantState.from_dict(stats, device="cpu")
+            source = _source(s, key)
+            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+            want = torch.from_numpy(np.abs(source).reshape(-1, 64).max(axis=1))
+            assert tuple(qs.shape) == source.shape and torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key
+    qc = read_config(out)["quantization_config"]
+    assert sorted(qc["llm_int8_skip_modules"]) == sorted(k.removesuffix(".weight") for k in kept if k.endswith(".weight"))
+    assert read_config(out)["model_type"] == mt  # the source's config.json
+
+
+def test_ds_family_fused_layout_exports_the_same_files(ds_family):
+    a, b = ds_family["out"], ds_family["out_fused"]
+    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+
+
+def test_ds_family_skip_modules_select_no_quantised_module(ds_family):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    mt, out = ds_family["model_type"], ds_family["out"]
+    config = read_config(out)
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    _, bits4 = _ds_expected(mt, config)
+    quantised = [k.removesuffix(".weight") for k in bits4]
+    quantised += [f"model.layers.{i}.mlp.experts{s}" for i in range(1, config["num_hidden_layers"]) for s in ("", ".gate_up_proj", ".down_proj")]
+    for name in quantised:
+        assert should_convert_module(name, skip), name
+        assert not any(s in name for s in skip), name
+
+
+def test_ds_family_loaded_model_equals_the_dequantised_model(ds_family):
+    """Dense block 0 a 4-bit MLP, MoE blocks per-expert 4-bit, the selection bias a float32 buffer holding the stored values (what
+    ``from_pretrained`` makes of it: ``_keep_in_fp32_modules_strict``); logits equal transformers' own model on the dequantised weights."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from transformers import AutoModelForCausalLM
+
+    mt, src, out = ds_family["model_type"], ds_family["src"], ds_family["out"]
+    config = read_config(src)
+    kept, bits4 = _ds_expected(mt, config)
+    model = load_bnb(out)
+    assert type(model).__name__ == DS_CLASS[mt]
+    for i, (layer, (moe, _)) in enumerate(zip(model.model.layers, _ds_blocks(mt, config))):
+        if not moe:
+            assert all(isinstance(getattr(layer.mlp, w), Linear4bit) for w in PROJ), i
+            continue
+        experts = layer.mlp.experts.experts
+        assert len(experts) == config["n_routed_experts"]
+        for e, ex in enumerate(experts):
+            assert all(isinstance(ex[w], Linear4bit) and isinstance(ex[w].weight, Params4bit) and ex[w].weight.dtype == torch.uint8 for w in PROJ), (i, e)
+        assert all(isinstance(getattr(layer.mlp.shared_experts, w), Linear4bit) for w in PROJ), i
+    for key in sorted(k for k in bits4 if ".experts." not in k):
+        assert isinstance(model.get_submodule(key.removesuffix(".weight")), Linear4bit), key
+    with open_checkpoint(out) as o:
+        for key in sorted(kept):
+            if key.endswith("e_score_correction_bias"):
+                buf = model.get_buffer(key)
+                assert buf.dtype == torch.float32 and buf.numpy().tobytes() == bytes(o.tensors[key].raw()), key
+            else:
+                assert model.get_parameter(key).detach().view(torch.int16).numpy().tobytes() == bytes(o.tensors[key].raw()), key
+    stored = _stored(out)
+    float_params = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
+    assert float_params + sum(model.get_buffer(k).numel() for k in kept if k.endswith("_bias")) == sum(v["n"] for v in stored.values() if not v["bits4"])
+
+    ids = torch.randint(0, config["vocab_size"], (96,), generator=torch.Generator().manual_seed(7)).tolist()
+    reference = ds_family["src"] if mt != "kimi_k2" else None
+    if reference is None:  # transformers' DeepSeek V3 with the same weights (what load_bnb builds for Kimi K2)
+        reference = shutil.copytree(src, src.parent / "as-deepseek_v3", dirs_exist_ok=True)
+        (reference / "config.json").write_text(json.dumps({**config, "model_type": "deepseek_v3"}))
+    base = _logprobs(AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval(), ids)
+    m = _compare(base, _logprobs(model, ids), ids)
+    assert m["kl"] < MAX_MEAN_KL, m  # NF4 noise against the unquantised float32 model; measured 0.0007-0.0016 (96 random tokens)
+    ref = _dequantised_model(reference, out, torch.bfloat16, n_4bit=len(bits4))
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
+    # measured: identical (max |diff| 0.0) for every family
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+    assert torch.equal(have.argmax(-1), want.argmax(-1))
+
+
+def test_ds_family_run_from_the_cli(ds_family, tmp_path):
+    out = tmp_path / "bnb"
+    r = CliRunner().invoke(app, ["convert", str(ds_family["fused"]), "-o", str(out), "--format", "bnb", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model_type"] == ds_family["model_type"]
+    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v32"])
+def test_ds_family_mtp_blocks_are_left_out(model_type, tmp_path):
+    """A multi-token-prediction block (``model.layers.{num_hidden_layers}``: a MoE block plus eh_proj / enorm / hnorm /
+    shared_head, which transformers does not load; GGUF keeps it for GLM and V3.2) is left out: the same files as without it."""
+    from test_glm4_moe import add_nextn
+
+    src = _ds_source(tmp_path / "src", model_type, False)
+    export_bnb(src, tmp_path / "a")
+    mtp = add_nextn(shutil.copytree(src, tmp_path / "mtp"))
+    n = read_config(mtp)["num_hidden_layers"]
+    with open_checkpoint(mtp) as ckpt:
+        assert any(k.startswith(f"model.layers.{n}.mlp.experts.") for k in ckpt.tensors) and f"model.layers.{n}.eh_proj.weight" in ckpt.tensors
+    export_bnb(mtp, tmp_path / "b")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+    assert read_config(a)["quantization_config"] == read_config(b)["quantization_config"]
+    assert read_config(b)["num_nextn_predict_layers"] == 1  # the source's config.json, as transformers reads it
+    load_bnb(b)
+
+
+def _rewrite(out: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = next(out.glob("*.safetensors"))
+    state = load_file(str(shard))
+    fn(state)
+    save_file(state, str(shard), metadata={"format": "pt"})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: shard.name for k in state}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
+#: (what is wrong with the selection-bias buffer, how, the words the error must contain)
+BUFFER_ERRORS = [
+    ("missing", lambda s: s.pop(BIAS), [BIAS, "which no shard holds"]),
+    ("wrong shape", lambda s: s.__setitem__(BIAS, s[BIAS][:3]), [BIAS, "has shape [3]", "needs [4]"]),
+]
+
+
+@pytest.mark.parametrize("what, corrupt, words", BUFFER_ERRORS, ids=[c[0] for c in BUFFER_ERRORS])
+def test_missing_or_misshapen_selection_bias_is_a_clear_error(tmp_path, what, corrupt, words):
+    """A router buffer is a weight like any other: never left at the zeros transformers initialises it with."""
+    src = _ds_source(tmp_path / "src", "glm4_moe", False)
+    out = tmp_path / "bnb"
+    export_bnb(src, out)
+    _rewrite(out, corrupt)
+    with pytest.raises(CheckpointError) as e:
+        load_bnb(out)
+    msg = str(e.value)
+    assert all(w in msg for w in words) and "fix:" in msg and "\n" not in msg, msg
+
+
+def test_bf16_selection_bias_is_stored_bf16_and_loaded_float32(tmp_path):
+    """A checkpoint saved by transformers in bf16 holds the bias in bf16: exported as those bytes, loaded as their float32
+    values, as ``from_pretrained`` loads it (``_keep_in_fp32_modules_strict``), and the logits equal transformers' model."""
+    from safetensors.torch import load_file, save_file
+
+    src = random_model(tmp_path / "src", "dots1", seed=5)
+    state = load_file(str(src / "model.safetensors"))
+    assert state[BIAS].dtype == torch.bfloat16
+    state[BIAS] = (torch.rand(state[BIAS].shape, generator=torch.Generator().manual_seed(2)) - 0.5).to(torch.bfloat16)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    export_bnb(src, tmp_path / "bnb")
+    with open_checkpoint(tmp_path / "bnb") as o:
+        assert o.tensors[BIAS].dtype == "BF16"
+    model = _generic_4bit_path(load_bnb(tmp_path / "bnb"))
+    assert torch.equal(model.get_buffer(BIAS), state[BIAS].float())
+    ids = torch.randint(0, 3000, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    n_4bit = len(_ds_expected("dots1", read_config(src))[1])
+    with torch.no_grad():
+        want = _dequantised_model(src, tmp_path / "bnb", torch.bfloat16, n_4bit=n_4bit)(torch.tensor([ids])).logits[0].float()
+        have = model(torch.tensor([ids])).logits[0].float()
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())

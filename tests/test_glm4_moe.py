@@ -414,22 +414,6 @@ def test_qk_norm_flag_must_match_the_weights(tmp_path):
     assert_convert_refused(src, tmp_path, ["self_attn.q_norm.weight", "use_qk_norm is false"])
 
 
-def test_bnb_export_refused_with_a_reason(tmp_path):
-    """--format bnb: not declared for either (quantkit.load_bnb sets no buffers such as e_score_correction_bias, and the MTP
-    blocks are not nameable by HfExperts.unloaded): refused in one line, nothing written."""
-    from typer.testing import CliRunner
-
-    from quantkit.cli.main import app
-    from quantkit.converters import for_model_type
-
-    assert for_model_type("glm4_moe").hf_experts is None and for_model_type("glm4_moe_lite").hf_experts is None
-    src = random_model(tmp_path / "hf", "glm4_moe")
-    result = CliRunner().invoke(app, ["convert", str(src), "-o", str(tmp_path / "bnb"), "--format", "bnb"])
-    msg = result.output.strip()
-    assert result.exit_code == 1 and msg.startswith("error:") and len(msg.splitlines()) == 1, msg
-    assert "glm4_moe" in msg and "fix:" in msg and not (tmp_path / "bnb").exists()
-
-
 def test_keys_unknown_to_llama_cpp_are_not_written(grouped, tmp_path):
     """Every glm4moe.* key written is one llama.cpp's loader knows (gguf-py's names for this arch)."""
     src, _ = grouped

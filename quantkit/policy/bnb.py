@@ -1,8 +1,9 @@
 """bitsandbytes 4-bit checkpoints whose MoE experts really are 4-bit: export and load.
 
 ``export_bnb`` streams a Hugging Face checkpoint (Mixtral, Qwen2 MoE, Qwen3 MoE,
-OLMoE, Granite MoE, Qwen3-Next, Qwen3.5 MoE, per-expert or fused expert layout;
-also Mistral / Llama) into a directory
+OLMoE, Granite MoE, Qwen3-Next, Qwen3.5 MoE, DeepSeek V2 / V3 / V3.2, Kimi K2,
+GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), GLM-5 (glm_moe_dsa), dots.llm1;
+per-expert or fused expert layout; also Mistral / Llama) into a directory
 of sharded safetensors in the family's per-expert HF key layout (what
 ``save_pretrained`` writes, declared per family as
 ``quantkit.converters.HfExperts``) as bitsandbytes' ``Linear4bit`` serialises it:
@@ -17,8 +18,11 @@ too), norms, biases, token embeddings and lm_head are copied byte for byte in
 the source dtype under their own keys (as the source stores them: the GGUF name tables'
 value transforms and views, e.g. Qwen3-Next's ``w + 1`` norms, ``-exp(A_log)`` and its
 conv kernel read as a matrix, do not apply; further ``nn.Linear`` weights a family
-declares in ``HfExperts.linears`` are 4-bit; tensors transformers does not load,
-``HfExperts.unloaded`` such as MTP blocks, are left out).  ``config.json`` gets a
+declares in ``HfExperts.linears`` are 4-bit, those in ``HfExperts.kept`` (the DSA indexer's
+``weights_proj``) are not; a router's selection bias ``e_score_correction_bias``, a buffer in
+transformers, is kept like the router; leading dense blocks are plain 4-bit MLPs; tensors
+transformers does not load, multi-token-prediction blocks (``model.layers.N`` past
+num_hidden_layers, Qwen3-Next's ``mtp.*``), are left out).  ``config.json`` (the source's) gets a
 ``quantization_config`` whose ``llm_int8_skip_modules`` lists the kept modules
 by full path.  Tensors are read lazily and written one at a time, and the
 directory is built beside the target and renamed into place.
@@ -28,7 +32,12 @@ directory is built beside the target and renamed into place.
 each MoE block's fused experts module (``MixtralExperts``, ``Qwen3MoeExperts``,
 ``OlmoeExperts``, ``Qwen2MoeExperts``) is replaced by an ``Experts4bit``
 (per-expert ``Linear4bit`` gate / up / down running ``bitsandbytes.matmul_4bit``),
-so the experts stay 4-bit in memory; every other tensor is used exactly as stored.
+so the experts stay 4-bit in memory; every other tensor, persistent buffers included, is used
+with the values stored, in the dtype ``from_pretrained`` gives it (the source's, float32 where
+the model's ``_keep_in_fp32_modules_strict`` says: the selection bias), and a persistent buffer
+no shard holds is an error (never the zeros transformers initialises it with).  A family
+transformers knows under another model_type (``HfExperts.model_type``: Kimi K2 -> DeepSeek V3)
+is built as that model.
 
 Not for: GGUF output (``quantkit.pipeline.convert``) or argument parsing (``quantkit.cli.main``).
 """
@@ -105,11 +114,13 @@ class Item:
     expert: int | None = None  # index into a fused [E, 2F, H] / [E, H, F] source
     half: Transform = Transform.NONE  # FIRST_HALF / SECOND_HALF of a fused gate_up_proj
     linear: bool = False  # an nn.Linear the family declares 4-bit whatever its role (``HfExperts.linears``)
+    kept: bool = False  # a weight the family keeps in source precision whatever its role (``HfExperts.kept``)
 
     @property
     def quantised(self) -> bool:
-        """Weight matrices of the quantised roles (and declared linears); biases (1-D) stay in source precision beside them."""
-        return (self.role in QUANTISED_ROLES or self.linear) and len(self.shape) == 2 and self.key.endswith(".weight")
+        """Weight matrices of the quantised roles (and declared linears, less declared kept ones); biases (1-D) stay in
+        source precision beside them."""
+        return (self.role in QUANTISED_ROLES or self.linear) and not self.kept and len(self.shape) == 2 and self.key.endswith(".weight")
 
     @property
     def module(self) -> str:
@@ -187,6 +198,7 @@ def plan_items(tensors: Sequence[OutTensor], layout: HfExperts | None) -> list[I
     items: list[Item] = []
     keys: set[str] = set()
     linears = [_key_pattern(k) for k in layout.linears] if layout is not None else []
+    kept = [_key_pattern(k) for k in layout.kept] if layout is not None else []
     for t in tensors:
         if t.data is not None:  # generated for GGUF only (rope_freqs); not an HF weight
             continue
@@ -195,7 +207,8 @@ def plan_items(tensors: Sequence[OutTensor], layout: HfExperts | None) -> list[I
             key = layout.router.format(bid=bid) if layout is not None and kind == ROUTER_KIND else _renamed(t.sources[0].name, layout)
             if key not in keys:  # one source split into several GGUF tensors (in_proj_qkvz) is one weight here
                 keys.add(key)
-                items.append(Item(key, t.role, t.sources[0].shape, t.sources[0], linear=any(p.match(key) for p in linears)))
+                items.append(Item(key, t.role, t.sources[0].shape, t.sources[0], linear=any(p.match(key) for p in linears),
+                                  kept=any(p.match(key) for p in kept)))
             continue
         if layout is None or kind not in EXPERT_KINDS:
             raise CheckpointError(f"checkpoint: tensor {t.sources[0].name!r} ({t.name}) has no place in a bitsandbytes checkpoint; fix: convert this model to GGUF instead")
@@ -479,12 +492,20 @@ def prepare_bnb(ckpt: Checkpoint) -> tuple[str, list[Item]]:
     Kept tensors are the source's as stored: a weight the name table reads through a view of another
     shape (Qwen3-Next's conv1d kernel [C, 1, K] as [C, K]) is written under its source shape, and
     the table's value transforms (``w + 1`` norms, ``-exp(A_log)``) are GGUF-only.  Source tensors
-    transformers does not load (``HfExperts.unloaded``: MTP blocks) are left out, and keys are
+    transformers does not load are left out: the multi-token-prediction blocks a family's converter would
+    keep as nextn blocks (``Converter.mtp_sources``, before mapping, as ``convert --no-mtp`` does: GLM's
+    and DeepSeek V3.2's ``model.layers.N`` past num_hidden_layers; DeepSeek V3's the name table drops
+    itself) and ``HfExperts.unloaded`` (Qwen3-Next's ``mtp.*``).  Keys are
     renamed as ``AutoModelForCausalLM`` names them (``HfExperts.renamed``: a vision-language
     checkpoint's ``model.language_model.`` -> ``model.``; its vision tower the name table drops).
     """
     conv = for_model_type(ckpt.model_type, where=str(ckpt.root / "config.json"))
     layout = expert_layout(conv, str(ckpt.root))
+    mtp = set(conv.mtp_sources(ckpt.config, list(ckpt.tensors)))
+    if mtp:  # transformers' model has num_hidden_layers blocks: it never loads these
+        log.info("%s: %d multi-token-prediction tensor(s) (e.g. %s), which transformers does not load, are left out of the bitsandbytes export",
+                 ckpt.root, len(mtp), min(mtp))
+        ckpt.tensors = {n: r for n, r in ckpt.tensors.items() if n not in mtp}
     _, tensors = conv.map(ckpt)  # the name table accounts for every tensor; the family's checks (made for llama.cpp) run too
     tensors = [t for t in tensors if t.data is None]  # generated tensors (rope_freqs) are not checkpoint weights
     unloaded = [re.compile(p) for p in layout.unloaded] if layout is not None else []
@@ -699,8 +720,10 @@ def _experts_class() -> type:
         Each expert is a ``ModuleDict`` of three ``bitsandbytes.nn.Linear4bit`` layers with their own
         QuantStates, named as the family's checkpoint names them (Mixtral's ``w1`` / ``w3`` / ``w2``,
         ``gate_proj`` / ``up_proj`` / ``down_proj``); the forward pass routes tokens exactly as the fused
-        module does (``down(act(gate x) * up x)`` times the token's routing weight) and multiplies with
-        ``bitsandbytes.matmul_4bit`` (CPU and CUDA).
+        module does (``down(act(gate x) * up x)`` times the token's routing weight, a token's top-k terms summed in
+        the dtype of that product and cast once, as transformers 5's default ``grouped_mm`` experts do: with a
+        float32 sigmoid router's weights (DeepSeek V3, GLM, dots1) that is not the eager loop's bf16 ``index_add_``)
+        and multiplies with ``bitsandbytes.matmul_4bit`` (CPU and CUDA).
         """
 
         def __init__(self, experts: list[dict[str, nn.Module]], act_fn: Callable[[Any], Any], names: tuple[str, str, str]) -> None:
@@ -714,7 +737,8 @@ def _experts_class() -> type:
             import torch
 
             gate, up, down = self.names
-            out = torch.zeros_like(hidden_states)
+            dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+            terms = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]), dtype=dtype)  # (tokens, k, hidden)
             with torch.no_grad():
                 mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, tokens)
                 hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
@@ -722,9 +746,9 @@ def _experts_class() -> type:
                 pos, token = torch.where(mask[e])
                 x = hidden_states[token]
                 ex = self.experts[e]
-                y = ex[down](self.act_fn(ex[gate](x)) * ex[up](x)) * top_k_weights[token, pos, None]
-                out.index_add_(0, token, y.to(out.dtype))
-            return out
+                y = ex[down](self.act_fn(ex[gate](x)) * ex[up](x)).to(hidden_states.dtype) * top_k_weights[token, pos, None]
+                terms[token, pos] = y.to(dtype)
+            return terms.sum(dim=1).to(hidden_states.dtype)
 
     return Experts4bit
 
@@ -733,7 +757,7 @@ def _key_pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{bid\}", r"\d+").replace(r"\{xid\}", r"\d+") + r"\Z")
 
 
-def _load_experts(model: nn.Module, stored: StoredWeights, layout: HfExperts) -> None:
+def _load_experts(model: nn.Module, stored: StoredWeights, layout: HfExperts, fp32: re.Pattern[str] | None = None) -> None:
     """Swap every MoE block's fused experts for per-expert ``Linear4bit`` layers and set its router as stored."""
     experts_cls = _experts_class()
     names = layout.projections
@@ -754,7 +778,7 @@ def _load_experts(model: nn.Module, stored: StoredWeights, layout: HfExperts) ->
         ]
         moe.experts = experts_cls(experts, fused.act_fn, names)
         router = layout.router.format(bid=bid)
-        _set_parameter(model, f"{block}.{layout.router_param}", stored.tensor(router), stored.where(router))
+        _set_parameter(model, f"{block}.{layout.router_param}", stored.tensor(router), stored.where(router), fp32)
 
 
 @contextlib.contextmanager
@@ -776,7 +800,21 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def _set_parameter(model: nn.Module, name: str, value: torch.Tensor, where: Path) -> None:
+def _fp32_keys(model: nn.Module, dtype: torch.dtype) -> re.Pattern[str] | None:
+    """The keys ``from_pretrained`` loads in float32 whatever ``dtype`` (``_keep_in_fp32_modules_strict``, e.g. DeepSeek V3's
+    ``e_score_correction_bias``), as transformers 5 matches them (a pattern searched in the key); None when there are none."""
+    import torch
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    globs = sorted(k for k, v in plan.items() if v == torch.float32)
+    return re.compile("|".join(f"(?:{g.replace('*', '.*')})" for g in globs)) if globs else None
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor, where: Path, fp32: re.Pattern[str] | None = None) -> bool:
+    """Set parameter ``name``, or a persistent buffer (a router's ``e_score_correction_bias``), to a stored tensor; returns
+    True for a buffer.  The values are the stored ones, in the dtype ``from_pretrained`` gives them: float32 where the model
+    keeps the key in float32 (``fp32``), a buffer otherwise in the dtype the model built it in, a parameter as stored."""
+    import torch
     from torch import nn
 
     module_name, _, leaf = name.rpartition(".")
@@ -785,11 +823,28 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor, where: Path
     except AttributeError:
         module = None
     old = getattr(module, "_parameters", {}).get(leaf) if module is not None else None
+    buffer = old is None and module is not None and module._buffers.get(leaf) is not None and leaf not in module._non_persistent_buffers_set
+    if buffer:
+        old = module._buffers[leaf]
     if old is None:
         raise CheckpointError(f"{where}: tensor {name!r} has no place in a {type(model).__name__} built from config.json; fix: use the config.json that belongs to these weights")
     if tuple(old.shape) != tuple(value.shape):
         raise CheckpointError(f"{where}: tensor {name!r} has shape {list(value.shape)}, the model built from config.json needs {list(old.shape)}; fix: use the config.json that belongs to these weights")
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    if fp32 is not None and fp32.search(name):
+        value = value.to(torch.float32)
+    elif buffer:
+        value = value.to(old.dtype)
+    if buffer:
+        module._buffers[leaf] = value
+    else:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    return buffer
+
+
+def _persistent_buffers(model: nn.Module) -> list[str]:
+    """The buffers ``state_dict`` holds (and ``from_pretrained`` loads from the checkpoint)."""
+    return [f"{m}.{b}" if m else b for m, module in model.named_modules() for b, t in module._buffers.items()
+            if t is not None and b not in module._non_persistent_buffers_set]
 
 
 def load_bnb(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
@@ -811,11 +866,15 @@ def load_bnb(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
         if embed is None:
             raise CheckpointError(f"{path}: tensor 'model.embed_tokens.weight' is missing; fix: re-export the model")
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[embed.dtype]
-        hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version")})
+        hf_fields = {k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version")}
+        if layout is not None and layout.model_type:  # a family transformers knows under another model_type (Kimi K2: DeepSeek V3)
+            hf_fields["model_type"] = layout.model_type
+        hf_config = AutoConfig.for_model(**hf_fields)
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        fp32 = _fp32_keys(model, dtype)
         if layout is not None:
-            _load_experts(model, stored, layout)
+            _load_experts(model, stored, layout, fp32)
             moe_keys = [_key_pattern(t) for t in (layout.router, layout.gate, layout.up, layout.down)]
             stray = next((k for k in sorted(ckpt.tensors) if k not in stored.used and any(p.match(k) for p in moe_keys)), None)
             if stray is not None:
@@ -830,14 +889,16 @@ def load_bnb(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
             if type(old) is not nn.Linear:
                 raise CheckpointError(f"{stored.where(key)}: tensor {key!r} is stored 4-bit but {module_name!r} is not a linear layer of the model; fix: use the config.json that belongs to these weights")
             model.set_submodule(module_name, _linear4bit(stored, key, old.out_features, old.in_features, bias=old.bias is not None))
+        buffers = set()
         for key in [k for k in rest if k not in stored.quantised]:
-            _set_parameter(model, key, stored.tensor(key), stored.where(key))
+            if _set_parameter(model, key, stored.tensor(key), stored.where(key), fp32):
+                buffers.add(key)
         if getattr(hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.tensors:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         unused = sorted(set(ckpt.tensors) - stored.used)
         if unused:
             raise CheckpointError(f"{stored.where(unused[0])}: tensor {unused[0]!r} (and {len(unused) - 1} more) is not used by the model built from config.json; fix: use the config.json that belongs to these weights")
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"] + [n for n in _persistent_buffers(model) if n not in buffers]
     if missing:
         raise CheckpointError(f"{path}: the model needs {missing[0]!r} (and {len(missing) - 1} more), which no shard holds; fix: re-export the model")
     for module in model.modules():
