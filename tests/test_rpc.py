@@ -174,6 +174,42 @@ def test_lost_server_line():
     assert line.startswith("error: an RPC server (10.0.0.2:50052, 10.0.0.3:50052) stopped answering") and line.count("\n") == 1
 
 
+def test_down_tells_a_server_going_away_from_a_busy_one():
+    """Which endpoints the abort line names: a closed port, and a listener that takes the connection and closes it at once
+    (a server killed a moment ago, its listening socket not yet torn down) are down; one that accepts and stays silent
+    (ggml-rpc-server serving another client) is not."""
+    from quantkit.engine.rpc import Endpoint, _down
+
+    def listener(close_at_once: bool) -> tuple[socket.socket, Endpoint]:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+
+        def serve() -> None:
+            held = []
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                if close_at_once:
+                    c.close()
+                else:
+                    held.append(c)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return srv, Endpoint("127.0.0.1", srv.getsockname()[1])
+
+    dying, d = listener(True)
+    busy, b = listener(False)
+    closed = Endpoint("127.0.0.1", _free_port())
+    try:
+        assert _down((b, d, closed)) == [d, closed]
+    finally:
+        dying.close()
+        busy.close()
+
+
 def test_ppl_through_two_servers_equals_local(servers, q4, monkeypatch):
     local = _quantkit(*_ppl_args(q4, "--chunks", "3", "--json", "-"))
     assert local.returncode == 0, local.stderr

@@ -223,13 +223,24 @@ def lost_line(message: str, endpoints: Sequence[Endpoint], down: Sequence[Endpoi
             "fix: check that ggml-rpc-server still runs on each and the network between, and rerun\n")
 
 
-def _down(endpoints: Sequence[Endpoint], timeout: float = 1.0) -> list[Endpoint]:
-    """Endpoints that refuse or ignore a new connection now (a server that went away)."""
+def _down(endpoints: Sequence[Endpoint], timeout: float = 1.0, settle: float = 0.3) -> list[Endpoint]:
+    """Endpoints that refuse or ignore a new connection now, or close it at once (a server that went away).
+
+    A server killed a moment ago can still take a connection into its listening socket's queue while the kernel
+    tears the process down, then reset it: so a connection that was accepted is watched for ``settle`` seconds.
+    A live server says nothing first (the client speaks first in ggml's RPC protocol; one busy with another client
+    leaves it queued), so silence means alive."""
     out = []
     for ep in endpoints:
         try:
-            socket.create_connection((ep.host, ep.port), timeout=timeout).close()
-        except OSError:
+            with socket.create_connection((ep.host, ep.port), timeout=timeout) as s:
+                s.settimeout(settle)
+                try:
+                    if s.recv(1) == b"":
+                        out.append(ep)  # closed without a word: going away
+                except socket.timeout:
+                    pass
+        except OSError:  # refused, reset, unreachable, no answer to the connect
             out.append(ep)
     return out
 
