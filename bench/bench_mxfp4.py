@@ -190,8 +190,8 @@ def carry_experts(src: Path, out: Path, copy: bool) -> None:
     with ckpt, open(out, "wb") as f:
         carried = [t for t, tp in zip(prep.tensors, prep.plan.tensors) if tp.reason.startswith("carried")]
         if not copy:
-            for t in carried:
-                for piece in cv._carried_pieces(t):
+            for t in carried:  # as the converter writes them: the next piece repacked while this one is written
+                for _, piece in cv._in_flight((0, p) for p in cv._carried_pieces(t)):
                     f.write(memoryview(piece).cast("B"))
             return
         seen = set()

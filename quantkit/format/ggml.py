@@ -439,6 +439,11 @@ class Pending:
         self._keep: tuple[Any, ...] | None = keep  # the source rows and importance weights the threads read from
         self._then: list[Callable[[], None]] = []
 
+    @property
+    def nbytes(self) -> int:
+        """The size of the bytes :meth:`result` returns (known before they are made)."""
+        return int(self._out.nbytes)
+
     def then(self, fn: Callable[[], None]) -> Pending:
         """Call ``fn`` once the bytes are done (e.g. drop the source pages they were made from)."""
         self._then.append(fn)

@@ -42,7 +42,7 @@ from quantkit.format.gguf_write import MetaValue, SplitGGUFWriter, SplitSpec, St
 from quantkit.format.gguf_write import split_file_sizes, split_layout, split_path, split_prefix
 from quantkit.hf.hub_cache import repo_of_snapshot, resolve_source
 from quantkit.pipeline.card import COMMAND_KEY
-from quantkit.hf.mapping import OutTensor, Role, group_totals
+from quantkit.hf.mapping import IntegerTable, OutTensor, Role, group_totals
 from quantkit.hf.quantized import mxfp4_to_ggml, warn_requantised
 from quantkit.format.output import atomic_file, atomic_files, check_free_space, check_target
 from quantkit.policy.plan import Override, Plan, Target, TensorPlan, carried, header_bytes, make_plan
@@ -355,6 +355,9 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | N
     if tp.qtype == gguf_spec.GGMLQuantizationType.MXFP4 and carried(t) == tp.qtype:
         yield from _carried_pieces(t)
         return
+    if isinstance(t.transform, IntegerTable):  # an integer lookup table: its values as I32 (checked in range)
+        yield t.transform.apply(t.sources[0].array(), hp)
+        return
 
     def w(e: int) -> np.ndarray | None:
         return None if weights is None else weights[e]
@@ -387,28 +390,34 @@ def tensor_pieces(t: OutTensor, tp: TensorPlan, hp: Any, weights: np.ndarray | N
     finite.report()
 
 
-def _carried_pieces(t: OutTensor) -> Iterator[np.ndarray]:
+def _carried_pieces(t: OutTensor) -> Iterator[ggml.Pending]:
     """GGML MXFP4 bytes of ``t`` from the checkpoint's ``_blocks`` / ``_scales`` (:func:`mxfp4_to_ggml`, no value touched), the
-    rows its transform picks (whole blocks: the interleaved gate/up split is exact), a few matrices (experts) per piece,
-    each piece's stored pages dropped once it is made."""
+    rows its transform picks (whole blocks: the interleaved gate/up split is exact), a few matrices (experts) per piece.
+
+    Each piece is repacked on the pool while the writer writes the one before (:func:`_in_flight` keeps two alive), so the
+    repack hides behind the write; its stored pages are dropped once it is made."""
+    pool = ggml.pool()
     for ref in t.sources:
         blocks, scales = ref.stored.array(), ref.scale.array()  # [..., rows, cols/32, 16] / [..., rows, cols/32] uint8 views
         n = int(np.prod(blocks.shape[:-3], dtype=np.int64))
         blocks, scales = blocks.reshape(n, *blocks.shape[-3:]), scales.reshape(n, *scales.shape[-2:])
         per_b, per_s = blocks[0].nbytes, scales[0].nbytes
+        rows, nb = t.transform.select(scales[0]).shape  # the rows the transform keeps (a view: nothing read yet)
         step = max(1, CHUNK_BYTES // max(1, per_b))
         for e0 in range(0, n, step):
             e1 = min(n, e0 + step)
-            first = mxfp4_to_ggml(t.transform.select(blocks[e0]), t.transform.select(scales[e0]))
-            if e1 - e0 > 1:
-                run = np.empty((e1 - e0, *first.shape), dtype=np.uint8)  # the run's experts repacked in place, no concatenation
-                run[0] = first
-                for e in range(e0 + 1, e1):
-                    mxfp4_to_ggml(t.transform.select(blocks[e]), t.transform.select(scales[e]), out=run[e - e0])
-                first = run
-            yield first
-            ref.stored.release(e0 * per_b, e1 * per_b)
-            ref.scale.release(e0 * per_s, e1 * per_s)
+            out = np.empty((e1 - e0, rows, nb * 17), dtype=np.uint8)
+
+            def repack(e0: int = e0, e1: int = e1, out: np.ndarray = out, blocks: np.ndarray = blocks, scales: np.ndarray = scales) -> int:
+                for e in range(e0, e1):
+                    mxfp4_to_ggml(t.transform.select(blocks[e]), t.transform.select(scales[e]), out=out[e - e0])
+                return out.nbytes
+
+            def release(ref: Any = ref, e0: int = e0, e1: int = e1, per_b: int = per_b, per_s: int = per_s) -> None:
+                ref.stored.release(e0 * per_b, e1 * per_b)
+                ref.scale.release(e0 * per_s, e1 * per_s)
+
+            yield ggml.Pending(lambda: 0, [pool.submit(repack)], out, ()).then(release)
         del blocks, scales
 
 
