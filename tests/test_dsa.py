@@ -313,22 +313,6 @@ def test_index_head_dim_refusal_is_needed(tmp_path):
     assert r.returncode != 0 and "ran" not in r.stdout and "GGML_ASSERT" in r.stderr, (r.returncode, r.stderr[-2000:])
 
 
-def test_deepseek_v4_refused_with_one_line(tmp_path):
-    """DeepSeek V4 has no converter (hyper-connections, compressed attention, hash-routed layers, sqrtsoftplus routing: no name
-    table here, and llama.cpp's deepseek4 graph unchecked against transformers): refused at config.json with one line, nothing written."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    src = tmp_path / "v4"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"], "hidden_size": 64}))
-    save_file({"model.embed_tokens.weight": torch.zeros(8, 64)}, str(src / "model.safetensors"))
-    assert_convert_refused(src, tmp_path, ["deepseek_v4", "not supported"])
-    assert not list((tmp_path / "out").iterdir())
-
-
 try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

@@ -318,6 +318,17 @@ RANDOM = {
         rope_parameters={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
                          "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
     ),
+    # deepseek4 (from deepseek_v4): hyper-connection matrices (hc_*_fn rows 1024, quantised as "other"; base / scale 1-D), sliding /
+    # compressed-sparse / heavily-compressed / compressed-sparse blocks (compressor kv / gate / ape, indexer q_b / proj / compressor
+    # tensors), attn_kv (one head), grouped attn_output_a / _b, attn_sinks (1-D); two hash-routed blocks (ffn_gate_tid2eid: I32, never
+    # quantised), exp_probs_b in the other two; 8 experts of width 256, a shared expert of width 256, rows 256 elsewhere
+    "deepseek4-e8-L4-hash": dict(
+        model_type="deepseek_v4", n_routed_experts=8, num_experts_per_tok=2, num_hidden_layers=4, hidden_size=256, moe_intermediate_size=256,
+        intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=64, q_lora_rank=256, o_groups=2, o_lora_rank=128,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention", "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], sliding_window=8, index_n_heads=4, index_head_dim=64, index_topk=64, hc_mult=4,
+        num_nextn_predict_layers=0, partial_rotary_factor=0.25,
+    ),
 }
 
 

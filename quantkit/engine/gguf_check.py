@@ -329,7 +329,7 @@ class _Model:
         for t in self.g.tensors:
             if 0 in t.ne:
                 raise self.fail(f"tensor {t.name!r} has a zero-sized dimension (shape {list(t.ne)})")
-            if t.qtype in NOT_WEIGHT_TYPES:
+            if t.qtype in NOT_WEIGHT_TYPES and not (t.qtype == _Q.I32 and t.name.endswith(".ffn_gate_tid2eid.weight")):  # hash routing: I32 ids
                 raise self.fail(f"tensor {t.name!r} is stored as {t.qtype.name}, a type llama.cpp cannot compute with (it crashes); expected a float or quantised type")
             if (len(t.ne) == 1 or t.name.endswith("_norm.weight")) and t.qtype != _Q.F32:
                 raise self.fail(f"tensor {t.name!r} is stored as {t.qtype.name}; llama.cpp applies norms, biases and other 1-D tensors "

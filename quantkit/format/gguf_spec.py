@@ -191,6 +191,11 @@ class Keys:
         FULL_ATTENTION_INTERVAL = "{arch}.full_attention_interval"
         # interleaved dense / MoE blocks (llama4: every step-th block has experts)
         INTERLEAVE_MOE_LAYER_STEP = "{arch}.interleave_moe_layer_step"
+        # DeepSeek V4 (deepseek4): hyper-connections, hash-routed blocks, clamped SwiGLU, the hyper-connection stream width
+        EMBEDDING_LENGTH_OUT = "{arch}.embedding_length_out"
+        HASH_LAYER_COUNT = "{arch}.hash_layer_count"
+        SWIGLU_CLAMP_EXP = "{arch}.swiglu_clamp_exp"
+        SWIGLU_CLAMP_SHEXP = "{arch}.swiglu_clamp_shexp"
 
     class Attention:
         HEAD_COUNT = "{arch}.attention.head_count"
@@ -210,6 +215,11 @@ class Keys:
         INDEXER_KEY_LENGTH = "{arch}.attention.indexer.key_length"
         INDEXER_TOP_K = "{arch}.attention.indexer.top_k"
         INDEXER_TYPES = "{arch}.attention.indexer.types"  # per block: true = runs its own indexer, false = reuses the previous one's top-k
+        # DeepSeek V4 (deepseek4): grouped low-rank output projection, compressed attention
+        OUTPUT_GROUP_COUNT = "{arch}.attention.output_group_count"
+        OUTPUT_LORA_RANK = "{arch}.attention.output_lora_rank"
+        COMPRESS_RATIOS = "{arch}.attention.compress_ratios"
+        COMPRESS_ROPE_FREQ_BASE = "{arch}.attention.compress_rope_freq_base"
 
     class Rope:
         DIMENSION_COUNT = "{arch}.rope.dimension_count"
@@ -219,6 +229,8 @@ class Keys:
         SCALING_ORIG_CTX_LEN = "{arch}.rope.scaling.original_context_length"
         SCALING_ATTN_FACTOR = "{arch}.rope.scaling.attn_factor"
         SCALING_YARN_LOG_MUL = "{arch}.rope.scaling.yarn_log_multiplier"
+        SCALING_YARN_BETA_FAST = "{arch}.rope.scaling.yarn_beta_fast"
+        SCALING_YARN_BETA_SLOW = "{arch}.rope.scaling.yarn_beta_slow"
         # multi-section rotary embeddings (qwen35moe: IMRoPE)
         DIMENSION_SECTIONS = "{arch}.rope.dimension_sections"
 
@@ -230,6 +242,13 @@ class Keys:
         STATE_SIZE = "{arch}.ssm.state_size"
         TIME_STEP_RANK = "{arch}.ssm.time_step_rank"
         GROUP_COUNT = "{arch}.ssm.group_count"
+
+    class HyperConnection:
+        """Manifold-constrained hyper-connections (gguf-py ``Keys.HyperConnection``; deepseek4)."""
+
+        COUNT = "{arch}.hyper_connection.count"
+        SINKHORN_ITERATIONS = "{arch}.hyper_connection.sinkhorn_iterations"
+        EPSILON = "{arch}.hyper_connection.epsilon"
 
     class Tokenizer:
         MODEL = "tokenizer.ggml.model"
@@ -310,6 +329,29 @@ class TensorName:
     INDEXER_PROJ = "blk.{bid}.indexer.proj"
     INDEXER_ATTN_K = "blk.{bid}.indexer.attn_k"
     INDEXER_ATTN_Q_B = "blk.{bid}.indexer.attn_q_b"
+    # DeepSeek V4 (deepseek4): hyper-connections, shared-KV attention with a grouped output projection, KV compressors, hash routing
+    HC_HEAD_FN = "output_hc_fn"
+    HC_HEAD_BASE = "output_hc_base"
+    HC_HEAD_SCALE = "output_hc_scale"
+    HC_ATTN_FN = "blk.{bid}.hc_attn_fn"
+    HC_ATTN_BASE = "blk.{bid}.hc_attn_base"
+    HC_ATTN_SCALE = "blk.{bid}.hc_attn_scale"
+    HC_FFN_FN = "blk.{bid}.hc_ffn_fn"
+    HC_FFN_BASE = "blk.{bid}.hc_ffn_base"
+    HC_FFN_SCALE = "blk.{bid}.hc_ffn_scale"
+    ATTN_KV = "blk.{bid}.attn_kv"
+    ATTN_KV_NORM = "blk.{bid}.attn_kv_a_norm"
+    ATTN_OUT_A = "blk.{bid}.attn_output_a"
+    ATTN_OUT_B = "blk.{bid}.attn_output_b"
+    ATTN_COMPRESSOR_WKV = "blk.{bid}.attn_compressor_kv"
+    ATTN_COMPRESSOR_WGATE = "blk.{bid}.attn_compressor_gate"
+    ATTN_COMPRESSOR_APE = "blk.{bid}.attn_compressor_ape"
+    ATTN_COMPRESSOR_NORM = "blk.{bid}.attn_compressor_norm"
+    INDEXER_COMPRESSOR_WKV = "blk.{bid}.indexer_compressor_kv"
+    INDEXER_COMPRESSOR_WGATE = "blk.{bid}.indexer_compressor_gate"
+    INDEXER_COMPRESSOR_APE = "blk.{bid}.indexer_compressor_ape"
+    INDEXER_COMPRESSOR_NORM = "blk.{bid}.indexer_compressor_norm"
+    FFN_GATE_TID2EID = "blk.{bid}.ffn_gate_tid2eid"
 
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")

@@ -219,6 +219,31 @@ NEG_EXP = NegExp("neg_exp")
 
 
 @dataclass(frozen=True)
+class IntegerTable(Transform):
+    """An integer lookup table written as I32 whatever the requested type (DeepSeek V4's hash routing ``tid2eid``: token ->
+    expert ids, read by llama.cpp with ``ggml_get_rows`` as expert ids).  Every value must be in ``[0, getattr(hparams, bound))``:
+    llama.cpp indexes with them unchecked.  The plan gives such a tensor I32 and the writer writes :meth:`apply`'s values as they are.
+    """
+
+    bound: str = "n_expert"
+    source: str = ""  # the checkpoint tensor, for messages
+
+    def apply(self, a: np.ndarray, hparams: object) -> np.ndarray:
+        a = np.asarray(a)
+        what = f"tensor {shown(self.source)}" if self.source else "an integer table"
+        if a.dtype.kind not in "iu":
+            raise CheckpointError(f"checkpoint: {what} is an integer table of dtype {a.dtype} (expected integers); fix: re-save the checkpoint with its original table")
+        limit = int(getattr(hparams, self.bound))
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= limit):
+            raise CheckpointError(f"checkpoint: {what}, an integer table, holds {int(a.min())}..{int(a.max())}, expected ids in 0..{limit - 1} "
+                                  f"({self.bound}); fix: use the config.json that belongs to these weights")
+        return np.ascontiguousarray(a, dtype="<i4")
+
+
+INTEGER_TABLE = IntegerTable("integer_table")
+
+
+@dataclass(frozen=True)
 class Rule:
     hf: str
     gguf: str

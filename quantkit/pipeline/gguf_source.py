@@ -38,7 +38,7 @@ from quantkit.errors import CheckpointError
 from quantkit.engine.gguf_check import check_model
 from quantkit.format.gguf_read import GGUFFile, read_gguf, role_of
 from quantkit.format.gguf_write import SPLIT_KEYS, MetaValue
-from quantkit.hf.mapping import OutTensor
+from quantkit.hf.mapping import INTEGER_TABLE, OutTensor
 
 log = logging.getLogger(__name__)
 Q = gguf_spec.GGMLQuantizationType
@@ -55,7 +55,7 @@ class GGUFTensorRef(TensorRef):
     qtype: Q = Q.F32
 
     def array(self) -> np.ndarray:
-        if self.qtype in FLOAT:
+        if self.qtype in FLOAT or self.qtype == Q.I32:  # I32: an integer table (hash routing), read as stored
             return super().array()
         from gguf import quants  # gguf-py's dequantisers: only for quantised sources (--allow-requantize)
 
@@ -146,6 +146,10 @@ def open_gguf(path: str | Path, allow_requantize: bool = False) -> GGUFSource:
     tensors, quantized = [], []
     for ti in g.tensors:
         shape = tuple(reversed(ti.ne))
+        if ti.qtype == Q.I32 and ti.name.endswith(".ffn_gate_tid2eid.weight"):  # hash routing's token -> expert ids: I32 as stored
+            ref = GGUFTensorRef(ti.name, "I32", shape, shards[ti.part], ti.offset, ti.offset + ti.nbytes, qtype=ti.qtype)
+            tensors.append(OutTensor(ti.name, shape, role_of(ti.name), (ref,), INTEGER_TABLE))
+            continue
         stored = FLOAT.get(ti.qtype)
         if stored is None:
             quantized.append(ti.name)

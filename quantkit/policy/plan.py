@@ -22,7 +22,7 @@ from quantkit.policy import presets
 from quantkit.errors import QuantkitError
 from quantkit.policy.presets import ModelShape
 from quantkit.format.gguf_write import type_nbytes
-from quantkit.hf.mapping import OutTensor, Role, RowSelect
+from quantkit.hf.mapping import IntegerTable, OutTensor, Role, RowSelect
 from quantkit.hf.quantized import carried_type
 
 log = logging.getLogger(__name__)
@@ -417,6 +417,9 @@ def make_plan(
     used = set()
     for t in tensors:
         hit = _rule_for(t, overrides, n_layer)
+        if isinstance(t.transform, IntegerTable):  # an integer lookup table (hash routing): I32 whatever the type or rule
+            plans.append(TensorPlan(t.name, t.shape, t.role, Q.I32, type_nbytes(Q.I32, t.shape), "integer table: I32 as llama.cpp reads it"))
+            continue
         if t.name in carry:
             if hit is not None:
                 used.add(hit)

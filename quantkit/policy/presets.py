@@ -49,7 +49,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 from quantkit.format import gguf_spec
 from quantkit.errors import QuantkitError
-from quantkit.hf.mapping import OutTensor, Role
+from quantkit.hf.mapping import IntegerTable, OutTensor, Role
 
 Q = gguf_spec.GGMLQuantizationType
 FT = gguf_spec.LlamaFileType
@@ -661,7 +661,8 @@ def preset_types(tensors: Sequence[OutTensor], hparams: ModelShape, preset: str,
     for t in ordered:
         if not allows_quantization(t):
             what = "the router" if "ffn_gate_inp" in t.name else "a norm" if "_norm" in t.name else "a 1-D tensor" if ggml_n_dims(t.shape) < 2 else "this tensor"
-            out[t.name] = Choice(Q.F32, f"{p.name}: {what} is never quantised (F32)")
+            kept = Q.I32 if isinstance(t.transform, IntegerTable) else Q.F32  # an integer table (hash routing) stays I32
+            out[t.name] = Choice(kept, f"{p.name}: {what} is never quantised ({kept.name})")
             continue
         if p.default in _UNQUANTISED:
             out[t.name] = Choice(p.default, f"{p.name}: every matrix {p.default.name}")
