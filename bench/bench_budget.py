@@ -11,6 +11,7 @@ result; the load average is recorded before and after every part):
   quality  the fixture at stock Q4_K_M's file size: mean KLD vs BF16 on the held-out plays for the stock preset, the
            priors budget, and budgets measured on --calib-text in full and grouped modes; each measurement's cost
            (probes x passes, estimated and taken).
+  quality2 the same on a second trained MoE (bench/work/moe16-top4: 16 experts of ffn 128, top-4; trained first if missing).
   scaling  many-expert synthetic models (Mixtral-shaped, 256 experts of ffn 64, hidden 256: DeepSeek V3's expert
            count and proportions scaled down; 15, 30 and 60 layers): the error sampling, the knapsack and the
            --calib-text cost (grouped measured; full estimated from the same timing) against the tensor count.
@@ -19,7 +20,7 @@ result; the load average is recorded before and after every part):
 those three modules swapped in) as extra rows of the speed and quality parts: the before/after table.
 Writes bench/RESULTS_budget.md (the current table; history in git).
 
-Usage: python bench/bench_budget.py [--parts speed,quality,scaling] [--repeats N] [--baseline REV] [--threads N]
+Usage: python bench/bench_budget.py [--parts speed,quality,quality2,scaling] [--repeats N] [--baseline REV] [--threads N]
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ DEPTHS = (15, 30, 60)  # layers of the many-expert models
 EXPERTS = 256
 WIDTHS = (64, 128, 256)  # experts of the 15-layer models
 TARGETS = {"budget / preset time": 1.5, "peak RSS growth": 1.25}
+SECOND = BENCH / "work" / "moe16-top4"  # quality2's model, trained by tests/fixtures/train_fixture.py SECOND_ARGS when missing
+SECOND_ARGS = ("--experts", "16", "--top-k", "4", "--ffn", "128", "--steps", "500", "--seed", "1")
+SECOND_DESC = "16 experts of ffn 128, top-4, 4 layers, 500 steps on the training plays"
 MAX_PROBES = 64  # quantkit.pipeline.sensitivity.MAX_PROBES (said in the table)
 BASELINE_FILES = ("quantkit/policy/budget.py", "quantkit/policy/plan.py", "quantkit/pipeline/sensitivity.py")
 
@@ -188,8 +192,8 @@ def speed(repeats: int, rev_dir: Path | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- quality and cost on the fixture
 
 
-def quality(threads: int, n_chunks: int, rev_dir: Path | None) -> dict[str, Any]:
-    """Part 2: mean KLD at stock Q4_K_M's size on the fixture, and what each measurement cost."""
+def quality(threads: int, n_chunks: int, rev_dir: Path | None, model: Path | None = None, part: str = "quality") -> dict[str, Any]:
+    """Part 2: mean KLD at stock Q4_K_M's size on the fixture (or ``model``: part ``quality2``), and what each measurement cost."""
     from quantkit.evals import corpora
     from quantkit.evals.kld import base_logprobs, compare_values
     from quantkit.pipeline import sensitivity
@@ -197,8 +201,12 @@ def quality(threads: int, n_chunks: int, rev_dir: Path | None) -> dict[str, Any]
     from quantkit.policy import budget
     from quantkit.policy.plan import Target
 
-    fixture = ROOT / "tests" / "fixtures" / "tiny-mixtral"
-    qdir = WORK / "quality"
+    fixture = model or ROOT / "tests" / "fixtures" / "tiny-mixtral"
+    if not (fixture / "config.json").is_file():  # the second model is trained once (seeded: the same weights each time), ~25 min
+        cmd = [sys.executable, str(ROOT / "tests" / "fixtures" / "train_fixture.py"), *SECOND_ARGS, "--out", str(fixture)]
+        print(f"  training {fixture.name}: {' '.join(cmd[1:])}", file=sys.stderr)
+        subprocess.run(cmd, check=True)
+    qdir = WORK / part
     qdir.mkdir(parents=True, exist_ok=True)
     calib = corpora.shakespeare().train_text[:60000]  # the tests' calibration text: training plays only
     held = corpora.heldout_text()
@@ -258,7 +266,7 @@ def quality(threads: int, n_chunks: int, rev_dir: Path | None) -> dict[str, Any]
         r["vs_full"] = float(d.mean())
         r["vs_full_se"] = float(d.std(ddof=1) / np.sqrt(len(d)))
         r["path"] = str(r["path"])
-    return {"size": size, "n_chunks": n_chunks, "threads": threads, "rows": rows, "load": load(), "sample_s": t_sample}
+    return {"size": size, "n_chunks": n_chunks, "threads": threads, "rows": rows, "load": load(), "sample_s": t_sample, "model": fixture.name}
 
 
 # --------------------------------------------------------------------------- scaling with many experts
@@ -370,9 +378,12 @@ def render(info: dict[str, Any], res: dict[str, Any]) -> str:
             L.append(f"| {name}: {big[name]['rss']:.0f} / {small[name]['rss']:.0f} MiB | {v:.2f} | {size_ratio:.2f} | "
                      f"{'<= ' + str(TARGETS['peak RSS growth']) if verdict else ''} | {verdict} |")
         L.append("")
-    if "quality" in res:
-        q = res["quality"]
-        L += ["## --calib-text: cost vs KLD gain on the fixture", "", *when("quality"),
+    for part in ("quality", "quality2"):
+        if part not in res:
+            continue
+        q = res[part]
+        title = "the fixture" if part == "quality" else f"a second trained MoE ({q.get('model', '?')}: {SECOND_DESC})"
+        L += [f"## --calib-text: cost vs KLD gain on {title}", "", *when(part),
               f"Every budget at stock Q4_K_M's file size ({q['size']:,} bytes); mean KLD vs the BF16 file on the held-out plays "
               f"(ctx 256, {q['n_chunks']} chunks, second halves scored); calibration on the training plays (first 60,000 characters), "
               f"ctx 256, llama.cpp on {q['threads']} thread(s). Cost: what `plan` prints before it starts (probes x passes x s/pass "
@@ -425,7 +436,8 @@ def render(info: dict[str, Any], res: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="speed,quality,scaling", help="comma-separated; 'none' renders the saved results again")
+    ap.add_argument("--parts", default="speed,quality,quality2,scaling", help="comma-separated; 'none' renders the saved results again")
+    ap.add_argument("--second", type=Path, default=SECOND, help="quality2: a second trained MoE (made by the command in its error if missing)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baseline", default=None, help="a git revision whose bit-budget code is timed beside the current one")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the --calib-text measurements (1: stable on a shared machine)")
@@ -439,11 +451,11 @@ def main() -> None:
     saved = WORK / "results.json"
     res: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}  # parts not run now keep their last table
     old = res.pop("info", None)
-    for part in ("speed", "quality", "scaling"):  # a results file from before parts carried their own run
+    for part in ("speed", "quality", "quality2", "scaling"):  # a results file from before parts carried their own run
         if old and part in res and "run" not in res[part]:
             res[part]["run"] = {"date": old["date"], "load_start": old["load_start"], "command": old["command"], "load_end": res[part].get("load", "?")}
     for name, fn in (("speed", lambda: speed(args.repeats, rev_dir)), ("quality", lambda: quality(args.threads, args.chunks, rev_dir)),
-                     ("scaling", lambda: scaling(args.threads))):
+                     ("quality2", lambda: quality(args.threads, args.chunks, None, args.second, "quality2")), ("scaling", lambda: scaling(args.threads))):
         if name in parts:
             start = {"date": machine_info()["date"], "load_start": load(), "command": info["command"]}
             res[name] = {**fn(), "run": {**start, "load_end": load()}}
