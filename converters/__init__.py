@@ -91,6 +91,12 @@ class HfExperts:
     #: the transformers ``model_type`` whose model ``quantkit.load_bnb`` builds, where transformers does not know the
     #: checkpoint's own (Kimi K2's ``kimi_k2`` runs DeepSeek V3's code: ``deepseek_v3``); None: config.json's model_type
     model_type: str | None = None
+    #: (stored key template, transformers 5 key template) of MoE-block tensors ``save_pretrained`` writes under another module
+    #: than the one holding them in memory (``{bid}``): MiniMax-M2's selection bias ``block_sparse_moe.e_score_correction_bias``
+    #: is ``mlp.e_score_correction_bias``; ERNIE-4.5's ``mlp.moe_statics.e_score_correction_bias`` is
+    #: ``mlp.gate.moe_statics.e_score_correction_bias``.  Exported under the stored key (a fused source's in-memory key too),
+    #: set by ``quantkit.load_bnb`` at the in-memory one
+    moved: tuple[tuple[str, str], ...] = ()
 
     @property
     def projections(self) -> tuple[str, str, str]:

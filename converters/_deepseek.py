@@ -48,6 +48,9 @@ YaRN
     (``0.1 * L``, which llama.cpp divides by 0.1 again) and ``rope.scaling.attn_factor`` (``R``), see
     :func:`yarn_keys`.  For the published configs (``mscale == mscale_all_dim``) that is what
     llama.cpp's converter writes (``0.1 * mscale_all_dim``, no attn_factor).
+llama.cpp's limits only (:func:`~quantkit.converters.llama.llama_cpp_limit`: refused for GGUF, exported by ``--format bnb``)
+    V2's ``group_limited_greedy`` routing, YaRN ramp bounds other than 32 / 1 (Kimi K2 publishes 1 / 1), ``truncate: false``,
+    YaRN attention scales beyond float32.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from typing import Any, Callable
 import numpy as np
 
 from quantkit.converters import Converter, HfExperts, Routing, register
-from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _context_length, _get, _p, _rope, head_rules, moe_rules
+from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _context_length, _get, _p, _rope, head_rules, llama_cpp_limit, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
@@ -175,10 +178,11 @@ def _routing_groups(config: dict[str, Any], family: Family, n_expert: int) -> tu
         n_group, topk_group = _int(config, family, "n_group"), _int(config, family, "topk_group")
         if topk_group >= n_group:
             return 1, 1
-        raise _refuse("topk_method / n_group / topk_group", [method, n_group, topk_group],
-                      "transformers keeps the best topk_group groups by each group's best score, while llama.cpp's deepseek2 graph scores a group "
-                      "by the sum of its two best scores (DeepSeek V3's rule): the GGUF would route other tokens to other experts",
-                      "none with this llama.cpp (llama.cpp's own converter writes such a file without a word)")
+        llama_cpp_limit(_refuse("topk_method / n_group / topk_group", [method, n_group, topk_group],
+                        "transformers keeps the best topk_group groups by each group's best score, while llama.cpp's deepseek2 graph scores a group "
+                        "by the sum of its two best scores (DeepSeek V3's rule): the GGUF would route other tokens to other experts",
+                        "none with this llama.cpp (llama.cpp's own converter writes such a file without a word)"))
+        return n_group, topk_group  # for transformers (--format bnb), which computes it
     n_group, topk_group = _int(config, family, "n_group"), _int(config, family, "topk_group")
     if n_expert % n_group or n_expert // n_group < 2:
         raise _refuse("n_group", n_group, f"transformers' router splits the {n_expert} experts into n_group groups of at least 2 (it scores each "
@@ -249,12 +253,15 @@ def _check_yarn(rope: dict[str, Any], key: str) -> None:
     for k, default in (("beta_fast", YARN_BETA_FAST), ("beta_slow", YARN_BETA_SLOW)):
         value = rope.get(k) or default  # transformers: `or 32` / `or 1`
         if not isinstance(value, (int, float)) or isinstance(value, bool) or float(value) != default:
-            raise _refuse(f"{key}.{k}", rope.get(k), f"llama.cpp's deepseek2 loader never reads the YaRN ramp bounds and always computes with "
-                          f"beta_fast = {YARN_BETA_FAST:g}, beta_slow = {YARN_BETA_SLOW:g} (other rotary frequencies than transformers')",
-                          "none with this llama.cpp")
+            error = _refuse(f"{key}.{k}", rope.get(k), f"llama.cpp's deepseek2 loader never reads the YaRN ramp bounds and always computes with "
+                            f"beta_fast = {YARN_BETA_FAST:g}, beta_slow = {YARN_BETA_SLOW:g} (other rotary frequencies than transformers')",
+                            "none with this llama.cpp")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise error  # transformers cannot compute with it either
+            llama_cpp_limit(error)
     if rope.get("truncate", True) is not True:
-        raise _refuse(f"{key}.truncate", rope.get("truncate"), "llama.cpp rounds YaRN's correction range to whole dimensions (truncate = true)",
-                      "none with this llama.cpp")
+        llama_cpp_limit(_refuse(f"{key}.truncate", rope.get("truncate"), "llama.cpp rounds YaRN's correction range to whole dimensions (truncate = true)",
+                        "none with this llama.cpp"))
     for k in ("mscale", "mscale_all_dim", "attention_factor"):
         v = rope.get(k)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
@@ -302,7 +309,7 @@ def hparams_for(family: Family) -> Callable[[dict[str, Any]], DeepseekHparams]:
             _check_yarn(rope, rope_key)
             yarn_log_mul, rope_attn_factor = yarn_keys(rope)
             if not all(np.isfinite(np.float32(v)) and np.float32(v) != 0 or v == 0 for v in (0.1 * yarn_log_mul, rope_attn_factor)):
-                raise _refuse(rope_key, rope, "its YaRN attention scales do not fit the float32 keys llama.cpp reads", "restore the original values")
+                llama_cpp_limit(_refuse(rope_key, rope, "its YaRN attention scales do not fit the float32 keys llama.cpp reads", "restore the original values"))
         elif kind != "default":
             raise _refuse(f"{rope_key}.rope_type", kind, "llama.cpp's deepseek2 graph computes default and YaRN rotary embeddings only "
                           "(its attention scale follows YaRN's)", "use the original config.json")

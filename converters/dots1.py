@@ -9,7 +9,8 @@ Attention
     values) before NeoX rotary embeddings, so q/k rows are written as they are.  llama.cpp's dots1
     graph sizes ``attn_k`` / ``attn_v`` for as many KV heads as query heads: grouped-query attention
     is refused, as are projection biases (no ``attn_output`` bias in the graph) and sliding-window
-    layers (the graph attends to the whole context).
+    layers (the graph attends to the whole context).  Grouped-query and sliding-window attention are llama.cpp's
+    limits only (:func:`~quantkit.converters.llama.llama_cpp_limit`): ``--format bnb`` exports them.
 Blocks
     ``first_k_dense_replace`` leading dense blocks (``ffn_gate/up/down``, ``intermediate_size`` wide:
     ``leading_dense_block_count``), then MoE blocks: the router ``mlp.gate``, routed experts of
@@ -31,6 +32,7 @@ Routing (every key written from what transformers computes)
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,7 @@ from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters._deepseek import (
     _HF_NAME, DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, GroupedMoeHparams, routing_metadata, _block_kinds, _bool, _float, _int, _raw, _refuse, _routing_groups,
 )
-from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, ROPE_KEYS, T, Hparams, _p, head_rules, moe_rules
+from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, ROPE_KEYS, T, Hparams, _p, head_rules, llama_cpp_limit, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -97,16 +99,16 @@ def _sliding_blocks(config: dict[str, Any], n_layer: int) -> list[int]:
 def _check_config(config: dict[str, Any], h: Hparams) -> None:
     """What transformers computes for this config and llama.cpp's dots1 graph cannot."""
     if h.n_head_kv != h.n_head:
-        raise _refuse("num_key_value_heads", h.n_head_kv, f"grouped-query attention ({h.n_head} query heads); llama.cpp's dots1 graph sizes attn_k and attn_v "
-                      "for as many KV heads as query heads and would not load the file",
-                      "none with this llama.cpp: only checkpoints with num_key_value_heads = num_attention_heads (every published dots.llm1) convert")
+        llama_cpp_limit(_refuse("num_key_value_heads", h.n_head_kv, f"grouped-query attention ({h.n_head} query heads); llama.cpp's dots1 graph sizes attn_k and attn_v "
+                        "for as many KV heads as query heads and would not load the file",
+                        "none with this llama.cpp: only checkpoints with num_key_value_heads = num_attention_heads (every published dots.llm1) convert"))
     if _bool(config, FAMILY, "attention_bias"):
         raise _refuse("attention_bias", True, "llama.cpp's dots1 graph has no attn_output bias", "none: such a model cannot run in this llama.cpp")
     sliding = _sliding_blocks(config, h.n_layer)
     if sliding:
-        raise _refuse("layer_types / sliding_window / max_window_layers", [config.get("layer_types"), config.get("sliding_window"), config.get("max_window_layers")],
-                      f"blocks {sliding[:8]} attend through a sliding window, but llama.cpp's dots1 graph attends to the whole context",
-                      "none with this llama.cpp: only checkpoints without sliding-window layers (every published dots.llm1) convert")
+        llama_cpp_limit(_refuse("layer_types / sliding_window / max_window_layers", [config.get("layer_types"), config.get("sliding_window"), config.get("max_window_layers")],
+                        f"blocks {sliding[:8]} attend through a sliding window, but llama.cpp's dots1 graph attends to the whole context",
+                        "none with this llama.cpp: only checkpoints without sliding-window layers (every published dots.llm1) convert"))
     if h.rope_type not in SUPPORTED_ROPE:
         raise _refuse("rope_parameters.rope_type", h.rope_type, f"llama.cpp's dots1 graph computes {', '.join(SUPPORTED_ROPE)} rotary embeddings only",
                       "use the original config.json")
@@ -149,10 +151,12 @@ _SHEXP = (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP)
 
 
 def check_block_kinds(h: Any, tensors: list[OutTensor], key: str, shared_key: str = "n_shared_experts",
-                      bias_hf: str = _HF_NAME[T.FFN_EXP_PROBS_B]) -> None:
+                      bias_hf: str = _HF_NAME[T.FFN_EXP_PROBS_B], empty_shared: bool = False) -> None:
     """Dense blocks before ``h.n_dense_lead`` (config.json ``key``), MoE blocks (with their selection bias, and shared
-    experts unless config.json ``shared_key`` is 0) from it on: each tensor where it belongs, none missing."""
+    experts unless config.json ``shared_key`` is 0) from it on: each tensor where it belongs, none missing.  ``empty_shared``:
+    transformers builds a zero-width shared MLP when ``shared_key`` is 0 (GLM-4.5), whose empty tensors are no shared expert."""
     have = {t.name for t in tensors}
+    sizes = {t.name: math.prod(t.shape) for t in tensors}
     kinds = _block_kinds(h)
     kinds[T.FFN_EXP_PROBS_B] = kinds[T.FFN_GATE_INP]
     for bid in range(h.n_layer):
@@ -161,7 +165,7 @@ def check_block_kinds(h: Any, tensors: list[OutTensor], key: str, shared_key: st
             hf = f"model.layers.{bid}.{bias_hf if base == T.FFN_EXP_PROBS_B else _HF_NAME[base]}"
             kind = "dense" if bid < h.n_dense_lead else "a MoE block"
             if base in _SHEXP and not h.n_expert_shared:
-                if name in have:
+                if name in have and not (empty_shared and not sizes[name]):
                     raise CheckpointError(f"checkpoint: tensor {hf!r} is in block {bid}, but config.json {shared_key} = 0 (no shared experts); "
                                           "fix: use the config.json that belongs to these weights")
             elif wanted(bid) and name not in have:

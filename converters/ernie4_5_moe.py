@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters._deepseek import DENSE_RULES, SHARED_RULES, Family, _bool, _int, _raw, _refuse
 from quantkit.converters.dots1 import check_block_kinds, with_class_defaults
 from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, T, Hparams, _get, head_rules, moe_rules
@@ -181,6 +181,8 @@ NOTES = (
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE_MTP,
     hf_architectures=("Ernie4_5_MoeForCausalLM",), routing=ROUTING, notes=NOTES,
-    # --format bnb: not declared (leading dense blocks and the router's selection bias are not what quantkit.load_bnb rebuilds)
-    hf_experts=None,
+    # --format bnb: experts under mlp.experts.{xid}, router mlp.gate (float32 in transformers); the selection bias is stored as ERNIE
+    # publishes it (mlp.moe_statics.*) and held by transformers 5 inside the router (mlp.gate.moe_statics.*, a float32 parameter)
+    hf_experts=dataclasses.replace(MLP_EXPERTS, moved=(("model.layers.{bid}.mlp.moe_statics.e_score_correction_bias",
+                                                       "model.layers.{bid}.mlp.gate.moe_statics.e_score_correction_bias"),)),
 ))

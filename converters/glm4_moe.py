@@ -42,6 +42,8 @@ Multi-token prediction (nextn)
 Refused, because llama.cpp would load or compute something else: ``n_shared_experts = 0``
 (the graph always adds the shared expert), an activation other than SiLU, rope scaling other
 than default / linear (YaRN over a partial rotary width is not verified here), an odd or empty rotary width.
+The first and third are llama.cpp's limits only (:func:`~quantkit.converters.llama.llama_cpp_limit`): ``--format bnb`` exports
+them (transformers' GLM builds a zero-width shared MLP at ``n_shared_experts = 0``, kept as stored).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from quantkit.converters._deepseek import (
     DENSE_RULES, SCORE_BIAS_RULE, SHARED_RULES, Family, GroupedMoeHparams, routing_metadata, _bool, _check_routing_keys, _float, _int, _refuse, _routing_groups,
 )
 from quantkit.converters.dots1 import check_block_kinds, with_class_defaults
-from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _get, _p, head_rules, moe_rules
+from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, T, Hparams, _get, _p, head_rules, llama_cpp_limit, moe_rules
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -86,6 +88,8 @@ FAMILY = Family(model_type=MODEL_TYPE, gating="sigmoid", defaults=DEFAULTS,
 #: read below (with their class defaults), or not read by llama.cpp's glm4moe graph
 _NOT_READ = ("num_local_experts", "num_experts", "sliding_window", "rope_theta", "rope_parameters", "rope_scaling", "partial_rotary_factor")
 SUPPORTED_ROPE = ("default", "linear")  # YaRN with partial rotary: not verified against transformers here, refused
+#: what transformers' rotary embedding computes besides (``ROPE_INIT_FUNCTIONS``): refused for llama.cpp only (--format bnb exports them)
+TRANSFORMERS_ROPE = ("dynamic", "yarn", "longrope", "llama3")
 #: transformers' default rope base when neither rope_parameters nor config.json give one (PreTrainedConfig.default_theta)
 DEFAULT_THETA = 10000.0
 
@@ -139,8 +143,11 @@ def hparams(config: dict[str, Any]) -> Glm4MoeHparams:
     base = dataclasses.replace(base, rope=rope, rope_theta=theta)
     _check_routing_keys(config, FAMILY)
     if base.rope_type not in SUPPORTED_ROPE:
-        raise _refuse("rope_parameters.rope_type", base.rope_type, f"llama.cpp's glm4moe graph computes {', '.join(SUPPORTED_ROPE)} rotary embeddings only",
-                      "use the original config.json")
+        error = _refuse("rope_parameters.rope_type", base.rope_type, f"llama.cpp's glm4moe graph computes {', '.join(SUPPORTED_ROPE)} rotary embeddings only",
+                        "use the original config.json")
+        if base.rope_type not in TRANSFORMERS_ROPE:
+            raise error
+        llama_cpp_limit(error)
     n_expert, n_used = _int(config, FAMILY, "n_routed_experts"), _int(config, FAMILY, "num_experts_per_tok")
     if not 1 <= n_used <= n_expert:
         raise _refuse("num_experts_per_tok", n_used, f"expected 1..n_routed_experts = {n_expert}", "restore the original config.json")
@@ -150,9 +157,9 @@ def hparams(config: dict[str, Any]) -> Glm4MoeHparams:
     if n_dense >= base.n_layer:
         raise _refuse("first_k_dense_replace", n_dense, f"every one of the {base.n_layer} blocks would be dense (no MoE block)", "restore the original value")
     n_shared = _int(config, FAMILY, "n_shared_experts", positive=False)
-    if not n_shared:
-        raise _refuse("n_shared_experts", n_shared, "llama.cpp's glm4moe graph always adds a shared expert to every MoE block and would not load the file",
-                      "none with this llama.cpp (every published GLM-4.5 / 4.6 / 4.7 has one)")
+    if not n_shared:  # transformers builds a zero-width shared MLP (adds nothing)
+        llama_cpp_limit(_refuse("n_shared_experts", n_shared, "llama.cpp's glm4moe graph always adds a shared expert to every MoE block and would not load the file",
+                        "none with this llama.cpp (every published GLM-4.5 / 4.6 / 4.7 has one)"))
     groups = _routing_groups(config, FAMILY, n_expert)
     n_mtp = _int(config, FAMILY, "num_nextn_predict_layers", positive=False)
     return Glm4MoeHparams(**{
@@ -308,7 +315,7 @@ def _check_optional(h: Glm4MoeHparams, tensors: list[OutTensor]) -> None:
 
 
 def check(h: Glm4MoeHparams, tensors: list[OutTensor]) -> None:
-    check_block_kinds(h, tensors, "first_k_dense_replace")
+    check_block_kinds(h, tensors, "first_k_dense_replace", empty_shared=True)
     _check_optional(h, tensors)
     check_nextn(h, tensors)
     _check_common(h, tensors)

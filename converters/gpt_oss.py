@@ -298,6 +298,10 @@ class _GptOssConverter(Converter):
 CONVERTER = register(_GptOssConverter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("GptOssForCausalLM",), routing=ROUTING,
+    # --format bnb: not offered; transformers' GptOssExperts adds per-expert biases and computes a clamped SwiGLU
+    # ((clamp(up) + 1) * gate * sigmoid(1.702 gate)) over interleaved gate / up columns, which quantkit.load_bnb's per-expert
+    # 4-bit module (down(silu(gate x) * up x), no biases) does not compute
+    hf_experts=None,
     notes=("YaRN truncate: false (published gpt-oss configs): ggml rounds the correction range, transformers does not; "
            "a few rotary frequencies differ slightly",),
 ))

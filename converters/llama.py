@@ -11,9 +11,12 @@ Not for: tokenizer metadata (``quantkit.hf.vocab``) or type choice (``quantkit.p
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -339,3 +342,30 @@ CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=Hparams.from_config, rules=rules, metadata=metadata, check=check_hparams,
     generated=generated_tensors, ignore=IGNORE, hf_architectures=("LlamaForCausalLM",),
 ))
+
+
+# --------------------------------------------------------------------------- what only llama.cpp cannot compute
+
+#: who runs the conversion's output: "gguf" (llama.cpp: every check) or "transformers" (``convert --format bnb``)
+_OUTPUT: ContextVar[str] = ContextVar("quantkit_conversion_output", default="gguf")
+_log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def output_for_transformers() -> Iterator[None]:
+    """Within: converters map a checkpoint for transformers (``convert --format bnb``), not for llama.cpp, so refusals of
+    what only llama.cpp's graph cannot compute (:func:`llama_cpp_limit`) are logged instead of raised."""
+    token = _OUTPUT.set("transformers")
+    try:
+        yield
+    finally:
+        _OUTPUT.reset(token)
+
+
+def llama_cpp_limit(error: CheckpointError) -> None:
+    """A refusal of what transformers computes but llama.cpp cannot (``error``: one line naming the key and llama.cpp):
+    raised for a GGUF output (the default); inside :func:`output_for_transformers` only logged, and the caller goes on
+    with the checkpoint's own values (what transformers computes)."""
+    if _OUTPUT.get() == "gguf":
+        raise error
+    _log.info("not a limit for transformers, passed over: %s", error)

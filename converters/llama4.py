@@ -306,5 +306,8 @@ CONVERTER = register(Converter(
     # not silu_gated_experts: an expert's input is weighted, which --all-experts' recomputation of unchosen experts does not model
     routing=Routing(scoring="sigmoid", normalize_top_k=False, silu_gated_experts=False),
     notes=NOTES,
+    # --format bnb: not offered; transformers' Llama4TextExperts weights each expert's input (not its output) and runs on tokens
+    # sorted by expert, which quantkit.load_bnb's per-expert 4-bit module does not compute
+    hf_experts=None,
 ))
 TEXT_CONVERTER = register(replace(CONVERTER, model_type=TEXT_MODEL_TYPE))  # the language model saved on its own (Llama4ForCausalLM)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quantkit.converters import Converter, Routing, register
+from quantkit.converters import Converter, HfExperts, Routing, register
 from quantkit.converters._deepseek import GATING_FUNC
 from quantkit.converters.dots1 import with_class_defaults
 from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, head_rules, moe_counts
@@ -148,6 +148,14 @@ NOTES = ("routing: sigmoid, selection by score + e_score_correction_bias (exp_pr
 CONVERTER = register(Converter(
     model_type=MODEL_TYPE, arch=ARCH, hparams=hparams, rules=rules, metadata=metadata, check=check, ignore=IGNORE,
     hf_architectures=("MiniMaxM2ForCausalLM",), routing=ROUTING, notes=NOTES,
-    # --format bnb: not declared (the selection bias beside the router is not what quantkit.load_bnb rebuilds)
-    hf_experts=None,
+    # --format bnb: MiniMax's per-expert keys (w1 gate, w3 up, w2 down) under block_sparse_moe, held by transformers 5 under mlp; the
+    # selection bias (a buffer) beside the router
+    hf_experts=HfExperts(
+        router="model.layers.{bid}.block_sparse_moe.gate.weight",
+        gate="model.layers.{bid}.block_sparse_moe.experts.{xid}.w1.weight",
+        up="model.layers.{bid}.block_sparse_moe.experts.{xid}.w3.weight",
+        down="model.layers.{bid}.block_sparse_moe.experts.{xid}.w2.weight",
+        block="model.layers.{bid}.mlp",
+        moved=(("model.layers.{bid}.block_sparse_moe.e_score_correction_bias", "model.layers.{bid}.mlp.e_score_correction_bias"),),
+    ),
 ))

@@ -22,7 +22,11 @@ without a declared layout is refused in one line.  The DeepSeek-style families
 a leading dense block (a 4-bit MLP) and MoE blocks, MLA and the sparse-attention
 indexer, the router's selection bias (a float32 buffer, kept as stored and
 loaded, never left at zero), MTP blocks left out as transformers ignores them,
-Kimi K2 built as transformers' DeepSeek V3; the same bars.
+Kimi K2 built as transformers' DeepSeek V3; the same bars.  ERNIE-4.5 MoE and MiniMax-M2, whose selection bias
+``save_pretrained`` stores under another module than transformers 5 holds it (``HfExperts.moved``): the same bars.
+Configs only llama.cpp cannot compute (DeepSeek-V2's group_limited_greedy, Kimi K2's YaRN ramp, dots1's GQA and
+sliding window, GLM-4.5's YaRN and missing shared expert) still refuse GGUF conversion with the same message and
+export to bitsandbytes.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, fused_copy, random_model, read_config, sp_ids
+from conftest import FIXTURE, assert_convert_refused, fused_copy, random_model, read_config, sp_ids
 from quantkit import export_bnb, load_bnb
 from quantkit.policy.bnb import QUANT_AUX_KEY
 from quantkit.hf.checkpoint import open_checkpoint
@@ -591,7 +595,8 @@ def _dequantised_model(src: Path, out: Path, dtype: torch.dtype, n_4bit: int | N
     from bitsandbytes.functional import QuantState, dequantize_4bit
     from transformers import AutoModelForCausalLM
 
-    expert = re.compile(r"(?P<block>model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight\Z")
+    expert = re.compile(r"(?P<block>model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight\Z")
+    down, gate = ("down_proj", "w2"), ("gate_proj", "w1")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     replaced = 0
     with open_checkpoint(out) as ckpt, torch.no_grad():
@@ -605,9 +610,12 @@ def _dequantised_model(src: Path, out: Path, dtype: torch.dtype, n_4bit: int | N
             if m is None:
                 model.get_parameter(key).copy_(w)
             else:  # transformers 5's fused experts: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F]
-                ex, e = model.get_submodule(m["block"]), int(m["e"])
-                f = ex.down_proj.shape[-1]
-                target = ex.down_proj[e] if m["w"] == "down_proj" else ex.gate_up_proj[e, :f] if m["w"] == "gate_proj" else ex.gate_up_proj[e, f:]
+                try:
+                    ex = model.get_submodule(m["block"])
+                except AttributeError:  # MiniMax-M2 stores block_sparse_moe.experts.{e}.w1, transformers 5 holds mlp.experts
+                    ex = model.get_submodule(m["block"].replace(".block_sparse_moe.", ".mlp."))
+                e, f = int(m["e"]), ex.down_proj.shape[-1]
+                target = ex.down_proj[e] if m["w"] in down else ex.gate_up_proj[e, :f] if m["w"] in gate else ex.gate_up_proj[e, f:]
                 assert target.shape == w.shape, key
                 target.copy_(w)
             replaced += 1
@@ -737,6 +745,7 @@ def test_moe_family_without_a_declared_layout_is_refused_in_one_line(tmp_path):
         export_bnb(src, tmp_path / "bnb")
     msg = str(e.value)
     assert "model_type 'llama4_text'" in msg and "qwen3_next" in msg and "dots1" in msg and "glm4_moe" in msg and "fix:" in msg and "\n" not in msg, msg
+    assert "ernie4_5_moe" in msg and "minimax_m2" in msg and "gpt_oss" not in msg, msg
     assert not (tmp_path / "bnb").exists()
 
 
@@ -759,7 +768,7 @@ def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
 
     for_model_type("mixtral")  # discovers every family
     layouts = {mt: c.hf_experts for mt, c in CONVERTERS.items()}
-    assert {mt for mt, lay in layouts.items() if lay} >= {"mixtral", *MOE_FAMILIES}
+    assert {mt for mt, lay in layouts.items() if lay} >= {"mixtral", *MOE_FAMILIES, *DS_FAMILIES, *MOVED}
     for mt, layout in layouts.items():
         if layout is None:
             continue
@@ -771,6 +780,9 @@ def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
         assert table[ROUTER_KIND] == layout.router, mt
         for kind, field in EXPERT_KINDS.items():
             assert table[kind] == getattr(layout, field), (mt, kind)
+        fused = {r.hf for r in CONVERTERS[mt].rules(["model.layers.0.mlp.experts.gate_up_proj"])}
+        for stored, memory in layout.moved:  # the per-expert table's key, and the fused (transformers 5) table's
+            assert stored in table.values() and memory in fused and stored not in fused, (mt, stored)
 
 
 # --------------------------------------------------------------------------- (f) DeepSeek / GLM / dots1: dense-first blocks, a router buffer, MTP
@@ -841,12 +853,13 @@ def _ds_expected(model_type: str, config: dict) -> tuple[set[str], set[str]]:
     return kept, bits4
 
 
-def _ds_source(path: Path, model_type: str, fused: bool) -> Path:
-    """A random model of the family; the selection bias non-zero and float32, as DeepSeek and GLM publish it."""
+def _ds_source(path: Path, model_type: str, fused: bool, **overrides) -> Path:
+    """A random model of the family (config ``overrides`` on top of DS_FAMILIES'); the selection bias non-zero and float32, as
+    DeepSeek and GLM publish it."""
     from safetensors.torch import load_file, save_file
 
     built = "deepseek_v3" if model_type == "kimi_k2" else model_type
-    src = random_model(path, built, seed=5, fused=fused, **DS_FAMILIES[model_type])
+    src = random_model(path, built, seed=5, fused=fused, **{**DS_FAMILIES[model_type], **overrides})
     state = load_file(str(src / "model.safetensors"))
     g = torch.Generator().manual_seed(1)
     for k in sorted(k for k in state if k.endswith("e_score_correction_bias")):
@@ -1056,3 +1069,264 @@ def test_bf16_selection_bias_is_stored_bf16_and_loaded_float32(tmp_path):
         want = _dequantised_model(src, tmp_path / "bnb", torch.bfloat16, n_4bit=n_4bit)(torch.tensor([ids])).logits[0].float()
         have = model(torch.tensor([ids])).logits[0].float()
     assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+
+
+# --------------------------------------------------------------------------- (g) ERNIE-4.5 / MiniMax-M2: a selection bias stored elsewhere
+
+#: families whose router's selection bias ``save_pretrained`` stores under another module than transformers 5 holds it in
+#: (``HfExperts.moved``): the routed experts' leaf names, the module holding the stored experts and router, (stored bias key,
+#: in-memory bias key), leading dense blocks, a shared expert, attention tensors kept besides the block norms
+MOVED = {
+    # one leading dense block (moe_layer_start_index 1: a 4-bit MLP), then MoE blocks with a shared expert; the bias [1, E] is a float32
+    # parameter inside the router (transformers' _keep_in_fp32_modules_strict), stored as ERNIE publishes it beside the router
+    "ernie4_5_moe": dict(proj=PROJ, moe="mlp", bias=("mlp.moe_statics.e_score_correction_bias", "mlp.gate.moe_statics.e_score_correction_bias"),
+                         dense=1, shared=True, attn_kept=()),
+    # every block MoE, MiniMax's w1 / w3 / w2 under block_sparse_moe (mlp in transformers 5), no shared expert, q/k norms; the bias a buffer
+    "minimax_m2": dict(proj=("w1", "w3", "w2"), moe="block_sparse_moe", bias=("block_sparse_moe.e_score_correction_bias", "mlp.e_score_correction_bias"),
+                       dense=0, shared=False, attn_kept=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+}
+
+
+def _moved_n_expert(config: dict) -> int:
+    return config.get("moe_num_experts") or config["num_local_experts"]
+
+
+def _moved_expected(model_type: str, config: dict) -> tuple[set[str], set[str]]:
+    """(weights kept in source precision, 4-bit weights) of an export."""
+    f = MOVED[model_type]
+    kept = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    bits4: set[str] = set()
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        kept |= {p + k for k in ("input_layernorm.weight", "post_attention_layernorm.weight", *f["attn_kept"])}
+        bits4 |= {p + k for k in _QKVO_4BIT}
+        if i < f["dense"]:
+            bits4 |= {f"{p}mlp.{w}.weight" for w in PROJ}
+            continue
+        kept |= {f"{p}{f['moe']}.gate.weight", p + f["bias"][0]}
+        bits4 |= {f"{p}{f['moe']}.experts.{e}.{w}.weight" for e in range(_moved_n_expert(config)) for w in f["proj"]}
+        if f["shared"]:
+            bits4 |= {f"{p}mlp.shared_experts.{w}.weight" for w in PROJ}
+    return kept, bits4
+
+
+def _moved_source(path: Path, model_type: str, fused: bool, **overrides) -> Path:
+    """A random model of the family; the selection bias non-zero and float32 (transformers initialises it to zeros)."""
+    from safetensors.torch import load_file, save_file
+
+    src = random_model(path, model_type, seed=5, fused=fused, **overrides)
+    state = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    biases = sorted(k for k in state if k.endswith("e_score_correction_bias"))
+    assert biases
+    for k in biases:
+        state[k] = torch.rand(state[k].shape, generator=g, dtype=torch.float32) - 0.5
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    return src
+
+
+@pytest.fixture(scope="module", params=list(MOVED))
+def moved_family(request, tmp_path_factory):
+    """A MOVED model in both expert layouts, each exported with the defaults (NF4, double quant, bf16)."""
+    model_type = request.param
+    base = tmp_path_factory.mktemp(model_type)
+    src, fused = _moved_source(base / "per-expert", model_type, False), _moved_source(base / "fused", model_type, True)
+    with open_checkpoint(fused) as ckpt:  # transformers 5's layout holds the bias where its model does
+        assert any(k.endswith(MOVED[model_type]["bias"][1]) for k in ckpt.tensors)
+    a, b = export_bnb(src, base / "bnb"), export_bnb(fused, base / "bnb-fused")
+    assert a.n_shards == b.n_shards == 1 and a.model_type == model_type
+    return {"model_type": model_type, "src": src, "fused": fused, "out": base / "bnb", "out_fused": base / "bnb-fused"}
+
+
+def test_moved_family_experts_4bit_router_and_bias_kept_as_stored(moved_family):
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    mt, src, out = moved_family["model_type"], moved_family["src"], moved_family["out"]
+    config = read_config(src)
+    kept, bits4 = _moved_expected(mt, config)
+    stored = _stored(out)
+    assert {k for k, v in stored.items() if not v["bits4"]} == kept
+    assert {k for k, v in stored.items() if v["bits4"]} == bits4
+    with open_checkpoint(src) as s, open_checkpoint(out) as o:
+        assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
+        for key in sorted(kept):  # router, the F32 selection bias, norms: the source's bytes
+            a, b = s.tensors[key], o.tensors[key]
+            assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("F32" if key.endswith("e_score_correction_bias") else "BF16", a.shape), key
+            assert bytes(b.raw()) == bytes(a.raw()), key
+        t = o.tensors
+        for key in sorted(k for k in bits4 if ".experts." in k):
+            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".")}
+            qs = QuantState.from_dict(stats, device="cpu")
+            source = _source(s, key)
+            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+            want = torch.from_numpy(np.abs(source).reshape(-1, 64).max(axis=1))
+            assert tuple(qs.shape) == source.shape and torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key
+    config = read_config(out)
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    assert sorted(skip) == sorted(k.removesuffix(".weight") for k in kept if k.endswith(".weight"))
+    quantised = [k.removesuffix(".weight") for k in bits4]
+    quantised += [f"model.layers.{i}.mlp.experts{s}" for i in range(MOVED[mt]["dense"], config["num_hidden_layers"]) for s in ("", ".gate_up_proj", ".down_proj")]
+    for name in quantised:
+        assert should_convert_module(name, skip), name
+        assert not any(s in name for s in skip), name
+    assert config["model_type"] == mt
+
+
+def test_moved_family_fused_layout_exports_the_same_files(moved_family):
+    a, b = moved_family["out"], moved_family["out_fused"]
+    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+
+
+def test_moved_family_loaded_model_equals_the_dequantised_model(moved_family):
+    """Experts per-expert 4-bit, the selection bias set where transformers 5 holds it with the stored values (ERNIE: a float32
+    parameter; MiniMax-M2: a buffer in the model's dtype, as ``from_pretrained`` loads it); logits equal transformers' own
+    model on the dequantised weights."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from transformers import AutoModelForCausalLM
+
+    mt, src, out = moved_family["model_type"], moved_family["src"], moved_family["out"]
+    f = MOVED[mt]
+    config = read_config(src)
+    kept, bits4 = _moved_expected(mt, config)
+    model = load_bnb(out)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    for i, layer in enumerate(model.model.layers):
+        if i < f["dense"]:
+            assert all(isinstance(getattr(layer.mlp, w), Linear4bit) for w in PROJ), i
+            continue
+        experts = layer.mlp.experts.experts
+        assert len(experts) == _moved_n_expert(config)
+        for e, ex in enumerate(experts):
+            assert all(isinstance(ex[w], Linear4bit) and isinstance(ex[w].weight, Params4bit) and ex[w].weight.dtype == torch.uint8 for w in f["proj"]), (i, e)
+        bias_key, bias_name = f"model.layers.{i}.{f['bias'][0]}", f"model.layers.{i}.{f['bias'][1]}"
+        with open_checkpoint(out) as o:
+            value = torch.from_numpy(np.array(o.tensors[bias_key].array()))
+        have = dict(model.named_parameters()).get(bias_name)
+        have = model.get_buffer(bias_name) if have is None else have
+        want = dict(reference.named_parameters()).get(bias_name)
+        want = reference.get_buffer(bias_name) if want is None else want
+        assert have.dtype == want.dtype and torch.equal(have.detach(), value.to(have.dtype)), (i, have.dtype, want.dtype)
+    for key in sorted(k for k in bits4 if ".experts." not in k):
+        assert isinstance(model.get_submodule(key.removesuffix(".weight")), Linear4bit), key
+
+    ids = torch.randint(0, config["vocab_size"], (96,), generator=torch.Generator().manual_seed(7)).tolist()
+    base = _logprobs(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    m = _compare(base, _logprobs(model, ids), ids)
+    assert m["kl"] < MAX_MEAN_KL, m  # NF4 noise against the unquantised float32 model; measured 0.0003 (both, 96 random tokens)
+    ref = _dequantised_model(src, out, torch.bfloat16, n_4bit=len(bits4))
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
+    # measured: identical (max |diff| 0.0) for both
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+    assert torch.equal(have.argmax(-1), want.argmax(-1))
+
+
+def test_moved_family_run_from_the_cli(moved_family, tmp_path):
+    out = tmp_path / "bnb"
+    r = CliRunner().invoke(app, ["convert", str(moved_family["fused"]), "-o", str(out), "--format", "bnb", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model_type"] == moved_family["model_type"]
+    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+
+
+@pytest.mark.parametrize("model_type", list(MOVED))
+def test_moved_family_tied_embeddings(model_type, tmp_path):
+    """Tied embeddings (ERNIE-4.5's default; MiniMax-M2's name table maps them as ``output`` too): one weight, tied on load."""
+    src = _moved_source(tmp_path / "src", model_type, False, tie_word_embeddings=True)
+    export_bnb(src, tmp_path / "bnb")
+    stored = _stored(tmp_path / "bnb")
+    assert "lm_head.weight" not in stored and not stored["model.embed_tokens.weight"]["bits4"]
+    model = _generic_4bit_path(load_bnb(tmp_path / "bnb"))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 3000, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    n_4bit = sum(v["bits4"] for v in stored.values())
+    with torch.no_grad():
+        want = _dequantised_model(src, tmp_path / "bnb", torch.bfloat16, n_4bit=n_4bit)(torch.tensor([ids])).logits[0].float()
+        have = model(torch.tensor([ids])).logits[0].float()
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+
+
+# --------------------------------------------------------------------------- (h) what only llama.cpp cannot compute
+
+#: Kimi K2's published YaRN (beta_fast = beta_slow = 1), at this model's size
+KIMI_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+             "original_max_position_embeddings": 256, "rope_theta": 50000.0}
+GLM_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+#: (id, model_type, config overrides, words of the GGUF refusal, unchanged): configs transformers computes and llama.cpp's graph
+#: cannot; a GGUF conversion refuses them, a bitsandbytes export (transformers runs it) does not
+LLAMA_CPP_ONLY = [
+    ("kimi_k2-yarn-beta", "kimi_k2", dict(rope_parameters=KIMI_YARN, max_position_embeddings=8192),
+     ["rope_parameters.beta_fast = 1.0", "llama.cpp's deepseek2 loader never reads the YaRN ramp bounds"]),
+    ("deepseek_v2-group_limited_greedy", "deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1),
+     ["topk_method / n_group / topk_group = ['group_limited_greedy', 2, 1]", "llama.cpp's deepseek2 graph scores a group"]),
+    ("dots1-gqa", "dots1", dict(num_key_value_heads=2), ["num_key_value_heads = 2", "llama.cpp's dots1 graph sizes attn_k and attn_v"]),
+    ("dots1-sliding-window", "dots1", dict(layer_types=["full_attention", "sliding_attention"], sliding_window=8),
+     ["layer_types / sliding_window / max_window_layers", "blocks [1] attend through a sliding window, but llama.cpp's dots1 graph"]),
+    ("glm4_moe-yarn", "glm4_moe", dict(rope_parameters=GLM_YARN), ["rope_parameters.rope_type = 'yarn'", "llama.cpp's glm4moe graph computes default, linear"]),
+    ("glm4_moe-no-shared-expert", "glm4_moe", dict(n_shared_experts=0), ["n_shared_experts = 0", "llama.cpp's glm4moe graph always adds a shared expert"]),
+]
+
+
+def _llama_cpp_only_source(path: Path, model_type: str, overrides: dict) -> Path:
+    """A DS_FAMILIES model with ``overrides``; GLM without a shared expert as transformers saves it (a zero-width shared MLP:
+    [0, H] gate / up, [H, 0] down), which the random initialisation cannot perturb, so it is emptied after the build."""
+    from safetensors.torch import load_file, save_file
+
+    if overrides.get("n_shared_experts") != 0:
+        return _ds_source(path, model_type, False, **overrides)
+    src = _ds_source(path, model_type, False)
+    state = load_file(str(src / "model.safetensors"))
+    for k in [k for k in state if ".shared_experts." in k]:
+        state[k] = state[k][:, :0] if k.endswith("down_proj.weight") else state[k][:0]
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = read_config(src)
+    (src / "config.json").write_text(json.dumps({**config, **overrides}))
+    return src
+
+
+@pytest.mark.parametrize("what, model_type, overrides, words", LLAMA_CPP_ONLY, ids=[c[0] for c in LLAMA_CPP_ONLY])
+def test_llama_cpp_only_config_refused_for_gguf_exported_for_transformers(what, model_type, overrides, words, tmp_path, caplog):
+    """The GGUF conversion refuses it with the message it always gave (naming llama.cpp); ``--format bnb`` exports it (the refusal
+    logged as passed over), and the loaded model equals transformers' own model on the dequantised weights."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    src = _llama_cpp_only_source(tmp_path / "src", model_type, overrides)
+    assert_convert_refused(src, tmp_path, words)
+    out = tmp_path / "bnb"
+    with caplog.at_level(logging.INFO, logger="quantkit.converters.llama"):
+        export_bnb(src, out)
+    assert words[0] in caplog.text and "passed over" in caplog.text
+    config = read_config(src)
+    kept, bits4 = _ds_expected(model_type, config)
+    if overrides.get("n_shared_experts") == 0:  # the empty shared MLP is kept as stored (nothing to quantise)
+        empty = {k for k in bits4 if ".shared_experts." in k}
+        kept, bits4 = kept | empty, bits4 - empty
+    stored = _stored(out)
+    assert {k for k, v in stored.items() if v["bits4"]} == bits4
+    assert {k for k, v in stored.items() if not v["bits4"]} == kept
+    model = load_bnb(out)
+    assert read_config(out)["model_type"] == model_type
+
+    reference = src
+    if model_type == "kimi_k2":  # transformers' DeepSeek V3 with the same weights (what load_bnb builds for Kimi K2)
+        reference = shutil.copytree(src, tmp_path / "as-deepseek_v3")
+        (reference / "config.json").write_text(json.dumps({**config, "model_type": "deepseek_v3"}))
+    ids = torch.randint(0, config["vocab_size"], (96,), generator=torch.Generator().manual_seed(7)).tolist()
+    base = _logprobs(AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval(), ids)
+    m = _compare(base, _logprobs(model, ids), ids)
+    assert m["kl"] < MAX_MEAN_KL, m
+    ref = _dequantised_model(reference, out, torch.bfloat16, n_4bit=len(bits4))
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+    assert torch.equal(have.argmax(-1), want.argmax(-1))

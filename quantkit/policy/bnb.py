@@ -2,8 +2,8 @@
 
 ``export_bnb`` streams a Hugging Face checkpoint (Mixtral, Qwen2 MoE, Qwen3 MoE,
 OLMoE, Granite MoE, Qwen3-Next, Qwen3.5 MoE, DeepSeek V2 / V3 / V3.2, Kimi K2,
-GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), GLM-5 (glm_moe_dsa), dots.llm1;
-per-expert or fused expert layout; also Mistral / Llama) into a directory
+GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), GLM-5 (glm_moe_dsa), dots.llm1,
+ERNIE-4.5 MoE, MiniMax-M2; per-expert or fused expert layout; also Mistral / Llama) into a directory
 of sharded safetensors in the family's per-expert HF key layout (what
 ``save_pretrained`` writes, declared per family as
 ``quantkit.converters.HfExperts``) as bitsandbytes' ``Linear4bit`` serialises it:
@@ -20,12 +20,17 @@ value transforms and views, e.g. Qwen3-Next's ``w + 1`` norms, ``-exp(A_log)`` a
 conv kernel read as a matrix, do not apply; further ``nn.Linear`` weights a family
 declares in ``HfExperts.linears`` are 4-bit, those in ``HfExperts.kept`` (the DSA indexer's
 ``weights_proj``) are not; a router's selection bias ``e_score_correction_bias``, a buffer in
-transformers, is kept like the router; leading dense blocks are plain 4-bit MLPs; tensors
+transformers, is kept like the router (under the key ``save_pretrained`` writes: ``HfExperts.moved``, e.g. MiniMax-M2's
+``block_sparse_moe.e_score_correction_bias``, which transformers 5 holds as ``mlp.e_score_correction_bias``); empty matrices (GLM-4.5's
+zero-width shared MLP at ``n_shared_experts = 0``) are kept too; leading dense blocks are plain 4-bit MLPs; tensors
 transformers does not load, multi-token-prediction blocks (``model.layers.N`` past
 num_hidden_layers, Qwen3-Next's ``mtp.*``), are left out).  ``config.json`` (the source's) gets a
 ``quantization_config`` whose ``llm_int8_skip_modules`` lists the kept modules
 by full path.  Tensors are read lazily and written one at a time, and the
-directory is built beside the target and renamed into place.
+directory is built beside the target and renamed into place.  The family's converter maps and checks the checkpoint
+(``converters.llama.output_for_transformers``): what only llama.cpp's graph cannot compute (``llama_cpp_limit``: DeepSeek-V2's
+``group_limited_greedy``, Kimi K2's YaRN ramp, dots1's grouped-query and sliding-window attention, GLM-4.5's YaRN or missing shared
+expert) is exported; every other check refuses as for GGUF.
 
 ``load_bnb`` rebuilds a transformers 5 model from such a directory: attention
 (and dense / shared-expert) linears become ``bitsandbytes.nn.Linear4bit`` and
@@ -37,7 +42,8 @@ with the values stored, in the dtype ``from_pretrained`` gives it (the source's,
 the model's ``_keep_in_fp32_modules_strict`` says: the selection bias), and a persistent buffer
 no shard holds is an error (never the zeros transformers initialises it with).  A family
 transformers knows under another model_type (``HfExperts.model_type``: Kimi K2 -> DeepSeek V3)
-is built as that model.
+is built as that model; a tensor stored under another module than transformers 5 holds it (``HfExperts.moved``) is set where the
+model holds it.
 
 Not for: GGUF output (``quantkit.pipeline.convert``) or argument parsing (``quantkit.cli.main``).
 """
@@ -63,6 +69,7 @@ import numpy as np
 
 from quantkit.hf.checkpoint import Checkpoint, TensorRef, load_config, open_checkpoint
 from quantkit.converters import CONVERTERS, Converter, HfExperts, for_model_type
+from quantkit.converters.llama import output_for_transformers
 from quantkit.format.encode import to_f32
 from quantkit.errors import CheckpointError, OutputError, QuantkitError
 from quantkit.format.gguf_spec import TensorName, block_of
@@ -118,9 +125,9 @@ class Item:
 
     @property
     def quantised(self) -> bool:
-        """Weight matrices of the quantised roles (and declared linears, less declared kept ones); biases (1-D) stay in
-        source precision beside them."""
-        return (self.role in QUANTISED_ROLES or self.linear) and not self.kept and len(self.shape) == 2 and self.key.endswith(".weight")
+        """Weight matrices of the quantised roles (and declared linears, less declared kept ones); biases (1-D) and empty
+        matrices (GLM-4.5's zero-width shared MLP at n_shared_experts = 0) stay in source precision."""
+        return (self.role in QUANTISED_ROLES or self.linear) and not self.kept and len(self.shape) == 2 and self.key.endswith(".weight") and self.n_elements > 0
 
     @property
     def module(self) -> str:
@@ -188,6 +195,16 @@ def _renamed(key: str, layout: HfExperts | None) -> str:
     return key
 
 
+def _moved(key: str, layout: HfExperts | None, to_memory: bool) -> str:
+    """A key as ``save_pretrained`` stores it (``to_memory`` False) or as transformers 5 holds it (True): ``HfExperts.moved``."""
+    for stored, memory in layout.moved if layout is not None else ():
+        src, dst = (stored, memory) if to_memory else (memory, stored)
+        m = re.fullmatch(re.escape(src).replace(r"\{bid\}", r"(\d+)"), key)
+        if m is not None:
+            return dst.format(bid=m.group(1))
+    return key
+
+
 def plan_items(tensors: Sequence[OutTensor], layout: HfExperts | None) -> list[Item]:
     """Converter-table tensors -> output weights in the family's per-expert HF layout (experts split one by one).
 
@@ -204,7 +221,7 @@ def plan_items(tensors: Sequence[OutTensor], layout: HfExperts | None) -> list[I
             continue
         kind, bid = _kind(t.name)
         if t.role is not Role.EXPERTS:
-            key = layout.router.format(bid=bid) if layout is not None and kind == ROUTER_KIND else _renamed(t.sources[0].name, layout)
+            key = layout.router.format(bid=bid) if layout is not None and kind == ROUTER_KIND else _moved(_renamed(t.sources[0].name, layout), layout, False)
             if key not in keys:  # one source split into several GGUF tensors (in_proj_qkvz) is one weight here
                 keys.add(key)
                 items.append(Item(key, t.role, t.sources[0].shape, t.sources[0], linear=any(p.match(key) for p in linears),
@@ -501,12 +518,13 @@ def prepare_bnb(ckpt: Checkpoint) -> tuple[str, list[Item]]:
     """
     conv = for_model_type(ckpt.model_type, where=str(ckpt.root / "config.json"))
     layout = expert_layout(conv, str(ckpt.root))
-    mtp = set(conv.mtp_sources(ckpt.config, list(ckpt.tensors)))
-    if mtp:  # transformers' model has num_hidden_layers blocks: it never loads these
-        log.info("%s: %d multi-token-prediction tensor(s) (e.g. %s), which transformers does not load, are left out of the bitsandbytes export",
-                 ckpt.root, len(mtp), min(mtp))
-        ckpt.tensors = {n: r for n, r in ckpt.tensors.items() if n not in mtp}
-    _, tensors = conv.map(ckpt)  # the name table accounts for every tensor; the family's checks (made for llama.cpp) run too
+    with output_for_transformers():  # the family's checks, less those of what only llama.cpp cannot compute
+        mtp = set(conv.mtp_sources(ckpt.config, list(ckpt.tensors)))
+        if mtp:  # transformers' model has num_hidden_layers blocks: it never loads these
+            log.info("%s: %d multi-token-prediction tensor(s) (e.g. %s), which transformers does not load, are left out of the bitsandbytes export",
+                     ckpt.root, len(mtp), min(mtp))
+            ckpt.tensors = {n: r for n, r in ckpt.tensors.items() if n not in mtp}
+        _, tensors = conv.map(ckpt)  # the name table accounts for every tensor
     tensors = [t for t in tensors if t.data is None]  # generated tensors (rope_freqs) are not checkpoint weights
     unloaded = [re.compile(p) for p in layout.unloaded] if layout is not None else []
     if unloaded:
@@ -891,8 +909,9 @@ def load_bnb(path: str | os.PathLike[str], device: str = "cpu") -> nn.Module:
             model.set_submodule(module_name, _linear4bit(stored, key, old.out_features, old.in_features, bias=old.bias is not None))
         buffers = set()
         for key in [k for k in rest if k not in stored.quantised]:
-            if _set_parameter(model, key, stored.tensor(key), stored.where(key), fp32):
-                buffers.add(key)
+            name = _moved(key, layout, True)  # where transformers 5 holds it (HfExperts.moved)
+            if _set_parameter(model, name, stored.tensor(key), stored.where(key), fp32):
+                buffers.add(name)
         if getattr(hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.tensors:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         unused = sorted(set(ckpt.tensors) - stored.used)
