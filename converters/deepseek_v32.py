@@ -48,7 +48,7 @@ from quantkit.converters._deepseek import Family, _refuse
 from quantkit.converters.dots1 import with_class_defaults
 from quantkit.converters.glm4_moe import NextnConverter, check_nextn, nextn_rules, rope_settings
 from quantkit.converters.glm4_moe_lite import LiteHparams, dense_lead
-from quantkit.converters.llama import IGNORE, _get, _p
+from quantkit.converters.llama import IGNORE, LLAMA_MAX_LAYERS, _get, _p
 from quantkit.errors import CheckpointError
 from quantkit.format import gguf_spec
 from quantkit.format.gguf_write import MetaValue
@@ -107,6 +107,9 @@ def hparams_for(spec: DsaSpec) -> Callable[[dict[str, Any]], DsaHparams]:
         n_layer = filled["num_hidden_layers"]
         if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
             raise CheckpointError(f"config.json: key 'num_hidden_layers' = {shown(n_layer)}, expected a positive integer; fix: restore the original value")
+        if n_layer > LLAMA_MAX_LAYERS:  # before anything is built per layer
+            raise CheckpointError(f"config.json: num_hidden_layers = {n_layer}, more than the {LLAMA_MAX_LAYERS} llama.cpp supports (it aborts loading "
+                                  "such a file); fix: none with this llama.cpp, the model is too deep")
         if filled.get("mlp_layer_types") is None:  # the config class's default: first_k_dense_replace dense blocks, then MoE blocks
             fk = config.get("first_k_dense_replace")
             fk = spec.first_k_dense if fk is None else _get({"first_k_dense_replace": fk}, "first_k_dense_replace", int, positive=False)
