@@ -183,12 +183,14 @@ def test_spec_matches_gguf_py() -> None:
     assert (spec.GGUF_MAGIC, spec.GGUF_VERSION, spec.GGUF_DEFAULT_ALIGNMENT, spec.GGML_QUANT_VERSION) == (
         gguf.GGUF_MAGIC, gguf.GGUF_VERSION, gguf.GGUF_DEFAULT_ALIGNMENT, gguf.GGML_QUANT_VERSION)
     newer: dict[str, str] = {}  # what the pinned gguf-py predates: checked against the vendored llama.cpp's gguf-py
-    for group in ("General", "LLM", "Attention", "Rope", "Tokenizer"):
-        ours_g, theirs_g = getattr(spec.Keys, group), getattr(gguf.Keys, group)
+    groups = [k for k, v in vars(spec.Keys).items() if isinstance(v, type)]  # every group quantkit restates, none left out
+    assert {"General", "LLM", "Attention", "Rope", "Tokenizer", "HyperConnection"} <= set(groups)
+    for group in groups:
+        ours_g, theirs_g = getattr(spec.Keys, group), getattr(gguf.Keys, group, None)  # None: a group newer than the pin
         keys = [k for k in vars(ours_g) if k.isupper()]
         assert keys, group
         for k in keys:
-            if hasattr(theirs_g, k):
+            if theirs_g is not None and hasattr(theirs_g, k):
                 assert getattr(ours_g, k) == getattr(theirs_g, k), f"Keys.{group}.{k}"
             else:
                 newer[f"Keys.{group}.{k}"] = getattr(ours_g, k)
