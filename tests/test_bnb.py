@@ -634,6 +634,28 @@ def _generic_4bit_path(model):
             m.support_avx512bf16_for_cpu = False
     return model
 
+def _assert_equals_dequantised(src: Path, out: Path, ids: list[int], n_4bit: int | None = None) -> None:
+    """Through bitsandbytes' portable path, ``load_bnb(out)`` is transformers' own model (``src``'s) computing with the
+    dequantised 4-bit weights: logits within the logits-parity bar (5e-4 of the logit scale), the same argmax."""
+    ref = _dequantised_model(src, out, torch.bfloat16, n_4bit=n_4bit)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
+    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
+    assert torch.equal(have.argmax(-1), want.argmax(-1))
+
+
+def _assert_runs_from_the_cli(src: Path, out: Path, model_type: str) -> None:
+    """``convert --format bnb`` then ``run`` on the export: three tokens, stopped by the length."""
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "--format", "bnb", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model_type"] == model_type
+    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+
+
 
 def test_family_loaded_model_keeps_experts_4bit_and_equals_the_dequantised_model(family, monkeypatch):
     import bitsandbytes
@@ -682,13 +704,7 @@ def test_family_loaded_model_keeps_experts_4bit_and_equals_the_dequantised_model
     # Through bitsandbytes' portable path, the loaded model is transformers' own model computing with the
     # dequantised 4-bit weights: logits within the logits-parity bar (5e-4 of the logit scale), same argmax.
     # Measured: identical (max |diff| 0.0) for every family, Qwen3-Next and Qwen3.5 MoE included.
-    ref = _dequantised_model(src, out, torch.bfloat16)
-    with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits[0].float()
-        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
-    scale = want.abs().max().item()
-    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, scale)
-    assert torch.equal(have.argmax(-1), want.argmax(-1))
+    _assert_equals_dequantised(src, out, ids)
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
@@ -750,15 +766,7 @@ def test_moe_family_without_a_declared_layout_is_refused_in_one_line(tmp_path):
 
 
 def test_family_run_from_the_cli(family, tmp_path):
-    src = family["fused"]
-    out = tmp_path / "bnb"
-    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "--format", "bnb", "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["model_type"] == family["model_type"]
-    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
-    assert r.exit_code == 0, r.output
-    j = json.loads(r.stdout[r.stdout.index("{"):])
-    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+    _assert_runs_from_the_cli(family["fused"], tmp_path / "bnb", family["model_type"])
 
 
 def test_declared_expert_layouts_are_the_converter_tables_per_expert_keys():
@@ -973,24 +981,12 @@ def test_ds_family_loaded_model_equals_the_dequantised_model(ds_family):
     base = _logprobs(AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval(), ids)
     m = _compare(base, _logprobs(model, ids), ids)
     assert m["kl"] < MAX_MEAN_KL, m  # NF4 noise against the unquantised float32 model; measured 0.0007-0.0016 (96 random tokens)
-    ref = _dequantised_model(reference, out, torch.bfloat16, n_4bit=len(bits4))
-    with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits[0].float()
-        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
     # measured: identical (max |diff| 0.0) for every family
-    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
-    assert torch.equal(have.argmax(-1), want.argmax(-1))
+    _assert_equals_dequantised(reference, out, ids, n_4bit=len(bits4))
 
 
 def test_ds_family_run_from_the_cli(ds_family, tmp_path):
-    out = tmp_path / "bnb"
-    r = CliRunner().invoke(app, ["convert", str(ds_family["fused"]), "-o", str(out), "--format", "bnb", "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["model_type"] == ds_family["model_type"]
-    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
-    assert r.exit_code == 0, r.output
-    j = json.loads(r.stdout[r.stdout.index("{"):])
-    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+    _assert_runs_from_the_cli(ds_family["fused"], tmp_path / "bnb", ds_family["model_type"])
 
 
 @pytest.mark.parametrize("model_type", ["glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v32"])
@@ -1216,24 +1212,12 @@ def test_moved_family_loaded_model_equals_the_dequantised_model(moved_family):
     base = _logprobs(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
     m = _compare(base, _logprobs(model, ids), ids)
     assert m["kl"] < MAX_MEAN_KL, m  # NF4 noise against the unquantised float32 model; measured 0.0003 (both, 96 random tokens)
-    ref = _dequantised_model(src, out, torch.bfloat16, n_4bit=len(bits4))
-    with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits[0].float()
-        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
     # measured: identical (max |diff| 0.0) for both
-    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
-    assert torch.equal(have.argmax(-1), want.argmax(-1))
+    _assert_equals_dequantised(src, out, ids, n_4bit=len(bits4))
 
 
 def test_moved_family_run_from_the_cli(moved_family, tmp_path):
-    out = tmp_path / "bnb"
-    r = CliRunner().invoke(app, ["convert", str(moved_family["fused"]), "-o", str(out), "--format", "bnb", "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["model_type"] == moved_family["model_type"]
-    r = CliRunner().invoke(app, ["run", str(out), "-p", "hi", "-n", "3", "--temperature", "0", "--ignore-eos", "--json"])
-    assert r.exit_code == 0, r.output
-    j = json.loads(r.stdout[r.stdout.index("{"):])
-    assert (j["completion_tokens"], j["finish_reason"]) == (3, "length")
+    _assert_runs_from_the_cli(moved_family["fused"], tmp_path / "bnb", moved_family["model_type"])
 
 
 @pytest.mark.parametrize("model_type", list(MOVED))
@@ -1324,9 +1308,4 @@ def test_llama_cpp_only_config_refused_for_gguf_exported_for_transformers(what, 
     base = _logprobs(AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval(), ids)
     m = _compare(base, _logprobs(model, ids), ids)
     assert m["kl"] < MAX_MEAN_KL, m
-    ref = _dequantised_model(reference, out, torch.bfloat16, n_4bit=len(bits4))
-    with torch.no_grad():
-        want = ref(torch.tensor([ids])).logits[0].float()
-        have = _generic_4bit_path(load_bnb(out))(torch.tensor([ids])).logits[0].float()
-    assert (have - want).abs().max().item() <= 5e-4 * max(1.0, want.abs().max().item())
-    assert torch.equal(have.argmax(-1), want.argmax(-1))
+    _assert_equals_dequantised(reference, out, ids, n_4bit=len(bits4))
