@@ -34,6 +34,28 @@ def vendored_llama_cpp(need: str = "conversion") -> str:
     pytest.skip(f"the vendored llama.cpp sources ({need}) are not unpacked here; run tools/build_llama.sh .venv")
 
 
+def llama_tool(name: str, env: str) -> Path | None:
+    """llama.cpp's own tool ``name`` (llama-imatrix, llama-gguf-split) built from the sources llama-cpp-python vendors:
+    ``$env`` if set, else the venv's ``bin/<name>`` (tools/build_llama.sh links it against the installed wheel's
+    libllama), else make bench's full build under ``$BENCH_WORK`` (/tmp/qk-llama-ref).  None where none is found
+    (the caller skips), except under CI, where ``make test`` must have built it: the test fails."""
+    import os
+    import sys
+
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    import llama_cpp
+
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/qk-llama-ref"))
+    for path in (Path(sys.prefix) / "bin" / name, ROOT / ".venv" / "bin" / name,
+                 work / f"llama_cpp_python-{llama_cpp.__version__}" / "vendor" / "llama.cpp" / "build" / "bin" / name):
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{name} is missing from {Path(sys.prefix) / 'bin'}; fix: run make setup (tools/build_llama.sh builds it)")
+    return None
+
+
 def convert(src: Path, out: Path, outtype: str = "f32") -> Path:
     from quantkit.pipeline.convert import convert as do_convert
 

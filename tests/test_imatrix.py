@@ -201,16 +201,11 @@ def test_collection_matches_llama_imatrix(fixture_gguf, text, ref):
 
 
 def local_llama_imatrix() -> Path | None:
-    """A llama-imatrix built on this machine: $QK_LLAMA_IMATRIX, or where evals/reference/make_refs.sh (make bench) builds it."""
-    import os
+    """A llama-imatrix built on this machine: $QK_LLAMA_IMATRIX, the venv's (make setup builds it), or where
+    evals/reference/make_refs.sh (make bench) builds it (conftest.llama_tool: under CI a missing one fails the test)."""
+    from conftest import llama_tool
 
-    import llama_cpp
-
-    if os.environ.get("QK_LLAMA_IMATRIX"):
-        return Path(os.environ["QK_LLAMA_IMATRIX"])
-    work = Path(os.environ.get("BENCH_WORK", "/tmp/qk-llama-ref"))
-    path = work / f"llama_cpp_python-{llama_cpp.__version__}" / "vendor" / "llama.cpp" / "build" / "bin" / "llama-imatrix"
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+    return llama_tool("llama-imatrix", "QK_LLAMA_IMATRIX")
 
 
 def test_collection_is_bit_identical_to_a_local_llama_imatrix(fixture_gguf, text, tmp_path):

@@ -286,14 +286,11 @@ def test_free_space_is_checked_for_the_whole_set(tmp_path, monkeypatch):
 # --- llama.cpp's own tool, where it was built on this machine ---------------------------------------------------------
 
 def local_gguf_split() -> Path | None:
-    """llama-gguf-split built from the vendored llama.cpp: $QK_LLAMA_GGUF_SPLIT, or beside make bench's llama-imatrix."""
-    import llama_cpp
+    """llama-gguf-split built from the vendored llama.cpp: $QK_LLAMA_GGUF_SPLIT, the venv's (make setup builds it), or
+    make bench's beside its llama-imatrix (conftest.llama_tool: under CI a missing one fails the test)."""
+    from conftest import llama_tool
 
-    if os.environ.get("QK_LLAMA_GGUF_SPLIT"):
-        return Path(os.environ["QK_LLAMA_GGUF_SPLIT"])
-    work = Path(os.environ.get("BENCH_WORK", "/tmp/qk-llama-ref"))
-    path = work / f"llama_cpp_python-{llama_cpp.__version__}" / "vendor" / "llama.cpp" / "build" / "bin" / "llama-gguf-split"
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+    return llama_tool("llama-gguf-split", "QK_LLAMA_GGUF_SPLIT")
 
 
 @pytest.mark.parametrize("flags,spec", [(["--split-max-size", MAX], SplitSpec(max_bytes=2 * 10**6)), (["--split-max-tensors", "7"], SplitSpec(max_tensors=7))])

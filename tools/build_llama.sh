@@ -13,6 +13,11 @@
 #
 # The server is rpc-server.cpp from the same sources compiled alone against the installed wheel's libggml
 # (seconds, not a second llama.cpp build). The install fails if the installed llama.cpp has no RPC backend.
+#
+# llama.cpp's own tools the tests compare with ($LLAMA_TOOLS: llama-imatrix, llama-gguf-split) are built the same
+# way, from the same sdist's sources, into VENV/bin/<tool>: the tools' own files and the part of llama.cpp's common/
+# library they link (not console/debug/llguidance/subproc), compiled once per cache entry ($JOBS at a time; about
+# 2.5 CPU-minutes) and kept there as objects, then linked against the installed wheel's libllama/libggml in a second.
 set -euo pipefail
 
 VENV=${1:?usage: tools/build_llama.sh VENV}
@@ -20,6 +25,10 @@ PY="$VENV/bin/python"
 VERSION=0.3.36
 CMAKE_ARGS_ALL="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_RPC=ON"
 CXX=${CXX:-c++}
+LLAMA_TOOLS="llama-imatrix llama-gguf-split"
+cleanup=()  # temporary folders, removed however the script ends
+trap 'rm -rf ${cleanup[@]+"${cleanup[@]}"}' EXIT
+JOBS=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}
 
 cpu_flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m)
 key_src="llama-cpp-python=$VERSION|$CMAKE_ARGS_ALL|$(uname -sm)|$cpu_flags"
@@ -39,11 +48,45 @@ extract_reference() {  # SDIST DEST
     rm -rf "$t"
 }
 
+# llama.cpp's tools: compile what they need from the sdist SDIST into DEST (created by one rename: complete or absent).
+# Flags as llama.cpp's CMake Release build gives the tools (-O3 -DNDEBUG, no -march: the sums llama-imatrix adds up
+# are compiled as in a full build); common/ and cpp-httplib (argument parsing, chat templates, downloads: not on
+# any path that computes) at -O1, a third less compile time. No OpenSSL: the tools never download.
+build_tools() {  # SDIST DEST
+    local t v f
+    t=$(mktemp -d "$CACHE_ROOT/.tools.XXXXXX")
+    cleanup+=("$t")
+    v="llama_cpp_python-$VERSION/vendor/llama.cpp"
+    tar -xzf "$1" -C "$t" "$v/common" "$v/include" "$v/ggml/include" "$v/src/llama-ext.h" "$v/vendor/nlohmann" \
+        "$v/vendor/sheredom" "$v/vendor/cpp-httplib" "$v/tools/imatrix/imatrix.cpp" "$v/tools/gguf-split/gguf-split.cpp"
+    v="$t/$v"
+    # common/build-info.cpp as CMake's configure_file writes it outside a git checkout (build 0, commit unknown)
+    sed -e 's|@LLAMA_BUILD_NUMBER@|0|' -e 's|@LLAMA_BUILD_COMMIT@|unknown|' -e "s|@BUILD_COMPILER@|$CXX|" \
+        -e "s|@BUILD_TARGET@|$(uname -sm)|" "$v/common/build-info.cpp.in" > "$v/common/build-info.cpp"
+    mkdir "$t/obj"
+    (cd "$v" && {
+        for f in common/*.cpp common/jinja/*.cpp common/parsers/*.cpp; do
+            case "$f" in common/console.cpp|common/debug.cpp|common/llguidance.cpp|common/subproc.cpp) continue;; esac
+            printf '%s -O1\n' "$f"
+        done
+        printf '%s\n' "vendor/cpp-httplib/httplib.cpp -O1 -DCPPHTTPLIB_FORM_URL_ENCODED_PAYLOAD_MAX_LENGTH=1048576 -DCPPHTTPLIB_LISTEN_BACKLOG=512 -DCPPHTTPLIB_REQUEST_URI_MAX_LENGTH=32768 -DCPPHTTPLIB_TCP_NODELAY=1" \
+            "tools/imatrix/imatrix.cpp -O3" "tools/gguf-split/gguf-split.cpp -O3"
+    } | CXX="$CXX" OBJ="$t/obj" xargs -P "$JOBS" -L 1 sh -c \
+        'o="$OBJ/$(printf %s "$0" | tr / _).o"; exec $CXX -std=c++17 "$@" -DNDEBUG -DLLAMA_SUBPROCESS -w -I common -I vendor -I include -I ggml/include -c "$0" -o "$o"') \
+        || { echo "error: compiling llama.cpp's tools failed (the compiler's message is above)" >&2; exit 1; }
+    mkdir "$t/tools"
+    mv "$t/obj/tools_imatrix_imatrix.cpp.o" "$t/tools/llama-imatrix.o"
+    mv "$t/obj/tools_gguf-split_gguf-split.cpp.o" "$t/tools/llama-gguf-split.o"
+    ar rcs "$t/tools/libllama-common.a" "$t"/obj/*.o
+    rm -rf "$2"  # an incomplete entry
+    "$PY" -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2])' "$t/tools" "$2" 2>/dev/null || [ -f "$2/libllama-common.a" ]
+}
+
 if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1 || [ ! -f "$CACHE/src/rpc-server.cpp" ]; then
     echo "building llama-cpp-python $VERSION with CMAKE_ARGS='$CMAKE_ARGS_ALL' (several minutes; cached in $CACHE)"
     mkdir -p "$CACHE_ROOT"
     tmp=$(mktemp -d "$CACHE_ROOT/.build.XXXXXX")
-    trap 'rm -rf "$tmp"' EXIT
+    cleanup+=("$tmp")
     "$PY" -m pip download --quiet --no-binary :all: --no-deps -d "$tmp/sdist" "llama-cpp-python==$VERSION"
     sdist=$(ls "$tmp"/sdist/llama_cpp_python-"$VERSION".tar.gz)
     CMAKE_ARGS="$CMAKE_ARGS_ALL" "$PY" -m pip wheel --quiet --no-deps --no-cache-dir -w "$tmp/wheel" "$sdist"
@@ -55,6 +98,8 @@ if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1 || [ ! -f "$C
     cp -r "$vendor/ggml/include" "$tmp/wheel/src/include"
     cp "$vendor/tools/rpc/rpc-server.cpp" "$tmp/wheel/src/rpc-server.cpp"
     extract_reference "$sdist" "$tmp/wheel/src/llama.cpp"
+    echo "building llama.cpp's tools ($LLAMA_TOOLS; $JOBS jobs, about 2.5 CPU-minutes)"
+    build_tools "$sdist" "$tmp/wheel/tools"
     printf '%s\n' "$key_src" > "$tmp/wheel/KEY"
     rm -rf "$CACHE"  # an incomplete entry
     # one rename: the entry is complete or absent (an interrupted build leaves nothing); if a concurrent build
@@ -63,10 +108,18 @@ if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1 || [ ! -f "$C
 else
     echo "llama-cpp-python $VERSION (CMAKE_ARGS='$CMAKE_ARGS_ALL') from $CACHE"
 fi
-if [ ! -f "$CACHE/src/llama.cpp/convert_hf_to_gguf.py" ]; then  # a cache entry from before the reference was kept
+# a cache entry from before the reference or the tools were kept: the same sdist again, for what is missing
+if [ ! -f "$CACHE/src/llama.cpp/convert_hf_to_gguf.py" ] || [ ! -f "$CACHE/tools/libllama-common.a" ]; then
     t=$(mktemp -d "$CACHE_ROOT/.sdist.XXXXXX")
+    cleanup+=("$t")
     "$PY" -m pip download --quiet --no-binary :all: --no-deps -d "$t" "llama-cpp-python==$VERSION"
-    extract_reference "$t/llama_cpp_python-$VERSION.tar.gz" "$CACHE/src/llama.cpp"
+    if [ ! -f "$CACHE/src/llama.cpp/convert_hf_to_gguf.py" ]; then
+        extract_reference "$t/llama_cpp_python-$VERSION.tar.gz" "$CACHE/src/llama.cpp"
+    fi
+    if [ ! -f "$CACHE/tools/libllama-common.a" ]; then
+        echo "building llama.cpp's tools ($LLAMA_TOOLS; $JOBS jobs, about 2.5 CPU-minutes; cached in $CACHE/tools)"
+        build_tools "$t/llama_cpp_python-$VERSION.tar.gz" "$CACHE/tools"
+    fi
     rm -rf "$t"
 fi
 rm -rf "$VENV/llama.cpp-src"
@@ -101,4 +154,9 @@ EOF
 "$CXX" -std=c++17 -O2 -o "$VENV/bin/ggml-rpc-server.tmp" "$CACHE/src/rpc-server.cpp" -I "$CACHE/src/include" \
     -L "$libdir" -lggml -lggml-base -Wl,-rpath,"$libdir" -pthread
 mv "$VENV/bin/ggml-rpc-server.tmp" "$VENV/bin/ggml-rpc-server"
-echo "llama-cpp-python $VERSION with RPC installed; server: $VENV/bin/ggml-rpc-server"
+for tool in $LLAMA_TOOLS; do
+    "$CXX" -o "$VENV/bin/$tool.tmp" "$CACHE/tools/$tool.o" "$CACHE/tools/libllama-common.a" \
+        -L "$libdir" -lllama -lggml -lggml-base -Wl,-rpath,"$libdir" -pthread
+    mv "$VENV/bin/$tool.tmp" "$VENV/bin/$tool"
+done
+echo "llama-cpp-python $VERSION with RPC installed; server: $VENV/bin/ggml-rpc-server; tools: $LLAMA_TOOLS in $VENV/bin"
