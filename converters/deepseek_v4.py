@@ -32,10 +32,23 @@ Parity
     top-k choice included; its default F16 cache rounds cached keys, which can move a near-tie of a router or of the
     indexer's top-k (a jump from that token on), and few indexer heads leave exact ties (ReLU zeros) the two top-k's
     break differently.
+Importance matrices
+    llama.cpp's graph multiplies ``attn_output_a`` (2-D in the file: ``n_head * head_dim / o_groups`` columns) as ``o_groups``
+    matrices, so llama-imatrix (and ``quantkit imatrix``, bit-identical to it) records ``o_groups x`` its columns in one row, and
+    llama-quantize refuses that entry ("imatrix size A is different from tensor size B"): ``quantkit convert --imatrix`` refuses it
+    too.  Without those entries (``llama-quantize --exclude-weights attn_output_a``) both quantise bit for bit alike.
+    ``output_hc_fn`` (``hc_head_fn``, outside the blocks) never gets an entry: presets whose type for it needs importance weights
+    (IQ3_XXS, IQ2_*, Q2_K_S ...) need another type for it (``--tensor-type output_hc_fn=q8_0``), as with llama-quantize.
+Quantised releases
+    DeepSeek's published files (``quant_method: fp8``, ``scale_fmt: ue8m0``, ``expert_dtype: fp4`` beside it): FP8 e4m3
+    weights with a ``.scale`` per 128x128 block are decoded block by block as the conversion streams
+    (:mod:`quantkit.hf.quantized`); FP4 experts (I8 ``.weight`` two e2m1 values a byte, ``.scale`` per 32 values of a row) are
+    carried into GGUF MXFP4 bit for bit, as llama.cpp's converter repacks them (``--allow-requantize`` decodes them too).
+    Read in the published layout only (transformers' saves of a quantised model rename and fuse them: refused).
 Not converted
     Multi-token-prediction blocks (``mtp.*``) are left out, as llama.cpp's converter leaves them out by
-    default and transformers never loads them.  Quantised checkpoints (``quantization_config``: FP8 with
-    UE8M0 ``.scale`` tensors, FP4 experts) are refused: dequantise to BF16 first.
+    default and transformers never loads them.  Other quantisations (``quantization_config`` other than ``fp8``) are
+    refused: dequantise to BF16 first.
 """
 
 from __future__ import annotations
@@ -213,8 +226,9 @@ def hparams(config: dict[str, Any]) -> V4Hparams:
     if config.get("quantization_config") is not None:
         qc = config["quantization_config"]
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise _refuse("quantization_config.quant_method", method, "DeepSeek V4's FP8 weights (UE8M0 .scale tensors) and FP4 experts are not "
-                      "read here", "dequantise the checkpoint to BF16 first")
+        if method != "fp8":
+            raise _refuse("quantization_config.quant_method", method, "DeepSeek V4 checkpoints are read quantised as DeepSeek publishes them "
+                          "only (\"fp8\": FP8 e4m3 weights with UE8M0 .scale tensors, FP4 experts)", "dequantise the checkpoint to BF16 first")
     act = _value(config, "hidden_act")
     if act != "silu":
         raise _refuse("hidden_act", act, "llama.cpp's deepseek4 graph gates every expert with SiLU", "only checkpoints with hidden_act \"silu\" convert")
@@ -494,6 +508,10 @@ class V4Converter(Converter):
     def map(self, ckpt: Checkpoint) -> tuple[Any, list[OutTensor]]:
         h = self.hparams(ckpt.config)
         lay = layout_of(list(ckpt.tensors))
+        if ckpt.quantization is not None and lay is not PUBLISHED:
+            raise CheckpointError(f"{ckpt.root}: a quantised DeepSeek V4 checkpoint in {lay.name} layout (transformers' names); quantised ones are "
+                                  "read in DeepSeek's published layout only (layers.N.attn.wq_a.weight / .scale, ffn.experts.E.w1.weight / .scale); "
+                                  "fix: convert the published release, or a BF16 save")
         # a hash-routed block's selection bias: published checkpoints hold it, transformers' hash router has none and
         # llama.cpp's graph selects by tid2eid there (its converter drops it too)
         unused = {_src(lay, _BIAS, b) for b in range(h.n_hash)}
@@ -575,9 +593,14 @@ NOTES = (
     "hash-routed blocks (mlp_layer_types / num_hash_layers, leading only): tid2eid -> I32 ffn_gate_tid2eid (whatever the type), no exp_probs_b "
     "(a published checkpoint's unused gate.bias there is dropped, as llama.cpp's converter drops it)",
     "multi-token-prediction blocks (mtp.*) are left out, as llama.cpp's converter leaves them out by default",
+    "quantised releases (fp8, ue8m0 .scale, expert_dtype fp4; published layout only): FP8 weights decoded, FP4 experts carried as MXFP4 "
+    "(--allow-requantize decodes them too)",
     "expert_shared_count is always 1 and head_count_kv 1 (transformers' V4 builds one shared MLP of moe_intermediate_size and one KV "
     "head whatever n_shared_experts / num_key_value_heads say)",
     "at least one compressed-sparse (ratio 4) and one heavily-compressed (ratio 128) block are required (llama.cpp crashes otherwise); hc_mult must be 4",
+    "imatrix: attn_output_a's entries (o_groups matrices in one row, as llama-imatrix records them) are refused by llama-quantize and "
+    "quantkit convert alike (quantise without them: llama-quantize --exclude-weights attn_output_a); output_hc_fn never has an entry, so "
+    "IQ3_XXS / IQ2_* / Q2_K_S need another type for it (--tensor-type output_hc_fn=q8_0)",
 )
 
 CONVERTER = register(V4Converter(

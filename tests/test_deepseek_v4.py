@@ -309,7 +309,7 @@ def test_refused_with_one_line(tmp_path, edits, needles):
 
 @pytest.mark.parametrize("edits,needle", [
     (dict(scoring_func="sigmoid"), "scoring_func"),
-    (dict(quantization_config={"quant_method": "fp8", "scale_fmt": "ue8m0"}), "quantization_config"),
+    (dict(quantization_config={"quant_method": "compressed-tensors"}), "quantization_config"),
     (dict(mlp_layer_types=["moe", "hash_moe", "moe", "moe"]), "mlp_layer_types"),
     (dict(o_groups=3), "o_groups"),
     (dict(hidden_act="gelu"), "hidden_act"),
@@ -349,3 +349,372 @@ def test_hostile_config_values_give_one_line_errors(key):
             hparams(config)
         except CheckpointError as e:
             assert "fix:" in str(e) and "\n" not in str(e), (key, value, str(e))
+
+
+# --------------------------------------------------------------------------- importance matrices
+
+#: rows of 256 (k-quants and IQ3_XXS apply), 8 experts top-2, attn_output_a of 2 groups of 128 columns, an indexer that chooses
+#: (top 8); chunks of 256 tokens: both compressors emit entries (ratio 4 every 4 tokens, ratio 128 twice a chunk)
+IM_CONFIG = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, n_routed_experts=8, q_lora_rank=256, o_lora_rank=128,
+                 index_n_heads=4, index_topk=8)
+IM_CTX, IM_CHUNKS = 256, 3
+#: the matrices llama.cpp's deepseek4 graph multiplies activations by (MUL_MAT / MUL_MAT_ID), per block kind: what an imatrix holds
+IM_ALL = ("hc_attn_fn", "hc_ffn_fn", "attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_inp",
+          "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+IM_COMP = ("attn_compressor_kv", "attn_compressor_gate")
+IM_CSA = ("indexer_compressor_kv", "indexer_compressor_gate", "indexer.proj", "indexer.attn_q_b")
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """(HF dir, its F32 GGUF, quantkit's matrix on it, the collection's warnings, the text)."""
+    import logging
+
+    from quantkit.evals.corpora import heldout_text
+    from quantkit.pipeline.imatrix_collect import collect_imatrix
+
+    base = tmp_path_factory.mktemp("v4-imatrix")
+    src = build(base / "hf", **IM_CONFIG)
+    f32 = convert(src, base / "f32.gguf", "f32")
+    text = heldout_text()[:40000].removesuffix("\n")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("quantkit.pipeline.imatrix_collect")
+    logger.addHandler(handler)
+    try:
+        im = collect_imatrix(f32, text, n_ctx=IM_CTX, n_chunks=IM_CHUNKS, threads=2, dataset="calib.txt")
+    finally:
+        logger.removeHandler(handler)
+    return src, f32, im, [r.getMessage() for r in records], text
+
+
+def test_imatrix_entries(calibrated):
+    """An entry for every matrix the graph multiplies; attn_output_a (llama.cpp multiplies it as o_groups matrices of 128 columns)
+    one row of 2 x 128 and one count, as llama-imatrix records it -- which llama-quantize refuses (the collection says so once)."""
+    from quantkit.pipeline.imatrix_collect import llama_quantize_misfits
+
+    _, f32, im, warnings, _ = calibrated
+    ratios = [RATIO[t] for t in BASE["layer_types"]]
+    want = {f"blk.{b}.{t}.weight" for b, r in enumerate(ratios) for t in IM_ALL + (IM_COMP if r else ()) + (IM_CSA if r == 4 else ())}
+    assert set(im.entries) == want, sorted(set(im.entries) ^ want)
+    n_tokens = IM_CTX * IM_CHUNKS
+    for name, e in im.entries.items():
+        assert np.isfinite(e.in_sum2).all() and (e.in_sum2 >= 0).all(), name
+        if "_exps" in name:
+            assert e.counts.shape == (8,) and e.counts.sum() == n_tokens * BASE["num_experts_per_tok"], name
+        else:
+            assert e.counts.tolist() == [n_tokens] and e.in_sum2.sum() > 0, name
+    assert im.entries["blk.0.attn_output_a.weight"].in_sum2.shape == (1, 256)
+    assert llama_quantize_misfits(im, f32) == {f"blk.{b}.attn_output_a.weight": (256, 128) for b in range(4)}
+    assert len(warnings) == 1 and "attn_output_a" in warnings[0] and "--exclude-weights attn_output_a" in warnings[0], warnings
+
+
+def test_imatrix_bit_identical_to_a_local_llama_imatrix(calibrated, tmp_path):
+    """llama-imatrix on the same F32 GGUF and text, one chunk per batch: the same file, every count and sum bit for bit."""
+    from test_imatrix import local_llama_imatrix
+
+    from quantkit.policy.imatrix import read_imatrix, write_imatrix
+
+    exe = local_llama_imatrix()
+    if exe is None:
+        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+    _, f32, ours, _, text = calibrated
+    (tmp_path / "calib.txt").write_text(text, encoding="utf-8")
+    r = subprocess.run([str(exe), "-m", str(f32), "-f", "calib.txt", "-c", str(IM_CTX), "-b", str(IM_CTX), "--chunks", str(IM_CHUNKS), "-t", "2",
+                        "-o", "local.gguf"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = read_imatrix(tmp_path / "local.gguf")
+    assert sorted(ours.entries) == sorted(theirs.entries)
+    for name, e in theirs.entries.items():
+        np.testing.assert_array_equal(ours.entries[name].counts, e.counts, err_msg=name)
+        np.testing.assert_array_equal(ours.entries[name].in_sum2, e.in_sum2, err_msg=name)
+    assert write_imatrix(ours, tmp_path / "ours.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+def _llama_quantize(src: Path, out: Path, preset: str, im, overrides: dict[str, str] | None = None) -> tuple[int, str]:
+    """llama.cpp's in-process quantiser (the wheel's libllama) with ``im``'s weights as quantize.cpp loads them and llama-quantize's
+    ``--tensor-type`` overrides: (return code, log)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    params.nthread = 2
+    keep: list = []
+    arr = (llama_cpp.llama_model_imatrix_data * (len(im.entries) + 1))()  # zeroed terminator
+    for i, name in enumerate(im.entries):
+        w = np.ascontiguousarray(im.weights(name), dtype=np.float32).reshape(-1)
+        keep += [w, name.encode()]
+        arr[i].name, arr[i].data, arr[i].size = keep[-1], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), w.size
+    params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    tt = (llama_cpp.llama_model_tensor_override * (len(overrides or {}) + 1))()
+    for i, (pattern, qtype) in enumerate((overrides or {}).items()):
+        tt[i].pattern, tt[i].type = pattern.encode(), int(gguf.GGMLQuantizationType[qtype.upper()])
+    if overrides:
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        chunks.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    return rc, "".join(chunks)
+
+
+def _convert_cli(src: Path, out: Path, preset: str, imatrix: Path, *extra: str):
+    from typer.testing import CliRunner
+
+    from quantkit.cli.main import app
+
+    return CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "--type", preset, "--imatrix", str(imatrix), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("preset,overrides", [("Q4_K_M", {}), ("IQ3_XXS", {"output_hc_fn": "q8_0"})])
+def test_convert_with_the_imatrix_refused_as_llama_quantize_refuses_it(calibrated, tmp_path, preset, overrides):
+    """The matrix as llama-imatrix writes it: llama-quantize stops at blk.0.attn_output_a ("imatrix size 256 is different from tensor
+    size 128"), and quantkit convert refuses it before writing anything, in one line naming that entry.  (IQ3_XXS: output_hc_fn
+    given another type, else llama-quantize stops at it first: see the next test.)"""
+    from quantkit.policy.imatrix import write_imatrix
+
+    src, f32, im, _, _ = calibrated
+    rc, log = _llama_quantize(f32, tmp_path / "llama.gguf", preset, im, overrides)
+    assert rc != 0 and "imatrix size 256 is different from tensor size 128 for blk.0.attn_output_a.weight" in log
+    path = write_imatrix(im, tmp_path / "im.gguf")
+    (tmp_path / "out").mkdir()
+    extra = [a for p, t in overrides.items() for a in ("--tensor-type", f"{p}={t}")]
+    result = _convert_cli(src, tmp_path / "out" / "m.gguf", preset, path, *extra)
+    msg = result.output.strip()
+    assert result.exit_code == 1 and msg.startswith("error:") and len(msg.splitlines()) == 1, msg
+    assert "'blk.0.attn_output_a.weight' has 1 x 256" in msg and "needs 1 x 128" in msg and "fix:" in msg, msg
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("Q4_K_M", {}),
+    # output_hc_fn (hc_head_fn, not blk.*: no imatrix has an entry for it) needs importance weights in IQ3_XXS: another type for it
+    ("IQ3_XXS", {"output_hc_fn": "q8_0"}),
+])
+def test_convert_without_the_grouped_entries_equals_llama_quantize(calibrated, tmp_path, preset, overrides):
+    """Without the attn_output_a entries (llama-quantize --exclude-weights attn_output_a): every tensor bit for bit llama-quantize's
+    with the same matrix (attn_output_a then quantised without importance weights by both); and IQ3_XXS without a type for
+    output_hc_fn refused by both."""
+    from quantkit.policy.imatrix import write_imatrix
+
+    src, f32, im, _, _ = calibrated
+    kept = dataclasses.replace(im, entries={n: e for n, e in im.entries.items() if ".attn_output_a." not in n})
+    path = write_imatrix(kept, tmp_path / "kept.gguf")
+    rc, log = _llama_quantize(f32, tmp_path / "llama.gguf", preset, kept, overrides)
+    assert rc == 0, log[-2000:]
+    extra = [a for p, t in overrides.items() for a in ("--tensor-type", f"{p}={t}")]
+    result = _convert_cli(src, tmp_path / "ours.gguf", preset, path, *extra)
+    assert result.exit_code == 0, result.output
+    ours, theirs = _tensors(tmp_path / "ours.gguf"), _tensors(tmp_path / "llama.gguf")
+    assert ours.keys() == theirs.keys()
+    assert [n for n in ours if ours[n] != theirs[n]] == []
+    if preset == "IQ3_XXS":
+        assert ours["blk.0.ffn_gate_exps.weight"][0] == gguf.GGMLQuantizationType.IQ3_XXS
+        rc, log = _llama_quantize(f32, tmp_path / "bare.gguf", preset, kept)
+        assert rc != 0 and "Missing importance matrix for tensor output_hc_fn.weight" in log
+        (tmp_path / "out").mkdir()
+        result = _convert_cli(src, tmp_path / "out" / "m.gguf", preset, path)
+        assert result.exit_code == 1 and "'output_hc_fn.weight'" in result.output and list((tmp_path / "out").iterdir()) == [], result.output
+
+
+# --------------------------------------------------------------------------- the published quantised layout
+
+#: DeepSeek V4's release: FP8 e4m3 linear weights with a UE8M0 .scale per 128x128 block, routed experts FP4 (e2m1, I8 two a byte)
+#: with a UE8M0 .scale per 32 values of a row; expert_dtype beside quantization_config, as V4's config.json holds it
+V4_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+FP8_LEAVES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight", "ffn.shared_experts.w1.weight",
+              "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight", "attn.compressor.wkv.weight", "attn.compressor.wgate.weight",
+              "attn.indexer.wq_b.weight", "attn.indexer.compressor.wkv.weight", "attn.indexer.compressor.wgate.weight")
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _fp8_blocks(w):
+    """(e4m3 [r, c], UE8M0 scales [ceil(r/128), ceil(c/128)], the values they hold) -- a power-of-two scale per block, as V4's
+    release (scale_fmt ue8m0); the last blocks partial."""
+    import torch
+
+    r, c = w.shape
+    R, C = -(-r // 128), -(-c // 128)
+    pad = torch.zeros(R * 128, C * 128)
+    pad[:r, :c] = w.float()
+    amax = pad.view(R, 128, C, 128).abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    full = scale.repeat_interleave(128, 0)[:r].repeat_interleave(128, 1)[:, :c]
+    q = (w.float() / full).to(torch.float8_e4m3fn)
+    return q, scale.to(torch.float8_e8m0fnu), q.float() * full
+
+
+def _fp4_groups(w):
+    """(I8 [r, c/2]: value 2j in the low nibble of byte j, UE8M0 scales [r, c/32], the values they hold) -- V4's FP4 experts."""
+    import torch
+
+    r, c = w.shape
+    grid = torch.tensor(E2M1_VALUES)
+    g = w.float().view(r, c // 32, 32)
+    scale = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-12) / 6.0)))
+    codes = ((g / scale[..., None])[..., None] - grid).abs().argmin(-1).view(r, c)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return packed, scale.to(torch.float8_e8m0fnu), (grid[codes].view(r, c // 32, 32) * scale[..., None]).view(r, c)
+
+
+def quantised(pub: Path, dst: Path, twin: Path) -> tuple[Path, Path]:
+    """``pub`` (published layout) stored as DeepSeek releases V4 (FP8 / FP4 with .scale tensors) in ``dst``, and its BF16 twin --
+    the very values the quantised file holds -- in ``twin``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(pub / "model.safetensors"))
+    q_state, twin_state = dict(state), dict(state)
+    for k, v in state.items():
+        leaf = k.split(".", 2)[2] if k.startswith("layers.") else ""
+        if leaf in FP8_LEAVES or ".ffn.experts." in k:
+            q, s, values = (_fp4_groups if ".ffn.experts." in k else _fp8_blocks)(v)
+            q_state[k], q_state[k.removesuffix(".weight") + ".scale"] = q, s
+            twin_state[k] = values.to(torch.bfloat16)
+            assert torch.equal(twin_state[k].float(), values), k  # exact in BF16
+    for path, st, qc in ((dst, q_state, True), (twin, twin_state, False)):
+        path.mkdir()
+        save_file(st, str(path / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((pub / "config.json").read_text())
+        if qc:
+            cfg["quantization_config"], cfg["expert_dtype"] = V4_QUANT, "fp4"
+        (path / "config.json").write_text(json.dumps(cfg))
+        for f in pub.iterdir():
+            if f.suffix != ".safetensors" and f.name != "config.json":
+                shutil.copy(f, path / f.name)
+    return dst, twin
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """(the quantised published checkpoint, its BF16 twin): rows of 256 (full 128x128 blocks), experts of 256 x 256."""
+    base = tmp_path_factory.mktemp("v4-release")
+    pub = published(build(base / "hf", **IM_CONFIG), base / "pub")
+    return quantised(pub, base / "q", base / "twin")
+
+
+def test_release_decoded_equals_its_bf16_twin(released, tmp_path):
+    """Every weight decoded (--allow-requantize: the FP4 experts too) to F32: the file converted from the BF16 twin, tensor for tensor."""
+    from quantkit.pipeline.convert import convert as do_convert
+
+    q, twin = released
+    a = do_convert(q, tmp_path / "q.gguf", "f32", allow_requantize=True).output
+    assert _tensors(a) == _tensors(convert(twin, tmp_path / "twin.gguf", "f32"))
+
+
+def test_release_experts_carried_as_mxfp4(released, tmp_path):
+    """By default the FP4 experts are written as stored, GGUF MXFP4 (bytes repacked, no value changed: they decode to the twin's), every
+    other tensor as from the twin; the plan says so."""
+    q, twin = released
+    ours, ref = _tensors(convert(q, tmp_path / "q.gguf", "f32")), _tensors(convert(twin, tmp_path / "twin.gguf", "f32"))
+    assert ours.keys() == ref.keys()
+    experts = {n for n in ours if "_exps." in n}
+    assert len(experts) == 12 and all(ours[n][0] == gguf.GGMLQuantizationType.MXFP4 for n in experts)
+    assert {n: ours[n] for n in ours if n not in experts} == {n: ref[n] for n in ref if n not in experts}
+    for n in experts:
+        values = gguf.quants.dequantize(np.frombuffer(ours[n][2], np.uint8).reshape(ours[n][1][::-1][:-1] + (-1,)), gguf.GGMLQuantizationType.MXFP4)
+        assert np.array_equal(values.reshape(-1), np.frombuffer(ref[n][2], np.float32)), n
+
+
+_RELEASE_DRIVER = """
+import runpy, sys
+root = sys.argv[1]
+sys.argv = [root + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.deepseek as dsk
+dsk.DeepseekV4Model.set_vocab = lambda self: self._set_vocab_sentencepiece()
+runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def test_release_equals_vendored_converter(released, tmp_path):
+    """llama.cpp's converter on the same release: the experts it repacks to MXFP4 and the FP8 weights it dequantises and writes Q8_0
+    are ours at --type q8_0, byte for byte; its BF16 / F32 tensors ours at --type bf16."""
+    q, _ = released
+    root = vendored_llama_cpp("conversion")
+    r = subprocess.run([sys.executable, "-c", _RELEASE_DRIVER, root, str(q), "--outtype", "bf16", "--outfile", str(tmp_path / "ref.gguf")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = _tensors(tmp_path / "ref.gguf")
+    q8, bf16 = _tensors(convert(q, tmp_path / "q8.gguf", "q8_0")), _tensors(convert(q, tmp_path / "bf16.gguf", "bf16"))
+    assert ref.keys() == q8.keys()
+    Q = gguf.GGMLQuantizationType
+    by_type = {t: sorted(n for n in ref if ref[n][0] == t) for t in {v[0] for v in ref.values()}}
+    assert len(by_type[Q.MXFP4]) == 12 and len(by_type[Q.Q8_0]) > 13
+    for n, (t, shape, data) in ref.items():
+        if t in (Q.MXFP4, Q.Q8_0):
+            assert q8[n] == (t, shape, data), (n, Q(t).name, Q(q8[n][0]).name)
+        else:  # the same values (quantkit keeps the router F32 whatever the type, llama.cpp's converter a BF16 one BF16)
+            assert bf16[n][1] == shape and np.array_equal(_values(bf16[n]), _values(ref[n])), n
+
+
+def _values(t: tuple[int, tuple[int, ...], bytes]) -> np.ndarray:
+    if t[0] == gguf.GGMLQuantizationType.BF16:
+        return (np.frombuffer(t[2], np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if t[0] == gguf.GGMLQuantizationType.I32:
+        return np.frombuffer(t[2], np.int32)
+    assert t[0] == gguf.GGMLQuantizationType.F32, t[0]
+    return np.frombuffer(t[2], np.float32)
+
+
+def _edited(src: Path, dst: Path, edit, config_edit=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config_edit is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+W1 = "layers.2.ffn.experts.3.w1"
+
+
+@pytest.mark.parametrize("case,needles", [
+    # an FP4 expert whose scales are not one per 32 values of a row
+    ("fp4-scale-shape", [W1 + ".weight", W1 + ".scale", "[256, 8]", "fix:"]),
+    # FP4-packed experts in a checkpoint whose config does not say expert_dtype "fp4"
+    ("no-expert-dtype", ["layers.0.ffn.experts.0.w1.weight", "is I8", "expert_dtype is not 'fp4'", "fix:"]),
+    # an FP8 weight without its scale
+    ("fp8-scale-missing", ["layers.0.attn.wq_a.weight", "layers.0.attn.wq_a.scale", "is missing"]),
+])
+def test_release_damage_refused(released, tmp_path, case, needles):
+    def edit(state):
+        if case == "fp4-scale-shape":
+            state[W1 + ".scale"] = state[W1 + ".scale"][:, :4].contiguous()
+        elif case == "fp8-scale-missing":
+            del state["layers.0.attn.wq_a.scale"]
+
+    cfg_edit = (lambda cfg: cfg.pop("expert_dtype")) if case == "no-expert-dtype" else None
+    bad = _edited(released[0], tmp_path / "bad", edit, cfg_edit)
+    if case == "fp4-scale-shape":
+        needles = [n.replace("[256, 8]", "[256, 4]") for n in needles]
+    assert_convert_refused(bad, tmp_path, needles)
+
+
+def test_quantised_transformers_layout_refused(tmp_path, base):
+    """FP8 weights in transformers' save_pretrained names: one line saying the published layout is read quantised."""
+    src, _ = base
+
+    def edit(state):
+        k = "model.layers.0.attn.wq_a.weight"
+        q, s, _ = _fp8_blocks(state[k])
+        state[k], state[k.removesuffix(".weight") + ".scale"] = q, s
+
+    bad = _edited(src, tmp_path / "bad", edit, lambda cfg: cfg.update(quantization_config=V4_QUANT))
+    assert_convert_refused(bad, tmp_path, ["published layout", "fix:"])

@@ -26,6 +26,7 @@ from quantkit.cli.main import app
 from quantkit.policy.imatrix import read_imatrix, write_imatrix
 from quantkit.pipeline.imatrix_collect import collect_imatrix
 from test_imatrix import local_llama_imatrix
+from test_deepseek_v4 import BASE as DEEPSEEK_V4
 
 CTX, CHUNKS = 64, 3  # every blk.* MUL_MAT sees 64 >= 16 tokens per decode; 192 tokens in all
 
@@ -131,6 +132,9 @@ MORE_FAMILIES = {
     "gpt_oss": {},
     "llama4_text": {},
     "qwen3_next": dict(num_hidden_layers=4),
+    # DeepSeek V4's hyper-connections, shared-KV attention with KV compressors and the lightning indexer, the grouped attn_output_a
+    # (llama.cpp multiplies it as o_groups matrices: one row of o_groups x columns, as llama-imatrix records it), hash-routed blocks
+    "deepseek_v4": dict(DEEPSEEK_V4),
 }
 
 

@@ -516,8 +516,17 @@ def _dequantised(root: Path, config: dict[str, Any], tensors: dict[str, TensorRe
         if w is not None:
             if w.name != name and w.name in tensors:
                 raise CheckpointError(f"{ref.shard.path}: tensors {shown(name)} and {shown(w.name)} are the same weight; fix: remove one of them")
-            out[w.name] = QuantRef(w.name, "F32", w.shape, ref.shard, ref.start, ref.stop, quant=w, stored=ref, scale=tensors[w.scale],
+            out[w.name] = QuantRef(w.name, "F32", w.shape, ref.shard, ref.start, ref.stop, quant=w, stored=_as_blocks(w, ref), scale=tensors[w.scale],
                                    zero=None if w.zero is None else tensors[w.zero])
         elif name not in found.consumed:
             out[name] = ref
     return out, found.source
+
+
+def _as_blocks(w: quantized.QuantWeight, ref: TensorRef) -> TensorRef:
+    """The stored tensor of a quantised weight as its decoder reads it: DeepSeek V4's FP4 experts (I8 [rows, cols/2]) as the
+    same bytes in MXFP4 blocks (U8 [rows, cols/32, 16], as gpt-oss stores them), which the pipeline can carry into GGUF MXFP4."""
+    if w.storage != "mxfp4" or ref.dtype != "I8":
+        return ref
+    half = quantized.MXFP4_BLOCK // 2
+    return TensorRef(ref.name, "U8", (*ref.shape[:-1], ref.shape[-1] // half, half), ref.shard, ref.start, ref.stop)

@@ -9,6 +9,10 @@ Read here:
   ``weight_block_size: null`` means one scale per matrix; a config without the key is read as
   transformers reads it (128 x 128 blocks), or as one scale per matrix when that is the scales' shape.
   Scales are float32 (BF16 / F16 widened exactly), or powers of two in one byte with ``scale_fmt: ue8m0``.
+  DeepSeek V4's release names a weight's scales ``X.scale`` (beside ``X.weight``) and, with ``expert_dtype: "fp4"``
+  (in quantization_config or beside it, as transformers' DeepseekV4Config folds it in; V4 only), stores its routed
+  experts FP4: ``X.weight`` I8 [rows, cols/2] (value ``2j`` in the low nibble of byte ``j``) with a UE8M0 ``X.scale``
+  [rows, cols/32] -- MXFP4 blocks under other names, read (and carried) as such (:func:`_pair_fp4`).
 - ``quant_method: compressed-tensors`` (llm-compressor, vLLM): ``float-quantized`` FP8 weights with
   ``weight_scale`` per tensor, channel, group or block, and ``pack-quantized`` integers (``weight_packed``
   int32 words, ``weight_shape``, ``weight_scale``, ``weight_zero_point`` when asymmetric) in groups or
@@ -378,6 +382,7 @@ class Scheme:
     symmetric: bool = True
     scale_fmt: str = "float"
     block_or_tensor: bool = False  # fp8 without weight_block_size: 128x128 blocks, or one scale per matrix, as the scales' shape says
+    expert_fp4: bool = False  # fp8 with expert_dtype "fp4" (DeepSeek V4): experts FP4-packed, see :func:`_pair_fp4`
 
     def block_for(self, rows: int, cols: int) -> tuple[int, int]:
         if self.strategy == "tensor":
@@ -433,7 +438,10 @@ def read_schemes(config: Mapping[str, Any], cfg_path: str) -> tuple[str, dict[st
     if method in PASSTHROUGH_METHODS:
         return None
     if method == FP8_METHOD:
-        return method, {"fp8": _fp8_scheme(qc, cfg_path)}, _strings(qc.get("modules_to_not_convert", qc.get("ignored_layers")), cfg_path, "modules_to_not_convert")
+        fp4_ok = config.get("model_type") in FP4_EXPERT_MODEL_TYPES
+        if fp4_ok and "expert_dtype" not in qc and config.get("expert_dtype") is not None:
+            qc = {**qc, "expert_dtype": config["expert_dtype"]}  # V4 ships it beside the config; transformers' DeepseekV4Config folds it in
+        return method, {"fp8": _fp8_scheme(qc, cfg_path, fp4_ok)}, _strings(qc.get("modules_to_not_convert", qc.get("ignored_layers")), cfg_path, "modules_to_not_convert")
     if method == CT_METHOD:
         schemes, ignore = _ct_schemes(qc, cfg_path)
         return method, schemes, ignore
@@ -456,7 +464,7 @@ def _block(value: Any, cfg_path: str, key: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _fp8_scheme(qc: dict[str, Any], cfg_path: str) -> Scheme:
+def _fp8_scheme(qc: dict[str, Any], cfg_path: str, fp4_ok: bool = False) -> Scheme:
     fmt = qc.get("fmt", "e4m3")
     if not (isinstance(fmt, str) and fmt.lower() in E4M3_NAMES):
         raise _key_error(cfg_path, "fmt", fmt, "is not e4m3, the only FP8 format quantkit reads", UNSUPPORTED_FIX)
@@ -464,15 +472,17 @@ def _fp8_scheme(qc: dict[str, Any], cfg_path: str) -> Scheme:
     if scale_fmt not in ("float", "ue8m0"):
         raise _key_error(cfg_path, "scale_fmt", scale_fmt, "is not 'float' or 'ue8m0'", UNSUPPORTED_FIX)
     expert_dtype = qc.get("expert_dtype", "fp8")
-    if expert_dtype != "fp8":
-        raise _key_error(cfg_path, "expert_dtype", expert_dtype, "(FP4-packed experts) is not read by quantkit", UNSUPPORTED_FIX)
+    if expert_dtype != "fp8" and not (fp4_ok and expert_dtype == "fp4"):
+        raise _key_error(cfg_path, "expert_dtype", expert_dtype, "(FP4-packed experts) is not read by quantkit" + (
+            "" if fp4_ok else f" but in {'/'.join(FP4_EXPERT_MODEL_TYPES)} checkpoints"), UNSUPPORTED_FIX)
     if qc.get("modules_to_convert"):
         raise _key_error(cfg_path, "modules_to_convert", qc["modules_to_convert"], "(FP8 embedding tables) is not read by quantkit", UNSUPPORTED_FIX)
+    fp4 = expert_dtype == "fp4"
     if "weight_block_size" not in qc:  # transformers defaults to 128x128; llama.cpp's converter to one scale per matrix
-        return Scheme("fp8", "block", (128, 128), scale_fmt=scale_fmt, block_or_tensor=True)
+        return Scheme("fp8", "block", (128, 128), scale_fmt=scale_fmt, block_or_tensor=True, expert_fp4=fp4)
     if qc["weight_block_size"] is None:
-        return Scheme("fp8", "tensor", scale_fmt=scale_fmt)
-    return Scheme("fp8", "block", _block(qc["weight_block_size"], cfg_path, "weight_block_size"), scale_fmt=scale_fmt)
+        return Scheme("fp8", "tensor", scale_fmt=scale_fmt, expert_fp4=fp4)
+    return Scheme("fp8", "block", _block(qc["weight_block_size"], cfg_path, "weight_block_size"), scale_fmt=scale_fmt, expert_fp4=fp4)
 
 
 def _ct_schemes(qc: dict[str, Any], cfg_path: str) -> tuple[dict[str, Scheme], list[str]]:
@@ -586,7 +596,7 @@ def find_quantised(
         return found
     method, schemes, skip = read
     if method == FP8_METHOD:
-        pairs = _pair_fp8(headers, schemes["fp8"], cfg_path, where)
+        pairs = _pair_fp8(headers, schemes["fp8"], cfg_path, where) + _pair_fp4(headers, schemes["fp8"], cfg_path, where)
     elif method == MXFP4_METHOD:
         pairs = _pair_mxfp4(headers, cfg_path, where)
     else:
@@ -639,6 +649,7 @@ def _describe(storage: str, bits: int, strategy: str, block: tuple[int, int], sc
 
 def _pair_fp8(headers: Header, scheme: Scheme, cfg_path: str, where: Callable[[str], str]) -> list[QuantWeight]:
     out = []
+    dot_style = any(n.endswith(".scale") and headers.get(n.removesuffix(".scale") + ".weight", ("",))[0] == "F8_E4M3" for n in headers)
     for name, (dtype, shape) in headers.items():
         if name.endswith("_scale_inv"):
             base = name.removesuffix("_scale_inv")
@@ -652,6 +663,8 @@ def _pair_fp8(headers: Header, scheme: Scheme, cfg_path: str, where: Callable[[s
             continue
         _check_shape(name, shape, dtype, where)
         scale = name + "_scale_inv"
+        if scale not in headers and (_dot_scale(name) in headers or dot_style):  # DeepSeek V4: wq_a.weight + wq_a.scale
+            scale = _dot_scale(name)
         if scale not in headers:
             raise CheckpointError(f"{where(name)}: tensor {_shown(name)} is F8_E4M3 but its scale {_shown(scale)} is missing; fix: re-download the checkpoint (every FP8 weight comes with one)")
         sdtype, sshape = headers[scale]
@@ -662,7 +675,40 @@ def _pair_fp8(headers: Header, scheme: Scheme, cfg_path: str, where: Callable[[s
         if scheme.block_or_tensor and tuple(sshape) not in _scale_shapes(shape, block, "block") and tuple(sshape) in _scale_shapes(shape, block, "tensor"):
             strategy, block = "tensor", Scheme("fp8", "tensor").block_for(*shape[-2:])
         _check_scale(name, shape, scale, tuple(sshape), block, strategy, "weight_block_size", cfg_path, where)
-        out.append(QuantWeight(name, tuple(shape), name, scale, sdtype, block, "fp8", 8, None, scheme.scale_fmt, _describe("fp8", 8, strategy, block, "weight_scale_inv")))
+        key = "weight_scale_inv" if scale.endswith("_scale_inv") else ".scale"
+        out.append(QuantWeight(name, tuple(shape), name, scale, sdtype, block, "fp8", 8, None, scheme.scale_fmt, _describe("fp8", 8, strategy, block, key)))
+    return out
+
+
+def _dot_scale(weight: str) -> str:
+    """DeepSeek V4's name for the scales of ``X.weight``: ``X.scale``."""
+    return weight.removesuffix(".weight") + ".scale" if weight.endswith(".weight") else weight + ".scale"
+
+
+FP4_EXPERT_MODEL_TYPES = ("deepseek_v4",)  # quantization_config.expert_dtype "fp4": transformers reads it for DeepSeek V4 only
+FP4_WHAT = "FP4 e2m1 experts, groups of 32 with a ue8m0 scale (I8 .weight [rows, cols/2] / .scale [rows, cols/32])"
+FP4_FIX = "re-download the checkpoint (an FP4 expert is an I8 .weight [rows, cols/2], two e2m1 values a byte, with an F8_E8M0 .scale [rows, cols/32])"
+
+
+def _pair_fp4(headers: Header, scheme: Scheme, cfg_path: str, where: Callable[[str], str]) -> list[QuantWeight]:
+    """DeepSeek V4's FP4 experts (``expert_dtype: "fp4"``): ``X.weight`` I8 [rows, cols/2] -- value ``2j`` of a row in the low
+    nibble of byte ``j``, ``2j+1`` in the high one -- with ``X.scale`` (UE8M0) [rows, cols/32]: MXFP4 blocks of 32 values, read
+    as transformers' ``Fp8Dequantize`` and llama.cpp's converter (``repack_mxfp4_blocks``) read them.  An I8 weight with a
+    ``.scale`` in a checkpoint that does not say ``fp4`` is refused."""
+    out = []
+    for name, (dtype, shape) in headers.items():
+        if dtype != "I8" or not name.endswith(".weight") or _dot_scale(name) not in headers:
+            continue
+        scale = _dot_scale(name)
+        if not scheme.expert_fp4:
+            raise CheckpointError(f"{where(name)}: tensor {_shown(name)} is I8 with a scale {_shown(scale)} (FP4-packed), but {cfg_path} "
+                                  "quantization_config.expert_dtype is not 'fp4'; fix: restore the config.json that came with these weights")
+        sdtype, sshape = headers[scale]
+        if len(shape) != 2 or shape[-1] % (MXFP4_BLOCK // 2) or sdtype not in ("F8_E8M0", "U8") or tuple(sshape) != (shape[0], shape[1] * 2 // MXFP4_BLOCK):
+            want = [shape[0], shape[1] * 2 // MXFP4_BLOCK] if len(shape) == 2 else "[rows, cols/32]"
+            raise CheckpointError(f"{where(name)}: tensor {_shown(name)} is I8 {list(shape)} with {_shown(scale)} {sdtype} {list(sshape)}; FP4 experts "
+                                  f"need 16 bytes per 32 values and F8_E8M0 {want}; fix: {FP4_FIX}")
+        out.append(QuantWeight(name, (shape[0], shape[1] * 2), name, scale, sdtype, (1, MXFP4_BLOCK), "mxfp4", 4, None, "ue8m0", FP4_WHAT))
     return out
 
 

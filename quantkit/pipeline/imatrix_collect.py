@@ -13,7 +13,11 @@ float32 in the order ``llama-imatrix -c N -b N`` adds them (per micro-batch of
 ``min(N, 512)`` tokens; for experts chosen slot by chosen slot), so the file
 is bit-identical to that run's on the same CPU.  Not reproduced: its
 perplexity printout, periodic saves, ``--process-output`` (``output.weight``)
-and merging of earlier files (``--in-file``).
+and merging of earlier files (``--in-file``).  An entry recorded for matrices the
+graph reshapes a 2-D tensor into (deepseek4's ``attn_output_a``: ``o_groups``
+matrices, their columns in one row, as llama-imatrix records them) fits no tensor
+of the file, and llama-quantize refuses it: the collection says so
+(:func:`llama_quantize_misfits`).
 
 Speed (``bench/RESULTS_calibration.md``): the callback declines every graph
 node but the matrix multiplications after one read of its ``op`` field, so
@@ -447,6 +451,45 @@ def check_args(n_ctx: Any, n_chunks: Any, threads: Any, text: Any, dataset: str 
     check_text(text, dataset or "text")
 
 
+def llama_quantize_misfits(im: Imatrix, gguf_path: str | Path) -> dict[str, tuple[int, int]]:
+    """Entries llama-quantize refuses as they are: name -> (values held, values llama-quantize wants).
+
+    llama-quantize wants an entry of ``ne0 x ne2`` values (columns x experts) of the tensor as the file stores
+    it; an entry of another size makes it stop ("imatrix size A is different from tensor size B"; ``token_embd``
+    only warns).  llama-imatrix (and :func:`collect_imatrix`, equal to it) records what the graph multiplies: a 2-D
+    tensor the graph reshapes into several matrices -- deepseek4's ``attn_output_a``, ``o_groups`` matrices of
+    ``n_head * head_dim / o_groups`` columns -- gets all their columns in one row, which no file tensor fits.
+    """
+    from quantkit.format.gguf_read import read_gguf
+
+    infos = {t.name: t.ne for t in read_gguf(gguf_path).tensors}
+    out = {}
+    for name, e in im.entries.items():
+        ne = infos.get(name)
+        if ne is None or name == "token_embd.weight":
+            continue
+        want = ne[0] * (ne[2] if len(ne) > 2 else 1)
+        if e.in_sum2.size != want:
+            out[name] = (int(e.in_sum2.size), int(want))
+    return out
+
+
+def _warn_misfits(im: Imatrix, gguf_path: Path) -> None:
+    """Say, when the matrix is made, which entries llama-quantize (and ``quantkit convert``, which does as it does) will refuse."""
+    misfits = llama_quantize_misfits(im, gguf_path)
+    if not misfits:
+        return
+    name, (have, want) = next(iter(misfits.items()))
+    kinds = sorted({n.split(".", 2)[2] if gguf_spec.block_of(n) is not None else n for n in misfits})
+    log.warning(
+        "%s: %d entries (%s) hold the statistics of the matrices llama.cpp's graph reshapes the tensor into, as llama-imatrix records "
+        "them (e.g. %s: %d values where llama-quantize wants %d, the tensor's columns as the file stores it); llama-quantize refuses such an entry (\"imatrix size %d is different from "
+        "tensor size %d\"), and so does quantkit convert; fix: quantise without those entries (llama-quantize %s)",
+        gguf_path, len(misfits), ", ".join(kinds), name, have, want, have, want,
+        " ".join(f"--exclude-weights {k.removesuffix('.weight')}" for k in kinds),
+    )
+
+
 def collect_imatrix(
     gguf_path: str | Path,
     text: str,
@@ -523,7 +566,9 @@ def collect_imatrix(
     finally:
         session.close()
     log.debug("imatrix: %d chunks in %.2f s, %d of the matrix updates reused from a sibling", done, time.perf_counter() - t0, collector.reused)
-    return collector.result(n_ctx, (dataset,) if dataset else (), str(gguf_path))
+    im = collector.result(n_ctx, (dataset,) if dataset else (), str(gguf_path))
+    _warn_misfits(im, gguf_path)
+    return im
 
 
 def collect_from_source(
