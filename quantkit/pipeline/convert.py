@@ -241,6 +241,12 @@ def _check_imatrix_coverage(plan: Plan, imatrix: Imatrix | None, where: str) -> 
                     f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights: block {block} is a "
                     "multi-token-prediction block, which llama.cpp's main graph never runs; fix: convert with --no-mtp, or choose another type for it"
                 )
+            short = tp.name.removesuffix(".weight")
+            if block is None and not any(n.startswith(short) for n in imatrix.entries):  # outside the blocks: llama-imatrix never records it
+                raise QuantkitError(
+                    f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights; llama-imatrix "
+                    f"records no entry for it (it is not a block's matrix); fix: choose another type for it (--tensor-type {short}=q8_0)"
+                )
             raise QuantkitError(
                 f"{imatrix.source}: no entry for {tp.name!r}, which gets {tp.qtype.name} and needs importance weights; "
                 f"fix: collect the imatrix on this model (quantkit imatrix) or choose another type for that tensor"
@@ -395,8 +401,12 @@ def _carried_pieces(t: OutTensor) -> Iterator[ggml.Pending]:
     rows its transform picks (whole blocks: the interleaved gate/up split is exact), a few matrices (experts) per piece.
 
     Each piece is repacked on the pool while the writer writes the one before (:func:`_in_flight` keeps two alive), so the
-    repack hides behind the write; its stored pages are dropped once it is made."""
+    repack hides behind the write; its stored pages are dropped once it is made.  The pieces take turns in two buffers
+    (a piece is written before the one two after it is started: :func:`_in_flight`), so no fresh pages are faulted in
+    and zeroed for every piece."""
     pool = ggml.pool()
+    bufs: list[np.ndarray] = []
+    k = 0
     for ref in t.sources:
         blocks, scales = ref.stored.array(), ref.scale.array()  # [..., rows, cols/32, 16] / [..., rows, cols/32] uint8 views
         n = int(np.prod(blocks.shape[:-3], dtype=np.int64))
@@ -406,7 +416,13 @@ def _carried_pieces(t: OutTensor) -> Iterator[ggml.Pending]:
         step = max(1, CHUNK_BYTES // max(1, per_b))
         for e0 in range(0, n, step):
             e1 = min(n, e0 + step)
-            out = np.empty((e1 - e0, rows, nb * 17), dtype=np.uint8)
+            size, slot = (e1 - e0) * rows * nb * 17, k % 2
+            if len(bufs) <= slot:
+                bufs.append(np.empty(size, dtype=np.uint8))
+            elif bufs[slot].size < size:
+                bufs[slot] = np.empty(size, dtype=np.uint8)
+            out = bufs[slot][:size].reshape(e1 - e0, rows, nb * 17)
+            k += 1
 
             def repack(e0: int = e0, e1: int = e1, out: np.ndarray = out, blocks: np.ndarray = blocks, scales: np.ndarray = scales) -> int:
                 for e in range(e0, e1):
