@@ -494,6 +494,7 @@ def test_convert_with_the_imatrix_refused_as_llama_quantize_refuses_it(calibrate
     msg = result.output.strip()
     assert result.exit_code == 1 and msg.startswith("error:") and len(msg.splitlines()) == 1, msg
     assert "'blk.0.attn_output_a.weight' has 1 x 256" in msg and "needs 1 x 128" in msg and "fix:" in msg, msg
+    assert "2 matrices" in msg and "--imatrix-exclude attn_output_a" in msg and "another model" not in msg.split("fix:")[0], msg
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -503,18 +504,18 @@ def test_convert_with_the_imatrix_refused_as_llama_quantize_refuses_it(calibrate
     ("IQ3_XXS", {"output_hc_fn": "q8_0"}),
 ])
 def test_convert_without_the_grouped_entries_equals_llama_quantize(calibrated, tmp_path, preset, overrides):
-    """Without the attn_output_a entries (llama-quantize --exclude-weights attn_output_a): every tensor bit for bit llama-quantize's
-    with the same matrix (attn_output_a then quantised without importance weights by both); and IQ3_XXS without a type for
-    output_hc_fn refused by both."""
+    """Without the attn_output_a entries (quantkit's --imatrix-exclude attn_output_a, llama-quantize's --exclude-weights): every tensor
+    bit for bit llama-quantize's with the same matrix (attn_output_a then quantised without importance weights by both); and
+    IQ3_XXS without a type for output_hc_fn refused by both."""
     from quantkit.policy.imatrix import write_imatrix
 
     src, f32, im, _, _ = calibrated
-    kept = dataclasses.replace(im, entries={n: e for n, e in im.entries.items() if ".attn_output_a." not in n})
-    path = write_imatrix(kept, tmp_path / "kept.gguf")
+    kept = dataclasses.replace(im, entries={n: e for n, e in im.entries.items() if "attn_output_a" not in n})  # what --exclude-weights leaves
+    path = write_imatrix(im, tmp_path / "all.gguf")
     rc, log = _llama_quantize(f32, tmp_path / "llama.gguf", preset, kept, overrides)
     assert rc == 0, log[-2000:]
     extra = [a for p, t in overrides.items() for a in ("--tensor-type", f"{p}={t}")]
-    result = _convert_cli(src, tmp_path / "ours.gguf", preset, path, *extra)
+    result = _convert_cli(src, tmp_path / "ours.gguf", preset, path, "--imatrix-exclude", "attn_output_a", *extra)
     assert result.exit_code == 0, result.output
     ours, theirs = _tensors(tmp_path / "ours.gguf"), _tensors(tmp_path / "llama.gguf")
     assert ours.keys() == theirs.keys()
@@ -524,8 +525,9 @@ def test_convert_without_the_grouped_entries_equals_llama_quantize(calibrated, t
         rc, log = _llama_quantize(f32, tmp_path / "bare.gguf", preset, kept)
         assert rc != 0 and "Missing importance matrix for tensor output_hc_fn.weight" in log
         (tmp_path / "out").mkdir()
-        result = _convert_cli(src, tmp_path / "out" / "m.gguf", preset, path)
+        result = _convert_cli(src, tmp_path / "out" / "m.gguf", preset, path, "--imatrix-exclude", "attn_output_a")
         assert result.exit_code == 1 and "'output_hc_fn.weight'" in result.output and list((tmp_path / "out").iterdir()) == [], result.output
+        assert "--tensor-type output_hc_fn=q8_0" in result.output, result.output
 
 
 # --------------------------------------------------------------------------- the published quantised layout

@@ -752,3 +752,25 @@ def test_every_family_gives_the_same_matrix_however_its_chunks_are_decoded(model
     for name, e in together.entries.items():
         np.testing.assert_array_equal(one.entries[name].counts, e.counts, err_msg=name)
         np.testing.assert_array_equal(one.entries[name].in_sum2, e.in_sum2, err_msg=name)
+
+
+def test_select_entries_as_llama_quantize_include_and_exclude_weights(caplog):
+    """--imatrix-include / --imatrix-exclude: substrings of entry names, as llama-quantize's --include-weights / --exclude-weights
+    (prepare_imatrix); not both; a substring that matches nothing is said."""
+    import logging
+
+    from quantkit.errors import QuantkitError
+    from quantkit.policy.imatrix import Entry, Imatrix, select_entries
+
+    e = Entry(np.ones((1, 4), np.float32), np.ones(1, np.float32))
+    names = ["blk.0.attn_q.weight", "blk.0.attn_output_a.weight", "blk.1.attn_output_a.weight", "blk.1.ffn_down_exps.weight"]
+    im = Imatrix({n: e for n in names}, source="m.gguf")
+    assert select_entries(im) is im
+    assert list(select_entries(im, exclude=["attn_output_a"]).entries) == ["blk.0.attn_q.weight", "blk.1.ffn_down_exps.weight"]
+    assert list(select_entries(im, exclude=["blk.1.", "attn_q"]).entries) == ["blk.0.attn_output_a.weight"]
+    assert list(select_entries(im, include=["attn_output_a", "exps"]).entries) == names[1:]
+    with caplog.at_level(logging.WARNING):
+        assert select_entries(im, exclude=["ffn_gate_inp"]).entries.keys() == im.entries.keys()
+    assert "'ffn_gate_inp' matches no entry" in caplog.text
+    with pytest.raises(QuantkitError, match="cannot be used together"):
+        select_entries(im, include=["a"], exclude=["b"])

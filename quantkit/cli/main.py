@@ -43,6 +43,8 @@ CALIB_TEXT = typer.Option(None, "--calib-text", help="With a budget: measure eac
 CALIB_CTX = typer.Option(256, "--calib-ctx", min=8, help="--calib-text: tokens per chunk.")
 CALIB_CHUNKS = typer.Option(8, "--calib-chunks", min=1, help="--calib-text: chunks evaluated per tensor.")
 CALIB_MODE = typer.Option("auto", "--calib-mode", help="--calib-text: full (one probe per tensor), grouped (one per role per layer range: fewer passes, most of the gain) or auto (full up to 64 tensors, else grouped).")
+IMATRIX_INCLUDE = typer.Option([], "--imatrix-include", help="Use only the --imatrix entries whose name contains this (repeatable), as llama-quantize --include-weights.")
+IMATRIX_EXCLUDE = typer.Option([], "--imatrix-exclude", help="Leave out the --imatrix entries whose name contains this (repeatable), as llama-quantize --exclude-weights.")
 NO_MTP = typer.Option(False, "--no-mtp", help="Leave multi-token-prediction blocks out (GLM, DeepSeek V3.2, Qwen3-Next / 3.5 keep them as nextn blocks, as llama.cpp's converter does; its main graph never runs them, and an importance matrix has no data for them).")
 TIME_CAP = typer.Option(None, "--time-cap", help="Bit budget: the chosen types may take at most this many times the quantising time of Q4_K on the same tensors (default 1.15: a budget costs at most ~1.5x a preset conversion; 0: no limit, the least damage whatever the time).")
 CALIB_RANGES = typer.Option(None, "--calib-ranges", min=1, help="--calib-mode grouped: layer ranges per role (default 4; auto fits as many as 64 probes allow).")
@@ -76,6 +78,8 @@ def convert(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model.bin pickles (unsafe; not supported yet)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE: tensors whose GGUF name matches get TYPE (first match wins; repeatable)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix or quantkit imatrix GGUF, or legacy .dat) weighting the quantisation, as llama-quantize --imatrix."),
+    imatrix_include: list[str] = IMATRIX_INCLUDE,
+    imatrix_exclude: list[str] = IMATRIX_EXCLUDE,
     target_bpw: Optional[float] = TARGET_BPW,
     target_size: Optional[str] = TARGET_SIZE,
     calib_text: Optional[Path] = CALIB_TEXT,
@@ -135,7 +139,7 @@ def convert(
     if bnb_type != "nf4" or compute_dtype != "bf16" or not double_quant:
         raise typer.BadParameter("--bnb-type, --compute-dtype and --no-double-quant apply to --format bnb", param_hint="--format gguf")
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
-    imat = _load_imatrix(imatrix)
+    imat = _load_imatrix(imatrix, imatrix_include, imatrix_exclude)
     target = _target(src, target_bpw, target_size, calib_text, calib_ctx, calib_chunks, show, imat, calib_mode, calib_ranges, time_cap, no_mtp,
                      overrides, allow_requantize)
 
@@ -345,6 +349,8 @@ def plan(
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="GGUF source: plan already-quantised tensors to be quantised again. MXFP4 experts (gpt-oss): planned per the type instead of as stored."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE overrides, as for convert."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix, as for convert (checked against the model; some presets choose differently with one)."),
+    imatrix_include: list[str] = IMATRIX_INCLUDE,
+    imatrix_exclude: list[str] = IMATRIX_EXCLUDE,
     target_bpw: Optional[float] = TARGET_BPW,
     target_size: Optional[str] = TARGET_SIZE,
     calib_text: Optional[Path] = CALIB_TEXT,
@@ -361,7 +367,7 @@ def plan(
     from quantkit.hf.mapping import group_totals
 
     outtype, overrides = _run(lambda: _type_and_rules(outtype, recipe, tensor_type, target_bpw, target_size))
-    imat = _load_imatrix(imatrix)
+    imat = _load_imatrix(imatrix, imatrix_include, imatrix_exclude)
     from quantkit.hf.hub_cache import resolve_source
 
     src = _run(lambda: resolve_source(src))  # a repo id: its snapshot in the local Hugging Face cache (offline)
@@ -390,10 +396,14 @@ def plan(
     out.print(f"total: {p.nbytes / 2**20:.2f} MiB of tensors, {summary['bits_per_weight']:.3f} bits per weight")
 
 
-def _load_imatrix(path: Path | None) -> Any:
-    from quantkit.policy.imatrix import read_imatrix
+def _load_imatrix(path: Path | None, include: list[str] | None = None, exclude: list[str] | None = None) -> Any:
+    from quantkit.policy.imatrix import read_imatrix, select_entries
 
-    return None if path is None else _run(lambda: read_imatrix(path))
+    if path is None:
+        if include or exclude:
+            raise typer.BadParameter("needs --imatrix", param_hint="--imatrix-include" if include else "--imatrix-exclude")
+        return None
+    return _run(lambda: select_entries(read_imatrix(path), include or (), exclude or ()))
 
 
 @app.command("imatrix")

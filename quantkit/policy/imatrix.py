@@ -31,6 +31,7 @@ Not for: choosing types (``quantkit.policy.plan``) or running quantisation kerne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import struct
@@ -150,6 +151,27 @@ def coverage(imatrix: Imatrix, min_tokens: int) -> list[ExpertCoverage]:
     return sorted(out, key=lambda c: (-1 if c.layer is None else c.layer, c.tensor, c.expert))
 
 
+# --------------------------------------------------------------------------- choosing entries
+
+
+def select_entries(imatrix: Imatrix, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Imatrix:
+    """llama-quantize's ``--include-weights`` / ``--exclude-weights``: keep only the entries whose name contains one of
+    ``include``, or drop those that contain one of ``exclude`` (substrings, as ``prepare_imatrix`` matches them; not both).
+    Tensors left without an entry are quantised without importance weights (types that need them are refused)."""
+    if include and exclude:
+        raise QuantkitError("--imatrix-include and --imatrix-exclude cannot be used together (as llama-quantize's --include-weights and "
+                            "--exclude-weights); fix: pass one of them")
+    if not include and not exclude:
+        return imatrix
+    keep = {n: e for n, e in imatrix.entries.items() if (any(s in n for s in include) if include else not any(s in n for s in exclude))}
+    unused = [s for s in (include or exclude) if not any(s in n for n in imatrix.entries)]
+    if unused:
+        log.warning("%s: %s %r matches no entry (%d entries)", imatrix.source, "--imatrix-include" if include else "--imatrix-exclude",
+                    unused[0], len(imatrix.entries))
+    log.info("%s: %d of %d entries kept", imatrix.source, len(keep), len(imatrix.entries))
+    return dataclasses.replace(imatrix, entries=keep)
+
+
 # --------------------------------------------------------------------------- checking against a model
 
 
@@ -182,6 +204,13 @@ def check_matches(imatrix: Imatrix, shapes: Mapping[str, Sequence[int]], where: 
         if name == "token_embd.weight":
             log.warning("%s; ignored, as llama-quantize does", msg)
             continue
+        if len(shape) == 2 and e.n_expert == 1 and e.n_cols > n_cols and e.n_cols % n_cols == 0:  # deepseek4's attn_output_a
+            short = name.removesuffix(".weight").split(".", 2)[-1] if gguf_spec.block_of(name) is not None else name.removesuffix(".weight")
+            raise QuantkitError(
+                f"{msg}: llama.cpp's graph multiplies this tensor as {e.n_cols // n_cols} matrices (e.g. deepseek4's attn_output_a, one per "
+                f"output group) and llama-imatrix records their columns in one row, an entry llama-quantize refuses too; fix: leave those "
+                f"entries out (--imatrix-exclude {short}, as llama-quantize --exclude-weights), or collect a matrix for this model if it "
+                "was made for another")
         raise QuantkitError(f"{msg}: it was made for another model; {hint}")
     missing = [n for n, s in shapes.items() if len(s) >= 2 and n not in imatrix.entries and n != "token_embd.weight"]
     if missing:
