@@ -14,7 +14,10 @@ llama.cpp's ``build_moe_ffn`` does: the router bias (gpt-oss), the gating
 function (softmax, sigmoid, ...), the selection bias (DeepSeek V3's
 ``e_score_correction_bias``: ``exp_probs_b``, added for the choice only) and
 group-limited top-k (``n_group`` / ``topk_group``: the groups with the best sum
-of their two best scores).  Shared experts are always on: nothing to compare.
+of their two best scores).  Shared experts are always on: nothing to compare;
+nor are hash-routed layers (DeepSeek V4's leading blocks: the experts are the
+token's row of ``ffn_gate_tid2eid``, the same table in both files), which are
+left out of the fidelity figures and marked in the per-layer list.
 
 Not for: token-level statistics (``quantkit.evals.kld``).
 """
@@ -52,6 +55,7 @@ class Gate:
     n_group: int = 1
     n_group_used: int = 1
     select_on_logits: bool = False  # llama4: top-k of the logits, the sigmoid applied after
+    hashed: tuple[bool, ...] = ()  # per MoE layer: experts chosen by token id (ffn_gate_tid2eid), not by the router
 
     @classmethod
     def from_gguf(cls, path: Any) -> Gate:
@@ -82,8 +86,12 @@ class Gate:
             v = g.metadata.get(f"{arch}.{key}")
             return int(v) if isinstance(v, int) and v > 0 else 1
 
+        hashed = tuple(f"blk.{b}.ffn_gate_tid2eid.weight" in by_name for b in blocks)
         return cls(gating, vectors("ffn_gate_inp.bias"), vectors("exp_probs_b.bias"), count("expert_group_count"),
-                   count("expert_group_used_count"), arch == "llama4")
+                   count("expert_group_used_count"), arch == "llama4", hashed if any(hashed) else ())
+
+    def is_hashed(self, layer: int) -> bool:
+        return layer < len(self.hashed) and self.hashed[layer]
 
     @property
     def plain(self) -> bool:
@@ -98,6 +106,8 @@ class Gate:
             parts.append("selection bias")
         if self.n_group > 1:
             parts.append(f"top {self.n_group_used} of {self.n_group} groups")
+        if any(self.hashed):
+            parts.append(f"{sum(self.hashed)} hash-routed layer(s) not compared")
         return " + ".join(parts)
 
     def scores(self, logits: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,21 +218,26 @@ class RoutingStats:
     def add(self, base: np.ndarray, cand: dict[int, np.ndarray]) -> None:
         """``base``: (layers, positions, experts); ``cand``: layer -> (positions, experts)."""
         for layer, stats in enumerate(self.layers):
+            if self.gate.is_hashed(layer):
+                continue  # the token's table row chooses: the same in both files
             if layer not in cand:
                 raise ValueError(f"candidate produced no router logits for layer {layer}")
             stats.add(base[layer], cand[layer])
 
     def summary(self) -> dict[str, Any]:
-        per = [s.summary() for s in self.layers]
-        mean = lambda key: float(np.mean([p[key] for p in per]))  # noqa: E731
+        per = [{"hash_routed": True} if self.gate.is_hashed(i) else s.summary() for i, s in enumerate(self.layers)]
+        routed = [p for p in per if "hash_routed" not in p]
+        if not routed:  # every MoE layer hash-routed: nothing the router chooses
+            return {"k": self.layers[0].k if self.layers else 0, "gate": self.gate.describe(), "layers": per}
+        mean = lambda key: float(np.mean([p[key] for p in routed]))  # noqa: E731
         return {
             "k": self.layers[0].k if self.layers else 0,
             "gate": self.gate.describe(),
             "topk_exact": mean("topk_exact"),
-            "topk_exact_min": float(min(p["topk_exact"] for p in per)),
+            "topk_exact_min": float(min(p["topk_exact"] for p in routed)),
             "topk_jaccard": mean("topk_jaccard"),
             "top1": mean("top1"),
             "router_kld": mean("router_kld"),
-            "dead_experts_cand": int(sum(p["dead_experts_cand"] for p in per)),
+            "dead_experts_cand": int(sum(p["dead_experts_cand"] for p in routed)),
             "layers": per,
         }

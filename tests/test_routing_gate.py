@@ -26,8 +26,8 @@ _NAME = re.compile(rb"ffn_moe_(logits|argsort)-(\d+)$")
 GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
 
 
-def _graph_choice(path, k: int):
-    """(logits, chosen mask) per MoE block, in block order, as llama.cpp computed them on IDS."""
+def _graph_choice(path, k: int, hashed: frozenset[int] = frozenset()):
+    """(logits, chosen mask) per MoE block, in block order, as llama.cpp computed them on IDS (``hashed`` blocks left out)."""
     got: dict[tuple[str, int], np.ndarray] = {}
     so = _ggml_fns()
 
@@ -50,9 +50,12 @@ def _graph_choice(path, k: int):
     finally:
         s.close()
     blocks = sorted(b for kind, b in got if kind == "logits")
-    assert blocks and all(("argsort", b) in got for b in blocks)
+    assert blocks and all(("argsort", b) in got for b in blocks if b not in hashed)
     out = []
     for b in blocks:
+        if b in hashed:  # the token's row of ffn_gate_tid2eid chose: no argsort
+            assert ("argsort", b) not in got
+            continue
         logits, order = got[("logits", b)], got[("argsort", b)]
         mask = np.zeros(logits.shape, dtype=bool)
         np.put_along_axis(mask, order[:, :k].astype(np.int64), True, axis=-1)
@@ -104,3 +107,33 @@ def _experts_used(path) -> int:
 
     md = read_gguf(path).metadata
     return int(md[f"{md['general.architecture']}.expert_used_count"])
+
+
+def test_deepseek4_gate_sqrt_softplus_and_hash_routed_layers(tmp_path):
+    """DeepSeek V4: sqrt(softplus) scores with a selection bias choose what llama.cpp chooses on the score-routed blocks; the
+    hash-routed blocks (experts from the token's ffn_gate_tid2eid row, no argsort in the graph) are the gate's hashed layers,
+    left out of routing fidelity."""
+    from test_deepseek_v4 import IM_CONFIG, build
+
+    from evals.routing import RoutingStats
+
+    path = convert(build(tmp_path / "hf", **IM_CONFIG), tmp_path / "m.gguf", "f32")
+    gate = Gate.from_gguf(path)
+    assert gate.hashed == (True, True, False, False)
+    assert gate.describe() == "sqrt_softplus + selection bias + 2 hash-routed layer(s) not compared"
+    k = _experts_used(path)
+    layers = _graph_choice(path, k, hashed=frozenset({0, 1}))
+    assert len(layers) == 2
+    g = n = 0
+    for i, (logits, mask) in enumerate(layers, start=2):  # the gate's index is the MoE block's
+        _, sel = gate.scores(logits, i)
+        g += int((topk_sets(sel, k) == mask).all(-1).sum())
+        n += len(logits)
+    assert g / n >= 0.99, g / n
+    stats = RoutingStats.empty(4, 8, k, gate)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 16, 8))
+    stats.add(logits, {2: logits[2], 3: logits[3]})  # nothing asked of the hashed layers
+    s = stats.summary()
+    assert s["layers"][:2] == [{"hash_routed": True}] * 2 and s["layers"][2]["positions"] == 16
+    assert s["topk_exact"] == 1.0 and s["topk_exact_min"] == 1.0

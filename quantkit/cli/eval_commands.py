@@ -248,7 +248,7 @@ def kld(
     t.add_row("same top token", f"{100 * report['same_top']:.3f} ± {100 * report['same_top_stderr']:.3f} %")
     t.add_row("Δp mean / RMS", f"{100 * report['dp_mean']:.4f} % / {100 * report['dp_rms']:.4f} %")
     t.add_row("PPL(Q) / PPL(base)", f"{report['ppl']:.4f} / {report['ppl_base']:.4f} = {report['ppl_ratio']:.5f}")
-    if "routing" in report:
+    if "routing" in report and "topk_exact" in report["routing"]:  # absent when every MoE layer is hash-routed
         r = report["routing"]
         t.add_row("routing top-k exact / Jaccard", f"{r['topk_exact']:.4f} / {r['topk_jaccard']:.4f}")
         t.add_row("routing top-1 / router KLD", f"{r['top1']:.4f} / {r['router_kld']:.3g}")
