@@ -799,3 +799,15 @@ def test_corrupt_safetensors_in_an_hf_base_is_one_line(tmp_path):
     with pytest.raises(QuantkitError) as e:
         base_logprobs(d, TEXT, 64, 2, cache_dir=tmp_path / "cache")
     _one_line(e, "model.safetensors", "truncated")
+
+
+@pytest.mark.parametrize("command", ["ppl", "kld"])
+def test_json_followed_by_an_option_is_not_a_file_name(fixture_gguf, tmp_path, monkeypatch, command):
+    """`--json --no-progress`: --json takes a file, and an option-like value is refused (exit 2, one line) before anything runs,
+    instead of a report file named "--no-progress"."""
+    q8 = fixture_gguf("q8_0")
+    monkeypatch.chdir(tmp_path)
+    models = [str(q8)] if command == "ppl" else [str(q8), str(q8)]
+    result = CliRunner().invoke(app, ["eval", command, *models, "--corpus", "heldout", "--json", "--no-progress"])
+    assert result.exit_code == 2 and "looks like an option" in result.output and "Traceback" not in result.output, result.output
+    assert list(tmp_path.iterdir()) == []

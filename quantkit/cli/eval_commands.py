@@ -143,6 +143,9 @@ def _check_outputs(force: bool, paths: tuple[Optional[Path], ...], inputs: tuple
     from quantkit.format.output import check_target
 
     cli = _cli()
+    for p in paths:  # `--json --no-progress` would write a file named "--no-progress"
+        if p is not None and str(p).startswith("-") and str(p) != "-":
+            raise typer.BadParameter(f"{str(p)!r} looks like an option, not a file; give a file name, or '-' for stdout", param_hint="--json")
     given = [p for p in paths if p is not None and str(p) != "-"]
     reads = tuple(p for p in inputs if p is not None)
     seen: dict[Path, Path] = {}
