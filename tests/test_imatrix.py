@@ -774,3 +774,26 @@ def test_select_entries_as_llama_quantize_include_and_exclude_weights(caplog):
     assert "'ffn_gate_inp' matches no entry" in caplog.text
     with pytest.raises(QuantkitError, match="cannot be used together"):
         select_entries(im, include=["a"], exclude=["b"])
+
+
+def test_cli_imatrix_exclude_leaves_entries_out(tmp_path):
+    """convert --imatrix-exclude: the plan is the one without those entries (the same bytes as a matrix written without them);
+    a type that then lacks its weights is refused naming the option, nothing written; --imatrix-exclude without --imatrix is
+    a usage error."""
+    im = read_imatrix(REF)
+    without = write_imatrix(Imatrix({n: e for n, e in im.entries.items() if "attn_v" not in n}, im.datasets, im.chunk_count, im.chunk_size),
+                            tmp_path / "without.gguf")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    r = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(a), "--type", "Q3_K_M", "--imatrix", str(REF), "--imatrix-exclude", "attn_v", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(b), "--type", "Q3_K_M", "--imatrix", str(without), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    ta, tb = gguf.GGUFReader(a).tensors, gguf.GGUFReader(b).tensors
+    assert [(t.name, bytes(t.data)) for t in ta] == [(t.name, bytes(t.data)) for t in tb]
+    (tmp_path / "out").mkdir()
+    r = CliRunner().invoke(app, ["convert", str(FIXTURE), "-o", str(tmp_path / "out" / "m.gguf"), "--type", "IQ3_XXS", "--imatrix", str(REF),
+                                 "--imatrix-exclude", "ffn_down_exps", "--no-progress"])
+    assert r.exit_code == 1 and "'blk.0.ffn_down_exps.weight' was left out (--imatrix-include / --imatrix-exclude)" in " ".join(r.output.split()), r.output
+    assert list((tmp_path / "out").iterdir()) == []
+    r = CliRunner().invoke(app, ["plan", str(FIXTURE), "--type", "Q4_K_M", "--imatrix-exclude", "attn_v"])
+    assert r.exit_code == 2 and "needs --imatrix" in r.output, r.output

@@ -235,6 +235,12 @@ def _check_imatrix_coverage(plan: Plan, imatrix: Imatrix | None, where: str) -> 
         if tensor_requires_imatrix(tp.name, tp.qtype, plan.outtype) or ggml.requires_imatrix(tp.qtype):
             if imatrix is None:
                 raise QuantkitError(f"{where}: tensor {tp.name!r} gets {tp.qtype.name}, which needs an importance matrix; fix: pass --imatrix FILE or choose another type for it")
+            if tp.name in imatrix.left_out:
+                raise QuantkitError(
+                    f"{imatrix.source}: the entry for {tp.name!r} was left out (--imatrix-include / --imatrix-exclude), and it gets "
+                    f"{tp.qtype.name}, which needs importance weights; fix: keep that entry, or choose another type for it "
+                    f"(--tensor-type {tp.name.removesuffix('.weight')}=q4_k)"
+                )
             block = gguf_spec.block_of(tp.name)
             if block is not None and any(t.name.startswith(f"blk.{block}.nextn.") for t in plan.tensors):
                 raise QuantkitError(

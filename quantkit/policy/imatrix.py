@@ -90,6 +90,7 @@ class Imatrix:
     chunk_size: int = 0
     source: str = "imatrix"  # the file it came from, for messages
     legacy: bool = False
+    left_out: frozenset[str] = frozenset()  # entries the file holds that --imatrix-include / --imatrix-exclude took out
 
     def weights(self, name: str) -> np.ndarray | None:
         """What llama-quantize passes to ``ggml_quantize_chunk`` for ``name``: (n_expert, n_cols) float32, or None.
@@ -169,7 +170,7 @@ def select_entries(imatrix: Imatrix, include: Sequence[str] = (), exclude: Seque
         log.warning("%s: %s %r matches no entry (%d entries)", imatrix.source, "--imatrix-include" if include else "--imatrix-exclude",
                     unused[0], len(imatrix.entries))
     log.info("%s: %d of %d entries kept", imatrix.source, len(keep), len(imatrix.entries))
-    return dataclasses.replace(imatrix, entries=keep)
+    return dataclasses.replace(imatrix, entries=keep, left_out=imatrix.left_out | (imatrix.entries.keys() - keep.keys()))
 
 
 # --------------------------------------------------------------------------- checking against a model
