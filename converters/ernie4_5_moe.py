@@ -31,6 +31,10 @@ Refused (llama.cpp would compute something else)
     dense count on as a MoE block); ``use_bias`` (the graph has no projection or MLP biases); a
     ``moe_norm_min`` above the smallest possible top-k weight sum (transformers would then divide by it,
     llama.cpp by the sum); rope scaling other than default / linear / yarn; an activation other than SiLU.
+    ``use_bias``, ``moe_norm_min`` and a rope type transformers computes (llama3, dynamic, longrope, ...) are llama.cpp's
+    limits only (:func:`~quantkit.converters.llama.llama_cpp_limit`): ``--format bnb`` exports them.  For it the name table maps
+    the biases ``use_bias`` adds (``BIAS_RULES``: q/k/v/o, the dense and shared MLPs, ``lm_head``; never the routed experts),
+    and :func:`check_biases` requires every one of them with ``use_bias`` and none without.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ import numpy as np
 from quantkit.converters import MLP_EXPERTS, Converter, Routing, register
 from quantkit.converters._deepseek import DENSE_RULES, SHARED_RULES, Family, _bool, _int, _raw, _refuse
 from quantkit.converters.dots1 import check_block_kinds, with_class_defaults
-from quantkit.converters.llama import IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, T, Hparams, _get, head_rules, moe_rules
+from quantkit.converters.llama import (IGNORE, LLAMA_MAX_EXPERTS, NEOX_ATTENTION_RULES, TRANSFORMERS_ROPE_TYPES, T, Hparams, _get, head_rules,
+                                       llama_cpp_limit, moe_rules)
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.errors import CheckpointError
@@ -74,6 +79,7 @@ class ErnieMoeHparams(Hparams):
     n_ff_exp: int = 0  # moe_intermediate_size: one routed expert's width
     n_expert_shared: int = 0  # moe_num_shared_experts: the shared MLP is n_ff_exp * n_expert_shared wide (none at 0)
     n_dense_lead: int = 0  # moe_layer_start_index
+    use_bias: bool = False  # biases on the attention projections, dense and shared MLPs and lm_head (a bnb export only)
 
 
 def _moe_blocks(config: dict[str, Any], n_layer: int) -> int:
@@ -99,12 +105,16 @@ def _moe_blocks(config: dict[str, Any], n_layer: int) -> int:
 
 def hparams(config: dict[str, Any]) -> ErnieMoeHparams:
     base = Hparams.from_config(with_class_defaults({k: v for k, v in config.items() if k not in _NOT_READ}, HPARAM_DEFAULTS))
-    if _bool(config, FAMILY, "use_bias"):
-        raise _refuse("use_bias", True, "transformers then adds biases to every projection and MLP, which llama.cpp's ernie4_5-moe graph does not",
-                      "none: such a model cannot run in this llama.cpp")
+    use_bias = _bool(config, FAMILY, "use_bias")
+    if use_bias:
+        llama_cpp_limit(_refuse("use_bias", True, "transformers then adds biases to every projection and MLP, which llama.cpp's ernie4_5-moe graph does not",
+                                "none: such a model cannot run in this llama.cpp"))
     if base.rope_type not in SUPPORTED_ROPE:
-        raise _refuse("rope_parameters.rope_type", base.rope_type, f"llama.cpp's ernie4_5-moe graph computes {', '.join(SUPPORTED_ROPE)} rotary "
-                      "embeddings only", "use the original config.json")
+        error = _refuse("rope_parameters.rope_type", base.rope_type, f"llama.cpp's ernie4_5-moe graph computes {', '.join(SUPPORTED_ROPE)} rotary "
+                        "embeddings only", "use the original config.json")
+        if base.rope_type not in TRANSFORMERS_ROPE_TYPES:  # transformers cannot build it either
+            raise error
+        llama_cpp_limit(error)
     n_expert, n_used = _int(config, FAMILY, "moe_num_experts"), _int(config, FAMILY, "moe_k")
     if not 1 <= n_used <= n_expert:
         raise _refuse("moe_k", n_used, f"expected 1..moe_num_experts = {n_expert}", "restore the original config.json")
@@ -112,14 +122,14 @@ def hparams(config: dict[str, Any]) -> ErnieMoeHparams:
         raise _refuse("moe_num_experts", n_expert, f"more than the {LLAMA_MAX_EXPERTS} experts llama.cpp supports (it aborts loading such a file)", "none with this llama.cpp")
     norm_min = _get({"moe_norm_min": _raw(config, FAMILY, "moe_norm_min")}, "moe_norm_min", float, 0.0, positive=False)
     if norm_min > n_used / n_expert:  # the top-k of a softmax sum to at least k / E: below that, the floor never applies
-        raise _refuse("moe_norm_min", norm_min, f"transformers divides the top-k weights by at least moe_norm_min, more than the smallest sum they can have "
-                      f"({n_used}/{n_expert}), while llama.cpp's graph divides by their sum", "restore the original value (1e-12)")
+        llama_cpp_limit(_refuse("moe_norm_min", norm_min, f"transformers divides the top-k weights by at least moe_norm_min, more than the smallest sum they "
+                                f"can have ({n_used}/{n_expert}), while llama.cpp's graph divides by their sum", "restore the original value (1e-12)"))
     tie = _bool(config, FAMILY, "tie_word_embeddings")
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
     return ErnieMoeHparams(**{
         **fields, "tie_embeddings": tie, "n_expert": n_expert, "n_expert_used": n_used,
         "n_ff_exp": _int(config, FAMILY, "moe_intermediate_size"), "n_expert_shared": _int(config, FAMILY, "moe_num_shared_experts", positive=False),
-        "n_dense_lead": _moe_blocks(config, base.n_layer),
+        "n_dense_lead": _moe_blocks(config, base.n_layer), "use_bias": use_bias,
     })
 
 
@@ -146,17 +156,56 @@ SCORE_BIAS_RULES = {
 IGNORE_MTP = IGNORE + (r"^model\.mtp_",)
 
 
+def _bias_rule(weight: Rule) -> Rule:
+    """``weight``'s ``nn.Linear`` bias (``use_bias``): 1-D, one value per output row; check() says whether it must be there."""
+    return Rule(weight.hf.removesuffix(".weight") + ".bias", weight.gguf.removesuffix(".weight") + ".bias", weight.role,
+                lambda h: weight.shape(h)[:1], optional=True)
+
+
+_LINEAR_GGUF = (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP)
+#: the biases transformers' Ernie4_5_Moe adds with use_bias (attention, dense and shared MLPs, lm_head: never the routed experts or the
+#: router); llama.cpp's graph has none, so only a bnb export gets past hparams() with them
+BIAS_RULES: tuple[Rule, ...] = (
+    *(_bias_rule(r) for r in NEOX_ATTENTION_RULES + DENSE_RULES + SHARED_RULES if r.gguf.removesuffix(".weight") in _LINEAR_GGUF),
+    Rule("lm_head.bias", T.OUTPUT + ".bias", Role.OUTPUT, lambda h: (h.n_vocab,), optional=True),
+)
+
+
 def rules(names: list[str]) -> tuple[Rule, ...]:
     fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
     moe = tuple(dataclasses.replace(r, optional=True) for r in moe_rules(names, lambda h: h.n_ff_exp))  # MoE blocks only: check() says which
-    return NEOX_ATTENTION_RULES + DENSE_RULES + moe + (SCORE_BIAS_RULES[fused],) + SHARED_RULES + head_rules(names)
+    return NEOX_ATTENTION_RULES + DENSE_RULES + moe + (SCORE_BIAS_RULES[fused],) + SHARED_RULES + head_rules(names) + BIAS_RULES
+
+
+#: GGUF kind ("attn_q") -> the HF key of its bias
+_BIAS_HF = {r.gguf.split(".")[2]: r.hf for r in BIAS_RULES if r.gguf.startswith("blk.")}
+
+
+def check_biases(h: ErnieMoeHparams, tensors: list[OutTensor]) -> None:
+    """With use_bias every attention projection, dense or shared MLP projection and lm_head has its bias; without, none."""
+    biases = {t.name: t.sources[0].name for t in tensors if t.sources and t.sources[0].name.endswith(".bias")}
+    if not h.use_bias:
+        if biases:
+            raise CheckpointError(f"checkpoint: tensor {min(biases.values())!r} is a bias, but config.json use_bias is false (transformers would not "
+                                  "load it); fix: use the config.json that belongs to these weights")
+        return
+    missing = ["lm_head.bias"] if T.OUTPUT + ".bias" not in biases else []
+    for t in tensors:
+        part = t.name.split(".")
+        if part[0] == "blk" and part[-1] == "weight" and part[2] in _BIAS_HF and t.name.removesuffix(".weight") + ".bias" not in biases:
+            missing.append(_BIAS_HF[part[2]].replace("{bid}", part[1]))
+    if missing:
+        raise CheckpointError(f"checkpoint: tensor {min(missing)!r} is missing (config.json use_bias = true); fix: re-download the checkpoint, "
+                              "or use the config.json that belongs to these weights")
 
 
 def check(h: ErnieMoeHparams, tensors: list[OutTensor]) -> None:
     fused = any(s.name.endswith(".mlp.experts.gate_up_proj") for t in tensors for s in t.sources)
     bias = f"mlp.{'gate.' if fused else ''}moe_statics.e_score_correction_bias"
     check_block_kinds(h, tensors, "moe_layer_start_index", shared_key="moe_num_shared_experts", bias_hf=bias)
-    _check_common(h, tensors)
+    check_biases(h, tensors)
+    # a rope type beyond llama.cpp's got here only passed over by hparams() (llama_cpp_limit, a bnb export): not judged again
+    _check_common(h if h.rope_type in SUPPORTED_ROPE else dataclasses.replace(h, rope={}), tensors)
 
 
 def metadata(h: ErnieMoeHparams) -> dict[str, MetaValue]:

@@ -369,3 +369,8 @@ def llama_cpp_limit(error: CheckpointError) -> None:
     if _OUTPUT.get() == "gguf":
         raise error
     _log.info("not a limit for transformers, passed over: %s", error)
+
+
+#: the rotary embeddings transformers 5.23 computes (``modeling_rope_utils.ROPE_INIT_FUNCTIONS`` and ``default``): a rope type a
+#: family's llama.cpp graph lacks is a llama.cpp limit only (:func:`llama_cpp_limit`) if it is one of these
+TRANSFORMERS_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")

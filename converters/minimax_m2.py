@@ -24,18 +24,20 @@ Refused
     a ``scoring_func`` other than sigmoid or ``use_routing_bias: false`` (transformers ignores both
     and computes sigmoid with the bias; MiniMax's own code would not), a partial rotary size that is
     not an even number of dimensions within the head, rope scaling other than default / linear / yarn,
-    an activation other than SiLU.
+    an activation other than SiLU.  A rope type transformers computes (llama3, dynamic, longrope, ...) is llama.cpp's limit
+    only (:func:`~quantkit.converters.llama.llama_cpp_limit`): ``--format bnb`` exports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from quantkit.converters import Converter, HfExperts, Routing, register
 from quantkit.converters._deepseek import GATING_FUNC
 from quantkit.converters.dots1 import with_class_defaults
-from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, T, Hparams, _get, head_rules, moe_counts
+from quantkit.converters.llama import IGNORE, NEOX_ATTENTION_RULES, TRANSFORMERS_ROPE_TYPES, T, Hparams, _get, head_rules, llama_cpp_limit, moe_counts
 from quantkit.converters.llama import check_hparams as _check_common
 from quantkit.converters.llama import metadata as _common_metadata
 from quantkit.converters.mixtral import FUSED_RULES, PER_EXPERT_RULES
@@ -104,8 +106,11 @@ def hparams(config: dict[str, Any]) -> MiniMaxM2Hparams:
     _check_routing_keys(config)
     n_expert, n_used = moe_counts(config)
     if base.rope_type not in SUPPORTED_ROPE:
-        raise _refuse("rope_parameters.rope_type", base.rope_type, f"llama.cpp's minimax-m2 graph computes {', '.join(SUPPORTED_ROPE)} rotary embeddings only",
-                      "use the original config.json")
+        error = _refuse("rope_parameters.rope_type", base.rope_type, f"llama.cpp's minimax-m2 graph computes {', '.join(SUPPORTED_ROPE)} rotary embeddings only",
+                        "use the original config.json")
+        if base.rope_type not in TRANSFORMERS_ROPE_TYPES:  # transformers cannot build it either
+            raise error
+        llama_cpp_limit(error)
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
     return MiniMaxM2Hparams(**{**fields, "n_expert": n_expert, "n_expert_used": n_used, "n_rot": _rotary_dims(config, base)})
 
@@ -128,7 +133,8 @@ def check(h: MiniMaxM2Hparams, tensors: list[OutTensor]) -> None:
     output = next((t for t in tensors if t.name == T.OUTPUT + ".weight"), None)
     if output is not None and output.sources[0].name == "model.embed_tokens.weight" and not h.tie_embeddings:
         raise CheckpointError("checkpoint: tensor 'lm_head.weight' is missing and config.json tie_word_embeddings is false; fix: re-download the shard holding lm_head.weight")
-    _check_common(h, tensors)
+    # a rope type beyond llama.cpp's got here only passed over by hparams() (llama_cpp_limit, a bnb export): not judged again
+    _check_common(h if h.rope_type in SUPPORTED_ROPE else dataclasses.replace(h, rope={}), tensors)
 
 
 def metadata(h: MiniMaxM2Hparams) -> dict[str, MetaValue]:

@@ -1309,3 +1309,131 @@ def test_llama_cpp_only_config_refused_for_gguf_exported_for_transformers(what, 
     m = _compare(base, _logprobs(model, ids), ids)
     assert m["kl"] < MAX_MEAN_KL, m
     _assert_equals_dequantised(reference, out, ids, n_4bit=len(bits4))
+
+
+#: ERNIE-4.5 MoE / MiniMax-M2 (MOVED families) configs transformers computes and llama.cpp's graph cannot: (id, model_type, config
+#: overrides, words of the GGUF refusal, unchanged)
+LLAMA_CPP_ONLY_MOVED = [
+    # biases on q/k/v/o, the dense and shared MLPs and lm_head (never the routed experts): kept as stored beside their 4-bit weights
+    ("ernie4_5_moe-use_bias", "ernie4_5_moe", dict(use_bias=True), ["use_bias = True", "which llama.cpp's ernie4_5-moe graph does not"]),
+    ("ernie4_5_moe-rope-llama3", "ernie4_5_moe",
+     dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+     ["rope_parameters.rope_type = 'llama3'", "llama.cpp's ernie4_5-moe graph computes default, linear, yarn rotary embeddings only"]),
+    # dynamic NTK: 96 tokens past max_position_embeddings = 64, so transformers rescales the frequencies
+    ("ernie4_5_moe-rope-dynamic", "ernie4_5_moe", dict(max_position_embeddings=64, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500000.0}),
+     ["rope_parameters.rope_type = 'dynamic'", "llama.cpp's ernie4_5-moe graph computes default, linear, yarn rotary embeddings only"]),
+    # 4 experts top-2: the top-2 softmax weights sum to at least 0.5, so transformers divides by 0.75 where they sum to less
+    ("ernie4_5_moe-moe_norm_min", "ernie4_5_moe", dict(moe_norm_min=0.75),
+     ["moe_norm_min = 0.75", "more than the smallest sum they can have (2/4), while llama.cpp's graph divides by their sum"]),
+    ("minimax_m2-rope-llama3", "minimax_m2",
+     dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64, "rope_theta": 5000000.0}),
+     ["rope_parameters.rope_type = 'llama3'", "llama.cpp's minimax-m2 graph computes default, linear, yarn rotary embeddings only"]),
+    ("minimax_m2-rope-dynamic", "minimax_m2", dict(max_position_embeddings=64, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000000.0}),
+     ["rope_parameters.rope_type = 'dynamic'", "llama.cpp's minimax-m2 graph computes default, linear, yarn rotary embeddings only"]),
+]
+
+
+@pytest.mark.parametrize("what, model_type, overrides, words", LLAMA_CPP_ONLY_MOVED, ids=[c[0] for c in LLAMA_CPP_ONLY_MOVED])
+def test_llama_cpp_only_moved_family_config_refused_for_gguf_exported_for_transformers(what, model_type, overrides, words, tmp_path, caplog):
+    """As :func:`test_llama_cpp_only_config_refused_for_gguf_exported_for_transformers`, for ERNIE-4.5 MoE and MiniMax-M2: the GGUF
+    conversion refuses with the message it always gave; ``--format bnb`` exports the config as the source has it, and the loaded
+    model equals transformers' own model on the dequantised weights."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    src = _moved_source(tmp_path / "src", model_type, False, **overrides)
+    config = read_config(src)
+    for key, value in overrides.items():  # the config transformers computes from is the one asked for
+        assert {k: config[key].get(k) for k in value} == value if isinstance(value, dict) else config[key] == value, key
+    assert_convert_refused(src, tmp_path, words)
+    out = tmp_path / "bnb"
+    with caplog.at_level(logging.INFO, logger="quantkit.converters.llama"):
+        export_bnb(src, out)
+    assert words[0] in caplog.text and "passed over" in caplog.text
+    kept, bits4 = _moved_expected(model_type, config)
+    if overrides.get("use_bias"):  # every 4-bit linear but the routed experts has a bias, and lm_head
+        biases = {k.removesuffix(".weight") + ".bias" for k in bits4 if ".experts." not in k} | {"lm_head.bias"}
+        with open_checkpoint(src) as s:
+            assert {k for k in s.tensors if k.endswith(".bias")} == biases
+            assert all(np.any(to_f32(s.tensors[k].array(), s.tensors[k].dtype)) for k in biases)  # perturbed: a dropped bias would show
+        kept |= biases
+    stored = _stored(out)
+    assert {k for k, v in stored.items() if v["bits4"]} == bits4
+    assert {k for k, v in stored.items() if not v["bits4"]} == kept
+    assert read_config(out)["model_type"] == model_type
+    assert {k: read_config(out)[k] for k in overrides} == {k: config[k] for k in overrides}
+    model = load_bnb(out)
+
+    ids = torch.randint(0, config["vocab_size"], (96,), generator=torch.Generator().manual_seed(7)).tolist()
+    base = _logprobs(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    m = _compare(base, _logprobs(model, ids), ids)
+    assert m["kl"] < MAX_MEAN_KL, m
+    _assert_equals_dequantised(src, out, ids, n_4bit=len(bits4))
+
+
+def test_ernie4_5_moe_unknown_rope_type_refused_for_bnb_too(tmp_path):
+    """A rope type transformers does not compute either is no llama.cpp limit: the bitsandbytes export refuses it in one line."""
+    src = _moved_source(tmp_path / "src", "ernie4_5_moe", False)
+    (src / "config.json").write_text(json.dumps({**read_config(src), "rope_parameters": {"rope_type": "ntk-by-parts", "rope_theta": 500000.0}}))
+    with pytest.raises(CheckpointError) as e:
+        export_bnb(src, tmp_path / "bnb")
+    msg = str(e.value)
+    assert "rope_parameters.rope_type = 'ntk-by-parts'" in msg and "fix:" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "bnb").exists()
+
+
+def test_ernie4_5_moe_use_bias_with_tied_embeddings(tmp_path):
+    """ERNIE's default tied embeddings with use_bias: lm_head's weight is the embeddings, its bias a tensor of its own, kept."""
+    src = _moved_source(tmp_path / "src", "ernie4_5_moe", False, use_bias=True, tie_word_embeddings=True)
+    export_bnb(src, tmp_path / "bnb")
+    stored = _stored(tmp_path / "bnb")
+    assert "lm_head.weight" not in stored and not stored["lm_head.bias"]["bits4"] and not stored["model.embed_tokens.weight"]["bits4"]
+    ids = torch.randint(0, 3000, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    _assert_equals_dequantised(src, tmp_path / "bnb", ids, n_4bit=sum(v["bits4"] for v in stored.values()))
+
+
+def _edit_moved(src: Path, fn=None, **config) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    if fn is not None:
+        state = load_file(str(src / "model.safetensors"))
+        fn(state)
+        save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({**read_config(src), **config}))
+    return src
+
+
+#: (what, config overrides of the built model, the change, words of the one-line error): biases that do not match use_bias
+ERNIE_BIAS_ERRORS = [
+    ("use_bias true, a bias missing", dict(use_bias=True), lambda s: _edit_moved(s, lambda t: t.pop("model.layers.1.mlp.shared_experts.up_proj.bias")),
+     ["'model.layers.1.mlp.shared_experts.up_proj.bias' is missing", "use_bias = true"]),
+    ("use_bias false, biases stored", dict(use_bias=True), lambda s: _edit_moved(s, use_bias=False),
+     ["'lm_head.bias' is a bias", "use_bias is false"]),
+]
+
+
+@pytest.mark.parametrize("what, overrides, change, words", ERNIE_BIAS_ERRORS, ids=[c[0] for c in ERNIE_BIAS_ERRORS])
+def test_ernie4_5_moe_biases_that_do_not_match_use_bias_are_refused(what, overrides, change, words, tmp_path):
+    """Refused in one line by the bitsandbytes export, nothing left at the path; a GGUF conversion refuses use_bias = false with biases
+    too (use_bias = true it refuses from config.json)."""
+    src = change(_moved_source(tmp_path / "src", "ernie4_5_moe", False, **overrides))
+    with pytest.raises(CheckpointError) as e:
+        export_bnb(src, tmp_path / "bnb")
+    msg = str(e.value)
+    assert all(w in msg for w in words) and "fix:" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "bnb").exists()
+    assert_convert_refused(src, tmp_path, words if not read_config(src)["use_bias"] else ["use_bias = True", "llama.cpp's ernie4_5-moe graph"])
+
+
+def test_ernie4_5_moe_use_bias_fused_layout_exports_the_same_files(tmp_path):
+    """With use_bias, transformers 5's fused expert layout (the same biases beside it) exports byte-identical files."""
+    a = _moved_source(tmp_path / "per-expert", "ernie4_5_moe", False, use_bias=True)
+    b = _moved_source(tmp_path / "fused", "ernie4_5_moe", True, use_bias=True)
+    export_bnb(a, tmp_path / "a")
+    export_bnb(b, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors.index.json").read_text() == (tmp_path / "b" / "model.safetensors.index.json").read_text()
+    for shard in sorted((tmp_path / "a").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes(), shard.name

@@ -30,7 +30,8 @@ by full path.  Tensors are read lazily and written one at a time, and the
 directory is built beside the target and renamed into place.  The family's converter maps and checks the checkpoint
 (``converters.llama.output_for_transformers``): what only llama.cpp's graph cannot compute (``llama_cpp_limit``: DeepSeek-V2's
 ``group_limited_greedy``, Kimi K2's YaRN ramp, dots1's grouped-query and sliding-window attention, GLM-4.5's YaRN or missing shared
-expert) is exported; every other check refuses as for GGUF.
+expert, ERNIE-4.5 MoE's ``use_bias`` (its biases kept as stored), ``moe_norm_min`` and rope types, MiniMax-M2's rope types) is
+exported; every other check refuses as for GGUF.
 
 ``load_bnb`` rebuilds a transformers 5 model from such a directory: attention
 (and dense / shared-expert) linears become ``bitsandbytes.nn.Linear4bit`` and
