@@ -670,16 +670,26 @@ def test_ctrl_c_stops_the_collection_and_says_how_far_it_got(fixture_gguf, text,
     assert again.n_tokens == CTX
 
 
-def test_cli_imatrix_interrupted_writes_nothing(fixture_gguf, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("at", [0, 1])
+def test_cli_imatrix_interrupted_writes_nothing(fixture_gguf, text_file, tmp_path, monkeypatch, at):
+    """Ctrl-C in the first or the second chunk: exit 130, one line saying how far it got, nothing written."""
     from quantkit.pipeline import imatrix_collect
 
-    def interrupted(self, name, node, src0):
-        raise KeyboardInterrupt
+    real, calls = imatrix_collect._Collector._mul_mat_id, []
 
+    def interrupted(self, name, node, src0):
+        calls.append(name)
+        if len(calls) > at * 12:  # 4 blocks x 3 expert matrices a chunk (chunks_per_batch 1 at this ctx)
+            raise KeyboardInterrupt
+        return real(self, name, node, src0)
+
+    monkeypatch.setattr(imatrix_collect, "chunks_per_decode", lambda *a, **k: 1)
     monkeypatch.setattr(imatrix_collect._Collector, "_mul_mat_id", interrupted)
     out = tmp_path / "im.gguf"
     result = CliRunner().invoke(app, ["imatrix", str(fixture_gguf("bf16")), "--text", str(text_file), "-o", str(out), "--ctx", str(CTX), "--chunks", "2"])
-    assert result.exit_code == 130 and "interrupted" in result.output and "nothing was written" in result.output, result.output
+    msg = result.output.strip()
+    assert result.exit_code == 130 and msg.startswith("interrupted:") and len(msg.splitlines()) == 1 and "nothing was written" in msg, result.output
+    assert ("stopped after 1 of 2 chunks" in msg) == (at == 1), msg
     assert list(tmp_path.iterdir()) == []
 
 

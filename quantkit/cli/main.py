@@ -444,11 +444,15 @@ def imatrix_command(
         last[:] = [p]
         bar.update(task, description="imatrix", total=p.n_chunks, completed=p.chunk, info=f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s")
 
+    def how_far() -> str | None:
+        p = last[0] if last else None
+        return f"after {p.chunk} of {p.n_chunks} chunks ({p.tokens:,} tokens, {p.seconds:.1f} s)" if p is not None and p.n_chunks else None
+
     with bar:
         im = _run(lambda: collect_from_source(
             src, body, workdir=output.parent, on_convert=lambda: bar.update(task, description="convert to BF16"),
             n_ctx=ctx, n_chunks=chunks, all_experts=all_experts, threads=threads, on_chunk=tick, dataset=str(text),
-        ))
+        ), how_far)
     _run(lambda: write_imatrix(im, output, force=force))
     seconds = last[0].seconds if last else 0.0
     j = {"output": str(output), **summary(im, min_tokens), "all_experts": all_experts, "seconds": round(seconds, 3),

@@ -99,8 +99,13 @@ def add_row(table: Any, *cells: object) -> None:
     table.add_row(*(_plain(c) for c in cells))
 
 
-def _run(fn: Callable[[], Any]) -> Any:
-    """Call library code; turn its errors into one line and an exit code."""
+def _run(fn: Callable[[], Any], how_far: Callable[[], str | None] | None = None) -> Any:
+    """Call library code; turn its errors into one line and an exit code.  ``how_far``: what an interrupted long step had
+    done ("after 12 of 64 chunks"), said on the same line."""
+    def done() -> str:
+        said = how_far() if how_far is not None else None
+        return f"stopped {said}; " if said else ""
+
     try:
         return fn()
     except QuantkitError as e:
@@ -109,10 +114,10 @@ def _run(fn: Callable[[], Any]) -> Any:
         error_line(e)
         raise typer.Exit(1) from None
     except Terminated as e:
-        err.say("terminated:", "yellow", f"signal {e.signum}; nothing was written at the output path")
+        err.say("terminated:", "yellow", f"signal {e.signum}; {done()}nothing was written at the output path")
         raise typer.Exit(128 + e.signum) from None
     except KeyboardInterrupt:
-        err.say("interrupted:", "yellow", "nothing was written at the output path")
+        err.say("interrupted:", "yellow", f"{done()}nothing was written at the output path")
         raise typer.Exit(130) from None
 
 
