@@ -114,7 +114,8 @@ def test_a_signal_while_llama_cpp_runs_stops_the_command(tmp_path, f32, q8, comm
             p.communicate()
     assert p.returncode == 128 + sig, (p.returncode, stderr[-3000:])
     head = "interrupted: " if sig == signal.SIGINT else f"terminated: signal {int(sig)}; "
-    far = r"stopped after \d+ of 3000 chunks \([\d,]+ tokens, [\d.]+ s\); " if command == "imatrix" else ""  # imatrix says how far it got
+    far = {"imatrix": r"stopped after \d+ of 3000 chunks \([\d,]+ tokens, [\d.]+ s\); ",  # each says how far it got
+           "kld": r"stopped after \d+ of 800 chunks of the base; ", "ppl": r"stopped after \d+ of \d+ chunks; "}[command]
     lines = _lines(stderr)
     assert len(lines) == 1 and re.fullmatch(re.escape(head) + far + "nothing was written at the output path", lines[0]), stderr[-3000:]
     assert not Path(out.format(**fill)).exists()

@@ -157,6 +157,11 @@ def _check_outputs(force: bool, paths: tuple[Optional[Path], ...], inputs: tuple
         seen[key] = path
 
 
+def _far(at: list[int], what: str = "") -> str | None:
+    """How far an interrupted evaluation got, for its one line: "after 12 of 64 chunks [of the base]"."""
+    return f"after {at[0]} of {at[1]} chunks" + (f" of {what}" if what else "") if at and at[1] else None
+
+
 def _refuse(message: str) -> None:
     raise QuantkitError(message)
 
@@ -191,11 +196,13 @@ def ppl(
     use_rpc(rpc)
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("perplexity", progress and str(json_out) != "-")
+    at: list[int] = []
     with bar:
         def tick(i: int, n: int, running: float) -> None:
+            at[:] = [i, n]
             bar.update(task, total=n, completed=i, info=f"ppl {running:.4f}")
 
-        r = cli._run(lambda: perplexity(model, body, n_ctx=ctx, n_chunks=chunks, threads=threads, on_chunk=tick))
+        r = cli._run(lambda: perplexity(model, body, n_ctx=ctx, n_chunks=chunks, threads=threads, on_chunk=tick), lambda: _far(at))
     j = r.to_json()
     if str(json_out) == "-":
         cli._print_json(j)
@@ -231,11 +238,16 @@ def kld(
     use_rpc(rpc)
     body = cli._run(lambda: read_text(text, corpus))
     bar, task = _progress("base", progress and str(json_out) != "-")
+    at: list[int] = []
     with bar:
-        tick = lambda i, n: bar.update(task, total=n, completed=i)  # noqa: E731
-        b = cli._run(lambda: base_logprobs(base, body, ctx, chunks, threads, cache_dir, on_chunk=tick))
+        def tick(i: int, n: int) -> None:
+            at[:] = [i, n]
+            bar.update(task, total=n, completed=i)
+
+        b = cli._run(lambda: base_logprobs(base, body, ctx, chunks, threads, cache_dir, on_chunk=tick), lambda: _far(at, "the base"))
         bar.update(task, description="candidate", completed=0)
-        report = cli._run(lambda: compare(b, model, body, threads, label, on_chunk=tick))
+        at.clear()
+        report = cli._run(lambda: compare(b, model, body, threads, label, on_chunk=tick), lambda: _far(at, "the candidate"))
     if str(json_out) == "-":
         cli._print_json(report)
         return
