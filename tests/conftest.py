@@ -239,3 +239,44 @@ def assert_convert_refused(model: Path, tmp_path: Path, needles: list[str]) -> N
         assert needle in flat, f"{needle!r} not in {flat!r}"
     assert "fix:" in flat
     assert list(outdir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- llama.cpp's own quantiser, in process
+
+
+def llama_quantize_imatrix(im) -> tuple[object, list]:
+    """``im``'s weights as quantize.cpp's ``load_imatrix`` hands them to ``llama_model_quantize`` (``params.imatrix``), and
+    what must stay alive while it runs."""
+    import ctypes
+
+    import llama_cpp
+
+    keep: list = []
+    arr = (llama_cpp.llama_model_imatrix_data * (len(im.entries) + 1))()  # zeroed terminator
+    for i, name in enumerate(im.entries):
+        w = np.ascontiguousarray(im.weights(name), dtype=np.float32).reshape(-1)
+        keep += [w, name.encode()]
+        arr[i].name, arr[i].data, arr[i].size = keep[-1], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), w.size
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), keep
+
+
+def llama_quantize_run(src: Path, out: Path, params) -> tuple[int, str]:
+    """``llama_model_quantize(src, out, params)`` (the wheel's libllama) with its log captured: (return code, log)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        chunks.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    return rc, "".join(chunks)

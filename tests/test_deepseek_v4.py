@@ -418,7 +418,7 @@ def test_imatrix_bit_identical_to_a_local_llama_imatrix(calibrated, tmp_path):
 
     exe = local_llama_imatrix()
     if exe is None:
-        pytest.skip("no llama-imatrix built on this machine (make bench builds one; or set QK_LLAMA_IMATRIX)")
+        pytest.skip("no llama-imatrix built on this machine (make setup builds one into .venv/bin; or set QK_LLAMA_IMATRIX)")
     _, f32, ours, _, text = calibrated
     (tmp_path / "calib.txt").write_text(text, encoding="utf-8")
     r = subprocess.run([str(exe), "-m", str(f32), "-f", "calib.txt", "-c", str(IM_CTX), "-b", str(IM_CTX), "--chunks", str(IM_CHUNKS), "-t", "2",
@@ -438,35 +438,19 @@ def _llama_quantize(src: Path, out: Path, preset: str, im, overrides: dict[str, 
     import ctypes
 
     import llama_cpp
-    from llama_cpp import _logger
+
+    from conftest import llama_quantize_imatrix, llama_quantize_run
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
     params.nthread = 2
-    keep: list = []
-    arr = (llama_cpp.llama_model_imatrix_data * (len(im.entries) + 1))()  # zeroed terminator
-    for i, name in enumerate(im.entries):
-        w = np.ascontiguousarray(im.weights(name), dtype=np.float32).reshape(-1)
-        keep += [w, name.encode()]
-        arr[i].name, arr[i].data, arr[i].size = keep[-1], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), w.size
-    params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    params.imatrix, keep = llama_quantize_imatrix(im)
     tt = (llama_cpp.llama_model_tensor_override * (len(overrides or {}) + 1))()
     for i, (pattern, qtype) in enumerate((overrides or {}).items()):
         tt[i].pattern, tt[i].type = pattern.encode(), int(gguf.GGMLQuantizationType[qtype.upper()])
     if overrides:
         params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    chunks: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(level, text, user_data):
-        chunks.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    return rc, "".join(chunks)
+    return llama_quantize_run(src, out, params)
 
 
 def _convert_cli(src: Path, out: Path, preset: str, imatrix: Path, *extra: str):

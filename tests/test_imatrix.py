@@ -10,7 +10,6 @@ them.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import struct
 from pathlib import Path
@@ -354,27 +353,17 @@ def test_collection_needs_enough_text(fixture_gguf):
 
 def llama_quantize(src, out, preset: str, im: Imatrix | None) -> None:
     import llama_cpp
-    from llama_cpp import _logger
+
+    from conftest import llama_quantize_imatrix, llama_quantize_run
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
     params.nthread = 2
     keep: list = []
     if im is not None:  # as quantize.cpp builds it from load_imatrix's vectors
-        arr = (llama_cpp.llama_model_imatrix_data * (len(im.entries) + 1))()  # zeroed terminator
-        for i, name in enumerate(im.entries):
-            w = np.ascontiguousarray(im.weights(name), dtype=np.float32).reshape(-1)
-            keep += [w, name.encode()]
-            arr[i].name, arr[i].data, arr[i].size = keep[-1], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), w.size
-        keep.append(arr)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
-    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    assert rc == 0, f"llama_model_quantize {preset} failed"
+        params.imatrix, keep = llama_quantize_imatrix(im)
+    rc, log = llama_quantize_run(src, out, params)
+    assert rc == 0, f"llama_model_quantize {preset} failed: {log[-2000:]}"
 
 
 def tensors_of(path) -> dict[str, tuple[Q, bytes]]:

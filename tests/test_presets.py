@@ -113,7 +113,8 @@ def llama_quantize(
     ``overrides``: llama-quantize's ``--tensor-type PATTERN=TYPE`` list (``tt_overrides``), first match wins.
     """
     import llama_cpp
-    from llama_cpp import _logger
+
+    from conftest import llama_quantize_run
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if preset == 'F32' else 'MOSTLY'}_{preset}")
@@ -126,18 +127,7 @@ def llama_quantize(
         for i, (pattern, qtype) in enumerate(overrides):
             tt[i].pattern, tt[i].type = pattern.encode(), int(qtype)
         params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    chunks: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(level, text, user_data):
-        chunks.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    log = "".join(chunks)
+    rc, log = llama_quantize_run(src, out, params)
     wants = "requires an imatrix" in log or "will require an imatrix" in log
     if rc != 0:
         return Reference(False, {}, wants, log)
