@@ -880,6 +880,38 @@ def _ds_source(path: Path, model_type: str, fused: bool, **overrides) -> Path:
     return src
 
 
+def _assert_split_as_stored(src: Path, out: Path, kept: set[str], bits4: set[str]) -> None:
+    """The export holds exactly ``kept`` as the source stores it (routers, the F32 selection bias, norms, biases: the same
+    bytes, BF16 but the bias) and ``bits4`` in 4-bit, every value accounted for; each expert's 4-bit absmax statistics are
+    its source blocks' (the quantisation saw the expert's own values)."""
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+    stored = _stored(out)
+    assert {k for k, v in stored.items() if not v["bits4"]} == kept
+    assert {k for k, v in stored.items() if v["bits4"]} == bits4
+    with open_checkpoint(src) as s, open_checkpoint(out) as o:
+        assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
+        for key in sorted(kept):
+            a, b = s.tensors[key], o.tensors[key]
+            assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("F32" if key.endswith("e_score_correction_bias") else "BF16", a.shape), key
+            assert bytes(b.raw()) == bytes(a.raw()), key
+        t = o.tensors
+        for key in sorted(k for k in bits4 if ".experts." in k):
+            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".")}
+            qs = QuantState.from_dict(stats, device="cpu")
+            source = _source(s, key)
+            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+            want = torch.from_numpy(np.abs(source).reshape(-1, 64).max(axis=1))
+            assert tuple(qs.shape) == source.shape and torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key
+
+
+def _assert_layouts_export_the_same_files(a: Path, b: Path) -> None:
+    """Per-expert and fused sources: byte-identical exports."""
+    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
+    for shard in sorted(a.glob("*.safetensors")):
+        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+
+
 @pytest.fixture(scope="module", params=list(DS_FAMILIES))
 def ds_family(request, tmp_path_factory):
     """A DS_FAMILIES model in both expert layouts, each exported with the defaults (NF4, double quant, bf16)."""
@@ -892,38 +924,17 @@ def ds_family(request, tmp_path_factory):
 
 
 def test_ds_family_dense_and_moe_blocks_4bit_router_and_bias_kept_as_stored(ds_family):
-    from bitsandbytes.functional import QuantState, dequantize_blockwise
-
     mt, src, out = ds_family["model_type"], ds_family["src"], ds_family["out"]
     config = read_config(src)
     kept, bits4 = _ds_expected(mt, config)
-    stored = _stored(out)
-    assert {k for k, v in stored.items() if not v["bits4"]} == kept
-    assert {k for k, v in stored.items() if v["bits4"]} == bits4
-    with open_checkpoint(src) as s, open_checkpoint(out) as o:
-        assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
-        for key in sorted(kept):  # routers, the F32 selection bias, norms, biases, weights_proj: the source's bytes
-            a, b = s.tensors[key], o.tensors[key]
-            assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("F32" if key.endswith("e_score_correction_bias") else "BF16", a.shape), key
-            assert bytes(b.raw()) == bytes(a.raw()), key
-        t = o.tensors
-        for key in sorted(k for k in bits4 if ".experts." in k):
-            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".")}
-            qs = QuantState.from_dict(stats, device="cpu")
-            source = _source(s, key)
-            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-            want = torch.from_numpy(np.abs(source).reshape(-1, 64).max(axis=1))
-            assert tuple(qs.shape) == source.shape and torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key
+    _assert_split_as_stored(src, out, kept, bits4)
     qc = read_config(out)["quantization_config"]
     assert sorted(qc["llm_int8_skip_modules"]) == sorted(k.removesuffix(".weight") for k in kept if k.endswith(".weight"))
     assert read_config(out)["model_type"] == mt  # the source's config.json
 
 
 def test_ds_family_fused_layout_exports_the_same_files(ds_family):
-    a, b = ds_family["out"], ds_family["out_fused"]
-    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
-    for shard in sorted(a.glob("*.safetensors")):
-        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+    _assert_layouts_export_the_same_files(ds_family["out"], ds_family["out_fused"])
 
 
 def test_ds_family_skip_modules_select_no_quantised_module(ds_family):
@@ -1135,29 +1146,12 @@ def moved_family(request, tmp_path_factory):
 
 
 def test_moved_family_experts_4bit_router_and_bias_kept_as_stored(moved_family):
-    from bitsandbytes.functional import QuantState, dequantize_blockwise
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     mt, src, out = moved_family["model_type"], moved_family["src"], moved_family["out"]
     config = read_config(src)
     kept, bits4 = _moved_expected(mt, config)
-    stored = _stored(out)
-    assert {k for k, v in stored.items() if not v["bits4"]} == kept
-    assert {k for k, v in stored.items() if v["bits4"]} == bits4
-    with open_checkpoint(src) as s, open_checkpoint(out) as o:
-        assert sum(v["n"] for v in stored.values()) == sum(math.prod(r.shape) for r in s.tensors.values())
-        for key in sorted(kept):  # router, the F32 selection bias, norms: the source's bytes
-            a, b = s.tensors[key], o.tensors[key]
-            assert (b.dtype, b.shape) == (a.dtype, a.shape) == ("F32" if key.endswith("e_score_correction_bias") else "BF16", a.shape), key
-            assert bytes(b.raw()) == bytes(a.raw()), key
-        t = o.tensors
-        for key in sorted(k for k in bits4 if ".experts." in k):
-            stats = {k[len(key) + 1 :]: torch.from_numpy(np.array(t[k].array())) for k in t if k.startswith(key + ".")}
-            qs = QuantState.from_dict(stats, device="cpu")
-            source = _source(s, key)
-            absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-            want = torch.from_numpy(np.abs(source).reshape(-1, 64).max(axis=1))
-            assert tuple(qs.shape) == source.shape and torch.allclose(absmax, want, rtol=0.02, atol=1e-3 * want.max().item()), key
+    _assert_split_as_stored(src, out, kept, bits4)
     config = read_config(out)
     skip = config["quantization_config"]["llm_int8_skip_modules"]
     assert sorted(skip) == sorted(k.removesuffix(".weight") for k in kept if k.endswith(".weight"))
@@ -1170,10 +1164,7 @@ def test_moved_family_experts_4bit_router_and_bias_kept_as_stored(moved_family):
 
 
 def test_moved_family_fused_layout_exports_the_same_files(moved_family):
-    a, b = moved_family["out"], moved_family["out_fused"]
-    assert (a / "model.safetensors.index.json").read_text() == (b / "model.safetensors.index.json").read_text()
-    for shard in sorted(a.glob("*.safetensors")):
-        assert shard.read_bytes() == (b / shard.name).read_bytes(), shard.name
+    _assert_layouts_export_the_same_files(moved_family["out"], moved_family["out_fused"])
 
 
 def test_moved_family_loaded_model_equals_the_dequantised_model(moved_family):
