@@ -215,26 +215,33 @@ def get_llama_converter() -> Path:
     return script
 
 
-def measure(cmd: list[str], out: Path, log: Path) -> tuple[float, float]:
-    """Run cmd, fsync its output; return (wall seconds, child peak RSS MiB).
+def measure_run(cmd: list[str], out: Path, log: Path) -> dict[str, float]:
+    """Run cmd, fsync its output; wall seconds, the child's CPU seconds (user + system) and peak RSS MiB.
 
-    Peak RSS comes from /usr/bin/time (%M): os.wait4 of a direct child would
+    CPU and peak RSS come from /usr/bin/time (%U %S %M): os.wait4 of a direct child would
     report at least this process's own high-water mark, which Linux carries
     across the child's fork/exec.
     """
     os.sync()  # flush earlier writes so they are not billed to this run
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    rss_file = log.with_suffix(".rss")
+    stats = log.with_suffix(".time")
     with open(log, "ab") as err, open(out if cmd[0] == "cat" else os.devnull, "wb") as so:
         t0 = time.perf_counter()
-        rc = subprocess.run([TIME, "-f", "%M", "-o", str(rss_file), *cmd], stdout=so, stderr=err, env=env).returncode
+        rc = subprocess.run([TIME, "-f", "%M %U %S", "-o", str(stats), *cmd], stdout=so, stderr=err, env=env).returncode
         if rc == 0:
             with open(out, "rb+") as f:
                 os.fsync(f.fileno())
         wall = time.perf_counter() - t0
     if rc != 0:
-        sys.exit(f"{cmd[0]} failed (rc {rc}); see {log}:\n" + log.read_text()[-3000:])
-    return wall, int(rss_file.read_text().split()[-1]) / 1024
+        sys.exit(f"{cmd[0]} failed (rc {rc}); see {log}:\n" + log.read_text(errors="replace")[-3000:])
+    rss, user, system = stats.read_text().split()[-3:]
+    return {"wall": wall, "cpu": float(user) + float(system), "rss": int(rss) / 1024}
+
+
+def measure(cmd: list[str], out: Path, log: Path) -> tuple[float, float]:
+    """:func:`measure_run`'s (wall seconds, child peak RSS MiB)."""
+    m = measure_run(cmd, out, log)
+    return m["wall"], m["rss"]
 
 
 def compare_gguf(a: Path, b: Path) -> list[str]:

@@ -30,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from bench_convert import TIME, compile_bytecode, get_llama_converter, load_line, machine_info, record  # noqa: E402
+from bench_convert import compile_bytecode, get_llama_converter, load_line, machine_info, record  # noqa: E402
+from bench_convert import measure_run as measure  # noqa: E402
 
 SHARD_BYTES = 1 << 30
 CHUNK = 8 * 2**20  # values generated per numpy call
@@ -160,24 +160,6 @@ def make_checkpoint(layers: int, experts: int) -> Path:
     (src / "tokenizer_config.json").write_text(json.dumps(tcfg))
     marker.write_text(json.dumps(config))
     return src
-
-
-def measure(cmd: list[str], out: Path, log: Path) -> dict[str, float]:
-    """Run cmd, fsync its output; wall seconds, the child's CPU seconds (user + system) and peak RSS MiB (GNU time)."""
-    os.sync()  # flush earlier writes so they are not billed to this run
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    stats = log.with_suffix(".time")
-    with open(log, "ab") as err, open(out if cmd[0] == "cat" else os.devnull, "wb") as so:
-        t0 = time.perf_counter()
-        rc = subprocess.run([TIME, "-f", "%M %U %S", "-o", str(stats), *cmd], stdout=so, stderr=err, env=env).returncode
-        if rc == 0:
-            with open(out, "rb+") as f:
-                os.fsync(f.fileno())
-        wall = time.perf_counter() - t0
-    if rc != 0:
-        sys.exit(f"{cmd[0]} failed (rc {rc}); see {log}:\n" + log.read_text(errors="replace")[-3000:])
-    rss, user, system = stats.read_text().split()[-3:]
-    return {"wall": wall, "cpu": float(user) + float(system), "rss": int(rss) / 1024}
 
 
 def carry_experts(src: Path, out: Path, copy: bool) -> None:
